@@ -1,0 +1,517 @@
+//! One connected client: its id, its bounded outgoing queue and the writer task
+//! that drains that queue into a transport's [`FrameSink`].
+//!
+//! The queue is the only place where a broadcast meets a client. A broadcast calls
+//! [`Channel::try_send`], which takes a short lock, pushes a shared frame and
+//! returns: it never waits for the client. The writer task, spawned by
+//! [`Channel::open`], waits for frames, takes everything queued (up to a batch) and
+//! hands the whole batch to the sink, which writes it and flushes once. A slow
+//! client therefore costs one full queue, never a stalled broadcast.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::payload::{Frame, PayloadType};
+
+/// Why a channel closed, with the WebSocket close code it is sent with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseReason {
+    /// The close code (RFC 6455 or 4000-4999 for application codes).
+    pub code: u16,
+    /// A short human-readable reason.
+    pub reason: Cow<'static, str>,
+}
+
+impl CloseReason {
+    /// 1000: a normal close.
+    pub const NORMAL: CloseReason = CloseReason::new(1000, "");
+    /// 1001: the server is going away (shutdown, `close_all_connections`).
+    pub const GOING_AWAY: CloseReason = CloseReason::new(1001, "going away");
+    /// 1006: the transport failed or the peer vanished; nothing is sent.
+    pub const ABNORMAL: CloseReason = CloseReason::new(1006, "connection lost");
+    /// 4000: the client did not read fast enough and its queue overflowed.
+    pub const SLOW_CONSUMER: CloseReason = CloseReason::new(4000, "slow consumer");
+    /// 4001: the client was idle longer than its expiry.
+    pub const EXPIRED: CloseReason = CloseReason::new(4001, "expired");
+
+    /// A close reason with a static text.
+    pub const fn new(code: u16, reason: &'static str) -> Self {
+        CloseReason {
+            code,
+            reason: Cow::Borrowed(reason),
+        }
+    }
+}
+
+/// What a full queue does with one more frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OverflowPolicy {
+    /// Close the channel with [`CloseReason::SLOW_CONSUMER`]. The client
+    /// reconnects and recovers from history without a gap. The default.
+    #[default]
+    Disconnect,
+    /// Drop the oldest queued frames until the new one fits. The client sees the
+    /// jump in offsets and knows it has a gap.
+    DropOldest,
+}
+
+/// How a channel is set up.
+#[derive(Clone, Debug)]
+pub struct ChannelConfig {
+    /// How the channel wants its payloads.
+    pub payload_type: PayloadType,
+    /// Frames the queue may hold.
+    pub max_queue_frames: usize,
+    /// Bytes the queue may hold.
+    pub max_queue_bytes: usize,
+    /// What happens when the queue is full.
+    pub overflow: OverflowPolicy,
+    /// Close the channel (code 4001) after this long without activity.
+    pub expiry: Option<Duration>,
+    /// Most frames handed to the sink in one batch (one flush).
+    pub max_batch: usize,
+    /// How long a close handshake may take before the sink is dropped anyway.
+    pub close_timeout: Duration,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        ChannelConfig {
+            payload_type: PayloadType::Json,
+            max_queue_frames: 1024,
+            max_queue_bytes: 1 << 20,
+            overflow: OverflowPolicy::Disconnect,
+            expiry: None,
+            max_batch: 256,
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The error a sink reports when it cannot write; the channel then closes.
+#[derive(Debug, thiserror::Error)]
+#[error("frame sink failed: {0}")]
+pub struct SinkError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
+impl SinkError {
+    /// Wraps any error.
+    pub fn new(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        SinkError(err.into())
+    }
+}
+
+/// Where a channel's writer task writes: the one thing a transport provides.
+#[async_trait]
+pub trait FrameSink: Send + 'static {
+    /// Writes the frames in order, then flushes once.
+    async fn send(&mut self, frames: &[Frame]) -> Result<(), SinkError>;
+
+    /// Sends a close with this reason and flushes. Not called for
+    /// [`CloseReason::ABNORMAL`].
+    async fn close(&mut self, reason: &CloseReason) -> Result<(), SinkError>;
+}
+
+/// Why [`Channel::try_send`] did not queue a frame.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The queue was full; the overflow policy was applied.
+    #[error("the channel's queue is full")]
+    Overflow,
+    /// The channel is closed or closing.
+    #[error("the channel is closed")]
+    Closed,
+}
+
+/// A frame that was queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Enqueued {
+    /// Older frames dropped to make room (only with [`OverflowPolicy::DropOldest`]).
+    pub dropped: usize,
+}
+
+/// Counters of one channel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// Frames accepted into the queue.
+    pub queued: u64,
+    /// Frames written to the sink.
+    pub written: u64,
+    /// Frames refused or dropped because the queue was full.
+    pub overflowed: u64,
+    /// Frames currently queued.
+    pub pending_frames: usize,
+    /// Bytes currently queued.
+    pub pending_bytes: usize,
+}
+
+type CloseHook = Box<dyn FnOnce(&Channel) + Send>;
+
+enum State {
+    Open,
+    /// A close was requested; the writer sends it and ends.
+    Closing(CloseReason),
+    /// The writer ended.
+    Closed(CloseReason),
+}
+
+struct Queue {
+    frames: VecDeque<Frame>,
+    bytes: usize,
+    state: State,
+    hooks: Vec<CloseHook>,
+}
+
+struct Shared {
+    id: Uuid,
+    config: ChannelConfig,
+    created: Instant,
+    /// Milliseconds after `created` of the last activity.
+    last_activity: AtomicU64,
+    queue: Mutex<Queue>,
+    /// Wakes the writer: frames arrived, a close was requested, activity moved expiry.
+    wake: Notify,
+    /// Wakes everyone waiting in [`Channel::closed`].
+    closed: Notify,
+    queued: AtomicU64,
+    written: AtomicU64,
+    overflowed: AtomicU64,
+}
+
+/// One connected client, transport-agnostic. Cheap to clone; all clones are the
+/// same channel.
+#[derive(Clone)]
+pub struct Channel {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("id", &self.shared.id)
+            .field("payload_type", &self.shared.config.payload_type)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl PartialEq for Channel {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+impl Eq for Channel {}
+
+impl Channel {
+    /// Creates a channel with a new random id and spawns its writer task on the
+    /// current tokio runtime.
+    ///
+    /// # Panics
+    /// Panics when called outside a tokio runtime, like `tokio::spawn`.
+    pub fn open(config: ChannelConfig, sink: impl FrameSink) -> Channel {
+        Self::open_with_id(Uuid::new_v4(), config, sink)
+    }
+
+    /// Like [`Channel::open`], with a given id.
+    pub fn open_with_id(id: Uuid, config: ChannelConfig, sink: impl FrameSink) -> Channel {
+        let channel = Channel {
+            shared: Arc::new(Shared {
+                id,
+                config,
+                created: Instant::now(),
+                last_activity: AtomicU64::new(0),
+                queue: Mutex::new(Queue {
+                    frames: VecDeque::new(),
+                    bytes: 0,
+                    state: State::Open,
+                    hooks: Vec::new(),
+                }),
+                wake: Notify::new(),
+                closed: Notify::new(),
+                queued: AtomicU64::new(0),
+                written: AtomicU64::new(0),
+                overflowed: AtomicU64::new(0),
+            }),
+        };
+        tokio::spawn(run_writer(channel.clone(), sink));
+        channel
+    }
+
+    /// The channel's id.
+    pub fn id(&self) -> Uuid {
+        self.shared.id
+    }
+
+    /// The channel's payload type.
+    pub fn payload_type(&self) -> PayloadType {
+        self.shared.config.payload_type
+    }
+
+    /// The channel's configuration.
+    pub fn config(&self) -> &ChannelConfig {
+        &self.shared.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A poisoned queue only means a panic elsewhere while it was held; the
+        // queue itself is always left consistent, so keep going.
+        self.shared.queue.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Hands an encoded frame to the channel without waiting. On a full queue the
+    /// overflow policy is applied and counted.
+    pub fn try_send(&self, frame: Frame) -> Result<Enqueued, SendError> {
+        let config = &self.shared.config;
+        let mut q = self.lock();
+        if !matches!(q.state, State::Open) {
+            return Err(SendError::Closed);
+        }
+        let len = frame.len();
+        let fits = |q: &Queue| q.frames.len() < config.max_queue_frames && q.bytes + len <= config.max_queue_bytes;
+        let mut dropped = 0;
+        if !fits(&q) {
+            self.shared.overflowed.fetch_add(1, Ordering::Relaxed);
+            match config.overflow {
+                OverflowPolicy::Disconnect => {
+                    // Queued frames are useless to a client that will reconnect
+                    // and recover from history: free them now.
+                    q.frames = VecDeque::new();
+                    q.bytes = 0;
+                    q.state = State::Closing(CloseReason::SLOW_CONSUMER);
+                    drop(q);
+                    self.shared.wake.notify_one();
+                    return Err(SendError::Overflow);
+                }
+                OverflowPolicy::DropOldest => {
+                    if len > config.max_queue_bytes || config.max_queue_frames == 0 {
+                        return Err(SendError::Overflow);
+                    }
+                    while !fits(&q) {
+                        match q.frames.pop_front() {
+                            Some(old) => {
+                                q.bytes -= old.len();
+                                dropped += 1;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+        let was_empty = q.frames.is_empty();
+        q.bytes += len;
+        q.frames.push_back(frame);
+        drop(q);
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        if was_empty {
+            self.shared.wake.notify_one();
+        }
+        Ok(Enqueued { dropped })
+    }
+
+    /// Asks the channel to close with this reason. Frames already queued are sent
+    /// first, unless the reason is [`CloseReason::ABNORMAL`] (the transport is gone).
+    /// Closing twice keeps the first reason.
+    pub fn close(&self, reason: CloseReason) {
+        let mut q = self.lock();
+        if !matches!(q.state, State::Open) {
+            return;
+        }
+        if reason == CloseReason::ABNORMAL {
+            q.frames = VecDeque::new();
+            q.bytes = 0;
+        }
+        q.state = State::Closing(reason);
+        drop(q);
+        self.shared.wake.notify_one();
+    }
+
+    /// Whether the channel is closing or closed.
+    pub fn is_closed(&self) -> bool {
+        !matches!(self.lock().state, State::Open)
+    }
+
+    /// The reason the channel closed, once its writer has ended.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        match &self.lock().state {
+            State::Closed(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    /// Waits until the writer task has ended (the channel is closed for good).
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.shared.closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if matches!(self.lock().state, State::Closed(_)) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Records activity from the client: it postpones expiry.
+    pub fn touch(&self) {
+        let now = self.shared.created.elapsed().as_millis() as u64;
+        self.shared.last_activity.store(now, Ordering::Relaxed);
+    }
+
+    /// Runs `hook` once when the channel has closed (at once if it already has).
+    pub fn on_close(&self, hook: impl FnOnce(&Channel) + Send + 'static) {
+        let mut q = self.lock();
+        if matches!(q.state, State::Closed(_)) {
+            drop(q);
+            hook(self);
+            return;
+        }
+        q.hooks.push(Box::new(hook));
+    }
+
+    /// The channel's counters.
+    pub fn stats(&self) -> ChannelStats {
+        let q = self.lock();
+        ChannelStats {
+            queued: self.shared.queued.load(Ordering::Relaxed),
+            written: self.shared.written.load(Ordering::Relaxed),
+            overflowed: self.shared.overflowed.load(Ordering::Relaxed),
+            pending_frames: q.frames.len(),
+            pending_bytes: q.bytes,
+        }
+    }
+
+    /// When the channel expires if nothing happens before, if it has an expiry.
+    fn expiry_deadline(&self) -> Option<Instant> {
+        let expiry = self.shared.config.expiry?;
+        let last = Duration::from_millis(self.shared.last_activity.load(Ordering::Relaxed));
+        Some(self.shared.created + last + expiry)
+    }
+
+    fn finish(&self, reason: CloseReason) {
+        let hooks = {
+            let mut q = self.lock();
+            q.frames = VecDeque::new();
+            q.bytes = 0;
+            q.state = State::Closed(reason);
+            std::mem::take(&mut q.hooks)
+        };
+        self.shared.closed.notify_waiters();
+        for hook in hooks {
+            hook(self);
+        }
+    }
+}
+
+/// What the writer does next.
+enum Step {
+    Write,
+    Close(CloseReason),
+    Wait,
+}
+
+/// The writer task: drains the queue into the sink in batches until the channel
+/// closes, then sends the close (bounded in time) and runs the close hooks.
+async fn run_writer(channel: Channel, mut sink: impl FrameSink) {
+    let shared = &channel.shared;
+    let max_batch = shared.config.max_batch.max(1);
+    let mut batch: Vec<Frame> = Vec::new();
+    // Once a close is requested, what is left to write and the close itself
+    // get `close_timeout` in all; then the connection is dropped.
+    let mut deadline: Option<Instant> = None;
+    let reason = loop {
+        let step = {
+            let mut q = channel.lock();
+            match &q.state {
+                State::Closed(r) => break r.clone(),
+                State::Closing(r) if q.frames.is_empty() => Step::Close(r.clone()),
+                State::Open if q.frames.is_empty() => Step::Wait,
+                State::Open | State::Closing(_) => {
+                    let n = q.frames.len().min(max_batch);
+                    batch.extend(q.frames.drain(..n));
+                    let bytes: usize = batch.iter().map(Frame::len).sum();
+                    q.bytes -= bytes;
+                    if q.frames.is_empty() && q.frames.capacity() > 64 {
+                        // Give back the memory a burst left behind: idle
+                        // connections must stay small.
+                        q.frames = VecDeque::new();
+                    }
+                    Step::Write
+                }
+            }
+        };
+        match step {
+            Step::Write => {
+                // A client that stops reading makes `send` wait forever once the
+                // socket buffers fill. Race it against a close request, which
+                // starts the close deadline.
+                let done = {
+                    let write = sink.send(&batch);
+                    tokio::pin!(write);
+                    loop {
+                        // Without a deadline this branch is disabled; the far-off
+                        // instant only gives it a value.
+                        let expire = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+                        tokio::select! {
+                            res = &mut write => break Some(res),
+                            _ = shared.wake.notified() => {
+                                if deadline.is_none() && matches!(channel.lock().state, State::Closing(_)) {
+                                    deadline = Some(Instant::now() + shared.config.close_timeout);
+                                }
+                            }
+                            _ = tokio::time::sleep_until(expire.into()), if deadline.is_some() => break None,
+                        }
+                    }
+                };
+                let n = batch.len() as u64;
+                batch.clear();
+                match done {
+                    Some(Ok(())) => {
+                        shared.written.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Some(Err(err)) => {
+                        tracing::debug!(channel = %shared.id, error = %err, "sink failed");
+                        break CloseReason::ABNORMAL;
+                    }
+                    None => {
+                        // The client never took the frames: drop the connection.
+                        break match &channel.lock().state {
+                            State::Closing(r) => r.clone(),
+                            _ => CloseReason::ABNORMAL,
+                        };
+                    }
+                }
+            }
+            Step::Close(reason) => {
+                if reason != CloseReason::ABNORMAL {
+                    let limit = deadline.unwrap_or_else(|| Instant::now() + shared.config.close_timeout);
+                    let _ = tokio::time::timeout_at(limit.into(), sink.close(&reason)).await;
+                }
+                break reason;
+            }
+            Step::Wait => match channel.expiry_deadline() {
+                None => shared.wake.notified().await,
+                Some(expiry) => {
+                    tokio::select! {
+                        _ = shared.wake.notified() => {}
+                        _ = tokio::time::sleep_until(expiry.into()) => {
+                            // Activity may have moved the deadline while we slept.
+                            if channel.expiry_deadline().is_some_and(|d| d <= Instant::now()) {
+                                channel.close(CloseReason::EXPIRED);
+                            }
+                        }
+                    }
+                }
+            },
+        }
+    };
+    drop(sink);
+    channel.finish(reason);
+}

@@ -1,0 +1,303 @@
+//! The history contract every store implements: per-group offsets, epochs,
+//! limits and reads.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::{ConfigError, StoreError};
+use crate::payload::PayloadKind;
+
+/// The environment variable Nexios reads for the per-group history size.
+pub const HISTORY_SIZE_ENV: &str = "CHANNEL_BOX_HISTORY_SIZE";
+
+/// The default per-group history budget: 1 MiB of payload, as in Nexios.
+pub const DEFAULT_HISTORY_BYTES: u64 = 1 << 20;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Per-group history limits. The oldest messages are trimmed first, and the
+/// newest message always survives a trim, even alone above the byte budget.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Most payload bytes kept per group.
+    pub max_bytes: u64,
+    /// Most messages kept per group.
+    pub max_messages: Option<u64>,
+    /// Longest a message is kept, judged by its timestamp (this limit removes the
+    /// newest message too once it is old enough).
+    pub max_age: Option<Duration>,
+}
+
+impl Default for HistoryLimits {
+    fn default() -> Self {
+        HistoryLimits {
+            max_bytes: DEFAULT_HISTORY_BYTES,
+            max_messages: None,
+            max_age: None,
+        }
+    }
+}
+
+impl HistoryLimits {
+    /// The default limits with `max_bytes` from `CHANNEL_BOX_HISTORY_SIZE` when set.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let mut limits = HistoryLimits::default();
+        if let Ok(value) = std::env::var(HISTORY_SIZE_ENV) {
+            limits.max_bytes = value.trim().parse().map_err(|_| ConfigError::InvalidValue {
+                name: HISTORY_SIZE_ENV.into(),
+                value,
+                expected: "a number of bytes",
+            })?;
+        }
+        Ok(limits)
+    }
+
+    /// The oldest timestamp (ms) a message may have at `now_ms` and still be kept.
+    pub fn oldest_allowed(&self, now_ms: u64) -> Option<u64> {
+        self.max_age.map(|age| now_ms.saturating_sub(age.as_millis() as u64))
+    }
+}
+
+/// A message to append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    /// The payload's kind.
+    pub kind: PayloadKind,
+    /// The payload bytes; these count against [`HistoryLimits::max_bytes`].
+    pub payload: Bytes,
+    /// Application metadata kept beside the payload (sender, user), not counted.
+    pub meta: Bytes,
+    /// When it was published, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+}
+
+impl NewMessage {
+    /// A message stamped now, without metadata.
+    pub fn new(kind: PayloadKind, payload: Bytes) -> Self {
+        NewMessage {
+            kind,
+            payload,
+            meta: Bytes::new(),
+            timestamp_ms: now_ms(),
+        }
+    }
+}
+
+/// A message read back from history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Its offset in the group, 1 for the first message of an epoch.
+    pub offset: u64,
+    /// The payload's kind.
+    pub kind: PayloadKind,
+    /// The payload bytes.
+    pub payload: Bytes,
+    /// Application metadata.
+    pub meta: Bytes,
+    /// When it was published, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+}
+
+impl StoredMessage {
+    /// The stored message for an appended one.
+    pub fn from_new(offset: u64, message: NewMessage) -> Self {
+        StoredMessage {
+            offset,
+            kind: message.kind,
+            payload: message.payload,
+            meta: message.meta,
+            timestamp_ms: message.timestamp_ms,
+        }
+    }
+}
+
+/// Where a group's history stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    /// The group's epoch: it changes whenever the group's history is lost or reset.
+    pub epoch: String,
+    /// The oldest retained offset; `last + 1` when nothing is retained.
+    pub first: u64,
+    /// The newest offset ever assigned in this epoch; 0 when none.
+    pub last: u64,
+}
+
+impl Head {
+    /// Whether a client that saw everything up to `since` in `epoch` can be
+    /// brought up to date from history without a gap.
+    pub fn can_recover(&self, epoch: &str, since: u64) -> bool {
+        self.epoch == epoch && since <= self.last && self.first <= since + 1
+    }
+}
+
+/// Which messages to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadQuery {
+    /// The newest `n` messages.
+    Last(usize),
+    /// The first `limit` messages with an offset above `offset`.
+    Since {
+        /// Read after this offset.
+        offset: u64,
+        /// Most messages returned.
+        limit: usize,
+    },
+}
+
+/// Messages read from a group, oldest first, with the head they were read at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// The group's head when the page was read.
+    pub head: Head,
+    /// The messages, oldest first.
+    pub messages: Vec<StoredMessage>,
+}
+
+/// What a store can do, so that callers branch instead of failing silently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// History survives a restart of the process.
+    pub persistent: bool,
+    /// An append's future completes only once the message is on disk.
+    pub durable_appends: bool,
+}
+
+impl Capabilities {
+    /// Capabilities of a store that keeps history in memory only.
+    pub const IN_MEMORY: Capabilities = Capabilities {
+        persistent: false,
+        durable_appends: false,
+    };
+    /// Capabilities of a store that persists durably.
+    pub const DURABLE: Capabilities = Capabilities {
+        persistent: true,
+        durable_appends: true,
+    };
+}
+
+/// Totals over all groups of a store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HistoryStats {
+    /// Messages retained.
+    pub messages: u64,
+    /// Payload bytes retained.
+    pub bytes: u64,
+}
+
+/// A future that resolves once an append is durable.
+pub type DurableFuture = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'static>>;
+
+/// An append whose offset is assigned; await [`PendingAppend::durable`] for the disk.
+#[must_use = "an append is only acknowledged once it is durable"]
+pub struct PendingAppend {
+    /// The assigned offset.
+    pub offset: u64,
+    /// The group's epoch at the append.
+    pub epoch: String,
+    /// Resolves once the message is durable (at once for in-memory stores).
+    pub durable: DurableFuture,
+}
+
+impl std::fmt::Debug for PendingAppend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAppend")
+            .field("offset", &self.offset)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingAppend {
+    /// An append that is complete already.
+    pub fn ready(offset: u64, epoch: String) -> Self {
+        PendingAppend {
+            offset,
+            epoch,
+            durable: Box::pin(std::future::ready(Ok(()))),
+        }
+    }
+}
+
+/// A store of per-group message history.
+///
+/// Contract (checked by `testkit::conformance`):
+/// - `append` assigns offsets 1, 2, 3, … per group and epoch, in the order the
+///   calls are made, before it returns; the returned future resolves when the
+///   message is durable as far as the store promises ([`Capabilities`]). Splitting
+///   the two lets a connection pipeline its publishes while keeping their order.
+/// - The epoch changes whenever the group's history is lost or reset
+///   (`flush_group`, `flush_all`, an in-memory store restarting); offsets restart
+///   at 1 in a new epoch.
+/// - Limits trim the oldest messages first; the newest message always survives.
+/// - Reads return messages oldest first, never an expired one.
+#[async_trait]
+pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
+    /// What this store can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The limits this store applies to every group.
+    fn limits(&self) -> &HistoryLimits;
+
+    /// Appends a message to a group; see the trait docs for the ordering contract.
+    fn append(&self, group: &str, message: NewMessage) -> Result<PendingAppend, StoreError>;
+
+    /// The group's head (a group that never had a message has an epoch too).
+    async fn head(&self, group: &str) -> Result<Head, StoreError>;
+
+    /// Reads messages of a group.
+    async fn read(&self, group: &str, query: ReadQuery) -> Result<HistoryPage, StoreError>;
+
+    /// Drops a group's history and gives it a new epoch, which is returned.
+    async fn flush_group(&self, group: &str) -> Result<String, StoreError>;
+
+    /// Drops every group's history; each gets a new epoch.
+    async fn flush_all(&self) -> Result<(), StoreError>;
+
+    /// Totals over all groups.
+    async fn stats(&self) -> Result<HistoryStats, StoreError>;
+
+    /// Makes everything appended so far durable. Called on shutdown.
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// Applies [`HistoryLimits`] to a run of retained message sizes and timestamps,
+/// oldest first: returns how many of the oldest must go. Shared by stores so the
+/// trimming rule is written once.
+pub fn messages_to_trim(
+    limits: &HistoryLimits,
+    now_ms: u64,
+    count: u64,
+    bytes: u64,
+    mut oldest: impl FnMut(u64) -> (u64, u64),
+) -> u64 {
+    let oldest_allowed = limits.oldest_allowed(now_ms);
+    let mut trim = 0;
+    let mut bytes = bytes;
+    while trim < count {
+        let (size, ts) = oldest(trim);
+        // Age applies to every message; bytes and count never remove the newest.
+        let too_old = oldest_allowed.is_some_and(|t| ts < t);
+        let newest = trim + 1 == count;
+        let over_bytes = bytes > limits.max_bytes;
+        let over_count = limits.max_messages.is_some_and(|m| count - trim > m);
+        if !(too_old || (!newest && (over_bytes || over_count))) {
+            break;
+        }
+        bytes -= size;
+        trim += 1;
+    }
+    trim
+}

@@ -1,0 +1,63 @@
+//! # channelbox-core
+//!
+//! Real-time connections ("channels") organized into named groups: broadcast to a
+//! group with one call, send to one channel by id, keep a bounded history per
+//! group, replay what a reconnecting client missed, and clean up closed or idle
+//! channels by themselves. The Rust counterpart of Nexios's `ChannelBox`.
+//!
+//! This crate is the core only: it knows no transport and no storage engine.
+//! Transports (`channelbox-ws`, `channelbox-warp`) turn a socket into a
+//! [`Channel`] by providing a [`FrameSink`]; stores (`channelbox-store-memory`,
+//! `channelbox-store-sled`) implement [`HistoryStore`].
+//!
+//! ```
+//! use std::sync::Arc;
+//! use channelbox_core::{testkit::test_channel, AddStatus, ChannelBox, ChannelConfig, HistoryStore, ReadQuery};
+//! use channelbox_store_memory::MemoryStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store: Arc<dyn HistoryStore> = Arc::new(MemoryStore::default());
+//! let channels = ChannelBox::new(store);
+//!
+//! let (alice, inbox) = test_channel(ChannelConfig::default());
+//! assert_eq!(channels.add_channel_to_group(&alice, "chat_42").await?, AddStatus::GroupCreated);
+//!
+//! let report = channels.group_send("chat_42", serde_json::json!({"text": "hi"}), true).await?;
+//! assert_eq!((report.offset, report.delivery.delivered), (Some(1), 1));
+//!
+//! let history = channels.show_history("chat_42", ReadQuery::Last(10)).await?;
+//! assert_eq!(history.messages.len(), 1);
+//! assert_eq!(inbox.wait_for(1, std::time::Duration::from_secs(1)).await[0].as_text(), Some(r#"{"text":"hi"}"#));
+//! # Ok(()) }
+//! ```
+//!
+//! ## Features
+//! - `testkit`: the [`HistoryStore`] conformance suite, a reference model for
+//!   property tests, and an in-process recording channel.
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod channel;
+mod channel_box;
+mod envelope;
+mod error;
+mod history;
+mod payload;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use channel::{
+    Channel, ChannelConfig, ChannelStats, CloseReason, Enqueued, FrameSink, OverflowPolicy, SendError, SinkError,
+};
+pub use channel_box::{
+    AddStatus, BoxStats, ChannelBox, DeliveryReport, NoFraming, PendingPublish, PublishReport, Recovery, RemoveStatus,
+    Replay, SubscribeFraming, SubscribeStart, Subscribed,
+};
+pub use envelope::{Envelope, MessageRef, PlainEnvelope};
+pub use error::{BoxError, ConfigError, StoreError, StoreErrorKind};
+pub use history::{
+    messages_to_trim, now_ms, Capabilities, DurableFuture, Head, HistoryLimits, HistoryPage, HistoryStats,
+    HistoryStore, NewMessage, PendingAppend, ReadQuery, StoredMessage, DEFAULT_HISTORY_BYTES, HISTORY_SIZE_ENV,
+};
+pub use payload::{Frame, FrameKind, Payload, PayloadKind, PayloadType};

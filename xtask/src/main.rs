@@ -1,0 +1,84 @@
+//! `cargo xtask`: the one entry point for everything beyond `cargo test`.
+//!
+//! - `cargo xtask ci`: formatting, clippy with warnings as errors, every test,
+//!   and the property tests with a moderate number of cases.
+//! - `cargo xtask proptest [--cases N]`: the property tests with many cases
+//!   (default 10,000), in release mode.
+//! - `cargo xtask bench`: the criterion benchmarks, in release mode.
+
+use std::process::{Command, ExitCode};
+
+mod tidy;
+
+/// Property tests are named `*_matches_the_model`; this filter selects them.
+const PROPTEST_FILTER: &str = "matches_the_model";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("proptest") => proptest(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        _ => Err(USAGE.to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("xtask: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [criterion args]>";
+
+/// Runs `cargo` with these arguments and environment, failing on a non-zero exit.
+fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(&cargo)
+        .args(args)
+        .envs(env.iter().copied())
+        .status()
+        .map_err(|e| format!("cannot run {cargo}: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo {} failed ({status})", args.join(" ")));
+    }
+    Ok(())
+}
+
+fn ci() -> Result<(), String> {
+    cargo(&["fmt", "--all", "--", "--check"], &[])?;
+    cargo(
+        &["clippy", "--workspace", "--all-targets", "-j2", "--", "-D", "warnings"],
+        &[],
+    )?;
+    // Every test, property tests included with proptest's default case count.
+    cargo(&["test", "--workspace", "-j2"], &[("RUSTDOCFLAGS", "-D warnings")])?;
+    // The property tests once more, with a moderate case count.
+    cargo(
+        &["test", "--workspace", "-j2", "--", PROPTEST_FILTER],
+        &[("PROPTEST_CASES", "2000")],
+    )
+}
+
+fn proptest(args: &[String]) -> Result<(), String> {
+    let cases = match args {
+        [] => "10000".to_owned(),
+        [flag, n] if flag == "--cases" && n.parse::<u64>().is_ok() => n.clone(),
+        _ => return Err("usage: cargo xtask proptest [--cases N]".to_owned()),
+    };
+    cargo(
+        &["test", "--workspace", "--release", "-j2", "--", PROPTEST_FILTER],
+        &[("PROPTEST_CASES", &cases)],
+    )
+}
+
+fn bench(args: &[String]) -> Result<(), String> {
+    let mut cmd = vec!["bench", "--workspace", "-j2"];
+    if !args.is_empty() {
+        cmd.push("--");
+        cmd.extend(args.iter().map(String::as_str));
+    }
+    cargo(&cmd, &[])
+}
