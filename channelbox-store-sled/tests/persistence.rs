@@ -1,0 +1,132 @@
+//! Durability tests, one shape each: temp dir, open, write, drop, reopen, assert.
+//! Plus the typed errors for directories the store cannot use.
+
+use bytes::Bytes;
+use channelbox_core::{HistoryLimits, HistoryStore, NewMessage, PayloadKind, ReadQuery, StoreErrorKind};
+use channelbox_store_sled::{SledConfig, SledStore};
+
+fn text(s: &str) -> NewMessage {
+    NewMessage::new(PayloadKind::Text, Bytes::copy_from_slice(s.as_bytes()))
+}
+
+async fn append(store: &SledStore, group: &str, m: NewMessage) -> u64 {
+    let p = store.append(group, m).unwrap();
+    p.durable.await.unwrap();
+    p.offset
+}
+
+#[tokio::test]
+async fn reopening_continues_offsets_epochs_and_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SledConfig {
+        limits: HistoryLimits {
+            max_messages: Some(3),
+            ..HistoryLimits::default()
+        },
+        ..SledConfig::new(dir.path())
+    };
+    let store = SledStore::open(config.clone()).unwrap();
+    for i in 1..=5 {
+        append(&store, "g", text(&format!("m{i}"))).await;
+    }
+    let epoch = store.head("g").await.unwrap().epoch;
+    drop(store);
+
+    let store = SledStore::open(config.clone()).unwrap();
+    let head = store.head("g").await.unwrap();
+    assert_eq!(head.epoch, epoch, "the epoch survives a restart");
+    assert_eq!((head.first, head.last), (3, 5));
+    assert_eq!(append(&store, "g", text("m6")).await, 6, "offsets continue");
+    let page = store.read("g", ReadQuery::Last(10)).await.unwrap();
+    let got: Vec<(u64, Bytes)> = page.messages.into_iter().map(|m| (m.offset, m.payload)).collect();
+    assert_eq!(
+        got,
+        vec![(4, Bytes::from("m4")), (5, Bytes::from("m5")), (6, Bytes::from("m6"))],
+        "the count limit still holds"
+    );
+}
+
+#[tokio::test]
+async fn a_flushed_group_keeps_its_new_epoch_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(SledConfig::new(dir.path())).unwrap();
+    append(&store, "g", text("a")).await;
+    let old = store.head("g").await.unwrap().epoch;
+    let new = store.flush_group("g").await.unwrap();
+    assert_ne!(old, new);
+    drop(store);
+    let store = SledStore::open(SledConfig::new(dir.path())).unwrap();
+    let head = store.head("g").await.unwrap();
+    assert_eq!(head.epoch, new, "the new epoch was persisted");
+    assert_eq!(head.last, 0);
+    store.flush_all().await.unwrap();
+    let after_all = store.head("g").await.unwrap().epoch;
+    drop(store);
+    let store = SledStore::open(SledConfig::new(dir.path())).unwrap();
+    assert_eq!(store.head("g").await.unwrap().epoch, after_all);
+    assert_ne!(after_all, new);
+}
+
+#[test]
+fn a_file_where_the_directory_should_be_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"hello").unwrap();
+    let err = SledStore::open(SledConfig::new(&file)).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Unusable);
+    assert!(
+        err.to_string().contains(&*file.to_string_lossy()),
+        "names the path: {err}"
+    );
+    let below = file.join("history");
+    let err = SledStore::open(SledConfig::new(&below)).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Unusable);
+    assert!(
+        err.to_string().contains(&*below.to_string_lossy()),
+        "names the path: {err}"
+    );
+}
+
+#[test]
+fn a_locked_directory_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = SledStore::open(SledConfig::new(dir.path())).unwrap();
+    let err = SledStore::open(SledConfig::new(dir.path())).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Locked, "{err}");
+    assert!(err.to_string().contains("locked"), "{err}");
+    assert!(
+        err.to_string().contains(&*dir.path().to_string_lossy()),
+        "names the path: {err}"
+    );
+}
+
+#[test]
+fn another_format_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.insert(b"\x00format", b"channelbox-sled/999".as_slice()).unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledStore::open(SledConfig::new(dir.path())).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Incompatible);
+    assert!(err.to_string().contains("channelbox-sled/999"), "{err}");
+
+    let other = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(other.path()).unwrap();
+        db.insert(b"someone else's key", b"value".as_slice()).unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledStore::open(SledConfig::new(other.path())).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Incompatible);
+    assert!(err.to_string().contains("not a channelbox history"), "{err}");
+}
+
+#[tokio::test]
+async fn an_empty_group_name_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(SledConfig::new(dir.path())).unwrap();
+    let err = store.append("", text("x")).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::InvalidInput);
+}
