@@ -132,7 +132,7 @@ pub struct SubscribeStart {
 
 /// Frames a transport wants around a subscription's replay; see
 /// [`ChannelBox::subscribe`].
-pub trait SubscribeFraming {
+pub trait SubscribeFraming: Sync {
     /// The first frame, queued before any replayed or live message.
     fn before(&self, start: &SubscribeStart) -> Option<Frame> {
         let _ = start;

@@ -1,0 +1,54 @@
+//! Options of the chat protocol service: the limits and switches of PROTOCOL.md.
+
+use std::time::Duration;
+
+use crate::auth::TokenVerifier;
+
+/// How a [`ChatService`](crate::ChatService) behaves. Every limit is configurable;
+/// the defaults are PROTOCOL.md's.
+#[derive(Clone, Debug)]
+pub struct ProtocolConfig {
+    /// Largest accepted client message, after reassembly (`--max-message-bytes`).
+    pub max_message_bytes: usize,
+    /// Data frames per second a connection may send, burst the same; 0 is off.
+    pub rate_limit: u32,
+    /// Frames a connection may have queued (`--queue`).
+    pub queue_frames: usize,
+    /// Bytes a connection may have queued (`--queue-bytes`).
+    pub queue_bytes: usize,
+    /// Close connections idle this long (`--expiry`).
+    pub expiry: Option<Duration>,
+    /// Groups one connection may be in at once.
+    pub max_groups_per_connection: usize,
+    /// Open WebSocket connections the server accepts.
+    pub max_connections: usize,
+    /// Requires signed tokens when set (`--token-secret`).
+    pub tokens: Option<TokenVerifier>,
+    /// Enables the admin API when set (`--admin-token`).
+    pub admin_token: Option<String>,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        ProtocolConfig {
+            max_message_bytes: 65_536,
+            rate_limit: 0,
+            queue_frames: 1024,
+            queue_bytes: 1 << 20,
+            expiry: None,
+            max_groups_per_connection: 256,
+            max_connections: 100_000,
+            tokens: None,
+            admin_token: None,
+        }
+    }
+}
+
+/// The most messages one `history` request or `?history=` replay returns.
+pub const MAX_HISTORY_LIMIT: usize = 1000;
+/// Messages a `history` request returns without `limit`.
+pub const DEFAULT_HISTORY_LIMIT: usize = 100;
+/// Longest group name, in bytes.
+pub const MAX_GROUP_BYTES: usize = 128;
+/// Deepest JSON nesting a client frame may have.
+pub const MAX_JSON_DEPTH: usize = 128;

@@ -1,0 +1,37 @@
+//! # channelbox-protocol
+//!
+//! The chat server's wire protocol v1 (PROTOCOL.md), written once for every
+//! transport. A transport (`channelbox-ws`, `channelbox-warp`) only:
+//! 1. asks [`ChatService::admit`] about an upgrade request (URL group, token,
+//!    query, connection limit) and answers its [`HttpAnswer`] on refusal;
+//! 2. turns the socket into a core [`Channel`](channelbox_core::Channel) with
+//!    [`ChatService::channel_config`];
+//! 3. hands [`ChatService::run`] the channel and a stream of [`Incoming`] frames.
+//!
+//! The HTTP API (`/api/groups…`, `/api/admin/…`, `/metrics`) is here too, as
+//! handlers that return an [`HttpAnswer`]; a web framework only routes to them.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use channelbox_protocol::{ChatService, ProtocolConfig};
+//! use channelbox_store_memory::MemoryStore;
+//!
+//! let service = ChatService::new(Arc::new(MemoryStore::default()), ProtocolConfig::default());
+//! assert!(service.admit("chat", Some("history=10")).is_ok());
+//! assert_eq!(service.admit("a%20b", None).unwrap_err().status, 400);
+//! ```
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod auth;
+mod config;
+mod frames;
+mod metrics;
+mod names;
+mod service;
+
+pub use auth::{now_secs, Permissions, TokenError, TokenVerifier, User};
+pub use config::{ProtocolConfig, DEFAULT_HISTORY_LIMIT, MAX_GROUP_BYTES, MAX_HISTORY_LIMIT, MAX_JSON_DEPTH};
+pub use frames::{render_message, ChatEnvelope, ErrorCode, ProtocolError, Sender};
+pub use metrics::Metrics;
+pub use names::{decode_group, query_param, valid_group};
+pub use service::{Admission, ChatService, HttpAnswer, Incoming};

@@ -1,0 +1,156 @@
+//! The chat server of PROTOCOL.md: warp, the chat protocol, and a history store
+//! (sled in ./channelbox-data by default, `--store memory` for none on disk).
+//!
+//! ```sh
+//! cargo run --release -p channelbox-warp --example chat -- --addr 127.0.0.1:8080
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use channelbox_core::{HistoryLimits, HistoryStore};
+use channelbox_protocol::{ChatService, ProtocolConfig, TokenVerifier};
+use channelbox_store_memory::{MemoryConfig, MemoryStore};
+use channelbox_store_sled::{SledConfig, SledStore};
+use clap::{Parser, ValueEnum};
+use std::io::Write;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StoreKind {
+    Sled,
+    Memory,
+}
+
+/// The channelbox chat server.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Listen address.
+    #[arg(long, env = "CHANNELBOX_ADDR", default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// History store.
+    #[arg(long, env = "CHANNELBOX_STORE", value_enum, default_value = "sled")]
+    store: StoreKind,
+    /// sled directory.
+    #[arg(long, env = "CHANNELBOX_DATA", default_value = "./channelbox-data")]
+    data: PathBuf,
+    /// Per-group history limit in payload bytes.
+    #[arg(long, env = "CHANNEL_BOX_HISTORY_SIZE", default_value_t = 1_048_576)]
+    history_bytes: u64,
+    /// Per-group history limit in messages (default: unlimited).
+    #[arg(long)]
+    history_messages: Option<u64>,
+    /// Seconds a saved message is kept (default: unlimited).
+    #[arg(long, value_parser = positive_seconds)]
+    history_ttl: Option<Duration>,
+    /// Frames a channel may have queued before it counts as a slow consumer.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    queue: u64,
+    /// Bytes a channel may have queued before it counts as a slow consumer.
+    #[arg(long, default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..))]
+    queue_bytes: u64,
+    /// Largest accepted client message.
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
+    max_message_bytes: u64,
+    /// Seconds of inactivity after which a channel is closed (default: never).
+    #[arg(long, value_parser = positive_seconds)]
+    expiry: Option<Duration>,
+    /// Frames per second a connection may send (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    rate_limit: u32,
+    /// Groups one connection may be in at once.
+    #[arg(long, default_value_t = 256)]
+    max_groups: usize,
+    /// Open WebSocket connections the server accepts.
+    #[arg(long, default_value_t = 100_000)]
+    max_connections: usize,
+    /// Enables the admin API with this bearer token.
+    #[arg(long, env = "CHANNELBOX_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    /// Requires HS256 tokens signed with this secret.
+    #[arg(long, env = "CHANNELBOX_TOKEN_SECRET")]
+    token_secret: Option<String>,
+}
+
+fn positive_seconds(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
+}
+
+fn open_store(args: &Args) -> anyhow::Result<Arc<dyn HistoryStore>> {
+    let limits = HistoryLimits {
+        max_bytes: args.history_bytes,
+        max_messages: args.history_messages,
+        max_age: args.history_ttl,
+    };
+    Ok(match args.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(MemoryConfig { limits })),
+        StoreKind::Sled => Arc::new(
+            SledStore::open(SledConfig {
+                limits,
+                ..SledConfig::new(&args.data)
+            })
+            .with_context(|| format!("cannot open the sled store in {}", args.data.display()))?,
+        ),
+    })
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let store = open_store(&args)?;
+    let config = ProtocolConfig {
+        max_message_bytes: args.max_message_bytes as usize,
+        rate_limit: args.rate_limit,
+        queue_frames: args.queue as usize,
+        queue_bytes: args.queue_bytes as usize,
+        expiry: args.expiry,
+        max_groups_per_connection: args.max_groups,
+        max_connections: args.max_connections,
+        tokens: args.token_secret.as_deref().map(|s| TokenVerifier::new(s.as_bytes())),
+        admin_token: args.admin_token.clone(),
+    };
+    let service = ChatService::new(store, config);
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.addr))?;
+    let addr = listener.local_addr()?;
+    let server = warp::serve(channelbox_warp::routes(service.clone())).incoming(listener);
+    let running = tokio::spawn(server.run());
+    println!("listening on http://{addr}");
+    std::io::stdout().flush()?;
+    tracing::info!(%addr, store = ?args.store, "chat server started");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: closing connections with 1001 and flushing history");
+    running.abort();
+    service.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! # channelbox-warp
+//!
+//! The warp adapter: filters that upgrade `GET /ws/{group}` and attach the socket
+//! to a [`ChatService`] (and so to its `ChannelBox`), the HTTP API of PROTOCOL.md,
+//! `/metrics`, `/healthz` and the browser page. The protocol logic itself lives in
+//! `channelbox-protocol`, shared with the tokio-tungstenite transport; this crate
+//! only routes and converts warp's types at the edge.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use channelbox_protocol::{ChatService, ProtocolConfig};
+//! use channelbox_store_memory::MemoryStore;
+//!
+//! # async fn demo() -> std::io::Result<()> {
+//! let service = ChatService::new(Arc::new(MemoryStore::default()), ProtocolConfig::default());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! warp::serve(channelbox_warp::routes(service)).incoming(listener).run().await;
+//! # Ok(()) }
+//! ```
+//!
+//! The `chat` example is the runnable chat server of PROTOCOL.md.
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+use std::convert::Infallible;
+use std::error::Error as _;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use channelbox_core::{Channel, CloseReason, Frame, FrameKind, FrameSink, SinkError};
+use channelbox_protocol::{ChatService, HttpAnswer, Incoming};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, Stream, StreamExt};
+use tokio_tungstenite::tungstenite::Error as WsError;
+use warp::http::StatusCode;
+use warp::ws::{Message, WebSocket};
+use warp::{Filter, Rejection, Reply};
+
+/// The browser chat page, embedded in the binary.
+pub const CHAT_PAGE: &str = include_str!("../assets/chat.html");
+
+struct WarpSink {
+    sink: SplitSink<WebSocket, Message>,
+}
+
+fn to_message(frame: &Frame) -> Message {
+    match (frame.kind(), frame.as_text()) {
+        (FrameKind::Text, Some(text)) => Message::text(text),
+        _ => Message::binary(frame.data().clone()),
+    }
+}
+
+#[async_trait]
+impl FrameSink for WarpSink {
+    async fn send(&mut self, frames: &[Frame]) -> Result<(), SinkError> {
+        for frame in frames {
+            self.sink.feed(to_message(frame)).await.map_err(SinkError::new)?;
+        }
+        self.sink.flush().await.map_err(SinkError::new)
+    }
+
+    async fn close(&mut self, reason: &CloseReason) -> Result<(), SinkError> {
+        let msg = Message::close_with(reason.code, reason.reason.clone());
+        self.sink.send(msg).await.map_err(SinkError::new)?;
+        self.sink.close().await.map_err(SinkError::new)
+    }
+}
+
+/// What a warp read result means to the protocol.
+fn incoming_from(item: Result<Message, warp::Error>) -> Incoming {
+    match item {
+        Ok(m) if m.is_text() => match m.to_str() {
+            Ok(t) => Incoming::Text(t.to_owned()),
+            Err(()) => Incoming::InvalidUtf8,
+        },
+        Ok(m) if m.is_binary() => Incoming::Binary(m.into_bytes()),
+        Ok(m) if m.is_close() => Incoming::Close,
+        Ok(_) => Incoming::Control,
+        Err(err) => match err.source().and_then(|s| s.downcast_ref::<WsError>()) {
+            Some(WsError::Capacity(_)) => Incoming::TooLarge,
+            Some(WsError::Utf8(_)) => Incoming::InvalidUtf8,
+            _ => Incoming::Failed,
+        },
+    }
+}
+
+/// A client's frames, ending after the first close, failure or refusal.
+fn incoming(stream: SplitStream<WebSocket>) -> impl Stream<Item = Incoming> + Unpin + Send {
+    let mut done = false;
+    Box::pin(stream.map(incoming_from).take_while(move |i| {
+        let go = !done;
+        done = !matches!(i, Incoming::Text(_) | Incoming::Binary(_) | Incoming::Control);
+        std::future::ready(go)
+    }))
+}
+
+fn answer(a: HttpAnswer) -> warp::reply::Response {
+    let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    warp::reply::with_status(
+        warp::reply::with_header(a.body, "content-type", "application/json"),
+        status,
+    )
+    .into_response()
+}
+
+fn with_service(service: ChatService) -> impl Filter<Extract = (ChatService,), Error = Infallible> + Clone {
+    warp::any().map(move || service.clone())
+}
+
+fn optional_query() -> impl Filter<Extract = (Option<String>,), Error = Infallible> + Clone {
+    warp::query::raw().map(Some).or(warp::any().map(|| None)).unify()
+}
+
+fn authorization() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+}
+
+/// `GET /ws/{group}`: checks the group, token and query before the upgrade,
+/// then runs the protocol on the socket.
+pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    warp::path("ws")
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(optional_query())
+        .and(warp::ws())
+        .and(with_service(service))
+        .map(
+            |group: String, query: Option<String>, ws: warp::ws::Ws, service: ChatService| {
+                let admission = match service.admit(&group, query.as_deref()) {
+                    Ok(a) => a,
+                    Err(refusal) => return answer(refusal),
+                };
+                let max = service.config().max_message_bytes;
+                ws.max_message_size(max)
+                    .max_frame_size(max)
+                    .on_upgrade(move |socket| async move {
+                        let (sink, stream) = socket.split();
+                        let channel = Channel::open(service.channel_config(), WarpSink { sink });
+                        service.run(admission, channel, incoming(stream)).await;
+                    })
+                    .into_response()
+            },
+        )
+}
+
+/// The HTTP API: `/api/groups`, history, backend publish and the admin endpoints.
+pub fn api_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    let groups = warp::path!("api" / "groups")
+        .and(warp::get())
+        .and(authorization())
+        .and(with_service(service.clone()))
+        .then(|auth: Option<String>, s: ChatService| async move { answer(s.api_groups(auth.as_deref()).await) });
+    let history = warp::path!("api" / "groups" / String / "history")
+        .and(warp::get())
+        .and(optional_query())
+        .and(authorization())
+        .and(with_service(service.clone()))
+        .then(
+            |g: String, q: Option<String>, auth: Option<String>, s: ChatService| async move {
+                answer(s.api_history(&g, q.as_deref(), auth.as_deref()).await)
+            },
+        );
+    let publish = warp::path!("api" / "groups" / String / "messages")
+        .and(warp::post())
+        .and(warp::body::content_length_limit(64 << 20))
+        .and(warp::body::bytes())
+        .and(authorization())
+        .and(with_service(service.clone()))
+        .then(
+            |g: String, body: Bytes, auth: Option<String>, s: ChatService| async move {
+                answer(s.api_publish(&g, &body, auth.as_deref()).await)
+            },
+        );
+    let close_all = warp::path!("api" / "admin" / "close-all")
+        .and(warp::post())
+        .and(authorization())
+        .and(with_service(service.clone()))
+        .then(|auth: Option<String>, s: ChatService| async move { answer(s.api_close_all(auth.as_deref()).await) });
+    let flush = warp::path!("api" / "admin" / "history")
+        .and(warp::delete())
+        .and(optional_query())
+        .and(authorization())
+        .and(with_service(service))
+        .then(|q: Option<String>, auth: Option<String>, s: ChatService| async move {
+            answer(s.api_flush_history(q.as_deref(), auth.as_deref()).await)
+        });
+    groups
+        .or(history)
+        .unify()
+        .or(publish)
+        .unify()
+        .or(close_all)
+        .unify()
+        .or(flush)
+        .unify()
+}
+
+/// `GET /healthz`, `GET /metrics` and the page at `GET /`.
+pub fn site_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    let page = warp::path::end()
+        .and(warp::get())
+        .map(|| warp::reply::html(CHAT_PAGE).into_response());
+    let health = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::with_header("ok", "content-type", "text/plain").into_response());
+    let metrics =
+        warp::path!("metrics")
+            .and(warp::get())
+            .and(with_service(service))
+            .then(|s: ChatService| async move {
+                warp::reply::with_header(
+                    s.metrics_text().await,
+                    "content-type",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+                .into_response()
+            });
+    page.or(health).unify().or(metrics).unify()
+}
+
+/// Every route of the chat server, with JSON answers for unknown paths and
+/// methods.
+pub fn routes(service: ChatService) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
+    ws_route(service.clone())
+        .or(api_routes(service.clone()))
+        .unify()
+        .or(site_routes(service))
+        .unify()
+        .recover(|rejection: Rejection| async move { Ok::<_, Infallible>(answer(rejected(&rejection))) })
+        .unify()
+}
+
+fn rejected(r: &Rejection) -> HttpAnswer {
+    if r.is_not_found() {
+        HttpAnswer::error(404, "not_found", "no such endpoint")
+    } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
+        HttpAnswer::error(405, "method_not_allowed", "this endpoint does not take that method")
+    } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
+        HttpAnswer::error(413, "too_large", "the body is too large")
+    } else {
+        HttpAnswer::error(400, "bad_request", format!("{r:?}"))
+    }
+}
