@@ -185,7 +185,8 @@ struct Shared {
 }
 
 /// One connected client, transport-agnostic. Cheap to clone; all clones are the
-/// same channel.
+/// same channel. Its writer task keeps it alive: dropping every handle does not
+/// close it, [`Channel::close`] does (or the transport failing).
 #[derive(Clone)]
 pub struct Channel {
     shared: Arc<Shared>,

@@ -5,7 +5,10 @@
 //! - `cargo xtask proptest [--cases N]`: the property tests with many cases
 //!   (default 10,000), in release mode.
 //! - `cargo xtask bench`: the criterion benchmarks, in release mode.
+//! - `cargo xtask e2e`: the browser test of the chat page in headless Chromium
+//!   (needs Debian's `chromium` and Node.js; `.ci/run` installs them).
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod tidy;
@@ -19,6 +22,7 @@ fn main() -> ExitCode {
         Some("ci") => ci(),
         Some("proptest") => proptest(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("e2e") => e2e(),
         _ => Err(USAGE.to_owned()),
     };
     match result {
@@ -30,7 +34,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [criterion args]>";
+const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [criterion args] | e2e>";
 
 /// Runs `cargo` with these arguments and environment, failing on a non-zero exit.
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
@@ -59,6 +63,48 @@ fn ci() -> Result<(), String> {
     cargo(
         &["test", "--workspace", "-j2", "--", PROPTEST_FILTER],
         &[("PROPTEST_CASES", "2000")],
+    )?;
+    e2e()
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn run(program: &str, args: &[&str], env: &[(&str, &str)], dir: &Path) -> Result<(), String> {
+    eprintln!("xtask: {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .status()
+        .map_err(|e| format!("cannot run {program}: {e} (is it installed? .ci/run installs it)"))?;
+    if !status.success() {
+        return Err(format!("{program} {} failed ({status})", args.join(" ")));
+    }
+    Ok(())
+}
+
+/// The browser test: the chat example in debug mode, driven in headless
+/// Chromium by `e2e/browser.mjs`; the screenshot goes to target/browser/.
+fn e2e() -> Result<(), String> {
+    let root = root();
+    cargo(&["build", "-j2", "-p", "channelbox-warp", "--example", "chat"], &[])?;
+    let e2e = root.join("e2e");
+    if !e2e.join("node_modules").join("playwright-core").exists() {
+        run("npm", &["ci", "--no-audit", "--no-fund"], &[], &e2e)?;
+    }
+    let bin = root.join("target").join("debug").join("examples").join("chat");
+    let bin = bin.to_string_lossy();
+    run(
+        "node",
+        &["e2e/browser.mjs", "target/browser/chat.png"],
+        &[("CHAT_BIN", &bin)],
+        &root,
     )
 }
 
