@@ -212,3 +212,163 @@ async fn a_id(a: &mut Client) -> String {
     let (_, m) = a.publish(json!({"data": "id"}), "id").await;
     m["from"].as_str().unwrap().to_owned()
 }
+
+#[tokio::test]
+async fn sigkill_under_load_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap().to_owned();
+    let mut acked: Vec<(u64, String, Value)> = Vec::new();
+    for round in 0..2 {
+        let mut server = Server::start(&["--data", &data]);
+        let url = server.ws_url("/ws/crash");
+        let publishers: Vec<_> = (0..4)
+            .map(|p| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let (mut c, w) = Client::join(&url).await;
+                    let epoch = w["epoch"].as_str().unwrap().to_owned();
+                    let mut mine = Vec::new();
+                    // Publish until the server dies; keep 8 in flight.
+                    let mut sent = 0u64;
+                    let mut in_flight = 0;
+                    loop {
+                        while in_flight < 8 {
+                            let data = json!({"p": p, "n": sent, "round": round});
+                            let frame = json!({"type": "publish", "data": data, "ref": sent});
+                            if c.ws_send_raw(frame.to_string()).await.is_err() {
+                                return (epoch, mine);
+                            }
+                            sent += 1;
+                            in_flight += 1;
+                        }
+                        match c.next_event().await {
+                            support::Event::Json(v) if v["type"] == "published" => {
+                                in_flight -= 1;
+                                let n = v["ref"].as_u64().unwrap();
+                                mine.push((v["offset"].as_u64().unwrap(), json!({"p": p, "n": n, "round": round})));
+                            }
+                            support::Event::Json(_) => {}
+                            support::Event::Closed(_) => return (epoch, mine),
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        server.child.kill().unwrap(); // SIGKILL
+        server.child.wait().unwrap();
+        for p in publishers {
+            let (epoch, mine) = p.await.unwrap();
+            acked.extend(mine.into_iter().map(|(o, d)| (o, epoch.clone(), d)));
+        }
+        assert!(
+            acked.len() > 20,
+            "round {round}: publishes were acknowledged before the kill"
+        );
+
+        let server = Server::start(&["--data", &data]);
+        let mut history = Vec::new();
+        let mut since = 0;
+        let epoch = loop {
+            let page = get(
+                &server.addr,
+                &format!("/api/groups/crash/history?limit=1000&since={since}"),
+            )
+            .await
+            .json();
+            let msgs = page["messages"].as_array().unwrap().clone();
+            if msgs.is_empty() {
+                break page["epoch"].as_str().unwrap().to_owned();
+            }
+            since = msgs.last().unwrap()["offset"].as_u64().unwrap();
+            history.extend(msgs);
+        };
+        let offsets: Vec<u64> = history.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+        assert_eq!(
+            offsets,
+            (1..=offsets.len() as u64).collect::<Vec<_>>(),
+            "round {round}: offsets 1..n, no holes"
+        );
+        for (offset, ack_epoch, data) in &acked {
+            assert_eq!(ack_epoch, &epoch, "round {round}: same epoch");
+            let m = &history[(*offset - 1) as usize];
+            assert_eq!(
+                &m["data"], data,
+                "round {round}: acknowledged offset {offset} kept its message"
+            );
+        }
+        let last = *offsets.last().unwrap();
+        let (mut c, _) = Client::join(&server.ws_url(&format!("/ws/crash?since={}&epoch={epoch}", last - 3))).await;
+        for want in last - 2..=last {
+            assert_eq!(c.recv().await["offset"], want);
+        }
+        assert_eq!(
+            c.recv().await["complete"],
+            true,
+            "round {round}: reconnecting clients recover completely"
+        );
+    }
+}
+
+#[tokio::test]
+async fn connection_and_group_limits_are_clear_errors() {
+    let server = Server::start(&["--store", "memory", "--max-connections", "2", "--max-groups", "2"]);
+    let (mut a, _) = Client::join(&server.ws_url("/ws/l")).await;
+    let (_b, _) = Client::join(&server.ws_url("/ws/l")).await;
+    let upgrade = [
+        ("Connection", "Upgrade"),
+        ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    let r = http(&server.addr, "GET", "/ws/l", &upgrade, b"").await;
+    assert_eq!((r.status, r.json()["code"].as_str()), (503, Some("unavailable")));
+    assert_eq!(
+        a.request(json!({"type": "join", "group": "m"}), "1").await["type"],
+        "joined"
+    );
+    let r = a.request(json!({"type": "join", "group": "n"}), "2").await;
+    assert_eq!(r["code"], "forbidden", "a third group is over the limit");
+    assert!(r["message"].as_str().unwrap().contains("at most 2 groups"));
+}
+
+#[tokio::test]
+async fn handshakes_with_bad_headers_are_refused_without_harm() {
+    let server = Server::start(&["--store", "memory"]);
+    let (mut a, _) = Client::join(&server.ws_url("/ws/h")).await;
+    let r = http(
+        &server.addr,
+        "GET",
+        "/ws/h",
+        &[("Connection", "Upgrade"), ("Upgrade", "websocket")],
+        b"",
+    )
+    .await;
+    assert!(
+        r.status >= 400 && r.status < 500,
+        "missing key and version: {}",
+        r.status
+    );
+    let r = http(
+        &server.addr,
+        "GET",
+        "/ws/h",
+        &[
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "7"),
+            ("Sec-WebSocket-Key", "x"),
+        ],
+        b"",
+    )
+    .await;
+    assert!(r.status >= 400 && r.status < 500, "bad version: {}", r.status);
+    let r = get(&server.addr, "/ws/h").await;
+    assert!(r.status >= 400 && r.status < 500, "no upgrade at all: {}", r.status);
+    assert_eq!(
+        a.request(json!({"type": "ping"}), "p").await["type"],
+        "pong",
+        "others are unaffected"
+    );
+}

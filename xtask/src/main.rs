@@ -5,6 +5,8 @@
 //! - `cargo xtask proptest [--cases N]`: the property tests with many cases
 //!   (default 10,000), in release mode.
 //! - `cargo xtask bench`: the criterion benchmarks, in release mode.
+//! - `cargo xtask fuzz [--cases N]`: the frame decoder and dispatcher fuzzed
+//!   with arbitrary input (default 50,000 cases; CI runs 128 with the tests).
 //! - `cargo xtask e2e`: the browser test of the chat page in headless Chromium
 //!   (needs Debian's `chromium` and Node.js; `.ci/run` installs them).
 
@@ -23,6 +25,7 @@ fn main() -> ExitCode {
         Some("proptest") => proptest(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("e2e") => e2e(),
+        Some("fuzz") => fuzz(&args[1..]),
         _ => Err(USAGE.to_owned()),
     };
     match result {
@@ -34,7 +37,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [criterion args] | e2e>";
+const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [criterion args] | e2e | fuzz [--cases N]>";
 
 /// Runs `cargo` with these arguments and environment, failing on a non-zero exit.
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
@@ -108,12 +111,33 @@ fn e2e() -> Result<(), String> {
     )
 }
 
+/// `--cases N`, or the default.
+fn cases(args: &[String], default: &str, usage: &str) -> Result<String, String> {
+    match args {
+        [] => Ok(default.to_owned()),
+        [flag, n] if flag == "--cases" && n.parse::<u64>().is_ok() => Ok(n.clone()),
+        _ => Err(usage.to_owned()),
+    }
+}
+
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let cases = cases(args, "50000", "usage: cargo xtask fuzz [--cases N]")?;
+    cargo(
+        &[
+            "test",
+            "--release",
+            "-j2",
+            "-p",
+            "channelbox-protocol",
+            "--test",
+            "fuzz",
+        ],
+        &[("FUZZ_CASES", &cases)],
+    )
+}
+
 fn proptest(args: &[String]) -> Result<(), String> {
-    let cases = match args {
-        [] => "10000".to_owned(),
-        [flag, n] if flag == "--cases" && n.parse::<u64>().is_ok() => n.clone(),
-        _ => return Err("usage: cargo xtask proptest [--cases N]".to_owned()),
-    };
+    let cases = cases(args, "10000", "usage: cargo xtask proptest [--cases N]")?;
     cargo(
         &["test", "--workspace", "--release", "-j2", "--", PROPTEST_FILTER],
         &[("PROPTEST_CASES", &cases)],

@@ -118,6 +118,11 @@ impl Client {
         self.ws.send(Message::text(v.to_string())).await.expect("send");
     }
 
+    /// Sends a text frame, reporting failure instead of panicking.
+    pub async fn ws_send_raw(&mut self, s: String) -> Result<(), ()> {
+        self.ws.send(Message::text(s)).await.map_err(|_| ())
+    }
+
     pub async fn send_text(&mut self, s: &str) {
         self.ws.send(Message::text(s.to_owned())).await.expect("send");
     }
