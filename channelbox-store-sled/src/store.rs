@@ -224,6 +224,22 @@ fn open_db(config: &SledConfig) -> Result<sled::Db, SledError> {
         ));
     }
     std::fs::create_dir_all(path).map_err(|e| SledError::Unusable(path.clone(), e.to_string()))?;
+    // sled releases its lock file from a background thread a moment after a
+    // `Db` is dropped, so a store reopened at once in the same process may find
+    // it still held: retry briefly before calling the directory locked.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match try_open(config) {
+            Err(SledError::Locked(..)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn try_open(config: &SledConfig) -> Result<sled::Db, SledError> {
+    let path = &config.path;
     sled::Config::new()
         .path(path)
         .cache_capacity(config.cache_bytes)
