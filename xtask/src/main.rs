@@ -4,7 +4,8 @@
 //!   and the property tests with a moderate number of cases.
 //! - `cargo xtask proptest [--cases N]`: the property tests with many cases
 //!   (default 10,000), in release mode.
-//! - `cargo xtask bench`: the criterion benchmarks, in release mode.
+//! - `cargo xtask bench [--quick]`: the criterion benchmarks, then the loopback
+//!   server benchmark against a baseline server; `--quick` is CI's smoke run.
 //! - `cargo xtask fuzz [--cases N]`: the frame decoder and dispatcher fuzzed
 //!   with arbitrary input (default 50,000 cases; CI runs 128 with the tests).
 //! - `cargo xtask e2e`: the browser test of the chat page in headless Chromium
@@ -13,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod bench;
 mod tidy;
 
 /// Property tests are named `*_matches_the_model`; this filter selects them.
@@ -37,7 +39,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [criterion args] | e2e | fuzz [--cases N]>";
+const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--sizes a,b] [--messages N] [--runs R] | e2e | fuzz [--cases N]>";
 
 /// Runs `cargo` with these arguments and environment, failing on a non-zero exit.
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
@@ -67,7 +69,9 @@ fn ci() -> Result<(), String> {
         &["test", "--workspace", "-j2", "--", PROPTEST_FILTER],
         &[("PROPTEST_CASES", "2000")],
     )?;
-    e2e()
+    e2e()?;
+    // A short smoke run of the benchmarks, so that they cannot rot.
+    bench(&["--quick".to_owned()])
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -145,10 +149,27 @@ fn proptest(args: &[String]) -> Result<(), String> {
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
-    let mut cmd = vec!["bench", "--workspace", "-j2"];
-    if !args.is_empty() {
-        cmd.push("--");
-        cmd.extend(args.iter().map(String::as_str));
+    let plan = bench::Plan::parse(args)?;
+    std::env::set_current_dir(root()).map_err(|e| e.to_string())?;
+    // 1. Criterion: core fan-out and sled appends (`--test` runs each once).
+    let mut criterion = vec!["bench", "--workspace", "-j2"];
+    if plan.quick {
+        criterion.extend(["--", "--test"]);
     }
-    cargo(&cmd, &[])
+    cargo(&criterion, &[])?;
+    // 2. The loopback server benchmark, in release mode.
+    cargo(
+        &[
+            "build",
+            "--release",
+            "-j2",
+            "-p",
+            "channelbox-warp",
+            "--example",
+            "chat",
+        ],
+        &[],
+    )?;
+    cargo(&["build", "--release", "-j2", "-p", "channelbox-bench", "--bins"], &[])?;
+    bench::loopback(&plan)
 }

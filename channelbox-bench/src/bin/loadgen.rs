@@ -1,0 +1,259 @@
+//! The load generator of `cargo xtask bench`: opens N subscribers to one group
+//! (the publisher is one of them), checks they are all members, then publishes
+//! M messages with at most `--inflight` unconfirmed, and reports deliveries per
+//! second, latency (from a timestamp in the payload), lost and duplicated
+//! messages, and the server's CPU time and resident memory, as one JSON line.
+//!
+//! Per received frame it does as little as it can: it finds `"seq":` and
+//! `"t":` in the text without parsing the JSON, and marks a bit.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use channelbox_bench::{cpu_seconds, rss_bytes, Histogram};
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Server address, host:port.
+    #[arg(long)]
+    addr: String,
+    /// The server's pid, for CPU time and memory.
+    #[arg(long)]
+    pid: u32,
+    /// Subscribers, the publisher included.
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
+    /// Messages to publish.
+    #[arg(long, default_value_t = 1000)]
+    messages: u64,
+    /// Most messages published and not yet received back by the publisher.
+    #[arg(long, default_value_t = 100)]
+    inflight: u64,
+    /// Fixed publish rate in messages per second (0: as fast as the window allows).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Whether publishes are saved to history (the chat protocol's `history`).
+    #[arg(long, action = clap::ArgAction::Set, default_value_t = false)]
+    history: bool,
+    /// How to count members: `api` (chat server) or `count` (baseline).
+    #[arg(long, default_value = "api")]
+    members: String,
+    /// Payload bytes (padding included).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Finds the unsigned integer after `key` in `text`.
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let at = text.find(key)? + key.len();
+    let digits = text[at..].bytes().take_while(u8::is_ascii_digit).count();
+    text[at..at + digits].parse().ok()
+}
+
+struct Tally {
+    seen: Vec<u64>,
+    received: u64,
+    duplicates: u64,
+    latency: Histogram,
+}
+
+impl Tally {
+    fn new(messages: u64) -> Self {
+        Tally {
+            seen: vec![0; messages.div_ceil(64) as usize],
+            received: 0,
+            duplicates: 0,
+            latency: Histogram::default(),
+        }
+    }
+
+    fn record(&mut self, seq: u64, sent_us: u64) -> bool {
+        let (word, bit) = ((seq / 64) as usize, seq % 64);
+        let Some(w) = self.seen.get_mut(word) else { return false };
+        if *w & (1 << bit) != 0 {
+            self.duplicates += 1;
+            return false;
+        }
+        *w |= 1 << bit;
+        self.received += 1;
+        self.latency.record(now_us().saturating_sub(sent_us));
+        true
+    }
+}
+
+async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await?;
+    Ok(raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
+}
+
+async fn members(addr: &str, how: &str) -> anyhow::Result<usize> {
+    let body = http_get(addr, if how == "api" { "/api/groups" } else { "/count" }).await?;
+    Ok(if how == "api" {
+        serde_json::from_str::<serde_json::Value>(&body)?["bench"]
+            .as_u64()
+            .unwrap_or(0) as usize
+    } else {
+        body.trim().parse().unwrap_or(0)
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let url = format!("ws://{}/ws/bench", args.addr);
+    let rss_before = rss_bytes(args.pid).unwrap_or(0);
+
+    // Connect everyone, a few hundred at a time.
+    let mut sockets = Vec::with_capacity(args.subscribers);
+    for chunk in (0..args.subscribers).collect::<Vec<_>>().chunks(200) {
+        let batch =
+            futures_util::future::join_all(chunk.iter().map(|_| tokio_tungstenite::connect_async(url.clone()))).await;
+        for r in batch {
+            sockets.push(r?.0);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = members(&args.addr, &args.members).await?;
+        if n == args.subscribers {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {n} of {} subscribers are members",
+            args.subscribers
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_connected = rss_bytes(args.pid).unwrap_or(0);
+
+    let done = Arc::new(AtomicU64::new(0));
+    let echoed = Arc::new(AtomicU64::new(0));
+    let totals = Arc::new(Mutex::new((0u64, 0u64, Histogram::default())));
+    let publisher = sockets.pop().expect("at least one subscriber");
+    let (mut pub_tx, mut pub_rx) = publisher.split();
+    let last_receive = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for ws in sockets {
+        let (done, totals, messages, last) = (done.clone(), totals.clone(), args.messages, last_receive.clone());
+        readers.push(tokio::spawn(async move {
+            let (_tx, mut rx) = ws.split();
+            let mut tally = Tally::new(messages);
+            while tally.received < messages {
+                let Some(Ok(msg)) = rx.next().await else { break };
+                if let Message::Text(t) = msg {
+                    if let (Some(seq), Some(sent)) = (number_after(&t, "\"seq\":"), number_after(&t, "\"t\":")) {
+                        tally.record(seq, sent);
+                    }
+                }
+            }
+            last.fetch_max(now_us(), Ordering::Relaxed);
+            let mut t = totals.lock().expect("totals");
+            t.0 += tally.received;
+            t.1 += tally.duplicates;
+            t.2.merge(&tally.latency);
+            done.fetch_add(1, Ordering::Relaxed);
+        }));
+    }
+    // The publisher's own copies confirm its messages (the in-flight window).
+    let pub_tally = {
+        let (echoed, messages, last) = (echoed.clone(), args.messages, last_receive.clone());
+        tokio::spawn(async move {
+            let mut tally = Tally::new(messages);
+            while tally.received < messages {
+                let Some(Ok(msg)) = pub_rx.next().await else { break };
+                if let Message::Text(t) = msg {
+                    if let (Some(seq), Some(sent)) = (number_after(&t, "\"seq\":"), number_after(&t, "\"t\":")) {
+                        if tally.record(seq, sent) {
+                            echoed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            last.fetch_max(now_us(), Ordering::Relaxed);
+            tally
+        })
+    };
+
+    let cpu_before = cpu_seconds(args.pid).unwrap_or(0.0);
+    let own_cpu_before = cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let started = Instant::now();
+    let start_us = now_us();
+    let pad = "x".repeat(args.payload.saturating_sub(40));
+    let interval = (args.rate > 0).then(|| Duration::from_secs_f64(1.0 / args.rate as f64));
+    for seq in 0..args.messages {
+        while seq - echoed.load(Ordering::Relaxed) >= args.inflight {
+            tokio::task::yield_now().await;
+        }
+        if let Some(every) = interval {
+            let due = started + every.mul_f64(seq as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let data = json!({"seq": seq, "t": now_us(), "p": pad});
+        let frame = json!({"type": "publish", "data": data, "history": args.history});
+        pub_tx.send(Message::text(frame.to_string())).await?;
+    }
+    let wait_all = async {
+        while done.load(Ordering::Relaxed) < readers.len() as u64 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let timed_out = tokio::time::timeout(Duration::from_secs(30), wait_all).await.is_err();
+    let elapsed_us = last_receive.load(Ordering::Relaxed).saturating_sub(start_us).max(1);
+    let cpu = cpu_seconds(args.pid).unwrap_or(0.0) - cpu_before;
+    let own_cpu = cpu_seconds(std::process::id()).unwrap_or(0.0) - own_cpu_before;
+    let wall = started.elapsed().as_secs_f64();
+    for r in &readers {
+        r.abort();
+    }
+    pub_tally.abort();
+    let (received, duplicates, latency) = {
+        let t = totals.lock().expect("totals");
+        (t.0, t.1, t.2.clone())
+    };
+    let expected = args.messages * readers.len() as u64;
+    let deliveries = received;
+    let secs = elapsed_us as f64 / 1e6;
+    let report = json!({
+        "subscribers": args.subscribers,
+        "messages": args.messages,
+        "history": args.history,
+        "rate": args.rate,
+        "deliveries": deliveries,
+        "deliveries_per_sec": deliveries as f64 / secs,
+        "deliveries_per_cpu_sec": if cpu > 0.0 { deliveries as f64 / cpu } else { 0.0 },
+        "server_cpu_sec": cpu,
+        "loadgen_cpu_sec": own_cpu,
+        "loadgen_cpu_share": if wall > 0.0 { own_cpu / wall } else { 0.0 },
+        "latency_us": {"p50": latency.quantile(0.5), "p99": latency.quantile(0.99), "max": latency.max()},
+        "lost": expected.saturating_sub(received),
+        "duplicated": duplicates,
+        "timed_out": timed_out,
+        "rss_before": rss_before,
+        "rss_connected": rss_connected,
+        "rss_per_connection": (rss_connected.saturating_sub(rss_before)) as f64 / args.subscribers as f64,
+    });
+    println!("{report}");
+    Ok(())
+}

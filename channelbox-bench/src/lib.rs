@@ -1,0 +1,106 @@
+//! Shared pieces of the loopback benchmark: reading a process's CPU time and
+//! resident memory from `/proc`, and a compact latency histogram.
+//!
+//! ```
+//! let mut h = channelbox_bench::Histogram::default();
+//! h.record(1500);
+//! assert!(h.quantile(0.5) >= 1500);
+//! ```
+
+/// CPU time (user + system) of a process, in seconds, from `/proc/PID/stat`.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Linux reports clock ticks; USER_HZ is 100 on every architecture it runs on.
+    Some((utime + stime) / 100.0)
+}
+
+/// Resident memory of a process in bytes, from `/proc/PID/status`.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A log-linear histogram of microsecond latencies: 16 sub-buckets per power
+/// of two, so quantiles are within about 6 %.
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    buckets: Vec<u64>,
+    count: u64,
+    max: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: vec![0; 64 * 16],
+            count: 0,
+            max: 0,
+        }
+    }
+}
+
+fn bucket_of(v: u64) -> usize {
+    if v < 16 {
+        return v as usize;
+    }
+    let power = 63 - v.leading_zeros() as usize;
+    let sub = ((v >> (power - 4)) & 15) as usize;
+    (power - 3) * 16 + sub
+}
+
+fn bucket_floor(b: usize) -> u64 {
+    if b < 16 {
+        return b as u64;
+    }
+    let power = b / 16 + 3;
+    let sub = (b % 16) as u64;
+    (16 + sub) << (power - 4)
+}
+
+impl Histogram {
+    /// Records one value.
+    pub fn record(&mut self, v: u64) {
+        self.buckets[bucket_of(v).min(64 * 16 - 1)] += 1;
+        self.count += 1;
+        self.max = self.max.max(v);
+    }
+
+    /// Adds another histogram's counts.
+    pub fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.max = self.max.max(other.max);
+    }
+
+    /// Values recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The largest value recorded.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// The value at quantile `q` (0..=1), as the upper edge of its bucket.
+    pub fn quantile(&self, q: f64) -> u64 {
+        let target = ((self.count as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (b, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= target {
+                return bucket_floor(b + 1).min(self.max.max(1));
+            }
+        }
+        self.max
+    }
+}

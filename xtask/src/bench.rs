@@ -1,0 +1,260 @@
+//! `cargo xtask bench`: criterion benchmarks, then the loopback server
+//! benchmark — the chat server (memory store without and with history, sled
+//! with history) against the tutorial-style warp baseline, each pinned to one
+//! core with the load generator on the other — and a results table with ratios
+//! to the baseline measured in the same run, printed and written to
+//! target/bench/results.json.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{json, Value};
+
+/// What to run.
+pub(crate) struct Plan {
+    pub(crate) quick: bool,
+    pub(crate) sizes: Vec<usize>,
+    pub(crate) messages: u64,
+    pub(crate) runs: usize,
+}
+
+impl Plan {
+    pub(crate) fn parse(args: &[String]) -> Result<Plan, String> {
+        let mut plan = Plan {
+            quick: false,
+            sizes: vec![100, 1000, 5000, 10000],
+            messages: 20_000,
+            runs: 3,
+        };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
+            match arg.as_str() {
+                "--quick" => {
+                    plan.quick = true;
+                    plan.sizes = vec![20];
+                    plan.messages = 200;
+                    plan.runs = 1;
+                }
+                "--sizes" => {
+                    plan.sizes = value()?
+                        .split(',')
+                        .map(|s| s.parse().map_err(|_| format!("bad size {s:?}")))
+                        .collect::<Result<_, _>>()?
+                }
+                "--messages" => plan.messages = value()?.parse().map_err(|_| "bad --messages".to_owned())?,
+                "--runs" => plan.runs = value()?.parse().map_err(|_| "bad --runs".to_owned())?,
+                other => return Err(format!("unknown bench argument {other:?}")),
+            }
+        }
+        Ok(plan)
+    }
+}
+
+struct ServerKind {
+    name: &'static str,
+    program: &'static str,
+    args: &'static [&'static str],
+    history: bool,
+    members: &'static str,
+}
+
+const SERVERS: &[ServerKind] = &[
+    ServerKind {
+        name: "baseline (warp tutorial)",
+        program: "target/release/baseline",
+        args: &[],
+        history: false,
+        members: "count",
+    },
+    ServerKind {
+        name: "channelbox memory, history:false",
+        program: "target/release/examples/chat",
+        args: &["--store", "memory"],
+        history: false,
+        members: "api",
+    },
+    ServerKind {
+        name: "channelbox memory, history saved",
+        program: "target/release/examples/chat",
+        args: &["--store", "memory"],
+        history: true,
+        members: "api",
+    },
+    ServerKind {
+        name: "channelbox sled, history saved",
+        program: "target/release/examples/chat",
+        args: &["--store", "sled"],
+        history: true,
+        members: "api",
+    },
+];
+
+fn pinned(core: usize, program: &str, args: &[String]) -> Command {
+    // Raise the descriptor limit for 10,000 connections, and pin when taskset exists.
+    let taskset = Path::new("/usr/bin/taskset").exists();
+    let mut line = String::from("ulimit -n 65536 2>/dev/null || ulimit -n 16384 2>/dev/null; exec ");
+    if taskset {
+        line.push_str(&format!("taskset -c {core} "));
+    }
+    line.push_str(program);
+    for a in args {
+        line.push(' ');
+        line.push_str(a);
+    }
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &line]);
+    cmd
+}
+
+fn start_server(kind: &ServerKind, data: &Path) -> Result<(Child, String), String> {
+    let mut args: Vec<String> = kind.args.iter().map(|s| s.to_string()).collect();
+    if kind.program.ends_with("chat") {
+        args.extend([
+            "--addr".into(),
+            "127.0.0.1:0".into(),
+            "--data".into(),
+            data.display().to_string(),
+        ]);
+    } else {
+        args.push("127.0.0.1:0".into());
+    }
+    let mut child = pinned(0, kind.program, &args)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", kind.program))?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the start-up line: {e}"))?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .ok_or_else(|| format!("unexpected start-up line {line:?}"))?
+        .to_owned();
+    Ok((child, addr))
+}
+
+fn loadgen(
+    kind: &ServerKind,
+    pid: u32,
+    addr: &str,
+    subscribers: usize,
+    messages: u64,
+    rate: u64,
+) -> Result<Value, String> {
+    let args = vec![
+        format!("--addr {addr}"),
+        format!("--pid {pid}"),
+        format!("--subscribers {subscribers}"),
+        format!("--messages {messages}"),
+        format!("--rate {rate}"),
+        format!("--history {}", kind.history),
+        format!("--members {}", kind.members),
+    ];
+    let out = pinned(1, "target/release/loadgen", &args)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run the load generator: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("the load generator failed ({})", out.status));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).map_err(|e| format!("load generator output {text:?}: {e}"))
+}
+
+/// One server, one size, one run: a fresh server process each time.
+fn measure(kind: &ServerKind, subscribers: usize, messages: u64, rate: u64) -> Result<Value, String> {
+    let data = std::env::temp_dir().join(format!("channelbox-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let (mut child, addr) = start_server(kind, &data)?;
+    // `sh -c exec` keeps the pid: the server is the child itself.
+    let result = loadgen(kind, child.id(), &addr, subscribers, messages, rate);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&data);
+    result
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn f(v: &Value, path: &[&str]) -> f64 {
+    let mut cur = v;
+    for p in path {
+        cur = &cur[*p];
+    }
+    cur.as_f64().unwrap_or(0.0)
+}
+
+/// Runs the loopback benchmark and writes the results.
+pub(crate) fn loopback(plan: &Plan) -> Result<(), String> {
+    let mut rows = Vec::new();
+    for &n in &plan.sizes {
+        let mut baseline: Option<(f64, f64)> = None;
+        for kind in SERVERS {
+            let mut runs = Vec::new();
+            for _ in 0..plan.runs {
+                runs.push(measure(kind, n, plan.messages, 0)?);
+            }
+            let dps = median(runs.iter().map(|r| f(r, &["deliveries_per_sec"])).collect());
+            let dpc = median(runs.iter().map(|r| f(r, &["deliveries_per_cpu_sec"])).collect());
+            let (base_dps, base_dpc) = *baseline.get_or_insert((dps, dpc));
+            let row = json!({
+                "server": kind.name,
+                "subscribers": n,
+                "deliveries_per_sec": dps,
+                "deliveries_per_cpu_sec": dpc,
+                "ratio_deliveries_per_sec": dps / base_dps.max(1.0),
+                "ratio_deliveries_per_cpu_sec": dpc / base_dpc.max(1.0),
+                "p50_us": median(runs.iter().map(|r| f(r, &["latency_us", "p50"])).collect()),
+                "p99_us": median(runs.iter().map(|r| f(r, &["latency_us", "p99"])).collect()),
+                "max_us": median(runs.iter().map(|r| f(r, &["latency_us", "max"])).collect()),
+                "lost": runs.iter().map(|r| f(r, &["lost"])).sum::<f64>(),
+                "duplicated": runs.iter().map(|r| f(r, &["duplicated"])).sum::<f64>(),
+                "rss_per_connection": median(runs.iter().map(|r| f(r, &["rss_per_connection"])).collect()),
+                "loadgen_cpu_share": median(runs.iter().map(|r| f(r, &["loadgen_cpu_share"])).collect()),
+                "runs": runs,
+            });
+            eprintln!(
+                "xtask bench: {:<34} n={n:<6} {:>12.0} deliveries/s ({:.2}x)  {:>12.0} per cpu-s ({:.2}x)  p99 {:>8.0} µs  {:>8.0} B/conn  lost {} dup {}",
+                kind.name,
+                dps,
+                row["ratio_deliveries_per_sec"].as_f64().unwrap_or(0.0),
+                dpc,
+                row["ratio_deliveries_per_cpu_sec"].as_f64().unwrap_or(0.0),
+                row["p99_us"].as_f64().unwrap_or(0.0),
+                row["rss_per_connection"].as_f64().unwrap_or(0.0),
+                row["lost"],
+                row["duplicated"],
+            );
+            rows.push(row);
+        }
+    }
+    // Latency at a fixed offered load: 200 messages/s to 1,000 subscribers.
+    let (n, messages) = if plan.quick { (20, 100) } else { (1000, 2000) };
+    let mut fixed = Vec::new();
+    for kind in &SERVERS[..2] {
+        let r = measure(kind, n, messages, 200)?;
+        eprintln!(
+            "xtask bench: fixed 200 msg/s, {n} subscribers, {:<34} p50 {:>6.0} µs  p99 {:>6.0} µs  max {:>6.0} µs",
+            kind.name,
+            f(&r, &["latency_us", "p50"]),
+            f(&r, &["latency_us", "p99"]),
+            f(&r, &["latency_us", "max"])
+        );
+        fixed.push(json!({"server": kind.name, "subscribers": n, "rate": 200, "result": r}));
+    }
+    let results = json!({"plan": {"sizes": plan.sizes, "messages": plan.messages, "runs": plan.runs}, "throughput": rows, "fixed_rate": fixed});
+    std::fs::create_dir_all("target/bench").map_err(|e| e.to_string())?;
+    let path = "target/bench/results.json";
+    std::fs::write(path, serde_json::to_string_pretty(&results).unwrap_or_default()).map_err(|e| e.to_string())?;
+    eprintln!("xtask bench: results written to {path}");
+    Ok(())
+}
