@@ -798,6 +798,9 @@ impl ChannelBox {
         let members = g.snapshot();
         let mut rendered = Rendered::new(&*self.inner.envelope, msg);
         let mut report = DeliveryReport::default();
+        // Slow consumers leave every group at once, not when their socket
+        // finally gives up: nothing more is rendered or pushed for them.
+        let mut slow = Vec::new();
         for ch in members.iter() {
             let before = report.overflowed.len();
             report.record(ch.id(), ch.try_send(rendered.frame(ch.payload_type())));
@@ -809,6 +812,9 @@ impl ChannelBox {
                         ..Default::default()
                     },
                 );
+                if ch.is_closed() {
+                    slow.push(ch.id());
+                }
             }
         }
         let mut m = lock(&g.members);
@@ -819,6 +825,7 @@ impl ChannelBox {
                 if held.len() >= ch.config().max_queue_frames {
                     ch.close(CloseReason::SLOW_CONSUMER);
                     report.overflowed.push(*id);
+                    slow.push(*id);
                     continue;
                 }
                 held.push(rendered.frame(ch.payload_type()));
@@ -826,6 +833,10 @@ impl ChannelBox {
             }
         }
         drop(m);
+        // Lock order: `order` (held by the caller) → `state` → `members`.
+        for id in slow {
+            self.forget(id);
+        }
         self.inner
             .counters
             .delivered
@@ -839,6 +850,12 @@ impl ChannelBox {
         let (kind, bytes) = payload.into().encode();
         let frame = plain_frame(kind, &bytes, channel.payload_type());
         Ok(self.send_frame(&channel, frame))
+    }
+
+    /// Sends an encoded frame to a channel with the box's accounting: an
+    /// overflow is counted and a slow consumer leaves its groups at once.
+    pub fn send_frame_to_channel(&self, channel: &Channel, frame: Frame) -> DeliveryReport {
+        self.send_frame(channel, frame)
     }
 
     /// Sends an encoded frame to one channel by id.
@@ -858,6 +875,9 @@ impl ChannelBox {
                     ..Default::default()
                 },
             );
+            if channel.is_closed() {
+                self.forget(channel.id());
+            }
         }
         report
     }

@@ -373,7 +373,7 @@ impl ChatService {
                         ),
                         Err(err) => store_error(&err).frame(reference.as_ref()),
                     };
-                    let _ = s.channel.try_send(frame);
+                    self.send(s, frame);
                 }
                 _ = s.channel.closed() => break None,
                 frame = incoming.next() => {
@@ -386,22 +386,22 @@ impl ChatService {
                         Incoming::TooLarge => {
                             let max = self.inner.config.max_message_bytes;
                             let err = ProtocolError::new(ErrorCode::TooLarge, format!("messages are limited to {max} bytes"));
-                            let _ = s.channel.try_send(err.frame(None));
+                            self.send(s, err.frame(None));
                             break Some(CloseReason::new(1009, "message too big"));
                         }
                         Incoming::InvalidUtf8 => break Some(CloseReason::new(1007, "invalid utf-8")),
                         Incoming::Binary(_) | Incoming::Text(_) if !limiter.allow() => {
                             let err = ProtocolError::new(ErrorCode::RateLimited, "too many frames: this one was dropped");
-                            let _ = s.channel.try_send(err.frame(None));
+                            self.send(s, err.frame(None));
                         }
                         Incoming::Binary(_) => {
-                            let _ = s.channel.try_send(bad("binary frames are not accepted; send JSON text").frame(None));
+                            self.send(s, bad("binary frames are not accepted; send JSON text").frame(None));
                         }
                         Incoming::Text(text) => {
                             if text.len() > self.inner.config.max_message_bytes {
                                 let max = self.inner.config.max_message_bytes;
                                 let err = ProtocolError::new(ErrorCode::TooLarge, format!("messages are limited to {max} bytes"));
-                                let _ = s.channel.try_send(err.frame(None));
+                                self.send(s, err.frame(None));
                                 break Some(CloseReason::new(1009, "message too big"));
                             }
                             if let Some(done) = self.dispatch(s, &text).await {
@@ -422,6 +422,12 @@ impl ChatService {
         }
     }
 
+    /// Queues a frame for the session's client; a full queue makes it a slow
+    /// consumer, which leaves its groups at once.
+    fn send(&self, s: &Session, frame: Frame) {
+        self.inner.channels.send_frame_to_channel(&s.channel, frame);
+    }
+
     /// Handles one text frame; a publish returns the future of its completion.
     async fn dispatch(&self, s: &Session, text: &str) -> Option<PublishDone> {
         let value: Value = match serde_json::from_str(text) {
@@ -434,7 +440,7 @@ impl ChatService {
             }
         };
         let Value::Object(obj) = value else {
-            let _ = s.channel.try_send(bad("the frame must be a JSON object").frame(None));
+            self.send(s, bad("the frame must be a JSON object").frame(None));
             return None;
         };
         let reference = match obj.get("ref") {
@@ -454,12 +460,12 @@ impl ChatService {
         };
         match result {
             Ok(Handled::Reply(frame)) => {
-                let _ = s.channel.try_send(frame);
+                self.send(s, frame);
                 None
             }
             Ok(Handled::Publish(done)) => Some(done),
             Err(err) => {
-                let _ = s.channel.try_send(err.frame(reference.as_ref()));
+                self.send(s, err.frame(reference.as_ref()));
                 None
             }
         }

@@ -1,5 +1,6 @@
-//! The chat server of PROTOCOL.md: warp, the chat protocol, and a history store
-//! (sled in ./channelbox-data by default, `--store memory` for none on disk).
+//! The chat server of PROTOCOL.md: warp for HTTP, tokio-tungstenite for the
+//! WebSocket connections, the chat protocol, and a history store (sled in
+//! ./channelbox-data by default, `--store memory` for none on disk).
 //!
 //! ```sh
 //! cargo run --release -p channelbox-warp --example chat -- --addr 127.0.0.1:8080
@@ -75,6 +76,69 @@ struct Args {
     token_secret: Option<String>,
 }
 
+/// Accepts connections: WebSocket upgrades (`GET /ws/…`) go to the
+/// tokio-tungstenite transport, configured for many connections (small buffers);
+/// every other request is served by warp. Every socket gets `TCP_NODELAY`: a
+/// broadcast frame should leave at once, not wait for Nagle's algorithm.
+async fn accept_loop(listener: tokio::net::TcpListener, service: ChatService) {
+    let routes = channelbox_warp::routes(service.clone());
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                // Out of descriptors and similar: wait a moment, keep serving.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (service, routes) = (service.clone(), routes.clone());
+        tokio::spawn(async move {
+            if is_websocket_request(&stream).await {
+                let _ = channelbox_ws::serve_chat(&service, stream).await;
+            } else {
+                let svc = hyper_util::service::TowerToHyperService::new(warp::service(routes));
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .with_upgrades()
+                    .await;
+            }
+        });
+    }
+}
+
+/// Whether the connection opens with a well-formed WebSocket upgrade to
+/// `/ws/…`, judged from its request head, read without consuming it. Anything
+/// else (plain requests, malformed handshakes) goes to warp, which answers it.
+async fn is_websocket_request(stream: &tokio::net::TcpStream) -> bool {
+    let mut buf = vec![0u8; 8192];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return false,
+        };
+        let head = &buf[..n];
+        if !b"GET /ws/".starts_with(&head[..n.min(8)]) {
+            return false;
+        }
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
+            return head.starts_with("get /ws/")
+                && head.contains("\r\nupgrade: websocket")
+                && head.contains("\r\nsec-websocket-key:")
+                && head.contains("\r\nsec-websocket-version: 13");
+        }
+        if n == buf.len() || tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        // The head arrives in pieces: wait for more of it.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 fn positive_seconds(s: &str) -> Result<Duration, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
@@ -142,8 +206,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     let addr = listener.local_addr()?;
-    let server = warp::serve(channelbox_warp::routes(service.clone())).incoming(listener);
-    let running = tokio::spawn(server.run());
+    let running = tokio::spawn(accept_loop(listener, service.clone()));
     println!("listening on http://{addr}");
     std::io::stdout().flush()?;
     tracing::info!(%addr, store = ?args.store, "chat server started");

@@ -341,7 +341,7 @@ async fn handshakes_with_bad_headers_are_refused_without_harm() {
         &server.addr,
         "GET",
         "/ws/h",
-        &[("Connection", "Upgrade"), ("Upgrade", "websocket")],
+        &[("Connection", "Upgrade, close"), ("Upgrade", "websocket")],
         b"",
     )
     .await;
@@ -355,7 +355,7 @@ async fn handshakes_with_bad_headers_are_refused_without_harm() {
         "GET",
         "/ws/h",
         &[
-            ("Connection", "Upgrade"),
+            ("Connection", "Upgrade, close"),
             ("Upgrade", "websocket"),
             ("Sec-WebSocket-Version", "7"),
             ("Sec-WebSocket-Key", "x"),

@@ -56,13 +56,16 @@ pub enum Error {
 }
 
 /// The WebSocket settings a channelbox server uses: a bounded message size,
-/// and buffers sized for many connections rather than a few fast ones.
+/// and buffers sized for many connections rather than a few fast ones — a
+/// 4 KiB read buffer instead of tungstenite's 128 KiB (the buffer of an idle
+/// connection is most of its memory), and a write buffer that lets a batch of
+/// queued frames go out in few writes.
 pub fn websocket_config(max_message_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_message_bytes))
         .max_frame_size(Some(max_message_bytes))
         .read_buffer_size(4096)
-        .write_buffer_size(0)
+        .write_buffer_size(16 * 1024)
 }
 
 /// Writes frames to a tungstenite sink: all of a batch, then one flush.
