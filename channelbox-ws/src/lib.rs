@@ -57,14 +57,14 @@ pub enum Error {
 
 /// The WebSocket settings a channelbox server uses: a bounded message size,
 /// and buffers sized for many connections rather than a few fast ones — a
-/// 4 KiB read buffer instead of tungstenite's 128 KiB (the buffer of an idle
+/// 2 KiB read buffer instead of tungstenite's 128 KiB (the buffer of an idle
 /// connection is most of its memory), and a write buffer that lets a batch of
 /// queued frames go out in few writes.
 pub fn websocket_config(max_message_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_message_bytes))
         .max_frame_size(Some(max_message_bytes))
-        .read_buffer_size(4096)
+        .read_buffer_size(2048)
         .write_buffer_size(16 * 1024)
 }
 

@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 /// What to run.
 pub(crate) struct Plan {
     pub(crate) quick: bool,
+    /// Skip the criterion benchmarks (`--loopback-only`).
+    pub(crate) loopback_only: bool,
     pub(crate) sizes: Vec<usize>,
     pub(crate) messages: u64,
     pub(crate) runs: usize,
@@ -23,6 +25,7 @@ impl Plan {
     pub(crate) fn parse(args: &[String]) -> Result<Plan, String> {
         let mut plan = Plan {
             quick: false,
+            loopback_only: false,
             sizes: vec![100, 1000, 5000, 10000],
             messages: 20_000,
             runs: 3,
@@ -37,6 +40,7 @@ impl Plan {
                     plan.messages = 200;
                     plan.runs = 1;
                 }
+                "--loopback-only" => plan.loopback_only = true,
                 "--sizes" => {
                     plan.sizes = value()?
                         .split(',')

@@ -39,7 +39,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--sizes a,b] [--messages N] [--runs R] | e2e | fuzz [--cases N]>";
+const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] | e2e | fuzz [--cases N]>";
 
 /// Runs `cargo` with these arguments and environment, failing on a non-zero exit.
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
@@ -156,7 +156,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     if plan.quick {
         criterion.extend(["--", "--test"]);
     }
-    cargo(&criterion, &[])?;
+    if !plan.loopback_only {
+        cargo(&criterion, &[])?;
+    }
     // 2. The loopback server benchmark, in release mode.
     cargo(
         &[
