@@ -262,3 +262,34 @@ pub(crate) fn loopback(plan: &Plan) -> Result<(), String> {
     eprintln!("xtask bench: results written to {path}");
     Ok(())
 }
+
+/// `cargo xtask soak`: the chat server (sled store) under churn for a while;
+/// fails when a group or channel leaked or memory did not come back down.
+pub(crate) fn soak(connections: usize, seconds: u64) -> Result<(), String> {
+    let kind = &SERVERS[3];
+    let data = std::env::temp_dir().join(format!("channelbox-soak-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let (mut child, addr) = start_server(kind, &data)?;
+    let args = vec![
+        format!("--addr {addr}"),
+        format!("--pid {}", child.id()),
+        format!("--connections {connections}"),
+        format!("--seconds {seconds}"),
+    ];
+    let out = pinned(1, "target/release/soak", &args)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run the soak driver: {e}"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&data);
+    let out = out?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    eprintln!("xtask soak: {text}");
+    std::fs::create_dir_all("target/soak").map_err(|e| e.to_string())?;
+    std::fs::write("target/soak/results.json", &text).map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("the soak run failed ({})", out.status));
+    }
+    Ok(())
+}

@@ -8,6 +8,8 @@
 //!   server benchmark against a baseline server; `--quick` is CI's smoke run.
 //! - `cargo xtask fuzz [--cases N]`: the frame decoder and dispatcher fuzzed
 //!   with arbitrary input (default 50,000 cases; CI runs 128 with the tests).
+//! - `cargo xtask soak [--connections N] [--seconds S]`: the chat server under
+//!   connect/publish/recover/disconnect churn; checks nothing leaked.
 //! - `cargo xtask e2e`: the browser test of the chat page in headless Chromium
 //!   (needs Debian's `chromium` and Node.js; `.ci/run` installs them).
 
@@ -28,6 +30,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("e2e") => e2e(),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("soak") => soak(&args[1..]),
         _ => Err(USAGE.to_owned()),
     };
     match result {
@@ -39,7 +42,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] | e2e | fuzz [--cases N]>";
+const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S]>";
 
 /// Runs `cargo` with these arguments and environment, failing on a non-zero exit.
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
@@ -70,8 +73,42 @@ fn ci() -> Result<(), String> {
         &[("PROPTEST_CASES", "2000")],
     )?;
     e2e()?;
-    // A short smoke run of the benchmarks, so that they cannot rot.
-    bench(&["--quick".to_owned()])
+    // Short runs of the benchmarks and of the soak, so that they cannot rot.
+    bench(&["--quick".to_owned()])?;
+    soak(&[
+        "--connections".to_owned(),
+        "50".to_owned(),
+        "--seconds".to_owned(),
+        "5".to_owned(),
+    ])
+}
+
+fn soak(args: &[String]) -> Result<(), String> {
+    let (mut connections, mut seconds) = (1000usize, 60u64);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--connections" => connections = value.parse().map_err(|_| "bad --connections".to_owned())?,
+            "--seconds" => seconds = value.parse().map_err(|_| "bad --seconds".to_owned())?,
+            other => return Err(format!("unknown soak argument {other:?}")),
+        }
+    }
+    std::env::set_current_dir(root()).map_err(|e| e.to_string())?;
+    cargo(
+        &[
+            "build",
+            "--release",
+            "-j2",
+            "-p",
+            "channelbox-warp",
+            "--example",
+            "chat",
+        ],
+        &[],
+    )?;
+    cargo(&["build", "--release", "-j2", "-p", "channelbox-bench", "--bins"], &[])?;
+    bench::soak(connections, seconds)
 }
 
 /// The workspace root (xtask lives one level below it).
