@@ -278,9 +278,12 @@ async fn invalid_utf8_closes_with_1007() {
 async fn rate_limited_frames_are_dropped_and_answered_without_ref() {
     let server = Server::start(&["--store", "memory", "--rate-limit", "5"]);
     let (mut a, _) = Client::join(&server.ws_url("/ws/rl")).await;
+    let started = std::time::Instant::now();
     for i in 0..20 {
         a.send(json!({"type": "ping", "ref": i})).await;
     }
+    // Tokens refill at 5 per second while the frames are on their way.
+    let refill = (started.elapsed().as_secs_f64() * 5.0).ceil() as usize + 1;
     let mut pongs = 0;
     let mut limited = 0;
     for _ in 0..20 {
@@ -295,7 +298,11 @@ async fn rate_limited_frames_are_dropped_and_answered_without_ref() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert!((5..=7).contains(&pongs), "about a burst of 5 got through, got {pongs}");
+    assert!(
+        (5..=5 + refill).contains(&pongs),
+        "a burst of 5 (+{refill} refilled) got through, got {pongs}"
+    );
+    assert!(limited > 0);
     assert_eq!(pongs + limited, 20);
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     assert_eq!(
@@ -389,12 +396,7 @@ async fn history_on_connect() {
 #[tokio::test]
 async fn url_group_rules() {
     let server = memory();
-    let upgrade = [
-        ("Connection", "Upgrade"),
-        ("Upgrade", "websocket"),
-        ("Sec-WebSocket-Version", "13"),
-        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ];
+    let upgrade = support::UPGRADE;
     let r = http(&server.addr, "GET", "/ws/a%20b", &upgrade, b"").await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["code"], "invalid_group");

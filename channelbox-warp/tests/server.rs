@@ -78,12 +78,7 @@ async fn authorization_with_tokens() {
     let v = TokenVerifier::new(secret.as_bytes());
     let later = now_secs() + 3600;
     let good = token(&v, "alice", later, &["chat_*", "lobby"]);
-    let upgrade = [
-        ("Connection", "Upgrade"),
-        ("Upgrade", "websocket"),
-        ("Sec-WebSocket-Version", "13"),
-        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ];
+    let upgrade = support::UPGRADE;
     let refused = |path: String| {
         let addr = server.addr.clone();
         async move { http(&addr, "GET", &path, &upgrade, b"").await }
@@ -316,12 +311,7 @@ async fn connection_and_group_limits_are_clear_errors() {
     let server = Server::start(&["--store", "memory", "--max-connections", "2", "--max-groups", "2"]);
     let (mut a, _) = Client::join(&server.ws_url("/ws/l")).await;
     let (_b, _) = Client::join(&server.ws_url("/ws/l")).await;
-    let upgrade = [
-        ("Connection", "Upgrade"),
-        ("Upgrade", "websocket"),
-        ("Sec-WebSocket-Version", "13"),
-        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ];
+    let upgrade = support::UPGRADE;
     let r = http(&server.addr, "GET", "/ws/l", &upgrade, b"").await;
     assert_eq!((r.status, r.json()["code"].as_str()), (503, Some("unavailable")));
     assert_eq!(

@@ -83,18 +83,8 @@ fn ci() -> Result<(), String> {
     ])
 }
 
-fn soak(args: &[String]) -> Result<(), String> {
-    let (mut connections, mut seconds) = (1000usize, 60u64);
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--connections" => connections = value.parse().map_err(|_| "bad --connections".to_owned())?,
-            "--seconds" => seconds = value.parse().map_err(|_| "bad --seconds".to_owned())?,
-            other => return Err(format!("unknown soak argument {other:?}")),
-        }
-    }
-    std::env::set_current_dir(root()).map_err(|e| e.to_string())?;
+/// The chat server and the benchmark tools, in release mode.
+fn build_server_tools() -> Result<(), String> {
     cargo(
         &[
             "build",
@@ -107,7 +97,22 @@ fn soak(args: &[String]) -> Result<(), String> {
         ],
         &[],
     )?;
-    cargo(&["build", "--release", "-j2", "-p", "channelbox-bench", "--bins"], &[])?;
+    cargo(&["build", "--release", "-j2", "-p", "channelbox-bench", "--bins"], &[])
+}
+
+fn soak(args: &[String]) -> Result<(), String> {
+    let (mut connections, mut seconds) = (1000usize, 60u64);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--connections" => connections = value.parse().map_err(|_| "bad --connections".to_owned())?,
+            "--seconds" => seconds = value.parse().map_err(|_| "bad --seconds".to_owned())?,
+            other => return Err(format!("unknown soak argument {other:?}")),
+        }
+    }
+    std::env::set_current_dir(root()).map_err(|e| e.to_string())?;
+    build_server_tools()?;
     bench::soak(connections, seconds)
 }
 
@@ -197,18 +202,6 @@ fn bench(args: &[String]) -> Result<(), String> {
         cargo(&criterion, &[])?;
     }
     // 2. The loopback server benchmark, in release mode.
-    cargo(
-        &[
-            "build",
-            "--release",
-            "-j2",
-            "-p",
-            "channelbox-warp",
-            "--example",
-            "chat",
-        ],
-        &[],
-    )?;
-    cargo(&["build", "--release", "-j2", "-p", "channelbox-bench", "--bins"], &[])?;
+    build_server_tools()?;
     bench::loopback(&plan)
 }

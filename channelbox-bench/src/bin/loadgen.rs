@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use channelbox_bench::{cpu_seconds, rss_bytes, Histogram};
+use channelbox_bench::{cpu_seconds, http_get, rss_bytes, Histogram};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -91,19 +91,6 @@ impl Tally {
         self.latency.record(now_us().saturating_sub(sent_us));
         true
     }
-}
-
-async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await?;
-    Ok(raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default())
 }
 
 async fn members(addr: &str, how: &str) -> anyhow::Result<usize> {

@@ -75,9 +75,16 @@ impl ChatService {
         }
     }
 
-    fn group_segment(raw: &str) -> Result<String, HttpAnswer> {
-        decode_group(raw)
-            .ok_or_else(|| HttpAnswer::error(400, "invalid_group", format!("{raw:?} is not a valid group name")))
+    /// The group of a `/api/groups/{g}/…` path, checked in the order of a
+    /// WebSocket upgrade: the name (400), the caller (401), its permission (403).
+    fn api_group(&self, raw: &str, authorization: Option<&str>) -> Result<String, HttpAnswer> {
+        let group = decode_group(raw)
+            .ok_or_else(|| HttpAnswer::error(400, "invalid_group", format!("{raw:?} is not a valid group name")))?;
+        let access = self.api_access(authorization)?;
+        if !access.allows(&group) {
+            return Err(forbidden(&group));
+        }
+        Ok(group)
     }
 
     /// `GET /api/groups`: `{"<name>": <member count>, …}`.
@@ -99,17 +106,10 @@ impl ChatService {
 
     /// `GET /api/groups/{g}/history?limit=n&since=o`.
     pub async fn api_history(&self, raw_group: &str, query: Option<&str>, authorization: Option<&str>) -> HttpAnswer {
-        let access = match self.api_access(authorization) {
-            Ok(a) => a,
-            Err(e) => return e,
-        };
-        let group = match Self::group_segment(raw_group) {
+        let group = match self.api_group(raw_group, authorization) {
             Ok(g) => g,
             Err(e) => return e,
         };
-        if !access.allows(&group) {
-            return forbidden(&group);
-        }
         let limit = match query_param(query, "limit") {
             None => DEFAULT_HISTORY_LIMIT,
             Some(s) => match s.parse::<u64>() {
@@ -135,18 +135,10 @@ impl ChatService {
     /// `POST /api/groups/{g}/messages`: publish from the backend (`from: null`),
     /// answered with `{"offset": n}` once the message is durable.
     pub async fn api_publish(&self, raw_group: &str, body: &[u8], authorization: Option<&str>) -> HttpAnswer {
-        let access = match self.api_access(authorization) {
-            Ok(a) => a,
-            Err(e) => return e,
-        };
-        let group = match Self::group_segment(raw_group) {
+        let group = match self.api_group(raw_group, authorization) {
             Ok(g) => g,
             Err(e) => return e,
         };
-        debug_assert!(valid_group(&group));
-        if !access.allows(&group) {
-            return forbidden(&group);
-        }
         let max = self.inner.config.max_message_bytes;
         if body.len() > max {
             return HttpAnswer::error(413, "too_large", format!("messages are limited to {max} bytes"));

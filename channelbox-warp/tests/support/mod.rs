@@ -16,6 +16,14 @@ use tokio_tungstenite::tungstenite::Message;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// The headers of a well-formed WebSocket upgrade request.
+pub const UPGRADE: [(&str, &str); 4] = [
+    ("Connection", "Upgrade"),
+    ("Upgrade", "websocket"),
+    ("Sec-WebSocket-Version", "13"),
+    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+];
+
 /// The chat example built next to this test binary.
 pub fn chat_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
