@@ -503,12 +503,13 @@ impl ChannelBox {
             }
         };
         let mut members = lock(&g.members);
+        if members.map.contains_key(&channel.id()) {
+            // A member already receives live messages: holding them back now
+            // could only lose some.
+            return Ok((AddStatus::AlreadyMember, g.clone()));
+        }
         if gated {
             members.gated.insert(channel.id(), Vec::new());
-            members.snapshot = None;
-        }
-        if members.map.contains_key(&channel.id()) {
-            return Ok((AddStatus::AlreadyMember, g.clone()));
         }
         members.map.insert(channel.id(), channel.clone());
         members.snapshot = None;
@@ -1002,7 +1003,9 @@ impl ChannelBox {
     /// The frames are queued in this order: `framing.before`, the replayed
     /// messages, `framing.after_recovery` (for [`Replay::Since`]), then live
     /// messages. While history is read, live messages for this channel are held
-    /// in a buffer bounded by its queue size.
+    /// in a buffer bounded by its queue size. A channel that is already a member
+    /// keeps receiving live messages meanwhile, so a replay into it may repeat
+    /// some of them.
     pub async fn subscribe(
         &self,
         channel: &Channel,
