@@ -112,8 +112,9 @@ fn pinned(core: usize, program: &str, args: &[String]) -> Command {
     cmd
 }
 
-fn start_server(kind: &ServerKind, data: &Path) -> Result<(Child, String), String> {
+fn start_server(kind: &ServerKind, data: &Path, extra: &[String]) -> Result<(Child, String), String> {
     let mut args: Vec<String> = kind.args.iter().map(|s| s.to_string()).collect();
+    args.extend(extra.iter().cloned());
     if kind.program.ends_with("chat") {
         args.extend([
             "--addr".into(),
@@ -175,7 +176,7 @@ fn loadgen(
 fn measure(kind: &ServerKind, subscribers: usize, messages: u64, rate: u64) -> Result<Value, String> {
     let data = std::env::temp_dir().join(format!("channelbox-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
-    let (mut child, addr) = start_server(kind, &data)?;
+    let (mut child, addr) = start_server(kind, &data, &[])?;
     // `sh -c exec` keeps the pid: the server is the child itself.
     let result = loadgen(kind, child.id(), &addr, subscribers, messages, rate);
     let _ = child.kill();
@@ -265,11 +266,20 @@ pub(crate) fn loopback(plan: &Plan) -> Result<(), String> {
 
 /// `cargo xtask soak`: the chat server (sled store) under churn for a while;
 /// fails when a group or channel leaked or memory did not come back down.
-pub(crate) fn soak(connections: usize, seconds: u64) -> Result<(), String> {
-    let kind = &SERVERS[3];
+/// `server_args` go to the chat server (e.g. `--store memory`); the default
+/// store is sled.
+pub(crate) fn soak(connections: usize, seconds: u64, server_args: &[String]) -> Result<(), String> {
+    // The chat server with its defaults (sled), plus `server_args`.
+    let kind = &ServerKind {
+        name: "channelbox",
+        program: "target/release/examples/chat",
+        args: &[],
+        history: true,
+        members: "api",
+    };
     let data = std::env::temp_dir().join(format!("channelbox-soak-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
-    let (mut child, addr) = start_server(kind, &data)?;
+    let (mut child, addr) = start_server(kind, &data, server_args)?;
     let args = vec![
         format!("--addr {addr}"),
         format!("--pid {}", child.id()),

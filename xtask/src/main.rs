@@ -42,7 +42,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S]>";
+const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S] [-- server flags]>";
 
 /// Runs `cargo` with these arguments and environment, failing on a non-zero exit.
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
@@ -102,7 +102,12 @@ fn build_server_tools() -> Result<(), String> {
 
 fn soak(args: &[String]) -> Result<(), String> {
     let (mut connections, mut seconds) = (1000usize, 60u64);
-    let mut it = args.iter();
+    // Anything after `--` goes to the chat server, e.g. `-- --store memory`.
+    let (ours, server_args) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
+    let mut it = ours.iter();
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
@@ -113,7 +118,7 @@ fn soak(args: &[String]) -> Result<(), String> {
     }
     std::env::set_current_dir(root()).map_err(|e| e.to_string())?;
     build_server_tools()?;
-    bench::soak(connections, seconds)
+    bench::soak(connections, seconds, server_args)
 }
 
 /// The workspace root (xtask lives one level below it).
