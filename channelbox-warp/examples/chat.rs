@@ -19,6 +19,11 @@ use channelbox_store_sled::{SledConfig, SledStore};
 use clap::{Parser, ValueEnum};
 use std::io::Write;
 
+/// mimalloc gives freed memory back to the system: after a burst of 10,000
+/// connections the server shrinks again, where glibc's allocator kept it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum StoreKind {
     Sled,
