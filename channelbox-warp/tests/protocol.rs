@@ -538,6 +538,7 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
     let (mut publisher, _) = Client::join(&server.ws_url("/ws/slow")).await;
     let body = "y".repeat(8_000);
     let total = 1500;
+    let rss_before = support::rss_bytes(server.child.id());
     let count_task = tokio::spawn(async move {
         let mut n = 0;
         while n < total {
@@ -562,6 +563,11 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
         }
     }
     assert_eq!(count_task.await.unwrap(), total, "a reading member got every message");
+    // 12 MB went to a client that never read: the server's memory stays
+    // bounded by the queue limits, whatever the stalled client does.
+    let grown = support::rss_bytes(server.child.id()).saturating_sub(rss_before);
+    eprintln!("server memory grew by {grown} bytes while 12 MB went to a stalled client");
+    assert!(grown < 32 << 20, "the server grew by {grown} bytes");
     let metrics = get(&server.addr, "/metrics").await.body;
     assert!(metrics.contains("channelbox_slow_consumer_closes_total 1"), "{metrics}");
     drop(stalled);

@@ -31,6 +31,16 @@ pub fn chat_binary() -> PathBuf {
     dir.join("examples").join("chat")
 }
 
+/// Resident memory of a process, from /proc.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// A running chat server; killed on drop.
 pub struct Server {
     pub child: Child,
