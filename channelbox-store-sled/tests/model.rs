@@ -2,10 +2,9 @@
 //! give the same reads as the reference model.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use channelbox_core::testkit::model::{check_against_model, history_ops};
-use channelbox_core::{HistoryLimits, HistoryStore};
+use channelbox_core::testkit::model::{check_against_model, history_ops, small_limits};
+use channelbox_core::HistoryStore;
 use channelbox_store_sled::{SledConfig, SledStore};
 use proptest::prelude::*;
 
@@ -19,15 +18,8 @@ proptest! {
     #[test]
     fn sled_store_with_reopens_matches_the_model(
         ops in history_ops(50, true),
-        max_bytes in 20u64..200,
-        max_messages in proptest::option::of(1u64..8),
-        aged in any::<bool>(),
+        limits in small_limits(),
     ) {
-        let limits = HistoryLimits {
-            max_bytes,
-            max_messages,
-            max_age: aged.then(|| Duration::from_secs(3600)),
-        };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("history");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

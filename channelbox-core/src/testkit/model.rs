@@ -158,6 +158,20 @@ pub fn history_ops(max_len: usize, reopen: bool) -> impl proptest::strategy::Str
     proptest::collection::vec(op, 0..max_len)
 }
 
+/// A strategy for small limits that make trims happen often: a byte budget of
+/// 20 to 200, sometimes a message count, sometimes a one-hour age limit (which
+/// removes exactly the messages [`HistoryOp::Append`] stamps as old).
+pub fn small_limits() -> impl proptest::strategy::Strategy<Value = HistoryLimits> {
+    use proptest::prelude::*;
+    (20u64..200, proptest::option::of(1u64..8), any::<bool>()).prop_map(|(max_bytes, max_messages, aged)| {
+        HistoryLimits {
+            max_bytes,
+            max_messages,
+            max_age: aged.then(|| std::time::Duration::from_secs(3600)),
+        }
+    })
+}
+
 /// Runs `ops` against a store opened by `open` and against the model, and
 /// panics at the first difference: offsets, reads, heads and epoch changes.
 /// `open` is called again for every [`HistoryOp::Reopen`], after the previous
