@@ -7,6 +7,18 @@
 //! assert!(h.quantile(0.5) >= 1500);
 //! ```
 
+/// The server a tool drives: where it listens and which process it is, for
+/// its CPU time and memory. Flattened into each tool's flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Target {
+    /// Server address, host:port.
+    #[arg(long)]
+    pub addr: String,
+    /// The server's pid.
+    #[arg(long)]
+    pub pid: u32,
+}
+
 /// The body of a `GET` to the server (HTTP/1.1, `Connection: close`).
 pub async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

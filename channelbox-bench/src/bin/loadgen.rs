@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use channelbox_bench::{cpu_seconds, http_get, rss_bytes, Histogram};
+use channelbox_bench::{cpu_seconds, http_get, rss_bytes, Histogram, Target};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -19,12 +19,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Server address, host:port.
-    #[arg(long)]
-    addr: String,
-    /// The server's pid, for CPU time and memory.
-    #[arg(long)]
-    pid: u32,
+    #[command(flatten)]
+    server: Target,
     /// Subscribers, the publisher included.
     #[arg(long, default_value_t = 100)]
     subscribers: usize,
@@ -107,8 +103,8 @@ async fn members(addr: &str, how: &str) -> anyhow::Result<usize> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let url = format!("ws://{}/ws/bench", args.addr);
-    let rss_before = rss_bytes(args.pid).unwrap_or(0);
+    let url = format!("ws://{}/ws/bench", args.server.addr);
+    let rss_before = rss_bytes(args.server.pid).unwrap_or(0);
 
     // Connect everyone, a few hundred at a time.
     let mut sockets = Vec::with_capacity(args.subscribers);
@@ -121,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let n = members(&args.addr, &args.members).await?;
+        let n = members(&args.server.addr, &args.members).await?;
         if n == args.subscribers {
             break;
         }
@@ -133,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_connected = rss_bytes(args.pid).unwrap_or(0);
+    let rss_connected = rss_bytes(args.server.pid).unwrap_or(0);
 
     let done = Arc::new(AtomicU64::new(0));
     let echoed = Arc::new(AtomicU64::new(0));
@@ -183,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
-    let cpu_before = cpu_seconds(args.pid).unwrap_or(0.0);
+    let cpu_before = cpu_seconds(args.server.pid).unwrap_or(0.0);
     let own_cpu_before = cpu_seconds(std::process::id()).unwrap_or(0.0);
     let started = Instant::now();
     let start_us = now_us();
@@ -208,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let timed_out = tokio::time::timeout(Duration::from_secs(30), wait_all).await.is_err();
     let elapsed_us = last_receive.load(Ordering::Relaxed).saturating_sub(start_us).max(1);
-    let cpu = cpu_seconds(args.pid).unwrap_or(0.0) - cpu_before;
+    let cpu = cpu_seconds(args.server.pid).unwrap_or(0.0) - cpu_before;
     let own_cpu = cpu_seconds(std::process::id()).unwrap_or(0.0) - own_cpu_before;
     let wall = started.elapsed().as_secs_f64();
     for r in &readers {

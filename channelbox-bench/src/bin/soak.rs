@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use channelbox_bench::{http_get, rss_bytes};
+use channelbox_bench::{http_get, rss_bytes, Target};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -16,12 +16,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Server address, host:port.
-    #[arg(long)]
-    addr: String,
-    /// The server's pid, for its memory.
-    #[arg(long)]
-    pid: u32,
+    #[command(flatten)]
+    server: Target,
     /// Concurrent clients.
     #[arg(long, default_value_t = 100)]
     connections: usize,
@@ -115,11 +111,11 @@ async fn session(
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let counts = Arc::new(Counts::default());
-    let rss_start = rss_bytes(args.pid).unwrap_or(0);
+    let rss_start = rss_bytes(args.server.pid).unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let clients: Vec<_> = (0..args.connections)
         .map(|i| {
-            let (addr, counts, groups) = (args.addr.clone(), counts.clone(), args.groups);
+            let (addr, counts, groups) = (args.server.addr.clone(), counts.clone(), args.groups);
             tokio::spawn(async move {
                 let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1000_0000_01B3));
                 let mut last = None;
@@ -135,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
     let mut curve = vec![rss_start];
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        curve.push(rss_bytes(args.pid).unwrap_or(0));
+        curve.push(rss_bytes(args.server.pid).unwrap_or(0));
     }
     for c in clients {
         let _ = c.await;
@@ -144,8 +140,8 @@ async fn main() -> anyhow::Result<()> {
     let mut groups = String::new();
     let mut connections = String::new();
     for _ in 0..100 {
-        groups = http_get(&args.addr, "/api/groups").await?;
-        let metrics = http_get(&args.addr, "/metrics").await?;
+        groups = http_get(&args.server.addr, "/api/groups").await?;
+        let metrics = http_get(&args.server.addr, "/metrics").await?;
         connections = metrics
             .lines()
             .find(|l| l.starts_with("channelbox_connections "))
@@ -157,7 +153,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_end = rss_bytes(args.pid).unwrap_or(0);
+    let rss_end = rss_bytes(args.server.pid).unwrap_or(0);
     curve.push(rss_end);
     let rss_peak = curve.iter().copied().max().unwrap_or(0);
     let leaked = groups.trim() != "{}" || connections.trim() != "channelbox_connections 0";
