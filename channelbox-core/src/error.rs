@@ -21,6 +21,9 @@ pub enum StoreErrorKind {
     InvalidInput,
     /// The store was closed.
     Closed,
+    /// More writes are waiting for the disk than the store queues; retry once
+    /// earlier ones are acknowledged.
+    Busy,
 }
 
 /// An error from a history store, naming the backend and what it was working on.

@@ -34,6 +34,8 @@ pub(crate) enum SledError {
     EmptyGroup,
     #[error("history directory {0}: the store is closed")]
     Closed(PathBuf),
+    #[error("history directory {0}: too many writes are waiting for the disk; retry shortly")]
+    Busy(PathBuf),
 }
 
 impl SledError {
@@ -52,6 +54,7 @@ impl From<SledError> for StoreError {
             SledError::Corrupt { .. } => StoreErrorKind::Corrupt,
             SledError::EmptyGroup => StoreErrorKind::InvalidInput,
             SledError::Closed(_) => StoreErrorKind::Closed,
+            SledError::Busy(_) => StoreErrorKind::Busy,
         };
         let message = err.to_string();
         StoreError::new(kind, message).with_source(err)

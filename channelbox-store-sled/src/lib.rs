@@ -9,8 +9,12 @@
 //!   [`CommitMode::PerAppend`] flushes for every append and exists as a baseline.
 //! - **Restarts continue.** Opening a directory that holds a history continues
 //!   it: the same epochs, offsets where they stopped, the same limits. After a
-//!   crash a group's offsets are 1..n without holes: message and head are written
-//!   in one atomic batch and sled recovers a prefix of its log.
+//!   crash a group's offsets are first..=last without holes: one writer thread
+//!   applies every write's operations in an order whose every prefix is
+//!   consistent, and sled recovers a prefix of its log.
+//! - **Bounded.** At most 65,536 operations wait for the writer; past that an
+//!   append fails with [`StoreErrorKind::Busy`](channelbox_core::StoreErrorKind)
+//!   instead of queueing without limit.
 //! - **Flushing** a group gives it a new epoch, persisted.
 //! - **Clear errors.** A directory of another format, a file where a directory is
 //!   expected, an unwritable or locked directory each give a typed
@@ -46,6 +50,7 @@
 mod config;
 mod error;
 mod store;
+mod writer;
 
 pub use config::{CommitMode, SledConfig};
 pub use store::SledStore;

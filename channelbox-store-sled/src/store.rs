@@ -6,14 +6,18 @@
 //! - `0x02 len:u16 group offset:u64`: one message, big-endian so that a
 //!   group's messages sort by offset.
 //!
-//! An append writes its message and its group's head in one atomic sled batch,
-//! under the store's lock, so the batches reach the log in offset order. sled
-//! recovers a prefix of its log after a crash, so the recovered offsets of a
-//! group are always 1..n without holes.
+//! An append assigns its offset and queues its operations under the store's
+//! lock; the writer thread (`writer.rs`) applies them in that order. sled
+//! recovers a prefix of its log after a crash, and each write orders its
+//! operations so that every prefix is a consistent history: the message before
+//! the head, the oldest removal first. A group's head is written only when
+//! opening could not work it out from the messages (a new group, a flush, a
+//! trim that empties the group): opening takes the newest offset from the head
+//! and the messages, whichever is higher.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
@@ -22,10 +26,10 @@ use channelbox_core::{
     messages_to_trim, now_ms, Capabilities, Head, HistoryLimits, HistoryPage, HistoryStats, HistoryStore, NewMessage,
     PayloadKind, PendingAppend, ReadQuery, StoreError, StoredMessage,
 };
-use tokio::sync::watch;
 
-use crate::config::{CommitMode, SledConfig};
+use crate::config::SledConfig;
 use crate::error::SledError;
+use crate::writer::{Op, Writer};
 
 /// The on-disk format this build reads and writes.
 pub(crate) const FORMAT: &str = "channelbox-sled/1";
@@ -104,6 +108,12 @@ struct GroupState {
     first: u64,
     bytes: u64,
     retained: VecDeque<(u64, u64)>,
+    /// The newest offset the group's head key on disk records; `None` when the
+    /// group has no head key yet. Opening takes a group's newest offset from
+    /// its head and its messages, whichever is higher, so the head is rewritten
+    /// only when that would otherwise be lost: for a new group, and before a
+    /// trim removes every message.
+    stored_last: Option<u64>,
 }
 
 impl GroupState {
@@ -121,16 +131,40 @@ impl GroupState {
         messages_to_trim(limits, now, r.len() as u64, self.bytes, |i| r[i as usize])
     }
 
-    /// Forgets the `n` oldest retained messages; returns their offsets.
-    fn drop_oldest(&mut self, n: u64) -> std::ops::Range<u64> {
+    /// The operations that write the group's head if the disk would otherwise
+    /// lose its generation or newest offset: before its first message, and
+    /// before everything retained is removed.
+    fn store_head(&mut self, group: &str, emptying: bool, ops: &mut Vec<Op>) {
+        if self.stored_last.is_none() || (emptying && self.stored_last != Some(self.last)) {
+            ops.push(Op::Insert(
+                group_key(group),
+                group_value(self.generation, self.last).to_vec(),
+            ));
+            self.stored_last = Some(self.last);
+        }
+    }
+
+    /// Forgets the `n` oldest retained messages, adding their removal, oldest
+    /// first (a crash part way leaves a group without holes).
+    fn remove_oldest(&mut self, group: &str, n: u64, ops: &mut Vec<Op>) {
+        if n == 0 {
+            return;
+        }
+        self.store_head(group, n >= self.retained.len() as u64, ops);
         let start = self.first();
-        for _ in 0..n {
+        for offset in start..start + n {
+            ops.push(Op::Remove(message_key(group, offset)));
             if let Some((size, _)) = self.retained.pop_front() {
                 self.bytes -= size;
             }
         }
         self.first = start + n;
-        start..start + n
+    }
+
+    /// Removes what the limits say must go now.
+    fn trim(&mut self, group: &str, limits: &HistoryLimits, ops: &mut Vec<Op>) {
+        let n = self.to_trim(limits, now_ms());
+        self.remove_oldest(group, n, ops);
     }
 }
 
@@ -142,67 +176,11 @@ struct State {
     closed: bool,
 }
 
-/// Where durability stands, published by the committer.
-#[derive(Clone, Debug, Default)]
-struct Durable {
-    /// Every write up to this sequence number is on disk.
-    done: u64,
-    /// Writes up to this sequence number were in a flush that failed.
-    failed: u64,
-    error: Option<Arc<str>>,
-}
-
-#[derive(Debug, Default)]
-struct CommitState {
-    /// Sequence number of the newest write.
-    written: u64,
-    shutdown: bool,
-}
-
-/// Group commit: one thread flushes sled whenever writes are pending; writes that
-/// arrive during a flush share the next one.
-#[derive(Debug)]
-struct Committer {
-    state: Mutex<CommitState>,
-    wake: Condvar,
-    durable: watch::Sender<Durable>,
-}
-
-impl Committer {
-    fn lock(&self) -> MutexGuard<'_, CommitState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn run(&self, db: &sled::Db) {
-        loop {
-            let target = {
-                let mut s = self.lock();
-                while s.written == self.durable.borrow().done.max(self.durable.borrow().failed) && !s.shutdown {
-                    s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
-                }
-                if s.written == self.durable.borrow().done.max(self.durable.borrow().failed) {
-                    return;
-                }
-                s.written
-            };
-            let result = db.flush();
-            self.durable.send_modify(|d| match result {
-                Ok(_) => d.done = target,
-                Err(err) => {
-                    tracing::error!(error = %err, "history flush failed");
-                    d.failed = target;
-                    d.error = Some(Arc::from(err.to_string()));
-                }
-            });
-        }
-    }
-}
-
 /// A durable history store on sled; see the crate docs.
 #[derive(Debug)]
 pub struct SledStore {
     inner: Arc<Inner>,
-    flusher: Option<JoinHandle<()>>,
+    writer: Option<JoinHandle<()>>,
 }
 
 #[derive(Debug)]
@@ -210,9 +188,8 @@ struct Inner {
     path: PathBuf,
     db: sled::Db,
     limits: HistoryLimits,
-    commit: CommitMode,
     state: Mutex<State>,
-    committer: Committer,
+    writer: Writer,
 }
 
 fn open_db(config: &SledConfig) -> Result<sled::Db, SledError> {
@@ -309,6 +286,7 @@ fn load_groups(db: &sled::Db, path: &Path) -> Result<HashMap<String, GroupState>
                 generation,
                 last,
                 first: last + 1,
+                stored_last: Some(last),
                 ..GroupState::default()
             },
         );
@@ -353,38 +331,29 @@ impl SledStore {
         let db = open_db(&config)?;
         let (instance, flushes) = check_format(&db, &config.path)?;
         let groups = load_groups(&db, &config.path)?;
-        let (durable, _) = watch::channel(Durable::default());
         let inner = Arc::new(Inner {
             path: config.path.clone(),
             db,
             limits: config.limits,
-            commit: config.commit,
             state: Mutex::new(State {
                 instance,
                 flushes,
                 groups,
                 closed: false,
             }),
-            committer: Committer {
-                state: Mutex::new(CommitState::default()),
-                wake: Condvar::new(),
-                durable,
-            },
+            writer: Writer::new(config.commit),
         });
-        let flusher = match config.commit {
-            CommitMode::Group => {
-                let inner = inner.clone();
-                let handle = std::thread::Builder::new()
-                    .name("channelbox-sled-commit".into())
-                    .spawn(move || inner.committer.run(&inner.db))
-                    .map_err(|e| {
-                        SledError::Unusable(config.path.clone(), format!("cannot start the commit thread: {e}"))
-                    })?;
-                Some(handle)
-            }
-            CommitMode::PerAppend => None,
+        let writer = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("channelbox-sled-writer".into())
+                .spawn(move || inner.writer.run(&inner.db))
+                .map_err(|e| SledError::Unusable(config.path.clone(), format!("cannot start the writer thread: {e}")))?
         };
-        Ok(SledStore { inner, flusher })
+        Ok(SledStore {
+            inner,
+            writer: Some(writer),
+        })
     }
 
     /// The directory of this store.
@@ -396,11 +365,10 @@ impl SledStore {
 impl Drop for SledStore {
     fn drop(&mut self) {
         lock(&self.inner.state).closed = true;
-        self.inner.committer.lock().shutdown = true;
-        self.inner.committer.wake.notify_all();
-        if let Some(handle) = self.flusher.take() {
-            // The thread finishes the flush it may be in, then ends; joining it
-            // releases its handle on the database, so the directory can be
+        self.inner.writer.shut_down();
+        if let Some(handle) = self.writer.take() {
+            // The thread applies and flushes what is queued, then ends; joining
+            // it releases its handle on the database, so the directory can be
             // opened again at once.
             let _ = handle.join();
         }
@@ -436,22 +404,14 @@ impl Inner {
     /// Removes what the limits say must go (age, at read time); not awaited for
     /// durability: a trim that is lost in a crash only means an old message
     /// lives a little longer.
-    fn trim_now(&self, state: &mut State, group: &str) -> Result<(), SledError> {
-        let Some(g) = state.groups.get_mut(group) else {
-            return Ok(());
-        };
-        let n = g.to_trim(&self.limits, now_ms());
-        if n == 0 {
-            return Ok(());
+    fn trim_now(&self, state: &mut State, group: &str) {
+        if let Some(g) = state.groups.get_mut(group) {
+            let mut ops = Vec::new();
+            g.trim(group, &self.limits, &mut ops);
+            if !ops.is_empty() {
+                self.writer.push(ops);
+            }
         }
-        let mut batch = sled::Batch::default();
-        let first = g.first();
-        for offset in first..first + n {
-            batch.remove(message_key(group, offset));
-        }
-        self.db.apply_batch(batch).map_err(|e| SledError::sled(&self.path, e))?;
-        g.drop_oldest(n);
-        Ok(())
     }
 
     fn head_of(state: &State, group: &str) -> Head {
@@ -469,44 +429,41 @@ impl Inner {
         }
     }
 
-    /// Registers a write and returns a future that resolves once it is durable.
-    fn durable_after_write(self: &Arc<Self>) -> channelbox_core::DurableFuture {
-        match self.commit {
-            CommitMode::Group => {
-                let seq = {
-                    let mut c = self.committer.lock();
-                    c.written += 1;
-                    c.written
-                };
-                self.committer.wake.notify_one();
-                let mut rx = self.committer.durable.subscribe();
-                let path = self.path.clone();
-                Box::pin(async move {
-                    let d = rx
-                        .wait_for(|d| d.done >= seq || d.failed >= seq)
-                        .await
-                        .map_err(|_| SledError::Closed(path.clone()))?
-                        .clone();
-                    if d.done >= seq {
-                        Ok(())
-                    } else {
-                        let why = d.error.as_deref().unwrap_or("unknown").to_owned();
-                        Err(SledError::Flush(path, why).into())
-                    }
-                })
-            }
-            CommitMode::PerAppend => {
-                let inner = self.clone();
-                Box::pin(async move {
-                    let db = inner.db.clone();
-                    let res = tokio::task::spawn_blocking(move || db.flush())
-                        .await
-                        .map_err(|e| SledError::Flush(inner.path.clone(), e.to_string()))?;
-                    res.map(|_| ())
-                        .map_err(|e| SledError::Flush(inner.path.clone(), e.to_string()).into())
-                })
-            }
+    /// Fails if an earlier write failed: memory and disk may differ since.
+    fn healthy(&self) -> Result<(), SledError> {
+        match self.writer.failure() {
+            Some(why) => Err(SledError::Flush(self.path.clone(), why.to_string())),
+            None => Ok(()),
         }
+    }
+
+    /// The messages `from..=to` of `group` as sled holds them, once every write
+    /// queued so far is applied.
+    async fn read_range(&self, group: &str, from: u64, to: u64, limit: usize) -> Result<Vec<StoredMessage>, SledError> {
+        self.writer.applied(self.writer.written(), &self.path).await?;
+        let mut messages = Vec::new();
+        if limit == 0 || from > to {
+            return Ok(messages);
+        }
+        let range = message_key(group, from)..=message_key(group, to);
+        for item in self.db.range(range).take(limit) {
+            let (k, v) = item.map_err(|e| SledError::sled(&self.path, e))?;
+            let corrupt = || SledError::Corrupt {
+                path: self.path.clone(),
+                group: group.to_owned(),
+                what: "message",
+            };
+            let offset = u64_at(&k, k.len() - 8).ok_or_else(corrupt)?;
+            let (kind, timestamp_ms, meta, payload) = decode_message(&v).ok_or_else(corrupt)?;
+            messages.push(StoredMessage {
+                offset,
+                kind,
+                payload,
+                meta,
+                timestamp_ms,
+            });
+        }
+        Ok(messages)
     }
 }
 
@@ -524,132 +481,130 @@ impl HistoryStore for SledStore {
         let inner = &self.inner;
         inner.check(group)?;
         let mut state = inner.state()?;
-        let epoch_state = &mut *state;
-        let g = epoch_state.groups.entry(group.to_owned()).or_default();
+        inner.healthy()?;
+        if !inner.writer.has_room() {
+            return Err(SledError::Busy(inner.path.clone()).into());
+        }
+        let state = &mut *state;
+        let g = state.groups.entry(group.to_owned()).or_default();
         let offset = g.last + 1;
         let size = message.payload.len() as u64;
-
-        // Work out the trim as if the message were in, then write everything in
-        // one atomic batch; the in-memory state changes only once it succeeded.
-        g.retained.push_back((size, message.timestamp_ms));
-        g.bytes += size;
-        let was_first = g.first;
-        if g.retained.len() == 1 {
+        // The message first, then (for a new group only) its head, then the
+        // trim: opening takes a group's newest offset from its messages too,
+        // so any prefix of these leaves offsets 1..n without holes.
+        let mut ops = vec![Op::Insert(message_key(group, offset), encode_message(&message))];
+        g.last = offset;
+        if g.retained.is_empty() {
             g.first = offset;
         }
-        let n = g.to_trim(&inner.limits, now_ms());
-        let mut batch = sled::Batch::default();
-        batch.insert(message_key(group, offset), encode_message(&message));
-        batch.insert(group_key(group), &group_value(g.generation, offset)[..]);
-        let first = g.first();
-        for o in first..first + n {
-            batch.remove(message_key(group, o));
-        }
-        if let Err(err) = inner.db.apply_batch(batch) {
-            g.retained.pop_back();
-            g.bytes -= size;
-            g.first = was_first;
-            return Err(SledError::sled(&inner.path, err).into());
-        }
-        g.last = offset;
-        g.drop_oldest(n);
+        g.retained.push_back((size, message.timestamp_ms));
+        g.bytes += size;
+        g.store_head(group, false, &mut ops);
+        g.trim(group, &inner.limits, &mut ops);
         let generation = g.generation;
-        let epoch = Inner::epoch(epoch_state, generation);
-        let durable = inner.durable_after_write();
-        drop(state);
-        Ok(PendingAppend { offset, epoch, durable })
+        let epoch = Inner::epoch(state, generation);
+        let seq = inner.writer.push(ops);
+        Ok(PendingAppend {
+            offset,
+            epoch,
+            durable: inner.writer.durable(seq, &inner.path),
+        })
     }
 
     async fn head(&self, group: &str) -> Result<Head, StoreError> {
         let inner = &self.inner;
         inner.check(group)?;
         let mut state = inner.state()?;
-        inner.trim_now(&mut state, group)?;
+        inner.trim_now(&mut state, group);
         Ok(Inner::head_of(&state, group))
     }
 
     async fn read(&self, group: &str, query: ReadQuery) -> Result<HistoryPage, StoreError> {
         let inner = &self.inner;
         inner.check(group)?;
-        let mut state = inner.state()?;
-        inner.trim_now(&mut state, group)?;
-        let head = Inner::head_of(&state, group);
-        let (from, limit) = match query {
-            ReadQuery::Last(n) => (head.last.saturating_sub(n as u64).saturating_add(1).max(head.first), n),
-            ReadQuery::Since { offset, limit } => (offset.saturating_add(1).max(head.first), limit),
-        };
-        let mut messages = Vec::new();
-        if limit > 0 && from <= head.last {
-            let range = message_key(group, from)..=message_key(group, head.last);
-            for item in inner.db.range(range).take(limit) {
-                let (k, v) = item.map_err(|e| SledError::sled(&inner.path, e))?;
-                let corrupt = || SledError::Corrupt {
-                    path: inner.path.clone(),
-                    group: group.to_owned(),
-                    what: "message",
-                };
-                let offset = u64_at(&k, k.len() - 8).ok_or_else(corrupt)?;
-                let (kind, timestamp_ms, meta, payload) = decode_message(&v).ok_or_else(corrupt)?;
-                messages.push(StoredMessage {
-                    offset,
-                    kind,
-                    payload,
-                    meta,
-                    timestamp_ms,
-                });
+        loop {
+            let (mut head, before) = {
+                let mut state = inner.state()?;
+                inner.trim_now(&mut state, group);
+                (Inner::head_of(&state, group), state.flushes)
+            };
+            let (from, limit) = match query {
+                ReadQuery::Last(n) => (head.last.saturating_sub(n as u64).saturating_add(1).max(head.first), n),
+                ReadQuery::Since { offset, limit } => (offset.saturating_add(1).max(head.first), limit),
+            };
+            let messages = inner.read_range(group, from, head.last, limit).await?;
+            let state = inner.state()?;
+            if state.flushes != before || Inner::head_of(&state, group).epoch != head.epoch {
+                // The group was flushed while we read: its offsets start over,
+                // so what we read may mix generations. Read again.
+                continue;
             }
+            // sled's range is no snapshot: appends may have trimmed the oldest
+            // of the range meanwhile, oldest first, so a message missing from
+            // the middle means everything before it is gone too. The page then
+            // starts after the last hole, and says so.
+            let mut messages = messages;
+            if let Some(cut) = (1..messages.len())
+                .rev()
+                .find(|&i| messages[i].offset != messages[i - 1].offset + 1)
+            {
+                messages.drain(..cut);
+            }
+            match messages.first() {
+                Some(m) if m.offset > from => head.first = m.offset,
+                Some(_) => {}
+                None if limit > 0 && from <= head.last => head.first = head.last + 1,
+                None => {}
+            }
+            return Ok(HistoryPage { head, messages });
         }
-        Ok(HistoryPage { head, messages })
     }
 
     async fn flush_group(&self, group: &str) -> Result<String, StoreError> {
         let inner = &self.inner;
         inner.check(group)?;
-        let (epoch, durable) = {
+        let (epoch, seq) = {
             let mut state = inner.state()?;
+            inner.healthy()?;
             let g = state.groups.entry(group.to_owned()).or_default();
-            let fresh = GroupState {
+            // Oldest message first, the new generation last: any prefix of
+            // this, which is what a crash can leave, is the old generation
+            // with fewer of its oldest messages.
+            let mut ops = Vec::new();
+            let all = g.retained.len() as u64;
+            let start = g.first();
+            ops.extend((start..start + all).map(|o| Op::Remove(message_key(group, o))));
+            *g = GroupState {
                 generation: g.generation + 1,
+                stored_last: Some(0),
                 ..GroupState::default()
             };
-            let mut batch = sled::Batch::default();
-            for key in inner.db.scan_prefix(message_prefix(group)).keys() {
-                batch.remove(key.map_err(|e| SledError::sled(&inner.path, e))?);
-            }
-            batch.insert(group_key(group), &group_value(fresh.generation, 0)[..]);
-            inner
-                .db
-                .apply_batch(batch)
-                .map_err(|e| SledError::sled(&inner.path, e))?;
-            *g = fresh;
+            ops.push(Op::Insert(group_key(group), group_value(g.generation, 0).to_vec()));
             let generation = g.generation;
-            (Inner::epoch(&state, generation), inner.durable_after_write())
+            (Inner::epoch(&state, generation), inner.writer.push(ops))
         };
-        durable.await?;
+        inner.writer.durable(seq, &inner.path).await?;
         Ok(epoch)
     }
 
     async fn flush_all(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let durable = {
+        let seq = {
             let mut state = inner.state()?;
-            let mut batch = sled::Batch::default();
-            for prefix in [GROUP_PREFIX, MESSAGE_PREFIX] {
-                for key in inner.db.scan_prefix([prefix]).keys() {
-                    batch.remove(key.map_err(|e| SledError::sled(&inner.path, e))?);
-                }
+            inner.healthy()?;
+            // The flush count first: from then on every epoch is new, so
+            // whatever a crash leaves of the removals never passes for the
+            // history a client saw before.
+            state.flushes += 1;
+            let mut ops = vec![Op::Insert(KEY_FLUSHES.to_vec(), state.flushes.to_be_bytes().to_vec())];
+            for (name, g) in state.groups.drain() {
+                let start = g.first();
+                ops.extend((start..start + g.retained.len() as u64).map(|o| Op::Remove(message_key(&name, o))));
+                ops.push(Op::Remove(group_key(&name)));
             }
-            let flushes = state.flushes + 1;
-            batch.insert(KEY_FLUSHES, &flushes.to_be_bytes());
-            inner
-                .db
-                .apply_batch(batch)
-                .map_err(|e| SledError::sled(&inner.path, e))?;
-            state.flushes = flushes;
-            state.groups.clear();
-            inner.durable_after_write()
+            inner.writer.push(ops)
         };
-        durable.await
+        inner.writer.durable(seq, &inner.path).await
     }
 
     async fn stats(&self) -> Result<HistoryStats, StoreError> {
@@ -657,7 +612,7 @@ impl HistoryStore for SledStore {
         let mut state = inner.state()?;
         let names: Vec<String> = state.groups.keys().cloned().collect();
         for name in &names {
-            inner.trim_now(&mut state, name)?;
+            inner.trim_now(&mut state, name);
         }
         let mut stats = HistoryStats::default();
         for g in state.groups.values() {
@@ -668,12 +623,8 @@ impl HistoryStore for SledStore {
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
-        let inner = self.inner.clone();
-        let path = inner.path.clone();
-        tokio::task::spawn_blocking(move || inner.db.flush())
-            .await
-            .map_err(|e| SledError::Flush(path.clone(), e.to_string()))?
-            .map(|_| ())
-            .map_err(|e| SledError::Flush(path, e.to_string()).into())
+        let inner = &self.inner;
+        inner.healthy()?;
+        inner.writer.durable(inner.writer.written(), &inner.path).await
     }
 }

@@ -2,9 +2,12 @@
 //! and prints every acknowledged (durable) append; the parent SIGKILLs it
 //! mid-stream, reopens the directory, and checks that every acknowledged
 //! message is there with identical data, offset and epoch, and that each
-//! group's offsets are 1..n without holes. Three rounds on the same directory.
+//! group's offsets are first..=last without holes. Three rounds on the same
+//! directory; once with room for everything, once with a limit of 40 messages
+//! per group, so that every append also trims.
 //!
-//! The child is this same test binary, started with `CHANNELBOX_CRASH_DIR` set.
+//! The child is this same test binary, started with `CHANNELBOX_CRASH_DIR` set
+//! (and `CHANNELBOX_CRASH_LIMIT` for the trimming run).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -16,11 +19,18 @@ use channelbox_core::{HistoryStore, NewMessage, PayloadKind, ReadQuery};
 use channelbox_store_sled::{SledConfig, SledStore};
 
 const CHILD_ENV: &str = "CHANNELBOX_CRASH_DIR";
-const TEST_NAME: &str = "acknowledged_appends_survive_sigkill";
+const LIMIT_ENV: &str = "CHANNELBOX_CRASH_LIMIT";
+
+fn config(dir: &std::path::Path, limit: Option<u64>) -> SledConfig {
+    let mut config = SledConfig::new(dir);
+    config.limits.max_messages = limit;
+    config
+}
 
 /// The child: append forever from 8 tasks over 3 groups, printing each ack.
-async fn child(dir: &str) {
-    let store: Arc<dyn HistoryStore> = Arc::new(SledStore::open(SledConfig::new(dir)).expect("child opens the store"));
+async fn child(dir: &str, limit: Option<u64>) {
+    let store: Arc<dyn HistoryStore> =
+        Arc::new(SledStore::open(config(dir.as_ref(), limit)).expect("child opens the store"));
     let tasks: Vec<_> = (0..8)
         .map(|t| {
             let store = store.clone();
@@ -49,8 +59,19 @@ async fn child(dir: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_appends_survive_sigkill() {
+    crash_rounds("acknowledged_appends_survive_sigkill", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_appends_survive_sigkill_while_trimming() {
+    crash_rounds("acknowledged_appends_survive_sigkill_while_trimming", Some(40)).await;
+}
+
+/// In the child, appends; in the parent, kills and checks three times.
+async fn crash_rounds(test_name: &str, limit: Option<u64>) {
     if let Ok(dir) = std::env::var(CHILD_ENV) {
-        child(&dir).await;
+        let limit = std::env::var(LIMIT_ENV).ok().and_then(|l| l.parse().ok());
+        child(&dir, limit).await;
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -58,8 +79,9 @@ async fn acknowledged_appends_survive_sigkill() {
     let mut acked: BTreeMap<(String, u64), (String, String)> = BTreeMap::new();
     for round in 0..3 {
         let mut proc = Command::new(std::env::current_exe().unwrap())
-            .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, &path)
+            .env(LIMIT_ENV, limit.map(|l| l.to_string()).unwrap_or_default())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -93,7 +115,7 @@ async fn acknowledged_appends_survive_sigkill() {
             "round {round}: the child acknowledged appends before it was killed"
         );
 
-        let store = SledStore::open(SledConfig::new(&path)).unwrap();
+        let store = SledStore::open(config(&path, limit)).unwrap();
         for g in ["g0", "g1", "g2"] {
             let page = store
                 .read(
@@ -108,9 +130,14 @@ async fn acknowledged_appends_survive_sigkill() {
             let offsets: Vec<u64> = page.messages.iter().map(|m| m.offset).collect();
             assert_eq!(
                 offsets,
-                (1..=page.head.last).collect::<Vec<_>>(),
-                "round {round}: {g} is 1..n without holes"
+                (page.head.first..=page.head.last).collect::<Vec<_>>(),
+                "round {round}: {g} is first..=last without holes"
             );
+            if let Some(limit) = limit {
+                assert!(offsets.len() as u64 <= limit, "round {round}: {g} is trimmed");
+            } else {
+                assert_eq!(page.head.first, 1, "round {round}: nothing of {g} trimmed");
+            }
             for m in &page.messages {
                 if let Some((epoch, payload)) = acked.get(&(g.to_owned(), m.offset)) {
                     assert_eq!(&page.head.epoch, epoch, "round {round}: same epoch");
