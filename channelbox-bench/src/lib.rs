@@ -21,9 +21,15 @@ pub struct Target {
 
 /// The body of a `GET` to the server (HTTP/1.1, `Connection: close`).
 pub async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    http_request(addr, "GET", path, None).await
+}
+
+/// The body of a bodiless request to the server, with an optional bearer token.
+pub async fn http_request(addr: &str, method: &str, path: &str, bearer: Option<&str>) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
     s.write_all(request.as_bytes()).await?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).await?;

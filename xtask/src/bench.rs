@@ -268,12 +268,16 @@ pub(crate) fn loopback(plan: &Plan) -> Result<(), String> {
 /// fails when a group or channel leaked or memory did not come back down.
 /// `server_args` go to the chat server (e.g. `--store memory`); the default
 /// store is sled.
+/// The soak run's server accepts this admin token, so that the driver can flush
+/// history before its last memory check.
+const SOAK_ADMIN_TOKEN: &str = "soak-admin";
+
 pub(crate) fn soak(connections: usize, seconds: u64, server_args: &[String]) -> Result<(), String> {
     // The chat server with its defaults (sled), plus `server_args`.
     let kind = &ServerKind {
         name: "channelbox",
         program: "target/release/examples/chat",
-        args: &[],
+        args: &["--admin-token", SOAK_ADMIN_TOKEN],
         history: true,
         members: "api",
     };
@@ -285,6 +289,7 @@ pub(crate) fn soak(connections: usize, seconds: u64, server_args: &[String]) -> 
         format!("--pid {}", child.id()),
         format!("--connections {connections}"),
         format!("--seconds {seconds}"),
+        format!("--admin-token {SOAK_ADMIN_TOKEN}"),
     ];
     let out = pinned(1, "target/release/soak", &args)
         .stderr(Stdio::inherit())

@@ -1,14 +1,22 @@
 //! The churn-and-soak driver of `cargo xtask soak`: many clients join random
 //! groups (half of them recovering with `since`/`epoch`), publish, read and
 //! disconnect (cleanly or abruptly), over and over, while the server's resident
-//! memory is sampled every second. At the end no group and no connection may be
-//! left, and memory must have come back near where it started. One JSON line.
+//! memory is sampled every second. One JSON line.
+//!
+//! The checks: every publish is acknowledged (within its session's stay, or
+//! late: counted as `slow`, or never: a failure); at the end no group and no
+//! connection is left; and memory comes back near where it started. History is
+//! data the server must keep, so with `--admin-token` the driver reads how many
+//! history bytes are retained, flushes all history through the admin API, and
+//! then requires the server's memory to be back within `--slack-mib` of its
+//! start. Without a token it requires memory to have come down by half of what
+//! the churn added, plus the slack.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use channelbox_bench::{http_get, rss_bytes, Target};
+use channelbox_bench::{http_get, http_request, rss_bytes, Target};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -27,6 +35,14 @@ struct Args {
     /// Groups the clients spread over.
     #[arg(long, default_value_t = 50)]
     groups: u64,
+    /// The server's admin token: lets the driver flush history before the
+    /// final memory check.
+    #[arg(long)]
+    admin_token: Option<String>,
+    /// How far above its start the server's memory may end, in MiB (allocator
+    /// and page caches, buffers kept for reuse).
+    #[arg(long, default_value_t = 32)]
+    slack_mib: u64,
 }
 
 /// xorshift64*: enough randomness for choosing groups and pauses.
@@ -48,8 +64,15 @@ struct Counts {
     acknowledged: AtomicU64,
     received: AtomicU64,
     recoveries: AtomicU64,
+    /// Sessions whose acknowledgements came after their stay ended.
+    slow: AtomicU64,
     failures: AtomicU64,
+    /// The first few failures, for the report.
+    errors: std::sync::Mutex<Vec<String>>,
 }
+
+/// How long a session keeps reading for acknowledgements after its stay.
+const ACK_GRACE: Duration = Duration::from_secs(10);
 
 /// One session: connect, publish a few, read a while, leave.
 async fn session(
@@ -77,9 +100,21 @@ async fn session(
         c.publishes.fetch_add(1, Ordering::Relaxed);
     }
     let stay = Duration::from_millis(50 + rng.next(450));
-    let until = tokio::time::Instant::now() + stay;
+    let mut until = tokio::time::Instant::now() + stay;
     let mut acked = 0;
-    while let Ok(Some(item)) = tokio::time::timeout_at(until, rx.next()).await {
+    let mut late = false;
+    loop {
+        let item = match tokio::time::timeout_at(until, rx.next()).await {
+            Ok(Some(item)) => item,
+            Ok(None) => break,
+            // The stay is over; wait a while longer for missing acknowledgements.
+            Err(_) if acked < publishes && !late => {
+                late = true;
+                until = tokio::time::Instant::now() + ACK_GRACE;
+                continue;
+            }
+            Err(_) => break,
+        };
         let Message::Text(t) = item? else { continue };
         let v: Value = serde_json::from_str(&t)?;
         match v["type"].as_str() {
@@ -95,11 +130,18 @@ async fn session(
             }
             _ => {}
         }
+        if late && acked == publishes {
+            break;
+        }
     }
     anyhow::ensure!(
         acked == publishes,
-        "{acked} of {publishes} publishes acknowledged within {stay:?}"
+        "{acked} of {publishes} publishes acknowledged within {:?}",
+        stay + ACK_GRACE
     );
+    if late {
+        c.slow.fetch_add(1, Ordering::Relaxed);
+    }
     if rng.next(2) == 0 {
         // A clean close; otherwise the socket is just dropped.
         let _ = tx.send(Message::Close(None)).await;
@@ -120,8 +162,14 @@ async fn main() -> anyhow::Result<()> {
                 let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1000_0000_01B3));
                 let mut last = None;
                 while Instant::now() < deadline {
-                    if session(&addr, &mut rng, groups, &mut last, &counts).await.is_err() {
+                    if let Err(err) = session(&addr, &mut rng, groups, &mut last, &counts).await {
                         counts.failures.fetch_add(1, Ordering::Relaxed);
+                        {
+                            let mut errors = counts.errors.lock().unwrap_or_else(|p| p.into_inner());
+                            if errors.len() < 5 {
+                                errors.push(format!("{err:#}"));
+                            }
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
@@ -157,9 +205,24 @@ async fn main() -> anyhow::Result<()> {
     curve.push(rss_end);
     let rss_peak = curve.iter().copied().max().unwrap_or(0);
     let leaked = groups.trim() != "{}" || connections.trim() != "channelbox_connections 0";
-    // Near its baseline: back down by at least half of what churn added, with
-    // 16 MiB of slack for the allocator's own caches.
-    let recovered = rss_end <= rss_start + (rss_peak - rss_start) / 2 + (16 << 20);
+    let metric = |text: &str, name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let history_bytes = metric(&http_get(&args.server.addr, "/metrics").await?, "channelbox_history_bytes");
+    let slack = args.slack_mib << 20;
+    let (rss_flushed, recovered) = match &args.admin_token {
+        Some(token) => {
+            // History is kept on purpose; what must come back is the rest.
+            let answer = http_request(&args.server.addr, "DELETE", "/api/admin/history", Some(token)).await?;
+            anyhow::ensure!(answer.contains("\"flushed\":true"), "flushing history failed: {answer}");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let rss = rss_bytes(args.server.pid).unwrap_or(0);
+            (Some(rss), rss <= rss_start + slack)
+        }
+        // Back down by at least half of what churn added.
+        None => (None, rss_end <= rss_start + (rss_peak - rss_start) / 2 + slack),
+    };
     let c = &counts;
     let report = json!({
         "connections": args.connections,
@@ -169,12 +232,16 @@ async fn main() -> anyhow::Result<()> {
         "acknowledged": c.acknowledged.load(Ordering::Relaxed),
         "received": c.received.load(Ordering::Relaxed),
         "recoveries": c.recoveries.load(Ordering::Relaxed),
+        "slow_sessions": c.slow.load(Ordering::Relaxed),
         "failures": c.failures.load(Ordering::Relaxed),
+        "first_errors": *c.errors.lock().unwrap_or_else(|p| p.into_inner()),
         "groups_left": groups.trim(),
         "connections_left": connections,
         "rss_start": rss_start,
         "rss_peak": rss_peak,
         "rss_end": rss_end,
+        "history_bytes_at_end": history_bytes,
+        "rss_after_history_flush": rss_flushed,
         "rss_curve": curve,
         "leaked": leaked,
         "memory_recovered": recovered,
@@ -182,5 +249,7 @@ async fn main() -> anyhow::Result<()> {
     println!("{report}");
     anyhow::ensure!(!leaked, "groups or connections leaked: {groups} / {connections}");
     anyhow::ensure!(recovered, "memory did not come back near its baseline");
+    let failures = c.failures.load(Ordering::Relaxed);
+    anyhow::ensure!(failures == 0, "{failures} sessions failed (errors or unacknowledged publishes)");
     Ok(())
 }
