@@ -1,11 +1,14 @@
 //! Shared pieces of the loopback benchmark: reading a process's CPU time and
-//! resident memory from `/proc`, and a compact latency histogram.
+//! resident memory from `/proc`, a compact latency histogram, and a cheap
+//! receive-only WebSocket client ([`raw`]).
 //!
 //! ```
 //! let mut h = channelbox_bench::Histogram::default();
 //! h.record(1500);
 //! assert!(h.quantile(0.5) >= 1500);
 //! ```
+
+pub mod raw;
 
 /// The server a tool drives: where it listens and which process it is, for
 /// its CPU time and memory. Flattened into each tool's flags.
@@ -28,7 +31,9 @@ pub async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
 pub async fn http_request(addr: &str, method: &str, path: &str, bearer: Option<&str>) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
     s.write_all(request.as_bytes()).await?;
     let mut raw = String::new();

@@ -152,8 +152,8 @@ impl GroupState {
         }
         self.store_head(group, n >= self.retained.len() as u64, ops);
         let start = self.first();
-        for offset in start..start + n {
-            ops.push(Op::Remove(message_key(group, offset)));
+        ops.push(Op::RemoveOffsets(message_prefix(group), start..start + n));
+        for _ in 0..n {
             if let Some((size, _)) = self.retained.pop_front() {
                 self.bytes -= size;
             }
@@ -573,7 +573,7 @@ impl HistoryStore for SledStore {
             let mut ops = Vec::new();
             let all = g.retained.len() as u64;
             let start = g.first();
-            ops.extend((start..start + all).map(|o| Op::Remove(message_key(group, o))));
+            ops.push(Op::RemoveOffsets(message_prefix(group), start..start + all));
             *g = GroupState {
                 generation: g.generation + 1,
                 stored_last: Some(0),
@@ -599,7 +599,10 @@ impl HistoryStore for SledStore {
             let mut ops = vec![Op::Insert(KEY_FLUSHES.to_vec(), state.flushes.to_be_bytes().to_vec())];
             for (name, g) in state.groups.drain() {
                 let start = g.first();
-                ops.extend((start..start + g.retained.len() as u64).map(|o| Op::Remove(message_key(&name, o))));
+                ops.push(Op::RemoveOffsets(
+                    message_prefix(&name),
+                    start..start + g.retained.len() as u64,
+                ));
                 ops.push(Op::Remove(group_key(&name)));
             }
             inner.writer.push(ops)

@@ -34,7 +34,31 @@ pub(crate) const MAX_QUEUED: usize = 1 << 16;
 pub(crate) enum Op {
     Insert(Vec<u8>, Vec<u8>),
     Remove(Vec<u8>),
+    /// Removes the keys `prefix ++ offset` (big-endian) for these offsets, in
+    /// order: one queue entry for a whole trim or flush of a group.
+    RemoveOffsets(Vec<u8>, std::ops::Range<u64>),
 }
+
+/// Applies one operation to sled.
+fn apply(db: &sled::Db, op: Op) -> sled::Result<()> {
+    match op {
+        Op::Insert(k, v) => db.insert(k, v).map(|_| ()),
+        Op::Remove(k) => db.remove(k).map(|_| ()),
+        Op::RemoveOffsets(mut key, offsets) => {
+            let at = key.len();
+            for offset in offsets {
+                key.truncate(at);
+                key.extend_from_slice(&offset.to_be_bytes());
+                db.remove(&key[..])?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Queue buffers above this many entries are given back after use, so that
+/// one large flush does not keep its memory.
+const KEEP_CAPACITY: usize = 4096;
 
 /// Where the writer stands.
 #[derive(Clone, Debug, Default)]
@@ -179,14 +203,11 @@ impl Writer {
                 if self.progress.borrow().error.is_some() {
                     continue;
                 }
-                let result = match op {
-                    Op::Insert(k, v) => db.insert(k, v).map(|_| ()),
-                    Op::Remove(k) => db.remove(k).map(|_| ()),
-                };
-                if let Err(err) = result {
+                if let Err(err) = apply(db, op) {
                     self.fail(&err.to_string());
                 }
             }
+            batch.shrink_to(KEEP_CAPACITY);
             self.progress.send_modify(|p| p.applied = last);
             self.flush(db, last);
         }

@@ -4,14 +4,16 @@
 //! second, latency (from a timestamp in the payload), lost and duplicated
 //! messages, and the server's CPU time and resident memory, as one JSON line.
 //!
-//! Per received frame it does as little as it can: it finds `"seq":` and
-//! `"t":` in the text without parsing the JSON, and marks a bit.
+//! Per received frame it does as little as it can: subscribers read through
+//! [`channelbox_bench::raw`] (one read fills 64 KiB, frames parsed in place),
+//! and it finds `"seq":` and `"t":` in the bytes without parsing the JSON, and
+//! marks a bit. Only the publisher uses tokio-tungstenite.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use channelbox_bench::{cpu_seconds, http_get, rss_bytes, Histogram, Target};
+use channelbox_bench::{cpu_seconds, http_get, raw, rss_bytes, Histogram, Target};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -52,10 +54,15 @@ fn now_us() -> u64 {
 }
 
 /// Finds the unsigned integer after `key` in `text`.
-fn number_after(text: &str, key: &str) -> Option<u64> {
-    let at = text.find(key)? + key.len();
-    let digits = text[at..].bytes().take_while(u8::is_ascii_digit).count();
-    text[at..at + digits].parse().ok()
+fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
+    let at = text.windows(key.len()).position(|w| w == key)? + key.len();
+    let digits = text[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&text[at..at + digits]).ok()?.parse().ok()
+}
+
+/// The sequence number and send time in a delivered message.
+fn stamp(text: &[u8]) -> Option<(u64, u64)> {
+    Some((number_after(text, b"\"seq\":")?, number_after(text, b"\"t\":")?))
 }
 
 struct Tally {
@@ -106,15 +113,17 @@ async fn main() -> anyhow::Result<()> {
     let url = format!("ws://{}/ws/bench", args.server.addr);
     let rss_before = rss_bytes(args.server.pid).unwrap_or(0);
 
-    // Connect everyone, a few hundred at a time.
+    // Connect everyone, a few hundred at a time; the publisher last.
     let mut sockets = Vec::with_capacity(args.subscribers);
-    for chunk in (0..args.subscribers).collect::<Vec<_>>().chunks(200) {
+    let readers_wanted = args.subscribers.saturating_sub(1);
+    for chunk in (0..readers_wanted).collect::<Vec<_>>().chunks(200) {
         let batch =
-            futures_util::future::join_all(chunk.iter().map(|_| tokio_tungstenite::connect_async(url.clone()))).await;
+            futures_util::future::join_all(chunk.iter().map(|_| raw::connect(&args.server.addr, "/ws/bench"))).await;
         for r in batch {
-            sockets.push(r?.0);
+            sockets.push(r?);
         }
     }
+    let (publisher, _) = tokio_tungstenite::connect_async(url.clone()).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let n = members(&args.server.addr, &args.members).await?;
@@ -134,21 +143,22 @@ async fn main() -> anyhow::Result<()> {
     let done = Arc::new(AtomicU64::new(0));
     let echoed = Arc::new(AtomicU64::new(0));
     let totals = Arc::new(Mutex::new((0u64, 0u64, Histogram::default())));
-    let publisher = sockets.pop().expect("at least one subscriber");
     let (mut pub_tx, mut pub_rx) = publisher.split();
     let last_receive = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
     for ws in sockets {
         let (done, totals, messages, last) = (done.clone(), totals.clone(), args.messages, last_receive.clone());
         readers.push(tokio::spawn(async move {
-            let (_tx, mut rx) = ws.split();
+            let mut ws = ws;
             let mut tally = Tally::new(messages);
             while tally.received < messages {
-                let Some(Ok(msg)) = rx.next().await else { break };
-                if let Message::Text(t) = msg {
-                    if let (Some(seq), Some(sent)) = (number_after(&t, "\"seq\":"), number_after(&t, "\"t\":")) {
+                let open = ws.read_frames(|t| {
+                    if let Some((seq, sent)) = stamp(t) {
                         tally.record(seq, sent);
                     }
+                });
+                if !matches!(open.await, Ok(true)) {
+                    break;
                 }
             }
             last.fetch_max(now_us(), Ordering::Relaxed);
@@ -167,7 +177,7 @@ async fn main() -> anyhow::Result<()> {
             while tally.received < messages {
                 let Some(Ok(msg)) = pub_rx.next().await else { break };
                 if let Message::Text(t) = msg {
-                    if let (Some(seq), Some(sent)) = (number_after(&t, "\"seq\":"), number_after(&t, "\"t\":")) {
+                    if let Some((seq, sent)) = stamp(t.as_bytes()) {
                         if tally.record(seq, sent) {
                             echoed.fetch_add(1, Ordering::Relaxed);
                         }
