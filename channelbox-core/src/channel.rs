@@ -179,6 +179,8 @@ struct Shared {
     wake: Notify,
     /// Wakes everyone waiting in [`Channel::closed`].
     closed: Notify,
+    /// Wakes everyone waiting in [`Channel::half_empty`]: the writer took a batch.
+    drained: Notify,
     queued: AtomicU64,
     written: AtomicU64,
     overflowed: AtomicU64,
@@ -236,6 +238,7 @@ impl Channel {
                 }),
                 wake: Notify::new(),
                 closed: Notify::new(),
+                drained: Notify::new(),
                 queued: AtomicU64::new(0),
                 written: AtomicU64::new(0),
                 overflowed: AtomicU64::new(0),
@@ -347,6 +350,29 @@ impl Channel {
         }
     }
 
+    /// Whether less than half of the queue's frames and bytes are in use.
+    pub fn is_half_empty(&self) -> bool {
+        let q = self.lock();
+        let c = &self.shared.config;
+        q.frames.len() < c.max_queue_frames / 2 && q.bytes < c.max_queue_bytes / 2
+    }
+
+    /// Waits until less than half of the queue is in use, or the channel is
+    /// closing. A producer with many frames for one channel (a replay) paces
+    /// itself with this instead of overflowing the queue of a client that
+    /// reads as fast as it can.
+    pub async fn half_empty(&self) {
+        loop {
+            let notified = self.shared.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_half_empty() || self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Waits until the writer task has ended (the channel is closed for good).
     pub async fn closed(&self) {
         loop {
@@ -405,6 +431,7 @@ impl Channel {
             std::mem::take(&mut q.hooks)
         };
         self.shared.closed.notify_waiters();
+        self.shared.drained.notify_waiters();
         for hook in hooks {
             hook(self);
         }
@@ -473,6 +500,7 @@ async fn run_writer(channel: Channel, mut sink: impl FrameSink) {
                 };
                 let n = batch.len() as u64;
                 batch.clear();
+                shared.drained.notify_waiters();
                 match done {
                     Some(Ok(())) => {
                         shared.written.fetch_add(n, Ordering::Relaxed);

@@ -823,9 +823,18 @@ impl ChannelBox {
             let Members { map, gated, .. } = &mut *m;
             for (id, held) in gated.iter_mut() {
                 let Some(ch) = map.get(id) else { continue };
-                if held.len() >= ch.config().max_queue_frames {
+                // Half the queue: the gate opens into a queue at most half full
+                // (see `subscribe`), so what is held always fits.
+                if held.len() >= ch.config().max_queue_frames / 2 {
                     ch.close(CloseReason::SLOW_CONSUMER);
                     report.overflowed.push(*id);
+                    self.inner.counters.count(
+                        ch,
+                        &DeliveryReport {
+                            overflowed: vec![*id],
+                            ..Default::default()
+                        },
+                    );
                     slow.push(*id);
                     continue;
                 }
@@ -1054,12 +1063,15 @@ impl ChannelBox {
         let (messages, recovery) = match read {
             Ok(r) => r,
             Err(err) => {
-                self.open_gate(&g, channel, &[], None, framing);
+                self.open_gate(&g, channel, None, framing);
                 return Err(err);
             }
         };
         let replayed = messages.len();
-        self.open_gate(&g, channel, &messages, recovery.as_ref(), framing);
+        self.replay_paced(&g, channel, &start, &messages).await;
+        // Live messages held meanwhile (at most half a queue) go in next.
+        channel.half_empty().await;
+        self.open_gate(&g, channel, recovery.as_ref(), framing);
         Ok(Subscribed {
             status,
             start,
@@ -1145,20 +1157,22 @@ impl ChannelBox {
     }
 
     /// Queues the replay, then what was held back, and makes the member live.
-    fn open_gate(
-        &self,
-        g: &Group,
-        channel: &Channel,
-        replay: &[StoredMessage],
-        recovery: Option<&Recovery>,
-        framing: &dyn SubscribeFraming,
-    ) {
-        let order = lock(&g.order);
-        let epoch = order.as_ref().map(|s| s.epoch.clone()).unwrap_or_default();
+    /// Queues a replay for a gated channel, never more than half its queue at
+    /// a time: a replay longer than the queue reaches a client that keeps
+    /// reading, instead of closing it as a slow consumer. Live messages are held
+    /// at the gate meanwhile; a client too slow for both is closed when the
+    /// held ones reach half a queue.
+    async fn replay_paced(&self, g: &Group, channel: &Channel, start: &SubscribeStart, replay: &[StoredMessage]) {
         for m in replay {
+            if !channel.is_half_empty() {
+                channel.half_empty().await;
+            }
+            if channel.is_closed() {
+                return;
+            }
             let msg = MessageRef {
                 group: &g.name,
-                epoch: &epoch,
+                epoch: &start.epoch,
                 offset: Some(m.offset),
                 kind: m.kind,
                 payload: &m.payload,
@@ -1166,20 +1180,45 @@ impl ChannelBox {
                 timestamp_ms: m.timestamp_ms,
             };
             let frame = self.inner.envelope.render(&msg, channel.payload_type());
-            let _ = channel.try_send(frame);
+            if channel.try_send(frame).is_err() {
+                self.count_overflow(channel);
+                return;
+            }
         }
+    }
+
+    /// Counts a frame a full queue refused; a slow consumer leaves its groups.
+    fn count_overflow(&self, channel: &Channel) {
+        let report = DeliveryReport {
+            overflowed: vec![channel.id()],
+            ..Default::default()
+        };
+        self.inner.counters.count(channel, &report);
+        if channel.is_closed() {
+            self.forget(channel.id());
+        }
+    }
+
+    /// Ends the gate: the `recovered` frame, then the live messages held while
+    /// history was read and replayed.
+    fn open_gate(&self, g: &Group, channel: &Channel, recovery: Option<&Recovery>, framing: &dyn SubscribeFraming) {
+        let order = lock(&g.order);
+        let mut refused = false;
         if let Some(frame) = recovery.and_then(|r| framing.after_recovery(r)) {
-            let _ = channel.try_send(frame);
+            refused |= matches!(channel.try_send(frame), Err(SendError::Overflow));
         }
         let mut m = lock(&g.members);
         if let Some(held) = m.gated.remove(&channel.id()) {
             for frame in held {
-                let _ = channel.try_send(frame);
+                refused |= matches!(channel.try_send(frame), Err(SendError::Overflow));
             }
         }
         m.snapshot = None;
         drop(m);
         drop(order);
+        if refused {
+            self.count_overflow(channel);
+        }
     }
 
     /// The head of a group's history.

@@ -546,3 +546,44 @@ async fn subscribe_with_last_n_replays_the_newest() {
         vec![json!({"welcome": 10}), json!(8), json!(9), json!(10), json!(11)]
     );
 }
+
+/// A recovery longer than the queue reaches a client that keeps reading: it is
+/// paced by the queue, not cut off as a slow consumer, and live messages sent
+/// meanwhile follow it without gap or duplicate.
+#[tokio::test]
+async fn a_recovery_longer_than_the_queue_is_paced_not_cut_off() {
+    let cb = new_box(HistoryLimits::default());
+    for n in 1..=200 {
+        cb.group_send("g", json!(n), true).await.unwrap();
+    }
+    let epoch = cb.head("g").await.unwrap().epoch;
+    let config = ChannelConfig {
+        max_queue_frames: 16,
+        ..ChannelConfig::default()
+    };
+    let (ch, rec) = test_channel(config);
+    let subscribing = {
+        let (cb, ch) = (cb.clone(), ch.clone());
+        tokio::spawn(async move {
+            cb.subscribe(&ch, "g", Replay::Since { epoch, offset: 10 }, &Marks)
+                .await
+        })
+    };
+    // Live messages while the replay is under way: held at the gate.
+    for n in 201..=204 {
+        cb.group_send("g", json!(n), true).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let sub = subscribing.await.unwrap().unwrap();
+    let r = sub.recovery.unwrap();
+    assert!(r.complete, "{r:?}");
+    // The subscription may start after some of the live messages.
+    assert!(r.from == 10 && (200..=204).contains(&r.to), "{r:?}");
+    assert!(!ch.is_closed(), "a reading client is not a slow consumer");
+    rec.wait_for(1 + 190 + 1 + 4, WAIT).await;
+    let got = json_of(&rec);
+    let numbers: Vec<Value> = got.iter().filter(|v| v.is_number()).cloned().collect();
+    let expected: Vec<Value> = (11..=204).map(|n| json!(n)).collect();
+    assert_eq!(numbers, expected, "replay then live, in order, each once");
+    assert_eq!(cb.stats().slow_consumer_closes, 0);
+}

@@ -245,16 +245,30 @@ pub(crate) fn loopback(plan: &Plan) -> Result<(), String> {
     // Latency at a fixed offered load: 200 messages/s to 1,000 subscribers.
     let (n, messages) = if plan.quick { (20, 100) } else { (1000, 2000) };
     let mut fixed = Vec::new();
+    let mut baseline_p99 = None;
     for kind in &SERVERS[..2] {
-        let r = measure(kind, n, messages, 200)?;
+        let runs = (0..plan.runs)
+            .map(|_| measure(kind, n, messages, 200))
+            .collect::<Result<Vec<_>, _>>()?;
+        let q = |name: &str| median(runs.iter().map(|r| f(r, &["latency_us", name])).collect());
+        let (p50, p99, max) = (q("p50"), q("p99"), q("max"));
+        let base = *baseline_p99.get_or_insert(p99);
+        let ratio = p99 / f64::max(base, 1.0);
         eprintln!(
-            "xtask bench: fixed 200 msg/s, {n} subscribers, {:<34} p50 {:>6.0} µs  p99 {:>6.0} µs  max {:>6.0} µs",
+            "xtask bench: fixed 200 msg/s, {n} subscribers, {:<34} p50 {p50:>6.0} µs  p99 {p99:>6.0} µs ({ratio:.2}x)  max {max:>6.0} µs",
             kind.name,
-            f(&r, &["latency_us", "p50"]),
-            f(&r, &["latency_us", "p99"]),
-            f(&r, &["latency_us", "max"])
         );
-        fixed.push(json!({"server": kind.name, "subscribers": n, "rate": 200, "result": r}));
+        fixed.push(json!({
+            "server": kind.name,
+            "subscribers": n,
+            "rate": 200,
+            "p50_us": p50,
+            "p99_us": p99,
+            "max_us": max,
+            "ratio_p99": ratio,
+            "loadgen_cpu_share": median(runs.iter().map(|r| f(r, &["loadgen_cpu_share"])).collect()),
+            "runs": runs,
+        }));
     }
     let results = json!({"plan": {"sizes": plan.sizes, "messages": plan.messages, "runs": plan.runs}, "throughput": rows, "fixed_rate": fixed});
     std::fs::create_dir_all("target/bench").map_err(|e| e.to_string())?;
@@ -272,6 +286,9 @@ pub(crate) fn loopback(plan: &Plan) -> Result<(), String> {
 /// history before its last memory check.
 const SOAK_ADMIN_TOKEN: &str = "soak-admin";
 
+/// The soak server's per-group history budget unless `-- --history-bytes N`.
+const SOAK_HISTORY_BYTES: &str = "65536";
+
 pub(crate) fn soak(connections: usize, seconds: u64, server_args: &[String]) -> Result<(), String> {
     // The chat server with its defaults (sled), plus `server_args`.
     let kind = &ServerKind {
@@ -283,7 +300,13 @@ pub(crate) fn soak(connections: usize, seconds: u64, server_args: &[String]) -> 
     };
     let data = std::env::temp_dir().join(format!("channelbox-soak-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
-    let (mut child, addr) = start_server(kind, &data, server_args)?;
+    // A small history budget fills within the first round, so the memory the
+    // driver compares between rounds is not history still growing.
+    let mut server_args = server_args.to_vec();
+    if !server_args.iter().any(|a| a == "--history-bytes") {
+        server_args.extend(["--history-bytes".to_owned(), SOAK_HISTORY_BYTES.to_owned()]);
+    }
+    let (mut child, addr) = start_server(kind, &data, &server_args)?;
     let args = vec![
         format!("--addr {addr}"),
         format!("--pid {}", child.id()),
