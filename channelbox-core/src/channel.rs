@@ -181,6 +181,9 @@ struct Shared {
     closed: Notify,
     /// Wakes everyone waiting in [`Channel::half_empty`]: the writer took a batch.
     drained: Notify,
+    /// How many wait in [`Channel::half_empty`]; the writer skips the wake-up
+    /// (a lock inside `Notify`) when none do, which is nearly always.
+    pacing: AtomicU64,
     queued: AtomicU64,
     written: AtomicU64,
     overflowed: AtomicU64,
@@ -239,6 +242,7 @@ impl Channel {
                 wake: Notify::new(),
                 closed: Notify::new(),
                 drained: Notify::new(),
+                pacing: AtomicU64::new(0),
                 queued: AtomicU64::new(0),
                 written: AtomicU64::new(0),
                 overflowed: AtomicU64::new(0),
@@ -362,6 +366,10 @@ impl Channel {
     /// itself with this instead of overflowing the queue of a client that
     /// reads as fast as it can.
     pub async fn half_empty(&self) {
+        // Registered before the queue is checked under its lock, so a writer
+        // that drains after the check sees the registration and wakes us.
+        self.shared.pacing.fetch_add(1, Ordering::SeqCst);
+        let _registered = PacingGuard(&self.shared.pacing);
         loop {
             let notified = self.shared.drained.notified();
             tokio::pin!(notified);
@@ -438,6 +446,15 @@ impl Channel {
     }
 }
 
+/// Unregisters a [`Channel::half_empty`] waiter, also when its future is dropped.
+struct PacingGuard<'a>(&'a AtomicU64);
+
+impl Drop for PacingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// What the writer does next.
 enum Step {
     Write,
@@ -500,7 +517,9 @@ async fn run_writer(channel: Channel, mut sink: impl FrameSink) {
                 };
                 let n = batch.len() as u64;
                 batch.clear();
-                shared.drained.notify_waiters();
+                if shared.pacing.load(Ordering::SeqCst) > 0 {
+                    shared.drained.notify_waiters();
+                }
                 match done {
                     Some(Ok(())) => {
                         shared.written.fetch_add(n, Ordering::Relaxed);

@@ -85,6 +85,21 @@ struct Args {
 /// tokio-tungstenite transport, configured for many connections (small buffers);
 /// every other request is served by warp. Every socket gets `TCP_NODELAY`: a
 /// broadcast frame should leave at once, not wait for Nagle's algorithm.
+/// The listening socket, with a backlog of 4,096 connections waiting to be
+/// accepted (the kernel caps it at `net.core.somaxconn`). tokio's default of
+/// 1,024 overflowed when 10,000 clients reconnected at once under load: the
+/// kernel then drops handshakes and clients see resets.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 async fn accept_loop(listener: tokio::net::TcpListener, service: ChatService) {
     let routes = channelbox_warp::routes(service.clone());
     loop {
@@ -207,9 +222,7 @@ async fn main() -> anyhow::Result<()> {
         admin_token: args.admin_token.clone(),
     };
     let service = ChatService::new(store, config);
-    let listener = tokio::net::TcpListener::bind(args.addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.addr))?;
+    let listener = listen(args.addr).with_context(|| format!("cannot listen on {}", args.addr))?;
     let addr = listener.local_addr()?;
     let running = tokio::spawn(accept_loop(listener, service.clone()));
     println!("listening on http://{addr}");
