@@ -54,15 +54,20 @@ fn now_us() -> u64 {
 }
 
 /// Finds the unsigned integer after `key` in `text`.
-fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
-    let at = text.windows(key.len()).position(|w| w == key)? + key.len();
-    let digits = text[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&text[at..at + digits]).ok()?.parse().ok()
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let at = text.find(key)? + key.len();
+    let digits = text[at..].bytes().take_while(u8::is_ascii_digit).count();
+    text[at..at + digits].parse().ok()
 }
 
-/// The sequence number and send time in a delivered message.
+/// The sequence number and send time in a delivered message. `str::find` is
+/// vectorized where a byte-window search is not: at a million frames a second
+/// that difference was the load generator's bottleneck.
 fn stamp(text: &[u8]) -> Option<(u64, u64)> {
-    Some((number_after(text, b"\"seq\":")?, number_after(text, b"\"t\":")?))
+    let text = std::str::from_utf8(text).ok()?;
+    // The stamps are in `data`, at the end of the frame.
+    let data = &text[text.find("\"data\":")?..];
+    Some((number_after(data, "\"seq\":")?, number_after(data, "\"t\":")?))
 }
 
 struct Tally {

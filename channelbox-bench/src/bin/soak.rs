@@ -263,9 +263,19 @@ async fn main() -> anyhow::Result<()> {
         churn(&args, round, &counts, deadline, &mut curve).await;
         // Everyone has left: the server must have let go of every group and channel.
         left.push(wait_until_empty(&addr).await?);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        idle.push(rss_bytes(args.server.pid).unwrap_or(0));
-        curve.push(*idle.last().unwrap_or(&0));
+        // Closing connections finish their close handshakes and the allocator
+        // returns freed pages over a few seconds, and only when its threads run
+        // (mimalloc purges on its next call): idle is the lowest reading of the
+        // next ten, each after a metrics scrape as a monitor would make.
+        let mut lowest = u64::MAX;
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            http_get(&addr, "/metrics").await?;
+            let rss = rss_bytes(args.server.pid).unwrap_or(0);
+            curve.push(rss);
+            lowest = lowest.min(rss);
+        }
+        idle.push(lowest);
     }
     let rss_peak = curve.iter().copied().max().unwrap_or(0);
     let leaked = left
