@@ -18,6 +18,8 @@ pub struct RawSubscriber {
     start: usize,
     /// Filled up to here.
     end: usize,
+    /// The code of the server's close frame, once one arrived.
+    close_code: Option<u16>,
 }
 
 const BUFFER: usize = 64 << 10;
@@ -65,6 +67,7 @@ pub async fn connect(addr: &str, path: &str) -> io::Result<RawSubscriber> {
         buf,
         start: head_end,
         end,
+        close_code: None,
     })
 }
 
@@ -83,6 +86,11 @@ fn parse(b: &[u8]) -> Option<(u8, usize, usize)> {
 }
 
 impl RawSubscriber {
+    /// The code of the server's close frame, if it sent one.
+    pub fn close_code(&self) -> Option<u16> {
+        self.close_code
+    }
+
     /// Hands every complete text frame's payload to `on_text`: those already
     /// buffered, or else those one more read brings in. Returns `false` once the
     /// server closed the connection.
@@ -94,7 +102,10 @@ impl RawSubscriber {
                 let payload = &self.buf[self.start + header..self.start + header + len];
                 match opcode {
                     0x1 => on_text(payload),
-                    0x8 => return Ok(false),
+                    0x8 => {
+                        self.close_code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+                        return Ok(false);
+                    }
                     0x9 => pong = Some(payload.to_vec()),
                     _ => {}
                 }

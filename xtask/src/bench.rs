@@ -223,6 +223,7 @@ pub(crate) fn loopback(plan: &Plan) -> Result<(), String> {
                 "max_us": median(runs.iter().map(|r| f(r, &["latency_us", "max"])).collect()),
                 "lost": runs.iter().map(|r| f(r, &["lost"])).sum::<f64>(),
                 "duplicated": runs.iter().map(|r| f(r, &["duplicated"])).sum::<f64>(),
+                "subscribers_ended_early": runs.iter().map(|r| f(r, &["subscribers_ended_early"])).sum::<f64>(),
                 "rss_per_connection": median(runs.iter().map(|r| f(r, &["rss_per_connection"])).collect()),
                 "loadgen_cpu_share": median(runs.iter().map(|r| f(r, &["loadgen_cpu_share"])).collect()),
                 "runs": runs,

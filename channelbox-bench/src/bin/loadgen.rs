@@ -147,7 +147,8 @@ async fn main() -> anyhow::Result<()> {
 
     let done = Arc::new(AtomicU64::new(0));
     let echoed = Arc::new(AtomicU64::new(0));
-    let totals = Arc::new(Mutex::new((0u64, 0u64, Histogram::default())));
+    // received, duplicates, latency, subscribers that ended early, the first reason
+    let totals = Arc::new(Mutex::new((0u64, 0u64, Histogram::default(), 0u64, None::<String>)));
     let (mut pub_tx, mut pub_rx) = publisher.split();
     let last_receive = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
@@ -156,14 +157,23 @@ async fn main() -> anyhow::Result<()> {
         readers.push(tokio::spawn(async move {
             let mut ws = ws;
             let mut tally = Tally::new(messages);
+            let mut ended = None;
             while tally.received < messages {
                 let open = ws.read_frames(|t| {
                     if let Some((seq, sent)) = stamp(t) {
                         tally.record(seq, sent);
                     }
                 });
-                if !matches!(open.await, Ok(true)) {
-                    break;
+                match open.await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        ended = Some(format!("closed by the server, code {:?}", ws.close_code()));
+                        break;
+                    }
+                    Err(e) => {
+                        ended = Some(format!("read failed: {e}"));
+                        break;
+                    }
                 }
             }
             last.fetch_max(now_us(), Ordering::Relaxed);
@@ -171,6 +181,10 @@ async fn main() -> anyhow::Result<()> {
             t.0 += tally.received;
             t.1 += tally.duplicates;
             t.2.merge(&tally.latency);
+            if let Some(why) = ended {
+                t.3 += 1;
+                t.4.get_or_insert(why);
+            }
             done.fetch_add(1, Ordering::Relaxed);
         }));
     }
@@ -226,9 +240,9 @@ async fn main() -> anyhow::Result<()> {
         r.abort();
     }
     pub_tally.abort();
-    let (received, duplicates, latency) = {
+    let (received, duplicates, latency, ended_early, first_end) = {
         let t = totals.lock().expect("totals");
-        (t.0, t.1, t.2.clone())
+        (t.0, t.1, t.2.clone(), t.3, t.4.clone())
     };
     let expected = args.messages * readers.len() as u64;
     let deliveries = received;
@@ -247,6 +261,8 @@ async fn main() -> anyhow::Result<()> {
         "latency_us": {"p50": latency.quantile(0.5), "p99": latency.quantile(0.99), "max": latency.max()},
         "lost": expected.saturating_sub(received),
         "duplicated": duplicates,
+        "subscribers_ended_early": ended_early,
+        "first_early_end": first_end,
         "timed_out": timed_out,
         "rss_before": rss_before,
         "rss_connected": rss_connected,
