@@ -84,6 +84,25 @@ struct Queue {
     shutdown: bool,
 }
 
+/// Waits until the progress mark `mark` reaches `seq`; fails if a write failed
+/// first, or the writer is gone.
+async fn reach(
+    mut rx: watch::Receiver<Progress>,
+    seq: u64,
+    mark: fn(&Progress) -> u64,
+    path: &std::path::Path,
+) -> Result<(), SledError> {
+    let p = rx
+        .wait_for(|p| mark(p) >= seq || p.error.is_some())
+        .await
+        .map_err(|_| SledError::Closed(path.to_owned()))?
+        .clone();
+    match p.error {
+        Some(why) if mark(&p) < seq => Err(SledError::Flush(path.to_owned(), why.to_string())),
+        _ => Ok(()),
+    }
+}
+
 /// The queue, its thread's wake-up, and its published progress.
 #[derive(Debug)]
 pub(crate) struct Writer {
@@ -142,33 +161,14 @@ impl Writer {
     /// Resolves once write `seq` is on disk, or fails with the error that
     /// stopped it.
     pub(crate) fn durable(&self, seq: u64, path: &std::path::Path) -> DurableFuture {
-        let mut rx = self.progress.subscribe();
+        let rx = self.progress.subscribe();
         let path = path.to_owned();
-        Box::pin(async move {
-            let p = rx
-                .wait_for(|p| p.durable >= seq || p.error.is_some())
-                .await
-                .map_err(|_| SledError::Closed(path.clone()))?
-                .clone();
-            match p.error {
-                Some(why) if p.durable < seq => Err(SledError::Flush(path, why.to_string()).into()),
-                _ => Ok(()),
-            }
-        })
+        Box::pin(async move { Ok(reach(rx, seq, |p| p.durable, &path).await?) })
     }
 
     /// Waits until write `seq` is in sled, so that a read sees it.
     pub(crate) async fn applied(&self, seq: u64, path: &std::path::Path) -> Result<(), SledError> {
-        let mut rx = self.progress.subscribe();
-        let p = rx
-            .wait_for(|p| p.applied >= seq || p.error.is_some())
-            .await
-            .map_err(|_| SledError::Closed(path.to_owned()))?
-            .clone();
-        match p.error {
-            Some(why) if p.applied < seq => Err(SledError::Flush(path.to_owned(), why.to_string())),
-            _ => Ok(()),
-        }
+        reach(self.progress.subscribe(), seq, |p| p.applied, path).await
     }
 
     /// Asks the thread to finish what is queued and end.
