@@ -1,6 +1,7 @@
 //! Payloads, payload types and the encoded frames handed to channels.
 
 use bytes::Bytes;
+use std::sync::Arc;
 
 /// How a channel wants to receive what is sent to it, as in Nexios
 /// (`payload_type="json" | "text" | "bytes"`).
@@ -122,66 +123,68 @@ pub enum FrameKind {
 
 /// An already-encoded outgoing frame. Cloning shares the bytes, which is how one
 /// broadcast reaches thousands of members with one encoding.
+///
+/// A frame is one pointer wide: a broadcast writes one into the queue of every
+/// member, and at thousands of members those writes are cache misses, so eight
+/// frames to a cache line cost a fifth of the misses of a fat `Bytes` handle.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Frame {
+pub struct Frame(Arc<FrameBody>);
+
+#[derive(Debug, PartialEq, Eq)]
+struct FrameBody {
     kind: FrameKind,
     data: Bytes,
 }
 
 impl Frame {
+    fn new(kind: FrameKind, data: Bytes) -> Self {
+        Frame(Arc::new(FrameBody { kind, data }))
+    }
+
     /// A text frame.
     pub fn text(text: impl Into<String>) -> Self {
-        Frame {
-            kind: FrameKind::Text,
-            data: Bytes::from(text.into()),
-        }
+        Frame::new(FrameKind::Text, Bytes::from(text.into()))
     }
 
     /// A text frame from bytes; fails when they are not UTF-8, so a transport
     /// never has to check again.
     pub fn text_from_utf8(data: Bytes) -> Result<Self, std::str::Utf8Error> {
         std::str::from_utf8(&data)?;
-        Ok(Frame {
-            kind: FrameKind::Text,
-            data,
-        })
+        Ok(Frame::new(FrameKind::Text, data))
     }
 
     /// A binary frame.
     pub fn binary(data: impl Into<Bytes>) -> Self {
-        Frame {
-            kind: FrameKind::Binary,
-            data: data.into(),
-        }
+        Frame::new(FrameKind::Binary, data.into())
     }
 
     /// The frame's opcode.
     pub fn kind(&self) -> FrameKind {
-        self.kind
+        self.0.kind
     }
 
     /// The frame's bytes.
     pub fn data(&self) -> &Bytes {
-        &self.data
+        &self.0.data
     }
 
     /// The frame's text, when it is a text frame.
     pub fn as_text(&self) -> Option<&str> {
-        match self.kind {
+        match self.0.kind {
             // Text frames are only built from checked UTF-8.
-            FrameKind::Text => std::str::from_utf8(&self.data).ok(),
+            FrameKind::Text => std::str::from_utf8(&self.0.data).ok(),
             FrameKind::Binary => None,
         }
     }
 
     /// Bytes this frame counts against a queue's byte bound.
     pub fn len(&self) -> usize {
-        self.data.len()
+        self.0.data.len()
     }
 
     /// Whether the frame carries no bytes.
     pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
+        self.0.data.is_empty()
     }
 }
 
