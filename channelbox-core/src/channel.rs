@@ -153,28 +153,77 @@ pub struct ChannelStats {
 
 type CloseHook = Box<dyn FnOnce(&Channel) + Send>;
 
-enum State {
+/// Where the channel is in its life.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
     Open,
-    /// A close was requested; the writer sends it and ends.
-    Closing(CloseReason),
+    /// A close was requested (`Queue::reason`); the writer sends it and ends.
+    Closing,
     /// The writer ended.
-    Closed(CloseReason),
+    Closed,
 }
 
+/// Everything behind the channel's lock. A broadcast's push touches only the
+/// fields up to `phase`, which share one cache line with the lock (see
+/// [`Shared`]): at 10,000 members every push meets a cold channel, and each
+/// line it needs is a cache miss.
+#[repr(C)]
 struct Queue {
     frames: VecDeque<Frame>,
     bytes: usize,
-    state: State,
+    // The queue's own bounds, kept next to what they bound.
+    max_bytes: usize,
+    max_frames: u32,
+    overflow: OverflowPolicy,
+    payload_type: PayloadType,
+    phase: Phase,
+    // Rarely touched from here on.
+    /// Frames the writer took.
+    taken: u64,
+    /// Frames accepted and then thrown away (overflow, an abnormal close).
+    discarded: u64,
+    /// Why the channel is closing or closed.
+    reason: Option<CloseReason>,
     hooks: Vec<CloseHook>,
 }
 
+// The lock's own word comes first (8 bytes with std's futex mutex), then the
+// queue: its hot fields must end inside the first line.
+const _: () = assert!(8 + std::mem::offset_of!(Queue, phase) < 64);
+
+impl Queue {
+    fn is_open(&self) -> bool {
+        self.phase == Phase::Open
+    }
+
+    /// Throws the queued frames away, counting them.
+    fn discard(&mut self) {
+        self.discarded += self.frames.len() as u64;
+        self.frames = VecDeque::new();
+        self.bytes = 0;
+    }
+
+    fn start_closing(&mut self, reason: CloseReason) {
+        self.phase = Phase::Closing;
+        self.reason = Some(reason);
+    }
+
+    fn reason(&self) -> CloseReason {
+        self.reason.clone().unwrap_or(CloseReason::ABNORMAL)
+    }
+}
+
+/// A channel's state. The lock and the queue's hot fields come first and the
+/// struct is aligned to a cache line, so a broadcast's push costs one line
+/// here (and one in the queue's buffer).
+#[repr(C, align(64))]
 struct Shared {
+    queue: Mutex<Queue>,
     id: Uuid,
     config: ChannelConfig,
     created: Instant,
     /// Milliseconds after `created` of the last activity.
     last_activity: AtomicU64,
-    queue: Mutex<Queue>,
     /// Wakes the writer: frames arrived, a close was requested, activity moved expiry.
     wake: Notify,
     /// Wakes everyone waiting in [`Channel::closed`].
@@ -184,7 +233,6 @@ struct Shared {
     /// How many wait in [`Channel::half_empty`]; the writer skips the wake-up
     /// (a lock inside `Notify`) when none do, which is nearly always.
     pacing: AtomicU64,
-    queued: AtomicU64,
     written: AtomicU64,
     overflowed: AtomicU64,
 }
@@ -229,21 +277,28 @@ impl Channel {
     pub fn open_with_id(id: Uuid, config: ChannelConfig, sink: impl FrameSink) -> Channel {
         let channel = Channel {
             shared: Arc::new(Shared {
+                queue: Mutex::new(Queue {
+                    frames: VecDeque::new(),
+                    bytes: 0,
+                    max_bytes: config.max_queue_bytes,
+                    // A queue of four billion frames would not fit in memory anyway.
+                    max_frames: u32::try_from(config.max_queue_frames).unwrap_or(u32::MAX),
+                    overflow: config.overflow,
+                    payload_type: config.payload_type,
+                    phase: Phase::Open,
+                    taken: 0,
+                    discarded: 0,
+                    reason: None,
+                    hooks: Vec::new(),
+                }),
                 id,
                 config,
                 created: Instant::now(),
                 last_activity: AtomicU64::new(0),
-                queue: Mutex::new(Queue {
-                    frames: VecDeque::new(),
-                    bytes: 0,
-                    state: State::Open,
-                    hooks: Vec::new(),
-                }),
                 wake: Notify::new(),
                 closed: Notify::new(),
                 drained: Notify::new(),
                 pacing: AtomicU64::new(0),
-                queued: AtomicU64::new(0),
                 written: AtomicU64::new(0),
                 overflowed: AtomicU64::new(0),
             }),
@@ -276,35 +331,42 @@ impl Channel {
     /// Hands an encoded frame to the channel without waiting. On a full queue the
     /// overflow policy is applied and counted.
     pub fn try_send(&self, frame: Frame) -> Result<Enqueued, SendError> {
-        let config = &self.shared.config;
+        self.try_send_with(|_| frame)
+    }
+
+    /// Like [`Channel::try_send`], with the frame made for the channel's payload
+    /// type under its lock (`frame` must be quick, like cloning a cached frame).
+    /// A broadcast uses this so that its push reads nothing but the queue's line.
+    pub(crate) fn try_send_with(&self, frame: impl FnOnce(PayloadType) -> Frame) -> Result<Enqueued, SendError> {
         let mut q = self.lock();
-        if !matches!(q.state, State::Open) {
+        if !q.is_open() {
             return Err(SendError::Closed);
         }
+        let frame = frame(q.payload_type);
         let len = frame.len();
-        let fits = |q: &Queue| q.frames.len() < config.max_queue_frames && q.bytes + len <= config.max_queue_bytes;
+        let fits = |q: &Queue| q.frames.len() < q.max_frames as usize && q.bytes + len <= q.max_bytes;
         let mut dropped = 0;
         if !fits(&q) {
             self.shared.overflowed.fetch_add(1, Ordering::Relaxed);
-            match config.overflow {
+            match q.overflow {
                 OverflowPolicy::Disconnect => {
                     // Queued frames are useless to a client that will reconnect
                     // and recover from history: free them now.
-                    q.frames = VecDeque::new();
-                    q.bytes = 0;
-                    q.state = State::Closing(CloseReason::SLOW_CONSUMER);
+                    q.discard();
+                    q.start_closing(CloseReason::SLOW_CONSUMER);
                     drop(q);
                     self.shared.wake.notify_one();
                     return Err(SendError::Overflow);
                 }
                 OverflowPolicy::DropOldest => {
-                    if len > config.max_queue_bytes || config.max_queue_frames == 0 {
+                    if len > q.max_bytes || q.max_frames == 0 {
                         return Err(SendError::Overflow);
                     }
                     while !fits(&q) {
                         match q.frames.pop_front() {
                             Some(old) => {
                                 q.bytes -= old.len();
+                                q.discarded += 1;
                                 dropped += 1;
                             }
                             None => break,
@@ -317,7 +379,6 @@ impl Channel {
         q.bytes += len;
         q.frames.push_back(frame);
         drop(q);
-        self.shared.queued.fetch_add(1, Ordering::Relaxed);
         if was_empty {
             self.shared.wake.notify_one();
         }
@@ -329,29 +390,26 @@ impl Channel {
     /// Closing twice keeps the first reason.
     pub fn close(&self, reason: CloseReason) {
         let mut q = self.lock();
-        if !matches!(q.state, State::Open) {
+        if !q.is_open() {
             return;
         }
         if reason == CloseReason::ABNORMAL {
-            q.frames = VecDeque::new();
-            q.bytes = 0;
+            q.discard();
         }
-        q.state = State::Closing(reason);
+        q.start_closing(reason);
         drop(q);
         self.shared.wake.notify_one();
     }
 
     /// Whether the channel is closing or closed.
     pub fn is_closed(&self) -> bool {
-        !matches!(self.lock().state, State::Open)
+        !self.lock().is_open()
     }
 
     /// The reason the channel closed, once its writer has ended.
     pub fn close_reason(&self) -> Option<CloseReason> {
-        match &self.lock().state {
-            State::Closed(r) => Some(r.clone()),
-            _ => None,
-        }
+        let q = self.lock();
+        (q.phase == Phase::Closed).then(|| q.reason())
     }
 
     /// Whether less than half of the queue's frames and bytes are in use.
@@ -387,7 +445,7 @@ impl Channel {
             let notified = self.shared.closed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if matches!(self.lock().state, State::Closed(_)) {
+            if self.lock().phase == Phase::Closed {
                 return;
             }
             notified.await;
@@ -403,7 +461,7 @@ impl Channel {
     /// Runs `hook` once when the channel has closed (at once if it already has).
     pub fn on_close(&self, hook: impl FnOnce(&Channel) + Send + 'static) {
         let mut q = self.lock();
-        if matches!(q.state, State::Closed(_)) {
+        if q.phase == Phase::Closed {
             drop(q);
             hook(self);
             return;
@@ -415,7 +473,7 @@ impl Channel {
     pub fn stats(&self) -> ChannelStats {
         let q = self.lock();
         ChannelStats {
-            queued: self.shared.queued.load(Ordering::Relaxed),
+            queued: q.taken + q.frames.len() as u64 + q.discarded,
             written: self.shared.written.load(Ordering::Relaxed),
             overflowed: self.shared.overflowed.load(Ordering::Relaxed),
             pending_frames: q.frames.len(),
@@ -433,9 +491,9 @@ impl Channel {
     fn finish(&self, reason: CloseReason) {
         let hooks = {
             let mut q = self.lock();
-            q.frames = VecDeque::new();
-            q.bytes = 0;
-            q.state = State::Closed(reason);
+            q.discard();
+            q.phase = Phase::Closed;
+            q.reason = Some(reason);
             std::mem::take(&mut q.hooks)
         };
         self.shared.closed.notify_waiters();
@@ -474,15 +532,16 @@ async fn run_writer(channel: Channel, mut sink: impl FrameSink) {
     let reason = loop {
         let step = {
             let mut q = channel.lock();
-            match &q.state {
-                State::Closed(r) => break r.clone(),
-                State::Closing(r) if q.frames.is_empty() => Step::Close(r.clone()),
-                State::Open if q.frames.is_empty() => Step::Wait,
-                State::Open | State::Closing(_) => {
+            match q.phase {
+                Phase::Closed => break q.reason(),
+                Phase::Closing if q.frames.is_empty() => Step::Close(q.reason()),
+                Phase::Open if q.frames.is_empty() => Step::Wait,
+                Phase::Open | Phase::Closing => {
                     let n = q.frames.len().min(max_batch);
                     batch.extend(q.frames.drain(..n));
                     let bytes: usize = batch.iter().map(Frame::len).sum();
                     q.bytes -= bytes;
+                    q.taken += n as u64;
                     if q.frames.is_empty() && q.frames.capacity() > 64 {
                         // Give back the memory a burst left behind: idle
                         // connections must stay small.
@@ -507,7 +566,7 @@ async fn run_writer(channel: Channel, mut sink: impl FrameSink) {
                         tokio::select! {
                             res = &mut write => break Some(res),
                             _ = shared.wake.notified() => {
-                                if deadline.is_none() && matches!(channel.lock().state, State::Closing(_)) {
+                                if deadline.is_none() && channel.lock().phase == Phase::Closing {
                                     deadline = Some(Instant::now() + shared.config.close_timeout);
                                 }
                             }
@@ -530,8 +589,9 @@ async fn run_writer(channel: Channel, mut sink: impl FrameSink) {
                     }
                     None => {
                         // The client never took the frames: drop the connection.
-                        break match &channel.lock().state {
-                            State::Closing(r) => r.clone(),
+                        let q = channel.lock();
+                        break match q.phase {
+                            Phase::Closing => q.reason(),
                             _ => CloseReason::ABNORMAL,
                         };
                     }

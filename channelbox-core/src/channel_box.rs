@@ -66,15 +66,17 @@ pub struct DeliveryReport {
 }
 
 impl DeliveryReport {
-    fn record(&mut self, id: Uuid, result: Result<crate::channel::Enqueued, SendError>) {
+    fn record(&mut self, channel: &Channel, result: Result<crate::channel::Enqueued, SendError>) {
+        // The id is read only when needed: it lives outside the cache line a
+        // broadcast's push touches.
         match result {
             Ok(e) if e.dropped == 0 => self.delivered += 1,
             Ok(_) => {
                 self.delivered += 1;
-                self.overflowed.push(id);
+                self.overflowed.push(channel.id());
             }
-            Err(SendError::Overflow) => self.overflowed.push(id),
-            Err(SendError::Closed) => self.closed.push(id),
+            Err(SendError::Overflow) => self.overflowed.push(channel.id()),
+            Err(SendError::Closed) => self.closed.push(channel.id()),
         }
     }
 }
@@ -804,7 +806,7 @@ impl ChannelBox {
         let mut slow = Vec::new();
         for ch in members.iter() {
             let before = report.overflowed.len();
-            report.record(ch.id(), ch.try_send(rendered.frame(ch.payload_type())));
+            report.record(ch, ch.try_send_with(|to| rendered.frame(to)));
             if report.overflowed.len() > before {
                 self.inner.counters.count(
                     ch,
@@ -876,7 +878,7 @@ impl ChannelBox {
 
     fn send_frame(&self, channel: &Channel, frame: Frame) -> DeliveryReport {
         let mut report = DeliveryReport::default();
-        report.record(channel.id(), channel.try_send(frame));
+        report.record(channel, channel.try_send(frame));
         if !report.overflowed.is_empty() {
             self.inner.counters.count(
                 channel,

@@ -168,8 +168,20 @@ async fn drop_oldest_keeps_a_stalled_member_connected_with_a_visible_gap() {
     }
     assert!(dropped_any);
     assert!(!ch.is_closed(), "drop-oldest does not disconnect");
+    let stats = ch.stats();
+    assert_eq!(stats.queued, 20, "every frame was accepted, dropped ones included");
+    assert_eq!((stats.pending_frames, stats.overflowed), (4, 15));
     rec.resume();
     let frames = rec.wait_for(5, WAIT).await;
+    tokio::time::timeout(WAIT, async {
+        while ch.stats().written < 5 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the writer counts what it wrote");
+    let stats = ch.stats();
+    assert_eq!((stats.queued, stats.pending_frames, stats.pending_bytes), (20, 0, 0));
     let got: Vec<Value> = frames
         .iter()
         .map(|f| serde_json::from_str(f.as_text().unwrap()).unwrap())
