@@ -404,7 +404,11 @@ impl ChatService {
                                 self.send(s, err.frame(None));
                                 break Some(CloseReason::new(1009, "message too big"));
                             }
-                            if let Some(done) = self.dispatch(s, &text).await {
+                            // Boxed: the session waits in this loop for its
+                            // whole life, and an inline `dispatch` (joins,
+                            // history reads) would make every idle
+                            // connection's task as large as its largest request.
+                            if let Some(done) = Box::pin(self.dispatch(s, &text)).await {
                                 pending.push(done);
                             }
                         }
