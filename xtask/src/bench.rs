@@ -198,16 +198,32 @@ fn f(v: &Value, path: &[&str]) -> f64 {
     cur.as_f64().unwrap_or(0.0)
 }
 
+/// Measures every server `runs` times, taking turns (a run of each, then the
+/// next round), so that a shared machine's slow minutes fall on all servers
+/// alike instead of on whichever ran then. Returns the runs of each server,
+/// in the order of `servers`.
+fn interleaved<K>(
+    servers: &[K],
+    runs: usize,
+    mut measure: impl FnMut(&K) -> Result<Value, String>,
+) -> Result<Vec<Vec<Value>>, String> {
+    let mut all: Vec<Vec<Value>> = servers.iter().map(|_| Vec::with_capacity(runs)).collect();
+    for _ in 0..runs {
+        for (kind, runs) in servers.iter().zip(&mut all) {
+            runs.push(measure(kind)?);
+        }
+    }
+    Ok(all)
+}
+
 /// Runs the loopback benchmark and writes the results.
 pub(crate) fn loopback(plan: &Plan) -> Result<(), String> {
     let mut rows = Vec::new();
     for &n in &plan.sizes {
         let mut baseline: Option<(f64, f64)> = None;
-        for kind in SERVERS {
-            let mut runs = Vec::new();
-            for _ in 0..plan.runs {
-                runs.push(measure(kind, n, plan.messages, 0)?);
-            }
+        for (kind, runs) in SERVERS.iter().zip(interleaved(SERVERS, plan.runs, |kind| {
+            measure(kind, n, plan.messages, 0)
+        })?) {
             let dps = median(runs.iter().map(|r| f(r, &["deliveries_per_sec"])).collect());
             let dpc = median(runs.iter().map(|r| f(r, &["deliveries_per_cpu_sec"])).collect());
             let (base_dps, base_dpc) = *baseline.get_or_insert((dps, dpc));
@@ -247,10 +263,11 @@ pub(crate) fn loopback(plan: &Plan) -> Result<(), String> {
     let (n, messages) = if plan.quick { (20, 100) } else { (1000, 2000) };
     let mut fixed = Vec::new();
     let mut baseline_p99 = None;
-    for kind in &SERVERS[..2] {
-        let runs = (0..plan.runs)
-            .map(|_| measure(kind, n, messages, 200))
-            .collect::<Result<Vec<_>, _>>()?;
+    let servers = &SERVERS[..2];
+    for (kind, runs) in servers
+        .iter()
+        .zip(interleaved(servers, plan.runs, |kind| measure(kind, n, messages, 200))?)
+    {
         let q = |name: &str| median(runs.iter().map(|r| f(r, &["latency_us", name])).collect());
         let (p50, p99, max) = (q("p50"), q("p99"), q("max"));
         let base = *baseline_p99.get_or_insert(p99);
@@ -331,4 +348,23 @@ pub(crate) fn soak(connections: usize, seconds: u64, server_args: &[String]) -> 
         return Err(format!("the soak run failed ({})", out.status));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_take_turns_and_runs_stay_with_their_server() {
+        let mut order = Vec::new();
+        let runs = interleaved(&["base", "ours"], 3, |kind| {
+            order.push(*kind);
+            Ok(json!({"server": kind, "run": order.len()}))
+        })
+        .unwrap();
+        assert_eq!(order, ["base", "ours", "base", "ours", "base", "ours"]);
+        let of = |i: usize| runs[i].iter().map(|r| r["run"].as_u64().unwrap()).collect::<Vec<_>>();
+        assert_eq!((of(0), of(1)), (vec![1, 3, 5], vec![2, 4, 6]));
+        assert!(interleaved(&["base"], 2, |_| Err::<Value, _>("down".to_owned())).is_err());
+    }
 }
