@@ -415,8 +415,7 @@ impl Channel {
     /// Whether less than half of the queue's frames and bytes are in use.
     pub fn is_half_empty(&self) -> bool {
         let q = self.lock();
-        let c = &self.shared.config;
-        q.frames.len() < c.max_queue_frames / 2 && q.bytes < c.max_queue_bytes / 2
+        q.frames.len() < q.max_frames as usize / 2 && q.bytes < q.max_bytes / 2
     }
 
     /// Waits until less than half of the queue is in use, or the channel is
