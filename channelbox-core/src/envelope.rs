@@ -2,6 +2,7 @@
 
 use bytes::Bytes;
 
+use crate::history::{NewMessage, StoredMessage};
 use crate::payload::{plain_frame, Frame, PayloadKind, PayloadType};
 
 /// A message on its way to members, live or replayed from history.
@@ -21,6 +22,35 @@ pub struct MessageRef<'a> {
     pub meta: &'a Bytes,
     /// When it was published, milliseconds since the Unix epoch.
     pub timestamp_ms: u64,
+}
+
+impl<'a> MessageRef<'a> {
+    /// A message being published: `offset` is its assigned offset, or `None`
+    /// when it is not saved.
+    pub fn live(group: &'a str, epoch: &'a str, offset: Option<u64>, message: &'a NewMessage) -> Self {
+        MessageRef {
+            group,
+            epoch,
+            offset,
+            kind: message.kind,
+            payload: &message.payload,
+            meta: &message.meta,
+            timestamp_ms: message.timestamp_ms,
+        }
+    }
+
+    /// A message read back from history.
+    pub fn stored(group: &'a str, epoch: &'a str, message: &'a StoredMessage) -> Self {
+        MessageRef {
+            group,
+            epoch,
+            offset: Some(message.offset),
+            kind: message.kind,
+            payload: &message.payload,
+            meta: &message.meta,
+            timestamp_ms: message.timestamp_ms,
+        }
+    }
 }
 
 /// Turns a message into a frame for channels of one payload type. A broadcast

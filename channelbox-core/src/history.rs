@@ -10,6 +10,7 @@ use bytes::Bytes;
 
 use crate::error::{ConfigError, StoreError};
 use crate::payload::PayloadKind;
+use crate::position::{Epoch, StreamPosition};
 
 /// The environment variable Nexios reads for the per-group history size.
 pub const HISTORY_SIZE_ENV: &str = "CHANNEL_BOX_HISTORY_SIZE";
@@ -125,7 +126,7 @@ impl StoredMessage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Head {
     /// The group's epoch: it changes whenever the group's history is lost or reset.
-    pub epoch: String,
+    pub epoch: Epoch,
     /// The oldest retained offset; `last + 1` when nothing is retained.
     pub first: u64,
     /// The newest offset ever assigned in this epoch; 0 when none.
@@ -133,10 +134,16 @@ pub struct Head {
 }
 
 impl Head {
-    /// Whether a client that saw everything up to `since` in `epoch` can be
-    /// brought up to date from history without a gap.
-    pub fn can_recover(&self, epoch: &str, since: u64) -> bool {
-        self.epoch == epoch && since <= self.last && self.first <= since + 1
+    /// Whether a client that saw everything up to `seen` can still be brought
+    /// up to date from history without a gap: same epoch, not ahead of the
+    /// newest offset, and nothing after it trimmed yet.
+    pub fn can_recover(&self, seen: &StreamPosition) -> bool {
+        self.epoch == seen.epoch && seen.offset <= self.last && self.first <= seen.offset + 1
+    }
+
+    /// The position of the newest message (offset 0 when there is none).
+    pub fn position(&self) -> StreamPosition {
+        StreamPosition::new(self.epoch.clone(), self.last)
     }
 }
 
@@ -204,7 +211,7 @@ pub struct PendingAppend {
     /// The assigned offset.
     pub offset: u64,
     /// The group's epoch at the append.
-    pub epoch: String,
+    pub epoch: Epoch,
     /// Resolves once the message is durable (at once for in-memory stores).
     pub durable: DurableFuture,
 }
@@ -220,7 +227,7 @@ impl std::fmt::Debug for PendingAppend {
 
 impl PendingAppend {
     /// An append that is complete already.
-    pub fn ready(offset: u64, epoch: String) -> Self {
+    pub fn ready(offset: u64, epoch: Epoch) -> Self {
         PendingAppend {
             offset,
             epoch,
@@ -259,7 +266,7 @@ pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
     async fn read(&self, group: &str, query: ReadQuery) -> Result<HistoryPage, StoreError>;
 
     /// Drops a group's history and gives it a new epoch, which is returned.
-    async fn flush_group(&self, group: &str) -> Result<String, StoreError>;
+    async fn flush_group(&self, group: &str) -> Result<Epoch, StoreError>;
 
     /// Drops every group's history; each gets a new epoch.
     async fn flush_all(&self) -> Result<(), StoreError>;

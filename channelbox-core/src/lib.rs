@@ -43,16 +43,16 @@ mod envelope;
 mod error;
 mod history;
 mod payload;
+mod position;
+mod transport;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use channel::{
-    Channel, ChannelConfig, ChannelStats, CloseReason, Enqueued, FrameSink, OverflowPolicy, SendError, SinkError,
-};
+pub use channel::{Channel, ChannelConfig, ChannelStats, Enqueued, OverflowPolicy, SendError};
 pub use channel_box::{
     AddStatus, BoxStats, ChannelBox, DeliveryReport, NoFraming, PendingPublish, PublishReport, Recovery, RemoveStatus,
-    Replay, SubscribeFraming, SubscribeStart, Subscribed,
+    Replay, SubscribeFraming, Subscribed,
 };
 pub use envelope::{Envelope, MessageRef, PlainEnvelope};
 pub use error::{BoxError, ConfigError, StoreError, StoreErrorKind};
@@ -61,3 +61,5 @@ pub use history::{
     HistoryStore, NewMessage, PendingAppend, ReadQuery, StoredMessage, DEFAULT_HISTORY_BYTES, HISTORY_SIZE_ENV,
 };
 pub use payload::{Frame, FrameKind, Payload, PayloadKind, PayloadType};
+pub use position::{Epoch, StreamPosition};
+pub use transport::{CloseReason, FrameSink, Incoming, SinkError};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use channelbox_core::testkit::{test_channel, Recorder};
 use channelbox_core::{
     AddStatus, BoxError, Channel, ChannelBox, ChannelConfig, CloseReason, FrameKind, HistoryLimits, HistoryStore,
-    OverflowPolicy, PayloadType, ReadQuery, RemoveStatus, Replay, SubscribeFraming, SubscribeStart,
+    OverflowPolicy, PayloadType, ReadQuery, RemoveStatus, Replay, StreamPosition, SubscribeFraming,
 };
 use channelbox_store_memory::{MemoryConfig, MemoryStore};
 use serde_json::{json, Value};
@@ -420,7 +420,7 @@ async fn flush_groups_empties_every_group() {
 struct Marks;
 
 impl SubscribeFraming for Marks {
-    fn before(&self, start: &SubscribeStart) -> Option<channelbox_core::Frame> {
+    fn before(&self, start: &StreamPosition) -> Option<channelbox_core::Frame> {
         Some(channelbox_core::Frame::text(
             json!({"welcome": start.offset}).to_string(),
         ))
@@ -461,10 +461,7 @@ async fn recovery_joins_replay_and_live_without_gap_or_duplicate_while_others_pu
             .subscribe(
                 &ch,
                 "g",
-                Replay::Since {
-                    epoch: epoch.clone(),
-                    offset: since,
-                },
+                Replay::Since(StreamPosition::new(epoch.clone(), since)),
                 &Marks,
             )
             .await
@@ -512,24 +509,25 @@ async fn recovery_is_incomplete_for_another_epoch_or_a_trimmed_gap() {
         cb.group_send("g", json!(n), true).await.unwrap();
     }
     let epoch = cb.head("g").await.unwrap().epoch;
-    let (messages, complete) = cb.recover("g", &epoch, 7, 100).await.unwrap();
+    let (messages, complete) = cb
+        .recover("g", &StreamPosition::new(epoch.clone(), 7), 100)
+        .await
+        .unwrap();
     assert!(complete);
     assert_eq!(messages.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![8, 9, 10]);
-    let (messages, complete) = cb.recover("g", &epoch, 2, 100).await.unwrap();
+    let (messages, complete) = cb
+        .recover("g", &StreamPosition::new(epoch.clone(), 2), 100)
+        .await
+        .unwrap();
     assert!(!complete && messages.is_empty(), "messages 3..5 were trimmed");
-    let (messages, complete) = cb.recover("g", "another-epoch", 8, 100).await.unwrap();
+    let (messages, complete) = cb
+        .recover("g", &StreamPosition::new("another-epoch".into(), 8), 100)
+        .await
+        .unwrap();
     assert!(!complete && messages.is_empty(), "another epoch");
     let (ch, rec) = test_channel(ChannelConfig::default());
     let sub = cb
-        .subscribe(
-            &ch,
-            "g",
-            Replay::Since {
-                epoch: "old".into(),
-                offset: 9,
-            },
-            &Marks,
-        )
+        .subscribe(&ch, "g", Replay::Since(StreamPosition::new("old".into(), 9)), &Marks)
         .await
         .unwrap();
     let r = sub.recovery.unwrap();
@@ -577,7 +575,7 @@ async fn a_recovery_longer_than_the_queue_is_paced_not_cut_off() {
     let subscribing = {
         let (cb, ch) = (cb.clone(), ch.clone());
         tokio::spawn(async move {
-            cb.subscribe(&ch, "g", Replay::Since { epoch, offset: 10 }, &Marks)
+            cb.subscribe(&ch, "g", Replay::Since(StreamPosition::new(epoch, 10)), &Marks)
                 .await
         })
     };

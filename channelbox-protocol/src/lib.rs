@@ -30,8 +30,9 @@ mod names;
 mod service;
 
 pub use auth::{now_secs, Permissions, TokenError, TokenVerifier, User};
+pub use channelbox_core::Incoming;
 pub use config::{ProtocolConfig, DEFAULT_HISTORY_LIMIT, MAX_GROUP_BYTES, MAX_HISTORY_LIMIT, MAX_JSON_DEPTH};
 pub use frames::{render_message, ChatEnvelope, ErrorCode, ProtocolError, Sender};
 pub use metrics::Metrics;
 pub use names::{decode_group, query_param, valid_group};
-pub use service::{Admission, ChatService, HttpAnswer, Incoming};
+pub use service::{Admission, ChatService, HttpAnswer};

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use channelbox_core::{
-    BoxError, Channel, ChannelBox, ChannelConfig, CloseReason, Frame, HistoryStore, NewMessage, OverflowPolicy,
-    PayloadKind, PublishReport, ReadQuery, Recovery, Replay, SubscribeFraming, SubscribeStart,
+    BoxError, Channel, ChannelBox, ChannelConfig, CloseReason, Frame, HistoryStore, Incoming, NewMessage,
+    OverflowPolicy, PayloadKind, PublishReport, ReadQuery, Recovery, Replay, StreamPosition, SubscribeFraming,
 };
 use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
 use serde_json::{json, Map, Value};
@@ -22,25 +22,6 @@ use crate::config::{ProtocolConfig, DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT};
 use crate::frames::{reply, ChatEnvelope, ErrorCode, ProtocolError, Sender};
 use crate::metrics::Metrics;
 use crate::names::{decode_group, query_param, valid_group};
-
-/// A frame from a client, as every transport reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Incoming {
-    /// A text frame (valid UTF-8).
-    Text(String),
-    /// A binary frame.
-    Binary(Bytes),
-    /// A ping or pong control frame (activity only).
-    Control,
-    /// The client sent a close frame.
-    Close,
-    /// A message above the maximum size.
-    TooLarge,
-    /// A text frame that is not UTF-8.
-    InvalidUtf8,
-    /// The transport failed.
-    Failed,
-}
 
 /// An HTTP answer: status and JSON body.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,7 +99,7 @@ struct Framing<'a> {
 }
 
 impl SubscribeFraming for Framing<'_> {
-    fn before(&self, start: &SubscribeStart) -> Option<Frame> {
+    fn before(&self, start: &StreamPosition) -> Option<Frame> {
         Some(reply(
             json!({"type": "welcome", "channel_id": self.id, "group": self.group, "epoch": start.epoch, "offset": start.offset}),
             None,
@@ -300,10 +281,10 @@ impl ChatService {
                 .map_err(|_| HttpAnswer::error(400, "bad_request", format!("history={s:?} is not an integer")))?,
         };
         let replay = match since {
-            Some(offset) => Replay::Since {
-                epoch: query_param(query, "epoch").unwrap_or_default(),
+            Some(offset) => Replay::Since(StreamPosition::new(
+                query_param(query, "epoch").unwrap_or_default().into(),
                 offset,
-            },
+            )),
             None if history > 0 => Replay::Last((history as usize).min(MAX_HISTORY_LIMIT)),
             None => Replay::None,
         };
@@ -617,7 +598,7 @@ impl ChatService {
         out.push_str(r#"{"group":"#);
         out.push_str(&Value::String(group.to_owned()).to_string());
         out.push_str(r#","epoch":"#);
-        out.push_str(&Value::String(page.head.epoch.clone()).to_string());
+        out.push_str(&Value::String(page.head.epoch.to_string()).to_string());
         out.push_str(r#","messages":["#);
         for (i, m) in page.messages.iter().enumerate() {
             if i > 0 {
@@ -625,7 +606,7 @@ impl ChatService {
             }
             let msg = channelbox_core::MessageRef {
                 group,
-                epoch: &page.head.epoch,
+                epoch: page.head.epoch.as_str(),
                 offset: Some(m.offset),
                 kind: m.kind,
                 payload: &m.payload,

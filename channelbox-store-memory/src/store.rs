@@ -5,8 +5,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use channelbox_core::{
-    messages_to_trim, now_ms, Capabilities, Head, HistoryLimits, HistoryPage, HistoryStats, HistoryStore, NewMessage,
-    PendingAppend, ReadQuery, StoreError, StoredMessage,
+    messages_to_trim, now_ms, Capabilities, Epoch, Head, HistoryLimits, HistoryPage, HistoryStats, HistoryStore,
+    NewMessage, PendingAppend, ReadQuery, StoreError, StoredMessage,
 };
 
 use crate::config::MemoryConfig;
@@ -33,7 +33,7 @@ impl Group {
         }
     }
 
-    fn head(&self, epoch: String) -> Head {
+    fn head(&self, epoch: Epoch) -> Head {
         Head {
             epoch,
             first: self.messages.front().map_or(self.last + 1, |m| m.offset),
@@ -80,8 +80,8 @@ impl MemoryStore {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn epoch(&self, flushes: u64, generation: u64) -> String {
-        format!("{}-{flushes}.{generation}", self.instance)
+    fn epoch(&self, flushes: u64, generation: u64) -> Epoch {
+        Epoch::from_parts(&self.instance, flushes, generation)
     }
 
     fn check(group: &str) -> Result<(), MemoryError> {
@@ -158,7 +158,7 @@ impl HistoryStore for MemoryStore {
         Ok(HistoryPage { head, messages })
     }
 
-    async fn flush_group(&self, group: &str) -> Result<String, StoreError> {
+    async fn flush_group(&self, group: &str) -> Result<Epoch, StoreError> {
         Self::check(group)?;
         let mut state = self.state();
         let flushes = state.flushes;

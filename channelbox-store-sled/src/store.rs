@@ -23,8 +23,8 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 use bytes::Bytes;
 use channelbox_core::{
-    messages_to_trim, now_ms, Capabilities, Head, HistoryLimits, HistoryPage, HistoryStats, HistoryStore, NewMessage,
-    PayloadKind, PendingAppend, ReadQuery, StoreError, StoredMessage,
+    messages_to_trim, now_ms, Capabilities, Epoch, Head, HistoryLimits, HistoryPage, HistoryStats, HistoryStore,
+    NewMessage, PayloadKind, PendingAppend, ReadQuery, StoreError, StoredMessage,
 };
 
 use crate::config::SledConfig;
@@ -382,8 +382,8 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 impl Inner {
-    fn epoch(state: &State, generation: u64) -> String {
-        format!("{}-{}.{generation}", state.instance, state.flushes)
+    fn epoch(state: &State, generation: u64) -> Epoch {
+        Epoch::from_parts(&state.instance, state.flushes, generation)
     }
 
     fn check(&self, group: &str) -> Result<(), SledError> {
@@ -560,7 +560,7 @@ impl HistoryStore for SledStore {
         }
     }
 
-    async fn flush_group(&self, group: &str) -> Result<String, StoreError> {
+    async fn flush_group(&self, group: &str) -> Result<Epoch, StoreError> {
         let inner = &self.inner;
         inner.check(group)?;
         let (epoch, seq) = {

@@ -14,8 +14,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{watch, Notify};
 
-use crate::channel::{Channel, ChannelConfig, CloseReason, FrameSink, SinkError};
+use crate::channel::{Channel, ChannelConfig};
 use crate::payload::Frame;
+use crate::transport::{CloseReason, FrameSink, SinkError};
 
 #[derive(Default)]
 struct Record {

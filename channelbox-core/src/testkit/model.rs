@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::history::{messages_to_trim, HistoryLimits, NewMessage, ReadQuery, StoredMessage};
+use crate::position::Epoch;
 
 #[derive(Debug, Default, Clone)]
 struct ModelGroup {
@@ -185,7 +186,7 @@ where
 
     let mut model = HistoryModel::new(limits);
     let mut store = Some(open());
-    let mut epochs: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    let mut epochs: BTreeMap<String, (u64, Epoch)> = BTreeMap::new();
     let name = |g: u8| format!("group-{g}");
     for (step, op) in ops.iter().enumerate() {
         let now = crate::now_ms();

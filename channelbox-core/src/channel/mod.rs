@@ -8,47 +8,19 @@
 //! hands the whole batch to the sink, which writes it and flushes once. A slow
 //! client therefore costs one full queue, never a stalled broadcast.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::payload::{Frame, PayloadType};
+use crate::transport::{CloseReason, FrameSink};
+use writer::run_writer;
 
-/// Why a channel closed, with the WebSocket close code it is sent with.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CloseReason {
-    /// The close code (RFC 6455 or 4000-4999 for application codes).
-    pub code: u16,
-    /// A short human-readable reason.
-    pub reason: Cow<'static, str>,
-}
-
-impl CloseReason {
-    /// 1000: a normal close.
-    pub const NORMAL: CloseReason = CloseReason::new(1000, "");
-    /// 1001: the server is going away (shutdown, `close_all_connections`).
-    pub const GOING_AWAY: CloseReason = CloseReason::new(1001, "going away");
-    /// 1006: the transport failed or the peer vanished; nothing is sent.
-    pub const ABNORMAL: CloseReason = CloseReason::new(1006, "connection lost");
-    /// 4000: the client did not read fast enough and its queue overflowed.
-    pub const SLOW_CONSUMER: CloseReason = CloseReason::new(4000, "slow consumer");
-    /// 4001: the client was idle longer than its expiry.
-    pub const EXPIRED: CloseReason = CloseReason::new(4001, "expired");
-
-    /// A close reason with a static text.
-    pub const fn new(code: u16, reason: &'static str) -> Self {
-        CloseReason {
-            code,
-            reason: Cow::Borrowed(reason),
-        }
-    }
-}
+mod writer;
 
 /// What a full queue does with one more frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -93,29 +65,6 @@ impl Default for ChannelConfig {
             close_timeout: Duration::from_secs(5),
         }
     }
-}
-
-/// The error a sink reports when it cannot write; the channel then closes.
-#[derive(Debug, thiserror::Error)]
-#[error("frame sink failed: {0}")]
-pub struct SinkError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
-
-impl SinkError {
-    /// Wraps any error.
-    pub fn new(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        SinkError(err.into())
-    }
-}
-
-/// Where a channel's writer task writes: the one thing a transport provides.
-#[async_trait]
-pub trait FrameSink: Send + 'static {
-    /// Writes the frames in order, then flushes once.
-    async fn send(&mut self, frames: &[Frame]) -> Result<(), SinkError>;
-
-    /// Sends a close with this reason and flushes. Not called for
-    /// [`CloseReason::ABNORMAL`].
-    async fn close(&mut self, reason: &CloseReason) -> Result<(), SinkError>;
 }
 
 /// Why [`Channel::try_send`] did not queue a frame.
@@ -510,115 +459,4 @@ impl Drop for PacingGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
-}
-
-/// What the writer does next.
-enum Step {
-    Write,
-    Close(CloseReason),
-    Wait,
-}
-
-/// The writer task: drains the queue into the sink in batches until the channel
-/// closes, then sends the close (bounded in time) and runs the close hooks.
-async fn run_writer(channel: Channel, mut sink: impl FrameSink) {
-    let shared = &channel.shared;
-    let max_batch = shared.config.max_batch.max(1);
-    let mut batch: Vec<Frame> = Vec::new();
-    // Once a close is requested, what is left to write and the close itself
-    // get `close_timeout` in all; then the connection is dropped.
-    let mut deadline: Option<Instant> = None;
-    let reason = loop {
-        let step = {
-            let mut q = channel.lock();
-            match q.phase {
-                Phase::Closed => break q.reason(),
-                Phase::Closing if q.frames.is_empty() => Step::Close(q.reason()),
-                Phase::Open if q.frames.is_empty() => Step::Wait,
-                Phase::Open | Phase::Closing => {
-                    let n = q.frames.len().min(max_batch);
-                    batch.extend(q.frames.drain(..n));
-                    let bytes: usize = batch.iter().map(Frame::len).sum();
-                    q.bytes -= bytes;
-                    q.taken += n as u64;
-                    if q.frames.is_empty() && q.frames.capacity() > 64 {
-                        // Give back the memory a burst left behind: idle
-                        // connections must stay small.
-                        q.frames = VecDeque::new();
-                    }
-                    Step::Write
-                }
-            }
-        };
-        match step {
-            Step::Write => {
-                // A client that stops reading makes `send` wait forever once the
-                // socket buffers fill. Race it against a close request, which
-                // starts the close deadline.
-                let done = {
-                    let write = sink.send(&batch);
-                    tokio::pin!(write);
-                    loop {
-                        // Without a deadline this branch is disabled; the far-off
-                        // instant only gives it a value.
-                        let expire = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
-                        tokio::select! {
-                            res = &mut write => break Some(res),
-                            _ = shared.wake.notified() => {
-                                if deadline.is_none() && channel.lock().phase == Phase::Closing {
-                                    deadline = Some(Instant::now() + shared.config.close_timeout);
-                                }
-                            }
-                            _ = tokio::time::sleep_until(expire.into()), if deadline.is_some() => break None,
-                        }
-                    }
-                };
-                let n = batch.len() as u64;
-                batch.clear();
-                if shared.pacing.load(Ordering::SeqCst) > 0 {
-                    shared.drained.notify_waiters();
-                }
-                match done {
-                    Some(Ok(())) => {
-                        shared.written.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Some(Err(err)) => {
-                        tracing::debug!(channel = %shared.id, error = %err, "sink failed");
-                        break CloseReason::ABNORMAL;
-                    }
-                    None => {
-                        // The client never took the frames: drop the connection.
-                        let q = channel.lock();
-                        break match q.phase {
-                            Phase::Closing => q.reason(),
-                            _ => CloseReason::ABNORMAL,
-                        };
-                    }
-                }
-            }
-            Step::Close(reason) => {
-                if reason != CloseReason::ABNORMAL {
-                    let limit = deadline.unwrap_or_else(|| Instant::now() + shared.config.close_timeout);
-                    let _ = tokio::time::timeout_at(limit.into(), sink.close(&reason)).await;
-                }
-                break reason;
-            }
-            Step::Wait => match channel.expiry_deadline() {
-                None => shared.wake.notified().await,
-                Some(expiry) => {
-                    tokio::select! {
-                        _ = shared.wake.notified() => {}
-                        _ = tokio::time::sleep_until(expiry.into()) => {
-                            // Activity may have moved the deadline while we slept.
-                            if channel.expiry_deadline().is_some_and(|d| d <= Instant::now()) {
-                                channel.close(CloseReason::EXPIRED);
-                            }
-                        }
-                    }
-                }
-            },
-        }
-    };
-    drop(sink);
-    channel.finish(reason);
 }

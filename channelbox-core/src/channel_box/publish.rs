@@ -1,0 +1,234 @@
+//! Publishing: a message gets its offset when the publish starts (in call
+//! order, under the group's `order` lock, which also starts the group's
+//! sequencer), waits for the store's durability, and is then completed in the
+//! sequencer, which hands it to delivery in offset order. Unsaved messages skip
+//! the sequencer and are delivered at once.
+//!
+//! Cancellation: a [`PendingPublish`] dropped before `finish` ends — its future
+//! dropped mid-publish — completes its offset as abandoned, so later messages
+//! of the group are never stalled behind it; the message itself stays in
+//! history if the store already took it, and is not delivered live.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use super::membership::Group;
+use super::sequencer::{Completion, Sequencer};
+use super::{lock, ChannelBox, DeliveryReport, PublishReport};
+use crate::envelope::MessageRef;
+use crate::error::{BoxError, StoreError, StoreErrorKind};
+use crate::history::{DurableFuture, NewMessage};
+use crate::payload::Payload;
+use crate::position::Epoch;
+
+/// A saved message ready for delivery, and where its publisher waits for the report.
+pub(super) struct Ready {
+    message: NewMessage,
+    report: oneshot::Sender<DeliveryReport>,
+}
+
+/// A publish whose offset is assigned and whose delivery is still to come; see
+/// [`ChannelBox::start_publish`]. Dropping it unfinished skips its delivery but
+/// never stalls later messages of the group.
+#[must_use = "a publish is delivered only when `finish` is awaited"]
+pub struct PendingPublish {
+    inner: Option<PendingInner>,
+}
+
+struct PendingInner {
+    channels: ChannelBox,
+    group: Arc<Group>,
+    /// Offset and epoch, when the message is saved.
+    saved: Option<(u64, Epoch)>,
+    message: NewMessage,
+    durable: Option<DurableFuture>,
+}
+
+impl std::fmt::Debug for PendingPublish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("PendingPublish");
+        if let Some(p) = &self.inner {
+            d.field("group", &p.group.name).field("offset", &self.offset());
+        }
+        d.finish_non_exhaustive()
+    }
+}
+
+impl PendingPublish {
+    /// The offset assigned to the message, if it is saved.
+    pub fn offset(&self) -> Option<u64> {
+        self.inner.as_ref().and_then(|p| p.saved.as_ref()).map(|(o, _)| *o)
+    }
+
+    /// The group's epoch, if the message is saved.
+    pub fn epoch(&self) -> Option<&Epoch> {
+        self.inner.as_ref().and_then(|p| p.saved.as_ref()).map(|(_, e)| e)
+    }
+
+    /// Waits until the message is durable, then delivers it to the group's
+    /// members in offset order.
+    pub async fn finish(mut self) -> Result<PublishReport, BoxError> {
+        let Some(mut p) = self.inner.take() else {
+            return Err(BoxError::Store(StoreError::new(
+                StoreErrorKind::Closed,
+                "publish already finished",
+            )));
+        };
+        let Some((offset, epoch)) = p.saved.clone() else {
+            let delivery = p.channels.deliver_unsaved(&p.group, &p.message);
+            p.channels.release_group(&p.group);
+            return Ok(PublishReport {
+                offset: None,
+                epoch: None,
+                delivery,
+            });
+        };
+        let durable = p.durable.take();
+        let result = match durable {
+            Some(fut) => fut.await,
+            None => Ok(()),
+        };
+        if let Err(err) = result {
+            p.channels.complete(&p.group, &epoch, offset, None);
+            p.channels.release_group(&p.group);
+            return Err(err.into());
+        }
+        let (tx, rx) = oneshot::channel();
+        let ready = Ready {
+            message: p.message,
+            report: tx,
+        };
+        p.channels.complete(&p.group, &epoch, offset, Some(ready));
+        p.channels.release_group(&p.group);
+        // The report was sent by whoever delivered the message: this task, or
+        // the one that completed the offset just before it.
+        let delivery = rx.await.unwrap_or_default();
+        Ok(PublishReport {
+            offset: Some(offset),
+            epoch: Some(epoch),
+            delivery,
+        })
+    }
+}
+
+impl Drop for PendingPublish {
+    fn drop(&mut self) {
+        if let Some(p) = self.inner.take() {
+            if let Some((offset, epoch)) = &p.saved {
+                p.channels.complete(&p.group, epoch, *offset, None);
+            }
+            p.channels.release_group(&p.group);
+        }
+    }
+}
+
+impl ChannelBox {
+    /// Broadcasts a payload to every member of a group, saving it to history
+    /// first when `save_history` is set (Nexios's `group_send`).
+    pub async fn group_send(
+        &self,
+        group: &str,
+        payload: impl Into<Payload>,
+        save_history: bool,
+    ) -> Result<PublishReport, BoxError> {
+        let (kind, bytes) = payload.into().encode();
+        self.publish(group, NewMessage::new(kind, bytes), save_history).await
+    }
+
+    /// Broadcasts a message (with metadata and timestamp) to a group.
+    pub async fn publish(
+        &self,
+        group: &str,
+        message: NewMessage,
+        save_history: bool,
+    ) -> Result<PublishReport, BoxError> {
+        self.start_publish(group, message, save_history)?.finish().await
+    }
+
+    /// Assigns the message its offset now (when saved), in call order, and
+    /// returns the rest of the publish: awaiting durability and delivering. A
+    /// connection that calls this for each of its publishes in turn gets offsets
+    /// in its order while many of its publishes wait for the disk together.
+    pub fn start_publish(
+        &self,
+        group: &str,
+        message: NewMessage,
+        save_history: bool,
+    ) -> Result<PendingPublish, BoxError> {
+        if group.is_empty() {
+            return Err(BoxError::InvalidGroup(group.to_owned()));
+        }
+        let g = self.acquire_group(group);
+        let (saved, durable) = if save_history {
+            match self.append(&g, &message) {
+                Ok(append) => (Some((append.offset, append.epoch)), Some(append.durable)),
+                Err(err) => {
+                    self.release_group(&g);
+                    return Err(err.into());
+                }
+            }
+        } else {
+            (None, None)
+        };
+        self.inner.counters.published.fetch_add(1, Ordering::Relaxed);
+        Ok(PendingPublish {
+            inner: Some(PendingInner {
+                channels: self.clone(),
+                group: g,
+                saved,
+                message,
+                durable,
+            }),
+        })
+    }
+
+    /// Appends under the group's order lock, which ties offset assignment to
+    /// the sequencer: the first append through this group object (or the first
+    /// of a new epoch) starts it at the assigned offset.
+    fn append(&self, g: &Group, message: &NewMessage) -> Result<crate::history::PendingAppend, StoreError> {
+        let mut order = lock(&g.order);
+        let pending = self.inner.store.append(&g.name, message.clone())?;
+        if order.as_ref().is_none_or(|s| *s.epoch() != pending.epoch) {
+            *order = Some(Sequencer::new(pending.epoch.clone(), pending.offset));
+        }
+        Ok(pending)
+    }
+
+    /// Marks `offset` of `group` complete and delivers every message that is now
+    /// in order. `ready` is `None` when the append failed or was abandoned.
+    fn complete(&self, g: &Group, epoch: &Epoch, offset: u64, ready: Option<Ready>) {
+        let mut order = lock(&g.order);
+        let Some(seq) = order.as_mut().filter(|s| s.epoch() == epoch) else {
+            // A message of an epoch that was flushed meanwhile: deliver it
+            // without holding up the new epoch.
+            if let Some(r) = ready {
+                self.deliver_ready(g, epoch, offset, r);
+            }
+            return;
+        };
+        let epoch = seq.epoch().clone();
+        let completion = seq.complete(offset, ready, |offset, r| self.deliver_ready(g, &epoch, offset, r));
+        if let Completion::Stale(Some(r)) = completion {
+            // Already covered: a subscriber that arrived since read it from history.
+            let _ = r.report.send(DeliveryReport::default());
+        }
+    }
+
+    fn deliver_ready(&self, g: &Group, epoch: &Epoch, offset: u64, r: Ready) {
+        let msg = MessageRef::live(&g.name, epoch.as_str(), Some(offset), &r.message);
+        let report = self.deliver(g, msg);
+        let _ = r.report.send(report);
+    }
+
+    fn deliver_unsaved(&self, g: &Group, message: &NewMessage) -> DeliveryReport {
+        // Taken so that a subscriber's gate opens either before or after this
+        // message, never halfway through it.
+        let order = lock(&g.order);
+        let epoch = order.as_ref().map(|s| s.epoch().clone()).unwrap_or_default();
+        let report = self.deliver(g, MessageRef::live(&g.name, epoch.as_str(), None, message));
+        drop(order);
+        report
+    }
+}

@@ -1,0 +1,132 @@
+//! The per-group sequencer: it hands saved messages to delivery in offset order.
+//!
+//! Offsets are assigned in call order, but appends become durable — and
+//! publishes finish — in any order. Each finished offset is *completed* here:
+//! the sequencer releases it only once every offset below it was released or
+//! abandoned, drops offsets it released already (a subscriber that arrived
+//! since read them from history), and forgets everything of an epoch that was
+//! reset. It holds no lock of its own: the group's `order` mutex guards it.
+
+use std::collections::BTreeMap;
+
+use crate::position::{Epoch, StreamPosition};
+
+/// Delivery in offset order for one epoch of one group. `T` is what waits for
+/// its turn (a message with its publisher's report channel, in the box).
+pub(super) struct Sequencer<T> {
+    epoch: Epoch,
+    /// The next offset to release; everything below it was released.
+    next: u64,
+    /// Completed offsets above `next`; `None` for an abandoned offset (a failed
+    /// or dropped append), which is skipped when its turn comes.
+    pending: BTreeMap<u64, Option<T>>,
+}
+
+/// What [`Sequencer::complete`] did with an offset.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Completion<T> {
+    /// Taken: released now (with everything it unblocked) or held back until
+    /// the offsets below it complete.
+    Taken,
+    /// The offset was released before: the item is handed back undelivered.
+    Stale(Option<T>),
+}
+
+impl<T> Sequencer<T> {
+    /// A sequencer for `epoch` whose next offset to release is `next`.
+    pub(super) fn new(epoch: Epoch, next: u64) -> Self {
+        Sequencer {
+            epoch,
+            next,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// The epoch whose offsets this sequencer orders.
+    pub(super) fn epoch(&self) -> &Epoch {
+        &self.epoch
+    }
+
+    /// The newest released position: every saved message up to it was handed
+    /// to delivery; a subscriber must read it from history.
+    pub(super) fn released(&self) -> StreamPosition {
+        StreamPosition::new(self.epoch.clone(), self.next - 1)
+    }
+
+    /// Completes `offset` with its item (`None` when its append failed or was
+    /// abandoned) and calls `release` for every item that is in order now, in
+    /// offset order.
+    pub(super) fn complete(&mut self, offset: u64, item: Option<T>, mut release: impl FnMut(u64, T)) -> Completion<T> {
+        if offset < self.next {
+            return Completion::Stale(item);
+        }
+        self.pending.insert(offset, item);
+        while let Some(entry) = self.pending.first_entry() {
+            if *entry.key() != self.next {
+                break;
+            }
+            let item = entry.remove();
+            self.next += 1;
+            if let Some(item) = item {
+                release(self.next - 1, item);
+            }
+        }
+        Completion::Taken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn released(
+        seq: &mut Sequencer<&'static str>,
+        offset: u64,
+        item: Option<&'static str>,
+    ) -> Vec<(u64, &'static str)> {
+        let mut out = Vec::new();
+        let completion = seq.complete(offset, item, |o, t| out.push((o, t)));
+        assert_eq!(completion, Completion::Taken);
+        out
+    }
+
+    #[test]
+    fn in_order_offsets_are_released_at_once() {
+        let mut seq = Sequencer::new(Epoch::new("e"), 1);
+        assert_eq!(released(&mut seq, 1, Some("a")), [(1, "a")]);
+        assert_eq!(released(&mut seq, 2, Some("b")), [(2, "b")]);
+        assert_eq!(seq.released(), StreamPosition::new(Epoch::new("e"), 2));
+    }
+
+    #[test]
+    fn an_offset_ahead_is_held_back_until_the_gap_closes() {
+        let mut seq = Sequencer::new(Epoch::new("e"), 5);
+        assert_eq!(released(&mut seq, 7, Some("c")), []);
+        assert_eq!(released(&mut seq, 6, Some("b")), []);
+        assert_eq!(seq.released().offset, 4, "nothing released while 5 is missing");
+        assert_eq!(released(&mut seq, 5, Some("a")), [(5, "a"), (6, "b"), (7, "c")]);
+        assert_eq!(seq.released().offset, 7);
+    }
+
+    #[test]
+    fn duplicates_and_already_released_offsets_are_handed_back() {
+        let mut seq = Sequencer::new(Epoch::new("e"), 1);
+        assert_eq!(released(&mut seq, 1, Some("a")), [(1, "a")]);
+        let mut out = Vec::new();
+        assert_eq!(
+            seq.complete(1, Some("again"), |o, t| out.push((o, t))),
+            Completion::Stale(Some("again"))
+        );
+        assert!(out.is_empty(), "a duplicate is never released twice");
+        let mut seq = Sequencer::new(Epoch::new("e"), 10);
+        assert_eq!(seq.complete(3, Some("old"), |_, _| {}), Completion::Stale(Some("old")));
+    }
+
+    #[test]
+    fn abandoned_offsets_are_skipped_without_stalling_later_ones() {
+        let mut seq = Sequencer::new(Epoch::new("e"), 1);
+        assert_eq!(released(&mut seq, 2, Some("b")), []);
+        assert_eq!(released(&mut seq, 1, None), [(2, "b")]);
+        assert_eq!(seq.released().offset, 2);
+    }
+}
