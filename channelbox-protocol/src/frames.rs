@@ -2,7 +2,7 @@
 //! that turns a saved or live message into a `message` frame.
 
 use bytes::Bytes;
-use channelbox_core::{Envelope, Frame, MessageRef, PayloadType};
+use channelbox_core::{Envelope, Frame, HistoryPage, MessageRef, PayloadType};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -72,6 +72,38 @@ fn json_string(s: &str) -> String {
     Value::String(s.to_owned()).to_string()
 }
 
+/// A history page as JSON text, `{"group","epoch","messages":[…]}` (each
+/// message as a `message` frame without `type`). As a WebSocket reply,
+/// `reply_to` gives the frame's `type` (first) and the request's `ref` (last).
+pub fn render_history(group: &str, page: &HistoryPage, reply_to: Option<(&str, Option<&Value>)>) -> String {
+    let mut out = String::with_capacity(96 + page.messages.len() * 128);
+    out.push('{');
+    if let Some((kind, _)) = reply_to {
+        out.push_str(r#""type":"#);
+        out.push_str(&json_string(kind));
+        out.push(',');
+    }
+    out.push_str(r#""group":"#);
+    out.push_str(&json_string(group));
+    out.push_str(r#","epoch":"#);
+    out.push_str(&json_string(page.head.epoch.as_str()));
+    out.push_str(r#","messages":["#);
+    for (i, m) in page.messages.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let msg = MessageRef::stored(group, page.head.epoch.as_str(), m);
+        out.push_str(&render_message(&msg, false));
+    }
+    out.push(']');
+    if let Some((_, Some(r))) = reply_to {
+        out.push_str(r#","ref":"#);
+        out.push_str(&r.to_string());
+    }
+    out.push('}');
+    out
+}
+
 /// Renders messages as PROTOCOL.md's `message` frames.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ChatEnvelope;
@@ -105,6 +137,8 @@ pub enum ErrorCode {
     TooLarge,
     /// Faster than the rate limit.
     RateLimited,
+    /// The history store cannot take the request now; it had no effect.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -117,6 +151,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }

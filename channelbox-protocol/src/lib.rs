@@ -24,15 +24,17 @@
 
 mod auth;
 mod config;
+mod fields;
 mod frames;
 mod metrics;
-mod names;
+mod request;
 mod service;
 
 pub use auth::{now_secs, Permissions, TokenError, TokenVerifier, User};
 pub use channelbox_core::Incoming;
 pub use config::{ProtocolConfig, DEFAULT_HISTORY_LIMIT, MAX_GROUP_BYTES, MAX_HISTORY_LIMIT, MAX_JSON_DEPTH};
-pub use frames::{render_message, ChatEnvelope, ErrorCode, ProtocolError, Sender};
+pub use fields::{decode_group, query_param, too_deep, valid_group, GroupName, Limit, ReplayCount, Since};
+pub use frames::{render_history, render_message, ChatEnvelope, ErrorCode, ProtocolError, Sender};
 pub use metrics::Metrics;
-pub use names::{decode_group, query_param, valid_group};
+pub use request::{parse as parse_request, Direct, History, Join, Leave, Publish, Ref, Request};
 pub use service::{Admission, ChatService, HttpAnswer};

@@ -35,7 +35,7 @@ async fn welcome_publish_message_and_published() {
     let published = got_published.unwrap();
     assert_eq!(
         published,
-        json!({"type": "published", "group": "chat", "offset": 1, "ref": 7})
+        json!({"type": "published", "group": "chat", "offset": 1, "epoch": welcome["epoch"], "ref": 7})
     );
     let m = got_message.unwrap();
     assert_eq!(m["group"], "chat");
@@ -414,7 +414,7 @@ async fn url_group_rules() {
 #[tokio::test]
 async fn http_api() {
     let server = memory();
-    let (mut a, _) = Client::join(&server.ws_url("/ws/api")).await;
+    let (mut a, welcome) = Client::join(&server.ws_url("/ws/api")).await;
     assert_eq!(get(&server.addr, "/healthz").await.body, "ok");
     assert_eq!(get(&server.addr, "/api/groups").await.json(), json!({"api": 1}));
     let r = http(
@@ -425,7 +425,10 @@ async fn http_api() {
         br#"{"from":"backend"}"#,
     )
     .await;
-    assert_eq!((r.status, r.json()), (200, json!({"offset": 1})));
+    assert_eq!(
+        (r.status, r.json()),
+        (200, json!({"offset": 1, "epoch": welcome["epoch"]}))
+    );
     let m = a.recv().await;
     assert_eq!(m["from"], Value::Null);
     assert_eq!(m["data"], json!({"from": "backend"}));

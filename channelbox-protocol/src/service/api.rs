@@ -7,9 +7,8 @@ use serde_json::{json, Map, Value};
 
 use super::{ChatService, HttpAnswer};
 use crate::auth::{now_secs, Permissions};
-use crate::config::{DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT};
+use crate::fields::{query_param, GroupName, Limit, Since};
 use crate::frames::Sender;
-use crate::names::{decode_group, query_param, valid_group};
 
 /// Who is calling.
 enum Access {
@@ -38,13 +37,16 @@ fn forbidden(group: &str) -> HttpAnswer {
     HttpAnswer::error(403, "forbidden", format!("your token does not allow group {group:?}"))
 }
 
-fn internal(err: impl std::fmt::Display) -> HttpAnswer {
-    tracing::error!(error = %err, "history store failed");
-    HttpAnswer::error(
-        500,
-        "internal_error",
-        format!("the server could not complete the request: {err}"),
-    )
+/// A failed box operation: 503 `unavailable` for the store (its own words
+/// only in the log), 400 for the box's other errors.
+fn failed(err: &channelbox_core::BoxError) -> HttpAnswer {
+    let e = super::session::store_error(err);
+    let status = if e.code == crate::frames::ErrorCode::Unavailable {
+        503
+    } else {
+        400
+    };
+    HttpAnswer::refusal(status, &e)
 }
 
 impl ChatService {
@@ -77,12 +79,11 @@ impl ChatService {
 
     /// The group of a `/api/groups/{g}/…` path, checked in the order of a
     /// WebSocket upgrade: the name (400), the caller (401), its permission (403).
-    fn api_group(&self, raw: &str, authorization: Option<&str>) -> Result<String, HttpAnswer> {
-        let group = decode_group(raw)
-            .ok_or_else(|| HttpAnswer::error(400, "invalid_group", format!("{raw:?} is not a valid group name")))?;
+    fn api_group(&self, raw: &str, authorization: Option<&str>) -> Result<GroupName, HttpAnswer> {
+        let group = GroupName::from_path_segment(raw).map_err(|e| HttpAnswer::refusal(400, &e))?;
         let access = self.api_access(authorization)?;
-        if !access.allows(&group) {
-            return Err(forbidden(&group));
+        if !access.allows(group.as_str()) {
+            return Err(forbidden(group.as_str()));
         }
         Ok(group)
     }
@@ -110,25 +111,18 @@ impl ChatService {
             Ok(g) => g,
             Err(e) => return e,
         };
-        let limit = match query_param(query, "limit") {
-            None => DEFAULT_HISTORY_LIMIT,
-            Some(s) => match s.parse::<u64>() {
-                Ok(n) if n >= 1 => (n as usize).min(MAX_HISTORY_LIMIT),
-                _ => return HttpAnswer::error(400, "bad_request", format!("limit={s:?} is not a positive integer")),
-            },
+        let parsed = (|| {
+            let limit = query_param(query, "limit").map(|s| Limit::parse(&s)).transpose()?;
+            let since = query_param(query, "since").map(|s| Since::parse(&s)).transpose()?;
+            Ok::<_, crate::frames::ProtocolError>((limit.unwrap_or_default(), since.map(|s| s.0)))
+        })();
+        let (limit, since) = match parsed {
+            Ok(p) => p,
+            Err(e) => return HttpAnswer::refusal(400, &e),
         };
-        let since = match query_param(query, "since") {
-            None => None,
-            Some(s) => match s.parse::<u64>() {
-                Ok(n) => Some(n),
-                Err(_) => {
-                    return HttpAnswer::error(400, "bad_request", format!("since={s:?} is not a non-negative integer"))
-                }
-            },
-        };
-        match self.history_body(&group, limit, since).await {
+        match self.history_text(&group, limit, since, None).await {
             Ok(body) => HttpAnswer { status: 200, body },
-            Err(e) => internal(e),
+            Err(e) => failed(&e),
         }
     }
 
@@ -154,15 +148,15 @@ impl ChatService {
             timestamp_ms: channelbox_core::now_ms(),
         };
         let started = std::time::Instant::now();
-        match self.inner.channels.publish(&group, message, true).await {
+        match self.inner.channels.publish(group.as_str(), message, true).await {
             Ok(report) => {
                 self.inner
                     .metrics
                     .publish_durable_seconds
                     .observe(started.elapsed().as_secs_f64());
-                HttpAnswer::ok(json!({"offset": report.offset}))
+                HttpAnswer::ok(json!({"offset": report.offset, "epoch": report.epoch}))
             }
-            Err(e) => internal(e),
+            Err(e) => failed(&e),
         }
     }
 
@@ -180,14 +174,18 @@ impl ChatService {
         if let Err(e) = self.admin(authorization) {
             return e;
         }
-        let group = match query_param(query, "group") {
-            None => None,
-            Some(g) if valid_group(&g) => Some(g),
-            Some(g) => return HttpAnswer::error(400, "invalid_group", format!("{g:?} is not a valid group name")),
+        let group = match query_param(query, "group").map(|g| GroupName::parse(&g)).transpose() {
+            Ok(g) => g,
+            Err(e) => return HttpAnswer::refusal(400, &e),
         };
-        match self.inner.channels.flush_history(group.as_deref()).await {
+        match self
+            .inner
+            .channels
+            .flush_history(group.as_ref().map(GroupName::as_str))
+            .await
+        {
             Ok(()) => HttpAnswer::ok(json!({"flushed": true})),
-            Err(e) => internal(e),
+            Err(e) => failed(&e),
         }
     }
 }

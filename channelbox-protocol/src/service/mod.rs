@@ -1,0 +1,228 @@
+//! [`ChatService`]: the chat protocol over a `ChannelBox`, written once for
+//! every transport.
+//!
+//! - this file: the service, admission of WebSocket upgrades, and shutdown;
+//! - `session`: one connection's life — joining its URL group, then reading
+//!   its frames (rate limit, size, parsing) until either side closes;
+//! - `handlers`: one function per client request;
+//! - `api`: the HTTP API as transport-agnostic handlers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use channelbox_core::{ChannelBox, ChannelConfig, CloseReason, HistoryStore, OverflowPolicy, Replay, StreamPosition};
+use serde_json::{json, Value};
+
+use crate::auth::{now_secs, User};
+use crate::config::ProtocolConfig;
+use crate::fields::{query_param, GroupName, ReplayCount, Since};
+use crate::frames::{ChatEnvelope, ProtocolError};
+use crate::metrics::Metrics;
+
+mod api;
+mod handlers;
+mod session;
+
+/// An HTTP answer: status and JSON body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpAnswer {
+    /// The status code.
+    pub status: u16,
+    /// The JSON body.
+    pub body: String,
+}
+
+impl HttpAnswer {
+    /// A 200 with this JSON body.
+    pub fn ok(body: Value) -> Self {
+        HttpAnswer {
+            status: 200,
+            body: body.to_string(),
+        }
+    }
+
+    /// An error answer `{"code","message"}`.
+    pub fn error(status: u16, code: &str, message: impl Into<String>) -> Self {
+        HttpAnswer {
+            status,
+            body: json!({"code": code, "message": message.into()}).to_string(),
+        }
+    }
+
+    /// The answer for a protocol error, with `status`.
+    fn refusal(status: u16, err: &ProtocolError) -> Self {
+        HttpAnswer::error(status, err.code.as_str(), err.message.clone())
+    }
+}
+
+/// An admitted WebSocket upgrade, ready to be opened once the socket exists.
+/// Holds one of the server's connection slots until dropped.
+#[derive(Debug)]
+pub struct Admission {
+    group: GroupName,
+    replay: Replay,
+    user: Option<User>,
+    peer: Option<SocketAddr>,
+    _slot: Slot,
+}
+
+impl Admission {
+    /// The URL group.
+    pub fn group(&self) -> &str {
+        self.group.as_str()
+    }
+
+    /// Records the peer's address, so that the connection's log lines name it.
+    pub fn with_peer(mut self, peer: SocketAddr) -> Self {
+        self.peer = Some(peer);
+        self
+    }
+}
+
+#[derive(Debug)]
+struct Slot(Arc<Inner>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    channels: ChannelBox,
+    config: ProtocolConfig,
+    metrics: Metrics,
+    /// Admitted connections, open or opening.
+    open: AtomicUsize,
+}
+
+/// The chat protocol over a `ChannelBox`; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ChatService {
+    inner: Arc<Inner>,
+}
+
+impl ChatService {
+    /// A service over this store.
+    pub fn new(store: Arc<dyn HistoryStore>, config: ProtocolConfig) -> Self {
+        let channels = ChannelBox::with_envelope(store, Arc::new(ChatEnvelope));
+        let metrics = Metrics::new(&channels);
+        ChatService {
+            inner: Arc::new(Inner {
+                channels,
+                config,
+                metrics,
+                open: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// The box behind the service.
+    pub fn channels(&self) -> &ChannelBox {
+        &self.inner.channels
+    }
+
+    /// The service's configuration.
+    pub fn config(&self) -> &ProtocolConfig {
+        &self.inner.config
+    }
+
+    /// How a transport must set up each connection's channel.
+    pub fn channel_config(&self) -> ChannelConfig {
+        let c = &self.inner.config;
+        ChannelConfig {
+            max_queue_frames: c.queue_frames,
+            max_queue_bytes: c.queue_bytes,
+            overflow: OverflowPolicy::Disconnect,
+            expiry: c.expiry,
+            ..ChannelConfig::default()
+        }
+    }
+
+    /// Checks an upgrade request before the upgrade, in PROTOCOL.md's order:
+    /// the URL group (400), the token (401), the query (400) and the
+    /// connection limit (503).
+    pub fn admit(&self, raw_group: &str, query: Option<&str>) -> Result<Admission, HttpAnswer> {
+        let group = GroupName::from_path_segment(raw_group).map_err(|e| HttpAnswer::refusal(400, &e))?;
+        let user = self.upgrade_user(&group, query)?;
+        let replay = replay_of(query).map_err(|e| HttpAnswer::refusal(400, &e))?;
+        let max = self.inner.config.max_connections;
+        if self.inner.open.fetch_add(1, Ordering::AcqRel) >= max {
+            self.inner.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(HttpAnswer::error(
+                503,
+                "unavailable",
+                format!("the server is at its limit of {max} connections"),
+            ));
+        }
+        Ok(Admission {
+            group,
+            replay,
+            user,
+            peer: None,
+            _slot: Slot(self.inner.clone()),
+        })
+    }
+
+    /// The user of an upgrade's `?token=`, when tokens are required.
+    fn upgrade_user(&self, group: &GroupName, query: Option<&str>) -> Result<Option<User>, HttpAnswer> {
+        let Some(verifier) = &self.inner.config.tokens else {
+            return Ok(None);
+        };
+        let token =
+            query_param(query, "token").ok_or_else(|| HttpAnswer::error(401, "unauthorized", "a token is required"))?;
+        let user = verifier
+            .verify(&token, now_secs())
+            .map_err(|e| HttpAnswer::error(401, "unauthorized", e.to_string()))?;
+        if !user.permissions.allows(group.as_str()) {
+            return Err(HttpAnswer::error(
+                401,
+                "unauthorized",
+                format!("the token does not allow group {group:?}"),
+            ));
+        }
+        Ok(Some(user))
+    }
+
+    /// Closes every connection with 1001, waits (at most `grace`) for them to
+    /// close, then makes the store durable.
+    pub async fn shutdown(&self, grace: Duration) {
+        let channels = &self.inner.channels;
+        channels.close_all(CloseReason::GOING_AWAY);
+        let deadline = Instant::now() + grace;
+        while channels.stats().channels > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Err(err) = channels.store().sync().await {
+            tracing::error!(error = %err, "flushing the history store at shutdown failed");
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub async fn metrics_text(&self) -> String {
+        self.inner.metrics.render(&self.inner.channels).await
+    }
+}
+
+/// What a subscription replays, from `since`/`epoch`/`history`: recovery with
+/// `since` (`history` is then ignored), the newest n with `history`, else
+/// nothing. Shared by the upgrade URL and `join`.
+fn replay_from(since: Option<Since>, epoch: Option<String>, history: Option<ReplayCount>) -> Replay {
+    match (since, history) {
+        (Some(Since(offset)), _) => Replay::Since(StreamPosition::new(epoch.unwrap_or_default().into(), offset)),
+        (None, Some(n)) if n.get() > 0 => Replay::Last(n.get()),
+        _ => Replay::None,
+    }
+}
+
+/// The replay an upgrade URL's query asks for.
+fn replay_of(query: Option<&str>) -> Result<Replay, ProtocolError> {
+    let since = query_param(query, "since").map(|s| Since::parse(&s)).transpose()?;
+    let history = query_param(query, "history")
+        .map(|s| ReplayCount::parse(&s))
+        .transpose()?;
+    Ok(replay_from(since, query_param(query, "epoch"), history))
+}

@@ -1,0 +1,294 @@
+//! One connection's life: join the URL group (welcome, replay, `recovered`),
+//! then read the client's frames — rate limit, size, parsing — and hand each
+//! request to its handler, until either side closes.
+//!
+//! Every log line of a connection carries the `connection` span (channel id,
+//! URL group, peer address); every line a request causes carries its
+//! `request` span (type, ref) as well.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Instant;
+
+use channelbox_core::SubscribeFraming;
+use channelbox_core::{BoxError, Channel, CloseReason, Frame, Incoming, PublishReport, Recovery, StreamPosition};
+use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
+use serde_json::{json, Value};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::{Admission, ChatService};
+use crate::auth::User;
+use crate::frames::{reply, ErrorCode, ProtocolError};
+use crate::request::{self, Ref};
+
+/// A publish waiting for durability and delivery: its `ref`, group and result.
+pub(super) type PublishDone = Pin<Box<dyn Future<Output = (Ref, String, Result<PublishReport, BoxError>)> + Send>>;
+
+/// What a session knows about its connection.
+pub(super) struct Session {
+    pub(super) channel: Channel,
+    pub(super) url_group: String,
+    pub(super) user: Option<User>,
+}
+
+/// The frames around a subscription: `welcome` (URL group) or `joined`
+/// (`join`) before the replay, `recovered` after it.
+pub(super) struct Framing<'a> {
+    pub(super) group: &'a str,
+    /// `None` for the URL group's `welcome`; a `join`'s `ref` otherwise.
+    pub(super) join: Option<Option<&'a Value>>,
+    pub(super) id: Uuid,
+}
+
+impl SubscribeFraming for Framing<'_> {
+    fn before(&self, start: &StreamPosition) -> Option<Frame> {
+        Some(match self.join {
+            None => reply(
+                json!({"type": "welcome", "channel_id": self.id, "group": self.group, "epoch": start.epoch, "offset": start.offset}),
+                None,
+            ),
+            Some(reference) => reply(json!({"type": "joined", "group": self.group}), reference),
+        })
+    }
+
+    fn after_recovery(&self, r: &Recovery) -> Option<Frame> {
+        let reference = self.join.flatten();
+        Some(reply(
+            json!({"type": "recovered", "group": self.group, "from": r.from, "to": r.to, "complete": r.complete}),
+            reference,
+        ))
+    }
+}
+
+/// A token bucket: `rate` frames per second, burst `rate`.
+struct RateLimiter {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    fn new(rate: u32) -> Self {
+        RateLimiter {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What reading one frame led to.
+enum Read {
+    /// Keep reading.
+    Continue,
+    /// A publish to await alongside later frames.
+    Publish(PublishDone),
+    /// Close with this reason.
+    End(CloseReason),
+}
+
+impl ChatService {
+    /// Runs one connection to its end: joins the URL group (welcome, replay,
+    /// recovery), then answers the client's frames until either side closes.
+    pub async fn run<S>(&self, admission: Admission, channel: Channel, incoming: S)
+    where
+        S: Stream<Item = Incoming> + Unpin + Send,
+    {
+        let span = tracing::info_span!(
+            "connection",
+            channel = %channel.id(),
+            group = %admission.group,
+            peer = admission.peer.map(tracing::field::display),
+        );
+        self.run_connection(admission, channel, incoming).instrument(span).await;
+    }
+
+    async fn run_connection<S>(&self, admission: Admission, channel: Channel, incoming: S)
+    where
+        S: Stream<Item = Incoming> + Unpin + Send,
+    {
+        let metrics = &self.inner.metrics;
+        metrics.connections.inc();
+        tracing::debug!("connected");
+        let framing = Framing {
+            group: admission.group.as_str(),
+            join: None,
+            id: channel.id(),
+        };
+        let joined = self
+            .inner
+            .channels
+            .subscribe(&channel, admission.group.as_str(), admission.replay.clone(), &framing)
+            .await;
+        if let Err(err) = joined {
+            tracing::warn!(error = %err, "could not join the URL group");
+            channel.close(CloseReason::new(1011, "server error"));
+        } else {
+            let session = Session {
+                channel: channel.clone(),
+                url_group: admission.group.to_string(),
+                user: admission.user.clone(),
+            };
+            self.session(&session, incoming).await;
+        }
+        tracing::debug!(reason = ?channel.close_reason(), "disconnected");
+        metrics.connections.dec();
+        drop(admission);
+    }
+
+    async fn session<S>(&self, s: &Session, mut incoming: S)
+    where
+        S: Stream<Item = Incoming> + Unpin + Send,
+    {
+        let mut pending: FuturesUnordered<PublishDone> = FuturesUnordered::new();
+        let mut limiter = RateLimiter::new(self.inner.config.rate_limit);
+        let end = loop {
+            tokio::select! {
+                biased;
+                Some((reference, group, result)) = pending.next(), if !pending.is_empty() => {
+                    let frame = match result {
+                        Ok(report) => reply(
+                            json!({"type": "published", "group": group, "offset": report.offset, "epoch": report.epoch}),
+                            reference.as_ref(),
+                        ),
+                        Err(err) => store_error(&err).frame(reference.as_ref()),
+                    };
+                    self.send(s, frame);
+                }
+                _ = s.channel.closed() => break None,
+                frame = incoming.next() => {
+                    let Some(frame) = frame else { break Some(CloseReason::ABNORMAL) };
+                    s.channel.touch();
+                    match self.read(s, frame, &mut limiter).await {
+                        Read::Continue => {}
+                        Read::Publish(done) => pending.push(done),
+                        Read::End(reason) => break Some(reason),
+                    }
+                }
+            }
+        };
+        if let Some(reason) = end {
+            s.channel.close(reason);
+        }
+        // Publishes still waiting for the disk must be delivered to the group
+        // even though their sender left.
+        if !pending.is_empty() {
+            tokio::spawn(async move { while pending.next().await.is_some() {} }.in_current_span());
+        }
+    }
+
+    /// Handles one frame from the client.
+    async fn read(&self, s: &Session, frame: Incoming, limiter: &mut RateLimiter) -> Read {
+        match frame {
+            Incoming::Control => Read::Continue,
+            Incoming::Close => Read::End(CloseReason::NORMAL),
+            Incoming::Failed => Read::End(CloseReason::ABNORMAL),
+            Incoming::InvalidUtf8 => Read::End(CloseReason::new(1007, "invalid utf-8")),
+            Incoming::TooLarge => self.too_large(s),
+            Incoming::Binary(_) | Incoming::Text(_) if !limiter.allow() => {
+                let err = ProtocolError::new(ErrorCode::RateLimited, "too many frames: this one was dropped");
+                self.send(s, err.frame(None));
+                Read::Continue
+            }
+            Incoming::Binary(_) => {
+                let err = ProtocolError::new(ErrorCode::BadRequest, "binary frames are not accepted; send JSON text");
+                self.send(s, err.frame(None));
+                Read::Continue
+            }
+            Incoming::Text(text) if text.len() > self.inner.config.max_message_bytes => self.too_large(s),
+            // Boxed: the session waits in its loop for its whole life, and an
+            // inline `dispatch` (joins, history reads) would make every idle
+            // connection's task as large as its largest request.
+            Incoming::Text(text) => match Box::pin(self.dispatch(s, &text)).await {
+                Some(done) => Read::Publish(done),
+                None => Read::Continue,
+            },
+        }
+    }
+
+    fn too_large(&self, s: &Session) -> Read {
+        let max = self.inner.config.max_message_bytes;
+        let err = ProtocolError::new(ErrorCode::TooLarge, format!("messages are limited to {max} bytes"));
+        self.send(s, err.frame(None));
+        Read::End(CloseReason::new(1009, "message too big"))
+    }
+
+    /// Queues a frame for the session's client; a full queue makes it a slow
+    /// consumer, which leaves its groups at once.
+    pub(super) fn send(&self, s: &Session, frame: Frame) {
+        self.inner.channels.send_frame_to_channel(&s.channel, frame);
+    }
+
+    /// Parses and handles one text frame; a publish returns the future of its
+    /// completion.
+    async fn dispatch(&self, s: &Session, text: &str) -> Option<PublishDone> {
+        let (reference, request) = match request::parse(text) {
+            Ok(parsed) => parsed,
+            Err((reference, err)) => {
+                tracing::debug!(error = %err.message, "refused a frame");
+                self.send(s, err.frame(reference.as_ref()));
+                return None;
+            }
+        };
+        let span = tracing::debug_span!("request", kind = request.kind(), r#ref = ?reference);
+        async {
+            match self.handle(s, reference.as_ref(), request).await {
+                Ok(Handled::Reply(frame)) => {
+                    self.send(s, frame);
+                    None
+                }
+                Ok(Handled::Publish(done)) => Some(done),
+                Ok(Handled::Queued) => None,
+                Err(err) => {
+                    tracing::debug!(code = err.code.as_str(), error = %err.message, "request refused");
+                    self.send(s, err.frame(reference.as_ref()));
+                    None
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// What a handler produced.
+pub(super) enum Handled {
+    /// A reply to queue.
+    Reply(Frame),
+    /// A publish whose reply comes once it is durable.
+    Publish(PublishDone),
+    /// The replies were queued already (a `join` that replays).
+    Queued,
+}
+
+/// The error a client sees when a box operation failed. A store failure is
+/// `unavailable`, with the store's own words (paths, OS errors) only in the
+/// log; the box's other errors name the group or channel, nothing else.
+pub(super) fn store_error(err: &BoxError) -> ProtocolError {
+    match err {
+        BoxError::Store(e) => {
+            tracing::error!(error = %e, "history store failed");
+            ProtocolError::new(
+                ErrorCode::Unavailable,
+                "the history store cannot take the request now; try again later",
+            )
+        }
+        other => ProtocolError::new(ErrorCode::BadRequest, other.to_string()),
+    }
+}
