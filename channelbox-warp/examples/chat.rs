@@ -1,6 +1,7 @@
-//! The chat server of PROTOCOL.md: warp for HTTP, tokio-tungstenite for the
-//! WebSocket connections, the chat protocol, and a history store (sled in
-//! ./channelbox-data by default, `--store memory` for none on disk).
+//! The chat server of the protocol in docs/protocol.md: the flags, a history
+//! store (sled in ./channelbox-data by default, `--store memory` for none on
+//! disk), and `channelbox_warp::serve` — hyper for every connection, warp for
+//! the HTTP routes, tokio-tungstenite for the WebSocket connections.
 //!
 //! ```sh
 //! cargo run --release -p channelbox-warp --example chat -- --addr 127.0.0.1:8080
@@ -16,6 +17,7 @@ use channelbox_core::{HistoryLimits, HistoryStore};
 use channelbox_protocol::{ChatService, ProtocolConfig, TokenVerifier};
 use channelbox_store_memory::{MemoryConfig, MemoryStore};
 use channelbox_store_sled::{SledConfig, SledStore};
+use channelbox_warp::ServerConfig;
 use clap::{Parser, ValueEnum};
 use std::io::Write;
 
@@ -81,84 +83,6 @@ struct Args {
     token_secret: Option<String>,
 }
 
-/// Accepts connections: WebSocket upgrades (`GET /ws/…`) go to the
-/// tokio-tungstenite transport, configured for many connections (small buffers);
-/// every other request is served by warp. Every socket gets `TCP_NODELAY`: a
-/// broadcast frame should leave at once, not wait for Nagle's algorithm.
-/// The listening socket, with a backlog of 4,096 connections waiting to be
-/// accepted (the kernel caps it at `net.core.somaxconn`). tokio's default of
-/// 1,024 overflowed when 10,000 clients reconnected at once under load: the
-/// kernel then drops handshakes and clients see resets.
-fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
-}
-
-async fn accept_loop(listener: tokio::net::TcpListener, service: ChatService) {
-    let routes = channelbox_warp::routes(service.clone());
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(err) => {
-                // Out of descriptors and similar: wait a moment, keep serving.
-                tracing::warn!(error = %err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let (service, routes) = (service.clone(), routes.clone());
-        tokio::spawn(async move {
-            if is_websocket_request(&stream).await {
-                let _ = channelbox_ws::serve_chat(&service, stream).await;
-            } else {
-                let svc = hyper_util::service::TowerToHyperService::new(warp::service(routes));
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, svc)
-                    .with_upgrades()
-                    .await;
-            }
-        });
-    }
-}
-
-/// Whether the connection opens with a well-formed WebSocket upgrade to
-/// `/ws/…`, judged from its request head, read without consuming it. Anything
-/// else (plain requests, malformed handshakes) goes to warp, which answers it.
-async fn is_websocket_request(stream: &tokio::net::TcpStream) -> bool {
-    let mut buf = vec![0u8; 8192];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return false,
-        };
-        let head = &buf[..n];
-        if !b"GET /ws/".starts_with(&head[..n.min(8)]) {
-            return false;
-        }
-        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
-            return head.starts_with("get /ws/")
-                && head.contains("\r\nupgrade: websocket")
-                && head.contains("\r\nsec-websocket-key:")
-                && head.contains("\r\nsec-websocket-version: 13");
-        }
-        if n == buf.len() || tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        // The head arrives in pieces: wait for more of it.
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 fn positive_seconds(s: &str) -> Result<Duration, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
@@ -222,9 +146,11 @@ async fn main() -> anyhow::Result<()> {
         admin_token: args.admin_token.clone(),
     };
     let service = ChatService::new(store, config);
-    let listener = listen(args.addr).with_context(|| format!("cannot listen on {}", args.addr))?;
+    let server = ServerConfig::default();
+    let listener = channelbox_warp::listen(args.addr, server.backlog)
+        .with_context(|| format!("cannot listen on {}", args.addr))?;
     let addr = listener.local_addr()?;
-    let running = tokio::spawn(accept_loop(listener, service.clone()));
+    let running = tokio::spawn(channelbox_warp::serve(listener, service.clone(), server));
     println!("listening on http://{addr}");
     std::io::stdout().flush()?;
     tracing::info!(%addr, store = ?args.store, "chat server started");

@@ -35,6 +35,10 @@ use warp::http::StatusCode;
 use warp::ws::{Message, WebSocket};
 use warp::{Filter, Rejection, Reply};
 
+mod server;
+
+pub use server::{listen, serve, ServerConfig};
+
 /// The browser chat page, embedded in the binary.
 pub const CHAT_PAGE: &str = include_str!("../assets/chat.html");
 
@@ -238,6 +242,8 @@ fn rejected(r: &Rejection) -> HttpAnswer {
     } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
         HttpAnswer::error(413, "too_large", "the body is too large")
     } else {
-        HttpAnswer::error(400, "bad_request", format!("{r:?}"))
+        // warp's rejection text is Rust `Debug` output: logged, not sent.
+        tracing::debug!(rejection = ?r, "request rejected");
+        HttpAnswer::error(400, "bad_request", "the request is malformed")
     }
 }

@@ -9,8 +9,8 @@
 
 use std::sync::Arc;
 
+use channelbox_core::Incoming;
 use channelbox_core::{ChannelBox, ChannelConfig, HistoryStore, PayloadType};
-use channelbox_protocol::Incoming;
 use channelbox_store_memory::MemoryStore;
 use futures_util::StreamExt;
 

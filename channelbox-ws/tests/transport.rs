@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use channelbox_core::Incoming;
 use channelbox_core::{ChannelBox, ChannelConfig, CloseReason, HistoryStore, PayloadType};
-use channelbox_protocol::{ChatService, Incoming, ProtocolConfig};
+use channelbox_protocol::{ChatService, ProtocolConfig};
 use channelbox_store_memory::MemoryStore;
 use futures_util::StreamExt;
 use serde_json::{json, Value};

@@ -1,0 +1,188 @@
+//! The chat server's accept loop, as a library function: every connection is
+//! served by hyper with its header-read timeout on; WebSocket upgrades to
+//! `/ws/{group}` are answered here (hyper's upgrade, then tokio-tungstenite on
+//! the upgraded socket with the transport's small buffers), every other
+//! request by the warp routes of this crate.
+//!
+//! Nothing peeks at sockets or waits in a sleep loop: a connection costs
+//! nothing until hyper has a complete request head, and one that does not
+//! send it within the header timeout is closed.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use channelbox_protocol::ChatService;
+use hyper::body::Incoming as Body;
+use hyper::server::conn::http1;
+use hyper::service::{service_fn, Service};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use warp::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use warp::reply::Response;
+use warp::Reply;
+
+/// How [`serve`] accepts connections.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// How long a connection may take to send a complete request head, the
+    /// first one included; then it is closed (PROTOCOL.md "Deadlines").
+    pub header_timeout: Duration,
+    /// Connections the kernel queues before they are accepted.
+    pub backlog: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            header_timeout: Duration::from_secs(10),
+            backlog: 4096,
+        }
+    }
+}
+
+/// Binds the listening socket, with `SO_REUSEADDR` and `backlog` connections
+/// waiting to be accepted (the kernel caps it at `net.core.somaxconn`).
+/// tokio's default of 1,024 overflowed when 10,000 clients reconnected at
+/// once under load: the kernel then drops handshakes and clients see resets.
+pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// Serves the chat server on `listener` until the future is dropped: the
+/// WebSocket protocol on `/ws/{group}` and [`crate::routes`] for the rest.
+pub async fn serve(listener: TcpListener, service: ChatService, config: ServerConfig) {
+    let web = TowerToHyperService::new(warp::service(crate::routes(service.clone())));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                // Out of descriptors and similar: the error repeats until a
+                // connection closes, so wait instead of spinning on it.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        tokio::spawn(serve_connection(
+            stream,
+            peer,
+            service.clone(),
+            web.clone(),
+            config.header_timeout,
+        ));
+    }
+}
+
+/// Serves one connection's requests until it closes or upgrades.
+async fn serve_connection<W>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    service: ChatService,
+    web: W,
+    header_timeout: Duration,
+) where
+    W: Service<Request<Body>, Response = Response, Error = Infallible> + Clone + Send + Sync + 'static,
+    W::Future: Send,
+{
+    // A broadcast frame should leave at once, not wait for Nagle's algorithm.
+    let _ = stream.set_nodelay(true);
+    let handler = service_fn(move |req: Request<Body>| {
+        let (service, web) = (service.clone(), web.clone());
+        async move {
+            if let Some(group) = websocket_group(req.method(), req.uri().path(), req.headers()) {
+                return Ok::<_, Infallible>(upgrade(req, &group, peer, &service));
+            }
+            let wanted_upgrade = req.headers().contains_key(header::UPGRADE);
+            let mut response = web.call(req).await?;
+            if wanted_upgrade && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                close_after(&mut response);
+            }
+            Ok(response)
+        }
+    });
+    let served = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(stream), handler)
+        .with_upgrades()
+        .await;
+    if let Err(err) = served {
+        tracing::debug!(%peer, error = %err, "connection ended with an error");
+    }
+}
+
+/// The raw group of a well-formed WebSocket upgrade to `/ws/{group}`; `None`
+/// sends the request to the warp routes, which answer everything else
+/// (including malformed upgrades) as before.
+fn websocket_group(method: &Method, path: &str, headers: &HeaderMap) -> Option<String> {
+    let group = path
+        .strip_prefix("/ws/")
+        .filter(|g| !g.is_empty() && !g.contains('/'))?;
+    let has = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    let upgrade = method == Method::GET
+        && has(header::CONNECTION, "upgrade")
+        && has(header::UPGRADE, "websocket")
+        && headers.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13")
+        && headers.contains_key(header::SEC_WEBSOCKET_KEY);
+    upgrade.then(|| group.to_owned())
+}
+
+/// Answers an upgrade: refused before the upgrade as [`ChatService::admit`]
+/// says, or 101 and the protocol on the upgraded socket.
+fn upgrade(mut req: Request<Body>, group: &str, peer: SocketAddr, service: &ChatService) -> Response {
+    let admission = match service.admit(group, req.uri().query()) {
+        Ok(a) => a.with_peer(peer),
+        Err(refusal) => {
+            let mut response = crate::answer(refusal);
+            close_after(&mut response);
+            return response;
+        }
+    };
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let service = service.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => channelbox_ws::serve_upgraded(&service, admission, TokioIo::new(upgraded)).await,
+            Err(err) => tracing::debug!(%peer, error = %err, "the upgrade did not complete"),
+        }
+    });
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(value) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    response
+}
+
+/// Ends the connection after this response. A client that asked for another
+/// protocol did not ask for keep-alive: a refused upgrade closes, as
+/// tungstenite's handshake did.
+fn close_after(response: &mut Response) {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+}
