@@ -1,38 +1,19 @@
 //! ChannelBox behaviour as users rely on it: membership statuses, fan-out,
-//! slow consumers, history budget, ordering, recovery and auto-cleanup.
+//! slow consumers, history budget, ordering and auto-cleanup (subscriptions
+//! with replay and recovery: `subscribe.rs`).
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
-use channelbox_core::testkit::{test_channel, Recorder};
+use channelbox_core::testkit::test_channel;
 use channelbox_core::{
-    AddStatus, BoxError, Channel, ChannelBox, ChannelConfig, CloseReason, FrameKind, HistoryLimits, HistoryStore,
-    OverflowPolicy, PayloadType, ReadQuery, RemoveStatus, Replay, StreamPosition, SubscribeFraming,
+    AddStatus, BoxError, ChannelConfig, CloseReason, FrameKind, HistoryLimits, OverflowPolicy, PayloadType, ReadQuery,
+    RemoveStatus,
 };
-use channelbox_store_memory::{MemoryConfig, MemoryStore};
+use common::{json_of, new_box, wait_closed, WAIT};
 use serde_json::{json, Value};
 
-const WAIT: Duration = Duration::from_secs(10);
-
-fn new_box(limits: HistoryLimits) -> ChannelBox {
-    let store: Arc<dyn HistoryStore> = Arc::new(MemoryStore::new(MemoryConfig { limits }));
-    ChannelBox::new(store)
-}
-
-fn json_of(recorder: &Recorder) -> Vec<Value> {
-    recorder
-        .texts()
-        .iter()
-        .map(|t| serde_json::from_str(t).unwrap())
-        .collect()
-}
-
-async fn wait_closed(channel: &Channel) {
-    tokio::time::timeout(WAIT, channel.closed())
-        .await
-        .expect("channel closes");
-}
+mod common;
 
 #[tokio::test]
 async fn membership_statuses_are_typed() {
@@ -415,185 +396,4 @@ async fn flush_groups_empties_every_group() {
     assert!(cb.show_groups().await.is_empty());
     assert!(!a.is_closed(), "channels stay open");
     assert_eq!(cb.send_to(a.id(), "still here").await.unwrap().delivered, 1);
-}
-
-struct Marks;
-
-impl SubscribeFraming for Marks {
-    fn before(&self, start: &StreamPosition) -> Option<channelbox_core::Frame> {
-        Some(channelbox_core::Frame::text(
-            json!({"welcome": start.offset}).to_string(),
-        ))
-    }
-    fn after_recovery(&self, r: &channelbox_core::Recovery) -> Option<channelbox_core::Frame> {
-        Some(channelbox_core::Frame::text(
-            json!({"recovered": r.complete, "to": r.to}).to_string(),
-        ))
-    }
-}
-
-#[tokio::test]
-async fn recovery_joins_replay_and_live_without_gap_or_duplicate_while_others_publish() {
-    let cb = new_box(HistoryLimits::default());
-    let total = 600u64;
-    let publisher = {
-        let cb = cb.clone();
-        tokio::spawn(async move {
-            for n in 1..=total {
-                cb.group_send("g", json!(n), true).await.unwrap();
-                if n % 7 == 0 {
-                    tokio::task::yield_now().await;
-                }
-            }
-        })
-    };
-    let epoch = cb.head("g").await.unwrap().epoch;
-    let mut subscribers = Vec::new();
-    for k in 0..30u64 {
-        tokio::task::yield_now().await;
-        let since = (k * 13).min(cb.head("g").await.unwrap().last);
-        let (ch, rec) = test_channel(ChannelConfig {
-            max_queue_frames: 2048,
-            max_queue_bytes: 1 << 24,
-            ..ChannelConfig::default()
-        });
-        let sub = cb
-            .subscribe(
-                &ch,
-                "g",
-                Replay::Since(StreamPosition::new(epoch.clone(), since)),
-                &Marks,
-            )
-            .await
-            .unwrap();
-        let recovery = sub.recovery.unwrap();
-        assert!(recovery.complete, "history holds everything, so recovery is complete");
-        subscribers.push((since, sub.start.offset, rec));
-    }
-    publisher.await.unwrap();
-    for (since, start, rec) in subscribers {
-        let expected_frames = 2 + (total - since) as usize;
-        let got = rec.wait_for(expected_frames, WAIT).await;
-        let values: Vec<Value> = got
-            .iter()
-            .map(|f| serde_json::from_str(f.as_text().unwrap()).unwrap())
-            .collect();
-        assert_eq!(values[0], json!({"welcome": start}), "welcome comes first");
-        let recovered_at = values.iter().position(|v| v.get("recovered").is_some()).unwrap();
-        assert_eq!(values[recovered_at], json!({"recovered": true, "to": start}));
-        let numbers: Vec<u64> = values
-            .iter()
-            .filter(|v| v.is_u64())
-            .map(|v| v.as_u64().unwrap())
-            .collect();
-        assert_eq!(
-            numbers,
-            ((since + 1)..=total).collect::<Vec<_>>(),
-            "replay then live, no gap, no duplicate (since {since})"
-        );
-        assert_eq!(
-            recovered_at,
-            1 + (start - since) as usize,
-            "recovered sits between replay and live"
-        );
-    }
-}
-
-#[tokio::test]
-async fn recovery_is_incomplete_for_another_epoch_or_a_trimmed_gap() {
-    let cb = new_box(HistoryLimits {
-        max_messages: Some(5),
-        ..HistoryLimits::default()
-    });
-    for n in 1..=10 {
-        cb.group_send("g", json!(n), true).await.unwrap();
-    }
-    let epoch = cb.head("g").await.unwrap().epoch;
-    let (messages, complete) = cb
-        .recover("g", &StreamPosition::new(epoch.clone(), 7), 100)
-        .await
-        .unwrap();
-    assert!(complete);
-    assert_eq!(messages.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![8, 9, 10]);
-    let (messages, complete) = cb
-        .recover("g", &StreamPosition::new(epoch.clone(), 2), 100)
-        .await
-        .unwrap();
-    assert!(!complete && messages.is_empty(), "messages 3..5 were trimmed");
-    let (messages, complete) = cb
-        .recover("g", &StreamPosition::new("another-epoch".into(), 8), 100)
-        .await
-        .unwrap();
-    assert!(!complete && messages.is_empty(), "another epoch");
-    let (ch, rec) = test_channel(ChannelConfig::default());
-    let sub = cb
-        .subscribe(&ch, "g", Replay::Since(StreamPosition::new("old".into(), 9)), &Marks)
-        .await
-        .unwrap();
-    let r = sub.recovery.unwrap();
-    assert!(!r.complete);
-    assert_eq!((r.from, r.to, r.replayed), (9, 9, 0));
-    rec.wait_for(2, WAIT).await;
-    assert_eq!(
-        json_of(&rec),
-        vec![json!({"welcome": 10}), json!({"recovered": false, "to": 9})]
-    );
-}
-
-#[tokio::test]
-async fn subscribe_with_last_n_replays_the_newest() {
-    let cb = new_box(HistoryLimits::default());
-    for n in 1..=10 {
-        cb.group_send("g", json!(n), true).await.unwrap();
-    }
-    let (ch, rec) = test_channel(ChannelConfig::default());
-    let sub = cb.subscribe(&ch, "g", Replay::Last(3), &Marks).await.unwrap();
-    assert_eq!(sub.replayed, 3);
-    cb.group_send("g", json!(11), true).await.unwrap();
-    rec.wait_for(5, WAIT).await;
-    assert_eq!(
-        json_of(&rec),
-        vec![json!({"welcome": 10}), json!(8), json!(9), json!(10), json!(11)]
-    );
-}
-
-/// A recovery longer than the queue reaches a client that keeps reading: it is
-/// paced by the queue, not cut off as a slow consumer, and live messages sent
-/// meanwhile follow it without gap or duplicate.
-#[tokio::test]
-async fn a_recovery_longer_than_the_queue_is_paced_not_cut_off() {
-    let cb = new_box(HistoryLimits::default());
-    for n in 1..=200 {
-        cb.group_send("g", json!(n), true).await.unwrap();
-    }
-    let epoch = cb.head("g").await.unwrap().epoch;
-    let config = ChannelConfig {
-        max_queue_frames: 16,
-        ..ChannelConfig::default()
-    };
-    let (ch, rec) = test_channel(config);
-    let subscribing = {
-        let (cb, ch) = (cb.clone(), ch.clone());
-        tokio::spawn(async move {
-            cb.subscribe(&ch, "g", Replay::Since(StreamPosition::new(epoch, 10)), &Marks)
-                .await
-        })
-    };
-    // Live messages while the replay is under way: held at the gate.
-    for n in 201..=204 {
-        cb.group_send("g", json!(n), true).await.unwrap();
-        tokio::task::yield_now().await;
-    }
-    let sub = subscribing.await.unwrap().unwrap();
-    let r = sub.recovery.unwrap();
-    assert!(r.complete, "{r:?}");
-    // The subscription may start after some of the live messages.
-    assert!(r.from == 10 && (200..=204).contains(&r.to), "{r:?}");
-    assert!(!ch.is_closed(), "a reading client is not a slow consumer");
-    rec.wait_for(1 + 190 + 1 + 4, WAIT).await;
-    let got = json_of(&rec);
-    let numbers: Vec<Value> = got.iter().filter(|v| v.is_number()).cloned().collect();
-    let expected: Vec<Value> = (11..=204).map(|n| json!(n)).collect();
-    assert_eq!(numbers, expected, "replay then live, in order, each once");
-    assert_eq!(cb.stats().slow_consumer_closes, 0);
 }

@@ -49,6 +49,8 @@
 
 mod config;
 mod error;
+mod layout;
+mod open;
 mod store;
 mod writer;
 

@@ -21,99 +21,33 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use channelbox_core::{
     messages_to_trim, now_ms, Capabilities, Epoch, Head, HistoryLimits, HistoryPage, HistoryStats, HistoryStore,
-    NewMessage, PayloadKind, PendingAppend, ReadQuery, StoreError, StoredMessage,
+    NewMessage, PendingAppend, ReadQuery, StoreError, StoredMessage,
 };
 
 use crate::config::SledConfig;
 use crate::error::SledError;
+use crate::layout::*;
+use crate::open::{check_format, load_groups, open_db};
 use crate::writer::{Op, Writer};
-
-/// The on-disk format this build reads and writes.
-pub(crate) const FORMAT: &str = "channelbox-sled/1";
-
-const KEY_FORMAT: &[u8] = b"\x00format";
-const KEY_INSTANCE: &[u8] = b"\x00instance";
-const KEY_FLUSHES: &[u8] = b"\x00flushes";
-const GROUP_PREFIX: u8 = 1;
-const MESSAGE_PREFIX: u8 = 2;
-/// kind (1) + timestamp (8) + meta length (4).
-const HEADER: usize = 13;
-
-fn group_key(group: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + group.len());
-    k.push(GROUP_PREFIX);
-    k.extend_from_slice(group.as_bytes());
-    k
-}
-
-fn message_prefix(group: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(3 + group.len() + 8);
-    k.push(MESSAGE_PREFIX);
-    k.extend_from_slice(&(group.len() as u16).to_be_bytes());
-    k.extend_from_slice(group.as_bytes());
-    k
-}
-
-fn message_key(group: &str, offset: u64) -> Vec<u8> {
-    let mut k = message_prefix(group);
-    k.extend_from_slice(&offset.to_be_bytes());
-    k
-}
-
-/// A group's head as stored: generation and newest offset.
-fn group_value(generation: u64, last: u64) -> [u8; 16] {
-    let mut v = [0u8; 16];
-    v[..8].copy_from_slice(&generation.to_be_bytes());
-    v[8..].copy_from_slice(&last.to_be_bytes());
-    v
-}
-
-fn encode_message(m: &NewMessage) -> Vec<u8> {
-    let mut v = Vec::with_capacity(HEADER + m.meta.len() + m.payload.len());
-    v.push(m.kind.tag());
-    v.extend_from_slice(&m.timestamp_ms.to_be_bytes());
-    v.extend_from_slice(&(m.meta.len() as u32).to_be_bytes());
-    v.extend_from_slice(&m.meta);
-    v.extend_from_slice(&m.payload);
-    v
-}
-
-/// Decodes a stored message value: (kind, timestamp, meta, payload).
-fn decode_message(v: &[u8]) -> Option<(PayloadKind, u64, Bytes, Bytes)> {
-    if v.len() < HEADER {
-        return None;
-    }
-    let kind = PayloadKind::from_tag(v[0])?;
-    let ts = u64::from_be_bytes(v[1..9].try_into().ok()?);
-    let meta_len = u32::from_be_bytes(v[9..13].try_into().ok()?) as usize;
-    let meta = v.get(HEADER..HEADER + meta_len)?;
-    let payload = &v[HEADER + meta_len..];
-    Some((kind, ts, Bytes::copy_from_slice(meta), Bytes::copy_from_slice(payload)))
-}
-
-fn u64_at(v: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_be_bytes(v.get(at..at + 8)?.try_into().ok()?))
-}
 
 /// A group as the store tracks it in memory: its head, and the size and
 /// timestamp of every retained message, so trimming needs no disk read.
 #[derive(Debug, Default)]
-struct GroupState {
-    generation: u64,
-    last: u64,
+pub(crate) struct GroupState {
+    pub(crate) generation: u64,
+    pub(crate) last: u64,
     /// Offset of `retained[0]`.
-    first: u64,
-    bytes: u64,
-    retained: VecDeque<(u64, u64)>,
+    pub(crate) first: u64,
+    pub(crate) bytes: u64,
+    pub(crate) retained: VecDeque<(u64, u64)>,
     /// The newest offset the group's head key on disk records; `None` when the
     /// group has no head key yet. Opening takes a group's newest offset from
     /// its head and its messages, whichever is higher, so the head is rewritten
     /// only when that would otherwise be lost: for a new group, and before a
     /// trim removes every message.
-    stored_last: Option<u64>,
+    pub(crate) stored_last: Option<u64>,
 }
 
 impl GroupState {
@@ -190,138 +124,6 @@ struct Inner {
     limits: HistoryLimits,
     state: Mutex<State>,
     writer: Writer,
-}
-
-fn open_db(config: &SledConfig) -> Result<sled::Db, SledError> {
-    let path = &config.path;
-    if path.exists() && !path.is_dir() {
-        return Err(SledError::Unusable(
-            path.clone(),
-            "it is a file, not a directory".into(),
-        ));
-    }
-    std::fs::create_dir_all(path).map_err(|e| SledError::Unusable(path.clone(), e.to_string()))?;
-    // sled releases its lock file from a background thread a moment after a
-    // `Db` is dropped, so a store reopened at once in the same process may find
-    // it still held: retry briefly before calling the directory locked.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        match try_open(config) {
-            Err(SledError::Locked(..)) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            other => return other,
-        }
-    }
-}
-
-fn try_open(config: &SledConfig) -> Result<sled::Db, SledError> {
-    let path = &config.path;
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(config.cache_bytes)
-        .mode(sled::Mode::HighThroughput)
-        .flush_every_ms(None)
-        .open()
-        .map_err(|err| match &err {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
-                SledError::Locked(path.clone(), err)
-            }
-            sled::Error::Io(io) => SledError::Unusable(path.clone(), io.to_string()),
-            _ => SledError::sled(path, err),
-        })
-}
-
-/// Checks the format marker, writing it into a new, empty store.
-fn check_format(db: &sled::Db, path: &Path) -> Result<(String, u64), SledError> {
-    let s = |e| SledError::sled(path, e);
-    match db.get(KEY_FORMAT).map_err(s)? {
-        Some(found) if &*found == FORMAT.as_bytes() => {}
-        Some(found) => {
-            return Err(SledError::Incompatible {
-                path: path.to_owned(),
-                found: String::from_utf8_lossy(&found).into_owned(),
-                expected: FORMAT,
-            })
-        }
-        None if db.is_empty() => {
-            let instance = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-            db.insert(KEY_INSTANCE, instance.as_bytes()).map_err(s)?;
-            db.insert(KEY_FLUSHES, &0u64.to_be_bytes()).map_err(s)?;
-            db.insert(KEY_FORMAT, FORMAT.as_bytes()).map_err(s)?;
-            db.flush().map_err(s)?;
-        }
-        None => return Err(SledError::Foreign(path.to_owned())),
-    }
-    let instance = db
-        .get(KEY_INSTANCE)
-        .map_err(s)?
-        .map(|v| String::from_utf8_lossy(&v).into_owned())
-        .ok_or(SledError::Foreign(path.to_owned()))?;
-    let flushes = db
-        .get(KEY_FLUSHES)
-        .map_err(s)?
-        .and_then(|v| u64_at(&v, 0))
-        .ok_or(SledError::Foreign(path.to_owned()))?;
-    Ok((instance, flushes))
-}
-
-/// Reads every group's head and retained sizes.
-fn load_groups(db: &sled::Db, path: &Path) -> Result<HashMap<String, GroupState>, SledError> {
-    let s = |e| SledError::sled(path, e);
-    let mut groups: HashMap<String, GroupState> = HashMap::new();
-    for item in db.scan_prefix([GROUP_PREFIX]) {
-        let (k, v) = item.map_err(s)?;
-        let name = String::from_utf8_lossy(&k[1..]).into_owned();
-        let corrupt = || SledError::Corrupt {
-            path: path.to_owned(),
-            group: name.clone(),
-            what: "group head",
-        };
-        let generation = u64_at(&v, 0).ok_or_else(corrupt)?;
-        let last = u64_at(&v, 8).ok_or_else(corrupt)?;
-        groups.insert(
-            name.clone(),
-            GroupState {
-                generation,
-                last,
-                first: last + 1,
-                stored_last: Some(last),
-                ..GroupState::default()
-            },
-        );
-    }
-    for item in db.scan_prefix([MESSAGE_PREFIX]) {
-        let (k, v) = item.map_err(s)?;
-        let len = k.get(1..3).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize);
-        let parsed = len.and_then(|len| {
-            let name = std::str::from_utf8(k.get(3..3 + len)?).ok()?;
-            let offset = u64_at(&k, 3 + len)?;
-            Some((name.to_owned(), offset))
-        });
-        let Some((name, offset)) = parsed else {
-            return Err(SledError::Corrupt {
-                path: path.to_owned(),
-                group: String::from_utf8_lossy(&k).into_owned(),
-                what: "message key",
-            });
-        };
-        let Some((_, ts, _meta, payload)) = decode_message(&v) else {
-            return Err(SledError::Corrupt {
-                path: path.to_owned(),
-                group: name,
-                what: "message",
-            });
-        };
-        let g = groups.entry(name).or_default();
-        if g.retained.is_empty() {
-            g.first = offset;
-        }
-        g.last = g.last.max(offset);
-        g.bytes += payload.len() as u64;
-        g.retained.push_back((payload.len() as u64, ts));
-    }
-    Ok(groups)
 }
 
 impl SledStore {

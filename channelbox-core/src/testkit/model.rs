@@ -243,20 +243,32 @@ where
         };
         let s = store.as_ref().expect("store is open");
         for g in touched {
-            let head = s.head(&g).await.expect("head");
-            assert_eq!(head.last, model.last(&g), "step {step}: last offset of {g}");
-            let generation = model.generation(&g);
-            match epochs.get(&g) {
-                Some((gen, epoch)) if *gen == generation => {
-                    assert_eq!(
-                        &head.epoch, epoch,
-                        "step {step}: the epoch of {g} changed without a reset"
-                    )
-                }
-                Some((_, epoch)) => assert_ne!(&head.epoch, epoch, "step {step}: {g} was reset but kept its epoch"),
-                None => {}
-            }
-            epochs.insert(g, (generation, head.epoch));
+            check_head(&**s, &model, &mut epochs, &g, step).await;
         }
     }
+}
+
+/// Compares a group's head with the model: its newest offset, and that its
+/// epoch changed exactly when the model reset the group.
+async fn check_head(
+    store: &dyn crate::HistoryStore,
+    model: &HistoryModel,
+    epochs: &mut BTreeMap<String, (u64, Epoch)>,
+    g: &str,
+    step: usize,
+) {
+    let head = store.head(g).await.expect("head");
+    assert_eq!(head.last, model.last(g), "step {step}: last offset of {g}");
+    let generation = model.generation(g);
+    match epochs.get(g) {
+        Some((gen, epoch)) if *gen == generation => {
+            assert_eq!(
+                &head.epoch, epoch,
+                "step {step}: the epoch of {g} changed without a reset"
+            )
+        }
+        Some((_, epoch)) => assert_ne!(&head.epoch, epoch, "step {step}: {g} was reset but kept its epoch"),
+        None => {}
+    }
+    epochs.insert(g.to_owned(), (generation, head.epoch));
 }

@@ -52,6 +52,15 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Parses a server frame. The protocol allows 128 levels of nesting, one more
+/// than serde_json's default recursion limit.
+pub fn parse_json(text: &str) -> Value {
+    use serde::Deserialize;
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    Value::deserialize(&mut de).expect("JSON")
+}
+
 /// A running chat server; killed on drop.
 pub struct Server {
     pub child: Child,
@@ -59,6 +68,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server with the in-memory store.
+    pub fn memory() -> Server {
+        Self::start(&["--store", "memory"])
+    }
+
     pub fn start(args: &[&str]) -> Server {
         Self::start_env(args, &[])
     }
@@ -172,7 +186,7 @@ impl Client {
                 .await
                 .expect("a frame within 10 s");
             match item {
-                Some(Ok(Message::Text(t))) => return Event::Json(serde_json::from_str(&t).expect("JSON")),
+                Some(Ok(Message::Text(t))) => return Event::Json(parse_json(&t)),
                 Some(Ok(Message::Close(f))) => return Event::Closed(f.map(|f| u16::from(f.code))),
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return Event::Closed(None),

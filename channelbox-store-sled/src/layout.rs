@@ -1,0 +1,72 @@
+//! The on-disk layout: keys under three prefixes in sled's default tree, and
+//! the encoding of a message value. See `store.rs` for what lives where.
+
+use bytes::Bytes;
+use channelbox_core::{NewMessage, PayloadKind};
+
+/// The on-disk format this build reads and writes.
+pub(crate) const FORMAT: &str = "channelbox-sled/1";
+
+pub(crate) const KEY_FORMAT: &[u8] = b"\x00format";
+pub(crate) const KEY_INSTANCE: &[u8] = b"\x00instance";
+pub(crate) const KEY_FLUSHES: &[u8] = b"\x00flushes";
+pub(crate) const GROUP_PREFIX: u8 = 1;
+pub(crate) const MESSAGE_PREFIX: u8 = 2;
+/// kind (1) + timestamp (8) + meta length (4).
+pub(crate) const HEADER: usize = 13;
+
+pub(crate) fn group_key(group: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + group.len());
+    k.push(GROUP_PREFIX);
+    k.extend_from_slice(group.as_bytes());
+    k
+}
+
+pub(crate) fn message_prefix(group: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + group.len() + 8);
+    k.push(MESSAGE_PREFIX);
+    k.extend_from_slice(&(group.len() as u16).to_be_bytes());
+    k.extend_from_slice(group.as_bytes());
+    k
+}
+
+pub(crate) fn message_key(group: &str, offset: u64) -> Vec<u8> {
+    let mut k = message_prefix(group);
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+/// A group's head as stored: generation and newest offset.
+pub(crate) fn group_value(generation: u64, last: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&generation.to_be_bytes());
+    v[8..].copy_from_slice(&last.to_be_bytes());
+    v
+}
+
+pub(crate) fn encode_message(m: &NewMessage) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER + m.meta.len() + m.payload.len());
+    v.push(m.kind.tag());
+    v.extend_from_slice(&m.timestamp_ms.to_be_bytes());
+    v.extend_from_slice(&(m.meta.len() as u32).to_be_bytes());
+    v.extend_from_slice(&m.meta);
+    v.extend_from_slice(&m.payload);
+    v
+}
+
+/// Decodes a stored message value: (kind, timestamp, meta, payload).
+pub(crate) fn decode_message(v: &[u8]) -> Option<(PayloadKind, u64, Bytes, Bytes)> {
+    if v.len() < HEADER {
+        return None;
+    }
+    let kind = PayloadKind::from_tag(v[0])?;
+    let ts = u64::from_be_bytes(v[1..9].try_into().ok()?);
+    let meta_len = u32::from_be_bytes(v[9..13].try_into().ok()?) as usize;
+    let meta = v.get(HEADER..HEADER + meta_len)?;
+    let payload = &v[HEADER + meta_len..];
+    Some((kind, ts, Bytes::copy_from_slice(meta), Bytes::copy_from_slice(payload)))
+}
+
+pub(crate) fn u64_at(v: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(v.get(at..at + 8)?.try_into().ok()?))
+}
