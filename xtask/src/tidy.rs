@@ -1,6 +1,8 @@
 //! House rules checked as a normal test: every Rust file opens with a `//!` line
-//! saying what it is for, and no file has trailing whitespace, ignored tests or
-//! leftover debugging macros.
+//! saying what it is for; no file has trailing whitespace, ignored tests or
+//! leftover debugging macros; no Rust file is over 500 lines and no function
+//! over 80 lines outside tests and the bench tools; no build output is
+//! tracked by git.
 
 #[cfg(test)]
 mod tests {
@@ -26,6 +28,94 @@ mod tests {
         }
     }
 
+    /// Longest Rust source file, in lines.
+    const MAX_FILE_LINES: usize = 500;
+    /// Longest function outside tests and the bench tools, in lines.
+    const MAX_FN_LINES: usize = 80;
+
+    /// Whether a path holds tests or bench tools, where long functions are
+    /// scenarios rather than logic.
+    fn is_test_or_bench_tool(shown: &str) -> bool {
+        shown.contains("/tests/")
+            || shown.contains("/benches/")
+            || shown.starts_with("channelbox-bench/")
+            || shown == "xtask/src/bench.rs"
+    }
+
+    /// Functions longer than `max` lines, as (name, first line, length). It
+    /// relies on rustfmt's layout: a body closes with `}` at the indentation of
+    /// its `fn`. Everything from the first `#[cfg(test)]` at the start of a
+    /// line on is a test module and not looked at.
+    fn long_functions(text: &str, max: usize) -> Vec<(String, usize, usize)> {
+        let lines: Vec<&str> = text.lines().collect();
+        let end = lines
+            .iter()
+            .position(|l| l.starts_with("#[cfg(test)]"))
+            .unwrap_or(lines.len());
+        let mut found = Vec::new();
+        for i in 0..end {
+            let line = lines[i];
+            let indent = &line[..line.len() - line.trim_start().len()];
+            let mut words = line.trim_start().split_whitespace().peekable();
+            while words
+                .peek()
+                .is_some_and(|w| w.starts_with("pub") || ["async", "const", "unsafe"].contains(w))
+            {
+                words.next();
+            }
+            if words.next() != Some("fn") {
+                continue;
+            }
+            let name = words.next().unwrap_or("").split(['(', '<']).next().unwrap_or("").to_owned();
+            // A declaration without a body (a trait's) ends with `;`.
+            let Some(open) = (i..end).find(|&j| {
+                let t = lines[j].trim_end();
+                t.ends_with('{') || t.ends_with(';')
+            }) else {
+                continue;
+            };
+            if lines[open].trim_end().ends_with(';') {
+                continue;
+            }
+            let close = format!("{indent}}}");
+            if let Some(last) = (open + 1..end).find(|&j| lines[j] == close) {
+                let length = last - i + 1;
+                if length > max {
+                    found.push((name, i + 1, length));
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_function_length_rule_measures_bodies() {
+        let short = "fn a() {\n    one();\n}\n";
+        assert!(long_functions(short, 3).is_empty());
+        let long = format!("pub async fn b(\n    x: u8,\n) {{\n{}}}\n", "    step();\n".repeat(5));
+        assert_eq!(long_functions(&long, 5), vec![("b".to_owned(), 1, 9)]);
+        let tests = format!("#[cfg(test)]\nmod tests {{\n{long}}}\n");
+        assert!(long_functions(&tests, 5).is_empty(), "test modules are exempt");
+        assert!(long_functions("    fn declared(&self);\n", 0).is_empty());
+    }
+
+    #[test]
+    fn no_build_output_is_tracked() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let out = std::process::Command::new("git")
+            .args(["ls-files", "-z"])
+            .current_dir(root)
+            .output()
+            .expect("git runs (the tidy test reads the tracked files)");
+        assert!(out.status.success(), "git ls-files failed");
+        let tracked = String::from_utf8_lossy(&out.stdout);
+        let builds: Vec<&str> = tracked
+            .split('\0')
+            .filter(|p| p.starts_with("target/") || p.contains("/target/"))
+            .collect();
+        assert!(builds.is_empty(), "tracked build output: {builds:?}");
+    }
+
     #[test]
     fn house_rules_hold() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
@@ -48,6 +138,17 @@ mod tests {
                 }
                 if text.contains(dbg_macro) {
                     problems.push(format!("{shown}: has a debugging macro"));
+                }
+                let lines = text.lines().count();
+                if lines > MAX_FILE_LINES {
+                    problems.push(format!("{shown}: {lines} lines (at most {MAX_FILE_LINES})"));
+                }
+                if !is_test_or_bench_tool(&shown) {
+                    for (name, line, length) in long_functions(&text, MAX_FN_LINES) {
+                        problems.push(format!(
+                            "{shown}:{line}: fn {name} is {length} lines (at most {MAX_FN_LINES})"
+                        ));
+                    }
                 }
             }
             for (i, line) in text.lines().enumerate() {
