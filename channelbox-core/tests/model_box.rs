@@ -1,5 +1,9 @@
 //! Property test: random sequences of ChannelBox operations against a plain
-//! reference model of membership, delivery and history.
+//! reference model of membership, delivery and history — subscriptions with a
+//! replay or a recovery included, interleaved with publishes, leaves, closes
+//! and flushes. The model says exactly which frames each channel receives, in
+//! order: live messages, `send_to` payloads, and around each subscription the
+//! start mark, the replayed messages and the recovery outcome.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -8,8 +12,8 @@ use std::time::Duration;
 use channelbox_core::testkit::model::HistoryModel;
 use channelbox_core::testkit::{test_channel, Recorder};
 use channelbox_core::{
-    AddStatus, BoxError, Channel, ChannelBox, ChannelConfig, CloseReason, HistoryLimits, HistoryStore, NewMessage,
-    Payload, ReadQuery, RemoveStatus,
+    AddStatus, BoxError, Channel, ChannelBox, ChannelConfig, CloseReason, Frame, HistoryLimits, HistoryStore,
+    NewMessage, Payload, ReadQuery, Recovery, RemoveStatus, Replay, StreamPosition, SubscribeFraming,
 };
 use channelbox_store_memory::{MemoryConfig, MemoryStore};
 use proptest::prelude::*;
@@ -27,6 +31,44 @@ enum Op {
     Close(usize),
     Flush(usize),
     Read(usize, usize),
+    Subscribe(usize, usize, ReplayOp),
+}
+
+/// What a subscription asks to replay.
+#[derive(Clone, Debug)]
+enum ReplayOp {
+    None,
+    Last(usize),
+    /// Recovery after this offset, in the group's current epoch or in one
+    /// that no longer exists.
+    Since {
+        offset: u64,
+        current_epoch: bool,
+    },
+}
+
+fn replay_op() -> impl Strategy<Value = ReplayOp> {
+    prop_oneof![
+        1 => Just(ReplayOp::None),
+        2 => (0usize..6).prop_map(ReplayOp::Last),
+        4 => (0u64..12, prop::bool::weighted(0.85))
+            .prop_map(|(offset, current_epoch)| ReplayOp::Since { offset, current_epoch }),
+    ]
+}
+
+/// Marks the frames around a subscription, so the model can check them.
+struct Marks;
+
+impl SubscribeFraming for Marks {
+    fn before(&self, start: &StreamPosition) -> Option<Frame> {
+        Some(Frame::text(json!({"start": start.offset}).to_string()))
+    }
+
+    fn after_recovery(&self, r: &Recovery) -> Option<Frame> {
+        Some(Frame::text(
+            json!({"recovered": [r.from, r.to, r.complete]}).to_string(),
+        ))
+    }
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -37,9 +79,10 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (c.clone(), g.clone()).prop_map(|(c, g)| Op::Leave(c, g)),
         6 => (g.clone(), any::<bool>()).prop_map(|(group, save)| Op::Send { group, save }),
         1 => c.clone().prop_map(Op::SendTo),
-        1 => c.prop_map(Op::Close),
+        1 => c.clone().prop_map(Op::Close),
         1 => g.clone().prop_map(Op::Flush),
-        2 => (g, 0usize..6).prop_map(|(g, n)| Op::Read(g, n)),
+        2 => (g.clone(), 0usize..6).prop_map(|(g, n)| Op::Read(g, n)),
+        4 => (c, g, replay_op()).prop_map(|(c, g, r)| Op::Subscribe(c, g, r)),
     ]
 }
 
@@ -150,6 +193,29 @@ async fn run(ops: Vec<Op>) {
                 cb.flush_history(Some(&group(g))).await.unwrap();
                 history.flush_group(&group(g));
             }
+            Op::Subscribe(c, g, ref replay) => {
+                let replay = match replay {
+                    ReplayOp::None => Replay::None,
+                    ReplayOp::Last(n) => Replay::Last(*n),
+                    ReplayOp::Since { offset, current_epoch } => {
+                        let epoch = match current_epoch {
+                            true => cb.head(&group(g)).await.unwrap().epoch,
+                            false => "gone".into(),
+                        };
+                        Replay::Since(StreamPosition::new(epoch, *offset))
+                    }
+                };
+                let got = cb.subscribe(&channels[c].0, &group(g), replay.clone(), &Marks).await;
+                if m.closed.contains(&c) {
+                    assert!(matches!(got, Err(BoxError::ChannelClosed(_))), "{op:?}");
+                    continue;
+                }
+                got.unwrap();
+                let frames = expected_subscription(&mut history, &group(g), &replay, channelbox_core::now_ms());
+                m.inbox[c].extend(frames);
+                m.members.entry(g).or_default().insert(c);
+                m.registered.insert(c);
+            }
             Op::Read(g, n) => {
                 // Timestamps are the box's own; compare what the model decides.
                 let strip = |ms: Vec<channelbox_core::StoredMessage>| -> Vec<(u64, bytes::Bytes)> {
@@ -180,6 +246,49 @@ async fn run(ops: Vec<Op>) {
             "channel {c} received exactly what the model says, in order"
         );
     }
+}
+
+/// What a subscription queues, by the model: the start mark (the newest
+/// offset, every publish having completed), the replayed messages, and for a
+/// recovery its outcome, complete only when history still holds every offset
+/// after the one seen in the same epoch.
+fn expected_subscription(history: &mut HistoryModel, g: &str, replay: &Replay, now: u64) -> Vec<Value> {
+    let start = history.last(g);
+    let mut frames = vec![json!({"start": start})];
+    let (query, recovery) = match replay {
+        Replay::None | Replay::Last(0) => return frames,
+        Replay::Last(n) => {
+            let offset = start.saturating_sub(*n as u64);
+            (ReadQuery::Since { offset, limit: *n }, None)
+        }
+        Replay::Since(seen) => (
+            ReadQuery::Since {
+                offset: seen.offset,
+                limit: 100,
+            },
+            Some(seen),
+        ),
+    };
+    let read: Vec<_> = history
+        .read(g, query, now)
+        .into_iter()
+        .filter(|m| m.offset <= start)
+        .collect();
+    let replayed = read.iter().map(|m| serde_json::from_slice(&m.payload).unwrap());
+    let Some(seen) = recovery else {
+        frames.extend(replayed);
+        return frames;
+    };
+    let complete = seen.epoch != "gone"
+        && seen.offset <= start
+        && read.len() as u64 == start - seen.offset
+        && read.first().is_none_or(|m| m.offset == seen.offset + 1);
+    if complete {
+        frames.extend(replayed);
+    }
+    let to = if complete { start } else { seen.offset };
+    frames.push(json!({"recovered": [seen.offset, to, complete]}));
+    frames
 }
 
 proptest! {

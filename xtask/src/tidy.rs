@@ -66,7 +66,13 @@ mod tests {
             if words.next() != Some("fn") {
                 continue;
             }
-            let name = words.next().unwrap_or("").split(['(', '<']).next().unwrap_or("").to_owned();
+            let name = words
+                .next()
+                .unwrap_or("")
+                .split(['(', '<'])
+                .next()
+                .unwrap_or("")
+                .to_owned();
             // A declaration without a body (a trait's) ends with `;`.
             let Some(open) = (i..end).find(|&j| {
                 let t = lines[j].trim_end();
