@@ -1,11 +1,11 @@
-//! Options of the chat protocol service: the limits and switches of PROTOCOL.md.
+//! Options of the chat protocol service: the limits and switches of docs/protocol.md.
 
 use std::time::Duration;
 
 use crate::auth::TokenVerifier;
 
 /// How a [`ChatService`](crate::ChatService) behaves. Every limit is configurable;
-/// the defaults are PROTOCOL.md's.
+/// the defaults are docs/protocol.md's.
 #[derive(Clone, Debug)]
 pub struct ProtocolConfig {
     /// Largest accepted client message, after reassembly (`--max-message-bytes`).

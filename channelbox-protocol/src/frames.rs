@@ -104,7 +104,7 @@ pub fn render_history(group: &str, page: &HistoryPage, reply_to: Option<(&str, O
     out
 }
 
-/// Renders messages as PROTOCOL.md's `message` frames.
+/// Renders messages as docs/protocol.md's `message` frames.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ChatEnvelope;
 
@@ -122,7 +122,7 @@ pub(crate) fn reply(mut body: Value, reference: Option<&Value>) -> Frame {
     Frame::text(body.to_string())
 }
 
-/// Error codes of PROTOCOL.md.
+/// Error codes of docs/protocol.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorCode {
     /// Not JSON, not an object, unknown type, missing or mistyped field, binary frame.

@@ -1,6 +1,6 @@
 //! # channelbox-protocol
 //!
-//! The chat server's wire protocol v1 (PROTOCOL.md), written once for every
+//! The chat server's wire protocol v1 (docs/protocol.md), written once for every
 //! transport. A transport (`channelbox-ws`, `channelbox-warp`) only:
 //! 1. asks [`ChatService::admit`] about an upgrade request (URL group, token,
 //!    query, connection limit) and answers its [`HttpAnswer`] on refusal;

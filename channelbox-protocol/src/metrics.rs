@@ -1,4 +1,4 @@
-//! `GET /metrics`: the Prometheus series of PROTOCOL.md, through prometheus-client.
+//! `GET /metrics`: the Prometheus series of docs/protocol.md, through prometheus-client.
 //!
 //! Counters that the `ChannelBox` already keeps (published, delivered,
 //! overflows, slow-consumer closes) are read from it at scrape time by a

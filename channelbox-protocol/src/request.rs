@@ -1,6 +1,6 @@
 //! Client requests, typed: a text frame becomes its `ref` and a [`Request`].
 //!
-//! Parsing goes in the order PROTOCOL.md's errors need: the nesting bound and
+//! Parsing goes in the order docs/protocol.md's errors need: the nesting bound and
 //! JSON itself, then `ref` (so every later error can echo it), then `type`,
 //! then the request's fields by serde. A field of the wrong JSON type is a
 //! `bad_request` from serde; rules on a well-typed value (group names) are

@@ -1,7 +1,7 @@
 //! # channelbox-warp
 //!
 //! The warp adapter: filters that upgrade `GET /ws/{group}` and attach the socket
-//! to a [`ChatService`] (and so to its `ChannelBox`), the HTTP API of PROTOCOL.md,
+//! to a [`ChatService`] (and so to its `ChannelBox`), the HTTP API of docs/protocol.md,
 //! `/metrics`, `/healthz` and the browser page. The protocol logic itself lives in
 //! `channelbox-protocol`, shared with the tokio-tungstenite transport; this crate
 //! only routes and converts warp's types at the edge.
@@ -18,7 +18,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The `chat` example is the runnable chat server of PROTOCOL.md.
+//! The `chat` example is the runnable chat server of docs/protocol.md.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 use std::convert::Infallible;

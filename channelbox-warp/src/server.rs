@@ -29,7 +29,7 @@ use warp::Reply;
 #[non_exhaustive]
 pub struct ServerConfig {
     /// How long a connection may take to send a complete request head, the
-    /// first one included; then it is closed (PROTOCOL.md "Deadlines").
+    /// first one included; then it is closed (docs/protocol.md "Deadlines").
     pub header_timeout: Duration,
     /// Connections the kernel queues before they are accepted.
     pub backlog: u32,

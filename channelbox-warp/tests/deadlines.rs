@@ -12,7 +12,7 @@ use support::{cpu_seconds, Client, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// PROTOCOL.md's deadline for a complete request head.
+/// docs/protocol.md's deadline for a complete request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[tokio::test]

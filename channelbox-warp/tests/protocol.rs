@@ -1,4 +1,4 @@
-//! End-to-end tests of PROTOCOL.md over real sockets: the chat example binary,
+//! End-to-end tests of docs/protocol.md over real sockets: the chat example binary,
 //! a real WebSocket client, one test per row of the protocol: requests,
 //! replies and errors here; recovery in `recovery.rs`, HTTP in `http_api.rs`.
 

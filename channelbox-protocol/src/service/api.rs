@@ -1,4 +1,4 @@
-//! The HTTP API of PROTOCOL.md as transport-agnostic handlers: each takes the
+//! The HTTP API of docs/protocol.md as transport-agnostic handlers: each takes the
 //! request's parts and returns an [`HttpAnswer`]; a web framework only routes.
 
 use bytes::Bytes;

@@ -1,4 +1,4 @@
-//! One handler per client request. Each checks what PROTOCOL.md says in its
+//! One handler per client request. Each checks what docs/protocol.md says in its
 //! order — field types (done by serde in `request`), group names
 //! (`invalid_group`), permissions (`forbidden`) — then acts on the box.
 

@@ -142,7 +142,7 @@ impl ChatService {
         }
     }
 
-    /// Checks an upgrade request before the upgrade, in PROTOCOL.md's order:
+    /// Checks an upgrade request before the upgrade, in docs/protocol.md's order:
     /// the URL group (400), the token (401), the query (400) and the
     /// connection limit (503).
     pub fn admit(&self, raw_group: &str, query: Option<&str>) -> Result<Admission, HttpAnswer> {
