@@ -65,6 +65,9 @@ fn ci() -> Result<(), String> {
         &["clippy", "--workspace", "--all-targets", "-j2", "--", "-D", "warnings"],
         &[],
     )?;
+    // The socket adapter alone, without the chat protocol (channelbox-ws's
+    // default feature), must keep building.
+    cargo(&["check", "-p", "channelbox-ws", "--no-default-features", "-j2"], &[])?;
     // Every test, property tests included with proptest's default case count.
     cargo(&["test", "--workspace", "-j2"], &[("RUSTDOCFLAGS", "-D warnings")])?;
     // The property tests once more, with a moderate case count.
