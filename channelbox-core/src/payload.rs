@@ -119,6 +119,8 @@ pub enum FrameKind {
     Text,
     /// A binary frame.
     Binary,
+    /// A WebSocket ping (a heartbeat); its data is the ping's payload.
+    Ping,
 }
 
 /// An already-encoded outgoing frame. Cloning shares the bytes, which is how one
@@ -158,6 +160,11 @@ impl Frame {
         Frame::new(FrameKind::Binary, data.into())
     }
 
+    /// A ping with an empty payload: a heartbeat the peer answers with a pong.
+    pub fn ping() -> Self {
+        Frame::new(FrameKind::Ping, Bytes::new())
+    }
+
     /// The frame's opcode.
     pub fn kind(&self) -> FrameKind {
         self.0.kind
@@ -173,7 +180,7 @@ impl Frame {
         match self.0.kind {
             // Text frames are only built from checked UTF-8.
             FrameKind::Text => std::str::from_utf8(&self.0.data).ok(),
-            FrameKind::Binary => None,
+            FrameKind::Binary | FrameKind::Ping => None,
         }
     }
 

@@ -21,8 +21,10 @@ pub enum Incoming {
     Text(String),
     /// A binary frame.
     Binary(Bytes),
-    /// A ping or pong control frame (activity only).
-    Control,
+    /// A ping (activity; transports answer it with a pong themselves).
+    Ping,
+    /// A pong: the peer is alive, but a pong is no activity for expiry.
+    Pong,
     /// The peer sent a close frame.
     Close,
     /// A message above the maximum size.
@@ -37,7 +39,10 @@ impl Incoming {
     /// Whether the stream of a connection ends with this item: everything but
     /// data and control frames is the last thing a transport reports.
     pub fn is_final(&self) -> bool {
-        !matches!(self, Incoming::Text(_) | Incoming::Binary(_) | Incoming::Control)
+        !matches!(
+            self,
+            Incoming::Text(_) | Incoming::Binary(_) | Incoming::Ping | Incoming::Pong
+        )
     }
 }
 
@@ -61,6 +66,9 @@ impl CloseReason {
     pub const SLOW_CONSUMER: CloseReason = CloseReason::new(4000, "slow consumer");
     /// 4001: the client was idle longer than its expiry.
     pub const EXPIRED: CloseReason = CloseReason::new(4001, "expired");
+    /// 4003: nothing arrived from the client, pongs included, for longer than
+    /// heartbeats allow.
+    pub const NO_PONG: CloseReason = CloseReason::new(4003, "no pong");
 
     /// A close reason with a static text.
     pub const fn new(code: u16, reason: &'static str) -> Self {

@@ -5,7 +5,27 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// The shortest token secret a server accepts: HS256 with a shorter key is
+/// open to brute force.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// A token secret shorter than [`MIN_SECRET_BYTES`], the empty one included.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the token secret is {len} bytes long; it must be at least {MIN_SECRET_BYTES} bytes")]
+pub struct WeakSecret {
+    /// The secret's length in bytes.
+    pub len: usize,
+}
+
+/// Whether two secrets are equal, in time that does not depend on where they
+/// differ: both are hashed first, so not even their lengths leak.
+pub fn same_secret(given: &str, expected: &str) -> bool {
+    let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(expected.as_bytes()));
+    a.as_slice().ct_eq(b.as_slice()).into()
+}
 
 /// Why a token was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -83,7 +103,17 @@ impl std::fmt::Debug for TokenVerifier {
 }
 
 impl TokenVerifier {
-    /// A verifier for tokens signed with `secret`.
+    /// A verifier for tokens signed with `secret`, which must be at least
+    /// [`MIN_SECRET_BYTES`] long: what a server takes from its configuration.
+    pub fn checked(secret: &[u8]) -> Result<Self, WeakSecret> {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(WeakSecret { len: secret.len() });
+        }
+        Ok(Self::new(secret))
+    }
+
+    /// A verifier for tokens signed with `secret`, whatever its length (for
+    /// tools and tests; servers use [`TokenVerifier::checked`]).
     pub fn new(secret: &[u8]) -> Self {
         // HMAC accepts keys of any length.
         let key = match Hmac::<Sha256>::new_from_slice(secret) {
@@ -142,6 +172,16 @@ pub fn now_secs() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weak_secrets_are_refused_and_secrets_compare_whole() {
+        assert_eq!(TokenVerifier::checked(b"").unwrap_err().len, 0);
+        assert_eq!(TokenVerifier::checked(&[7; 31]).unwrap_err().len, 31);
+        assert!(TokenVerifier::checked(&[7; 32]).is_ok());
+        assert!(same_secret("admin-token", "admin-token"));
+        assert!(!same_secret("admin-tokeN", "admin-token"));
+        assert!(!same_secret("admin", "admin-token"));
+    }
 
     #[test]
     fn tokens_round_trip_and_are_checked() {

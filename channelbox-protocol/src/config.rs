@@ -26,6 +26,15 @@ pub struct ProtocolConfig {
     pub tokens: Option<TokenVerifier>,
     /// Enables the admin API when set (`--admin-token`).
     pub admin_token: Option<String>,
+    /// Origins allowed to open WebSockets, matched exactly; empty allows any
+    /// (`--allowed-origin`). An upgrade without `Origin` is always allowed.
+    pub allowed_origins: Vec<String>,
+    /// How often every connection is pinged; `None` turns heartbeats off
+    /// (`--ping-interval`).
+    pub ping_interval: Option<Duration>,
+    /// How long after a missed ping a silent connection is closed with 4003
+    /// (`--pong-timeout`).
+    pub pong_timeout: Duration,
 }
 
 impl Default for ProtocolConfig {
@@ -40,6 +49,9 @@ impl Default for ProtocolConfig {
             max_connections: 100_000,
             tokens: None,
             admin_token: None,
+            allowed_origins: Vec::new(),
+            ping_interval: Some(Duration::from_secs(25)),
+            pong_timeout: Duration::from_secs(10),
         }
     }
 }

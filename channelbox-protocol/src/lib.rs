@@ -30,11 +30,11 @@ mod metrics;
 mod request;
 mod service;
 
-pub use auth::{now_secs, Permissions, TokenError, TokenVerifier, User};
+pub use auth::{now_secs, same_secret, Permissions, TokenError, TokenVerifier, User, WeakSecret, MIN_SECRET_BYTES};
 pub use channelbox_core::Incoming;
 pub use config::{ProtocolConfig, DEFAULT_HISTORY_LIMIT, MAX_GROUP_BYTES, MAX_HISTORY_LIMIT, MAX_JSON_DEPTH};
 pub use fields::{decode_group, query_param, too_deep, valid_group, GroupName, Limit, ReplayCount, Since};
 pub use frames::{render_history, render_message, ChatEnvelope, ErrorCode, ProtocolError, Sender};
 pub use metrics::Metrics;
 pub use request::{parse as parse_request, Direct, History, Join, Leave, Publish, Ref, Request};
-pub use service::{Admission, ChatService, HttpAnswer};
+pub use service::{Admission, ChatService, HttpAnswer, PublishTicket};

@@ -38,7 +38,8 @@ fn frame() -> impl Strategy<Value = Incoming> {
         2 => ".{0,64}".prop_map(Incoming::Text),
         2 => "[\\[\\]{}\":,a-z0-9 ]{0,64}".prop_map(Incoming::Text),
         1 => proptest::collection::vec(any::<u8>(), 0..64).prop_map(|b| Incoming::Binary(Bytes::from(b))),
-        1 => Just(Incoming::Control),
+        1 => Just(Incoming::Ping),
+        1 => Just(Incoming::Pong),
     ]
 }
 

@@ -18,7 +18,16 @@ pub(crate) fn open_db(config: &SledConfig) -> Result<sled::Db, SledError> {
             "it is a file, not a directory".into(),
         ));
     }
-    std::fs::create_dir_all(path).map_err(|e| SledError::Unusable(path.clone(), e.to_string()))?;
+    if !path.exists() {
+        // History is the users' messages: only the server's own user may
+        // read it. Parents created on the way get the same mode.
+        let mut dir = std::fs::DirBuilder::new();
+        dir.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
+        dir.create(path)
+            .map_err(|e| SledError::Unusable(path.clone(), e.to_string()))?;
+    }
     // sled releases its lock file from a background thread a moment after a
     // `Db` is dropped, so a store reopened at once in the same process may find
     // it still held: retry briefly before calling the directory locked.

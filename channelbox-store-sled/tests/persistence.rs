@@ -182,3 +182,15 @@ async fn reads_racing_trimming_appends_and_flushes_have_no_holes() {
     writer.await.unwrap();
     assert!(pages > 10, "the reader raced the writer");
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_new_history_directory_is_private_to_its_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested").join("data");
+    let store = SledStore::open(SledConfig::new(&path)).unwrap();
+    drop(store);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{mode:o}");
+}

@@ -78,9 +78,20 @@ struct Args {
     /// Enables the admin API with this bearer token.
     #[arg(long, env = "CHANNELBOX_ADMIN_TOKEN")]
     admin_token: Option<String>,
-    /// Requires HS256 tokens signed with this secret.
+    /// Requires HS256 tokens signed with this secret (at least 32 bytes).
     #[arg(long, env = "CHANNELBOX_TOKEN_SECRET")]
     token_secret: Option<String>,
+    /// Origins allowed to open WebSockets, matched exactly (repeatable; the
+    /// variable is comma-separated). Default: any.
+    #[arg(long = "allowed-origin", env = "CHANNELBOX_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// Seconds between heartbeat pings; 0 turns heartbeats off.
+    #[arg(long, default_value_t = 25)]
+    ping_interval: u64,
+    /// A connection silent for --ping-interval plus this many seconds is
+    /// closed with 4003 `no pong`.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pong_timeout: u64,
 }
 
 fn positive_seconds(s: &str) -> Result<Duration, String> {
@@ -133,6 +144,10 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let tokens = match args.token_secret.as_deref() {
+        None => None,
+        Some(secret) => Some(TokenVerifier::checked(secret.as_bytes()).context("--token-secret")?),
+    };
     let store = open_store(&args)?;
     let config = ProtocolConfig {
         max_message_bytes: args.max_message_bytes as usize,
@@ -142,8 +157,11 @@ async fn main() -> anyhow::Result<()> {
         expiry: args.expiry,
         max_groups_per_connection: args.max_groups,
         max_connections: args.max_connections,
-        tokens: args.token_secret.as_deref().map(|s| TokenVerifier::new(s.as_bytes())),
+        tokens,
         admin_token: args.admin_token.clone(),
+        allowed_origins: args.allowed_origins.clone(),
+        ping_interval: (args.ping_interval > 0).then(|| Duration::from_secs(args.ping_interval)),
+        pong_timeout: Duration::from_secs(args.pong_timeout),
     };
     let service = ChatService::new(store, config);
     let server = ServerConfig::default();

@@ -25,7 +25,6 @@ use std::convert::Infallible;
 use std::error::Error as _;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use channelbox_core::{Channel, CloseReason, Frame, FrameKind, FrameSink, SinkError};
 use channelbox_protocol::{ChatService, HttpAnswer, Incoming};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -35,6 +34,7 @@ use warp::http::StatusCode;
 use warp::ws::{Message, WebSocket};
 use warp::{Filter, Rejection, Reply};
 
+mod body;
 mod server;
 
 pub use server::{listen, serve, ServerConfig};
@@ -49,6 +49,7 @@ struct WarpSink {
 fn to_message(frame: &Frame) -> Message {
     match (frame.kind(), frame.as_text()) {
         (FrameKind::Text, Some(text)) => Message::text(text),
+        (FrameKind::Ping, _) => Message::ping(frame.data().to_vec()),
         _ => Message::binary(frame.data().clone()),
     }
 }
@@ -78,7 +79,8 @@ fn incoming_from(item: Result<Message, warp::Error>) -> Incoming {
         },
         Ok(m) if m.is_binary() => Incoming::Binary(m.into_bytes()),
         Ok(m) if m.is_close() => Incoming::Close,
-        Ok(_) => Incoming::Control,
+        Ok(m) if m.is_pong() => Incoming::Pong,
+        Ok(_) => Incoming::Ping,
         Err(err) => match err.source().and_then(|s| s.downcast_ref::<WsError>()) {
             Some(WsError::Capacity(_)) => Incoming::TooLarge,
             Some(WsError::Utf8(_)) => Incoming::InvalidUtf8,
@@ -92,7 +94,7 @@ fn incoming(stream: SplitStream<WebSocket>) -> impl Stream<Item = Incoming> + Un
     let mut done = false;
     Box::pin(stream.map(incoming_from).take_while(move |i| {
         let go = !done;
-        done = !matches!(i, Incoming::Text(_) | Incoming::Binary(_) | Incoming::Control);
+        done = i.is_final();
         std::future::ready(go)
     }))
 }
@@ -126,11 +128,12 @@ pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Res
         .and(warp::path::end())
         .and(warp::get())
         .and(optional_query())
+        .and(warp::header::optional::<String>("origin"))
         .and(warp::ws())
         .and(with_service(service))
         .map(
-            |group: String, query: Option<String>, ws: warp::ws::Ws, service: ChatService| {
-                let admission = match service.admit(&group, query.as_deref()) {
+            |group: String, query: Option<String>, origin: Option<String>, ws: warp::ws::Ws, service: ChatService| {
+                let admission = match service.admit_from(&group, query.as_deref(), origin.as_deref()) {
                     Ok(a) => a,
                     Err(refusal) => return answer(refusal),
                 };
@@ -166,13 +169,32 @@ pub fn api_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::R
         );
     let publish = warp::path!("api" / "groups" / String / "messages")
         .and(warp::post())
-        .and(warp::body::content_length_limit(64 << 20))
-        .and(warp::body::bytes())
         .and(authorization())
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::header::optional::<u64>("content-length"))
         .and(with_service(service.clone()))
+        .and(warp::body::stream())
         .then(
-            |g: String, body: Bytes, auth: Option<String>, s: ChatService| async move {
-                answer(s.api_publish(&g, &body, auth.as_deref()).await)
+            |g: String, auth: Option<String>, kind: Option<String>, length: Option<u64>, s: ChatService, body| async move {
+                // Checked before a byte of the body is read.
+                let ticket = match s.api_publish_check(&g, auth.as_deref(), kind.as_deref(), length) {
+                    Ok(t) => t,
+                    Err(refusal) => return answer(refusal),
+                };
+                match body::read(body, s.max_body_bytes()).await {
+                    Ok(bytes) => answer(s.api_publish(ticket, &bytes).await),
+                    Err(body::Refused::TooLarge) => answer(s.body_too_large()),
+                    Err(body::Refused::Stalled) => answer(HttpAnswer::error(
+                        408,
+                        "bad_request",
+                        "the request body stalled",
+                    )),
+                    Err(body::Refused::Failed) => answer(HttpAnswer::error(
+                        400,
+                        "bad_request",
+                        "the request body could not be read",
+                    )),
+                }
             },
         );
     let close_all = warp::path!("api" / "admin" / "close-all")

@@ -148,7 +148,8 @@ fn websocket_group(method: &Method, path: &str, headers: &HeaderMap) -> Option<S
 /// Answers an upgrade: refused before the upgrade as [`ChatService::admit`]
 /// says, or 101 and the protocol on the upgraded socket.
 fn upgrade(mut req: Request<Body>, group: &str, peer: SocketAddr, service: &ChatService) -> Response {
-    let admission = match service.admit(group, req.uri().query()) {
+    let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let admission = match service.admit_from(group, req.uri().query(), origin) {
         Ok(a) => a.with_peer(peer),
         Err(refusal) => {
             let mut response = crate::answer(refusal);

@@ -6,13 +6,9 @@ mod support;
 use serde_json::{json, Value};
 use support::{get, http, Client, Server};
 
-fn memory() -> Server {
-    Server::memory()
-}
-
 #[tokio::test]
 async fn url_group_rules() {
-    let server = memory();
+    let server = Server::memory();
     let upgrade = support::UPGRADE;
     let r = http(&server.addr, "GET", "/ws/a%20b", &upgrade, b"").await;
     assert_eq!(r.status, 400);
@@ -30,7 +26,7 @@ async fn url_group_rules() {
 
 #[tokio::test]
 async fn http_api() {
-    let server = memory();
+    let server = Server::memory();
     let (mut a, welcome) = Client::join(&server.ws_url("/ws/api")).await;
     assert_eq!(get(&server.addr, "/healthz").await.body, "ok");
     assert_eq!(get(&server.addr, "/api/groups").await.json(), json!({"api": 1}));

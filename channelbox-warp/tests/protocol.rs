@@ -7,13 +7,9 @@ mod support;
 use serde_json::{json, Value};
 use support::{get, Client, Server};
 
-fn memory() -> Server {
-    Server::memory()
-}
-
 #[tokio::test]
 async fn welcome_publish_message_and_published() {
-    let server = memory();
+    let server = Server::memory();
     let (mut a, welcome) = Client::join(&server.ws_url("/ws/chat")).await;
     assert_eq!(welcome["group"], "chat");
     assert_eq!(welcome["offset"], 0);
@@ -53,7 +49,7 @@ async fn welcome_publish_message_and_published() {
 
 #[tokio::test]
 async fn unsaved_publishes_have_no_offset_and_no_history() {
-    let server = memory();
+    let server = Server::memory();
     let (mut a, _) = Client::join(&server.ws_url("/ws/room")).await;
     let (r, m) = a.publish(json!({"data": 1, "history": false}), "x").await;
     assert_eq!(r["offset"], Value::Null);
@@ -68,7 +64,7 @@ async fn unsaved_publishes_have_no_offset_and_no_history() {
 
 #[tokio::test]
 async fn join_leave_and_publishing_elsewhere() {
-    let server = memory();
+    let server = Server::memory();
     let (mut a, _) = Client::join(&server.ws_url("/ws/one")).await;
     let r = a
         .request(json!({"type": "publish", "group": "two", "data": 1}), "1")
@@ -115,7 +111,7 @@ async fn join_leave_and_publishing_elsewhere() {
 
 #[tokio::test]
 async fn history_requests() {
-    let server = memory();
+    let server = Server::memory();
     let (mut a, _) = Client::join(&server.ws_url("/ws/h")).await;
     for n in 1..=12 {
         a.request(json!({"type": "publish", "data": n}), &format!("p{n}")).await;
@@ -152,7 +148,7 @@ async fn history_requests() {
 
 #[tokio::test]
 async fn direct_messages() {
-    let server = memory();
+    let server = Server::memory();
     let (mut a, wa) = Client::join(&server.ws_url("/ws/d")).await;
     let (mut b, wb) = Client::join(&server.ws_url("/ws/elsewhere")).await;
     let b_id = wb["channel_id"].as_str().unwrap().to_owned();
@@ -182,7 +178,7 @@ async fn direct_messages() {
 
 #[tokio::test]
 async fn groups_and_ping() {
-    let server = memory();
+    let server = Server::memory();
     let (mut a, _) = Client::join(&server.ws_url("/ws/g1")).await;
     let (_b, _) = Client::join(&server.ws_url("/ws/g1")).await;
     let (_c, _) = Client::join(&server.ws_url("/ws/g2")).await;
@@ -198,7 +194,7 @@ async fn groups_and_ping() {
 
 #[tokio::test]
 async fn bad_requests_keep_the_connection_open() {
-    let server = memory();
+    let server = Server::memory();
     let (mut a, _) = Client::join(&server.ws_url("/ws/bad")).await;
     let cases: Vec<&str> = vec![
         "not json",
@@ -281,7 +277,7 @@ async fn too_large_messages_close_with_1009() {
 
 #[tokio::test]
 async fn invalid_utf8_closes_with_1007() {
-    let server = memory();
+    let server = Server::memory();
     let (mut a, _) = Client::join(&server.ws_url("/ws/utf")).await;
     a.send_invalid_utf8().await;
     assert_eq!(a.closed().await, Some(1007));

@@ -6,13 +6,9 @@ mod support;
 use serde_json::json;
 use support::{Client, Server};
 
-fn memory() -> Server {
-    Server::memory()
-}
-
 #[tokio::test]
 async fn recovery_complete_and_incomplete() {
-    let server = memory();
+    let server = Server::memory();
     let (mut a, welcome) = Client::join(&server.ws_url("/ws/rec")).await;
     let epoch = welcome["epoch"].as_str().unwrap().to_owned();
     for n in 1..=5 {
@@ -73,7 +69,7 @@ async fn recovery_after_trimming_is_incomplete() {
 
 #[tokio::test]
 async fn history_on_connect() {
-    let server = memory();
+    let server = Server::memory();
     let (mut a, _) = Client::join(&server.ws_url("/ws/hc")).await;
     for n in 1..=5 {
         a.request(json!({"type": "publish", "data": n}), &format!("{n}")).await;
@@ -93,7 +89,7 @@ async fn history_on_connect() {
 
 #[tokio::test]
 async fn join_recovers_another_group_like_the_url_does() {
-    let server = memory();
+    let server = Server::memory();
     let (mut a, _) = Client::join(&server.ws_url("/ws/home")).await;
     let joined = a.request(json!({"type": "join", "group": "side"}), "j1").await;
     assert_eq!(joined, json!({"type": "joined", "group": "side", "ref": "j1"}));

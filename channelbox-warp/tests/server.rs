@@ -65,6 +65,15 @@ async fn bad_flags_and_unusable_data_dirs_exit_non_zero_with_a_reason() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(file.to_str().unwrap()), "names the path: {err}");
+    for weak in ["", "short-secret"] {
+        let out = std::process::Command::new(support::chat_binary())
+            .args(["--addr", "127.0.0.1:0", "--store", "memory", "--token-secret", weak])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a {}-byte secret is refused", weak.len());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--token-secret") && err.contains("32 bytes"), "{err}");
+    }
 }
 
 fn token(v: &TokenVerifier, sub: &str, exp: u64, groups: &[&str]) -> String {
@@ -73,7 +82,7 @@ fn token(v: &TokenVerifier, sub: &str, exp: u64, groups: &[&str]) -> String {
 
 #[tokio::test]
 async fn authorization_with_tokens() {
-    let secret = "s3cret";
+    let secret = "a-secret-of-at-least-32-bytes-xyz";
     let server = Server::start(&["--store", "memory", "--token-secret", secret, "--admin-token", "adm"]);
     let v = TokenVerifier::new(secret.as_bytes());
     let later = now_secs() + 3600;
@@ -188,9 +197,24 @@ async fn authorization_with_tokens() {
     assert!(r.json()["epoch"].is_string());
     let m = a.recv_type("message").await;
     assert_eq!(
+        (m["from"].clone(), m["user"].as_str()),
+        (Value::Null, Some("alice")),
+        "a publish made with a user token carries its user"
+    );
+    let r = http(
+        &server.addr,
+        "POST",
+        "/api/groups/lobby/messages",
+        &[("Authorization", "Bearer adm")],
+        b"2",
+    )
+    .await;
+    assert_eq!(r.json()["offset"], 2);
+    let m = a.recv_type("message").await;
+    assert_eq!(
         (m["from"].clone(), m.get("user")),
         (Value::Null, None),
-        "backend publishes carry no user"
+        "one made with the admin token carries none"
     );
     let r = http(
         &server.addr,

@@ -26,8 +26,9 @@ async fn main() -> anyhow::Result<()> {
         let channels = channels.clone();
         tokio::spawn(async move {
             let mut group = String::new();
-            let config = channelbox_ws::websocket_config(64 * 1024);
-            let accepted = channelbox_ws::accept(tcp, config, |path, _query| {
+            let config = channelbox_ws::websocket_config(64 * 1024, 1 << 20);
+            let accepted = channelbox_ws::accept(tcp, config, |handshake| {
+                let path = handshake.path();
                 group = path.trim_start_matches('/').to_owned();
                 if group.is_empty() {
                     Err((404, r#"{"code":"not_found","message":"connect to /{group}"}"#.into()))

@@ -15,12 +15,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut admitted = None;
-    let config = websocket_config(service.config().max_message_bytes);
-    let ws = accept(stream, config, |path, query| {
+    let ws = accept(stream, config_for(service), |handshake| {
+        let path = handshake.path();
         let Some(group) = path.strip_prefix("/ws/").filter(|g| !g.is_empty() && !g.contains('/')) else {
             return Err((404, r#"{"code":"not_found","message":"no such endpoint"}"#.to_owned()));
         };
-        match service.admit(group, query) {
+        match service.admit_from(group, handshake.query(), handshake.origin()) {
             Ok(a) => {
                 admitted = Some(a);
                 Ok(())
@@ -44,8 +44,13 @@ pub async fn serve_upgraded<S>(service: &ChatService, admission: Admission, io: 
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let config = websocket_config(service.config().max_message_bytes);
-    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config_for(service))).await;
     let (channel, incoming) = attach(ws, service.channel_config());
     service.run(admission, channel, incoming).await;
+}
+
+/// The WebSocket settings for the service's limits.
+fn config_for(service: &ChatService) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    let config = service.config();
+    websocket_config(config.max_message_bytes, config.queue_bytes)
 }

@@ -42,7 +42,7 @@ mod socket;
 
 #[cfg(feature = "chat")]
 pub use chat::{serve_chat, serve_upgraded};
-pub use socket::{accept, attach, connect, incoming_from, IncomingFrames};
+pub use socket::{accept, attach, connect, incoming_from, Handshake, IncomingFrames};
 
 /// Why a connection could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -66,10 +66,18 @@ pub enum Error {
 /// 2 KiB cost 7.8 KB per connection and 512 bytes 6.3 KB. What clients send
 /// (publishes, joins) is mostly smaller than that; a larger message is read
 /// in 512-byte pieces.
-pub fn websocket_config(max_message_bytes: usize) -> WebSocketConfig {
+///
+/// The write buffer is bounded too: tungstenite's default lets it grow
+/// without limit, and a client that sends pings and never reads would pile
+/// up pongs in it. Here it holds at most what the channel's queue may hold
+/// (`max_queue_bytes`) plus one write buffer; past that the connection fails
+/// and closes.
+pub fn websocket_config(max_message_bytes: usize, max_queue_bytes: usize) -> WebSocketConfig {
+    const WRITE_BUFFER: usize = 16 * 1024;
     WebSocketConfig::default()
         .max_message_size(Some(max_message_bytes))
         .max_frame_size(Some(max_message_bytes))
         .read_buffer_size(512)
-        .write_buffer_size(16 * 1024)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + max_queue_bytes.max(max_message_bytes) + 1024)
 }

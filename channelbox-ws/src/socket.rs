@@ -28,6 +28,7 @@ fn to_message(frame: &Frame) -> Result<Message, SinkError> {
     Ok(match frame.kind() {
         FrameKind::Text => Message::Text(Utf8Bytes::try_from(frame.data().clone()).map_err(SinkError::new)?),
         FrameKind::Binary => Message::Binary(frame.data().clone()),
+        FrameKind::Ping => Message::Ping(frame.data().clone()),
     })
 }
 
@@ -74,7 +75,8 @@ pub fn incoming_from(item: Result<Message, WsError>) -> Incoming {
     match item {
         Ok(Message::Text(t)) => Incoming::Text(t.as_str().to_owned()),
         Ok(Message::Binary(b)) => Incoming::Binary(b),
-        Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => Incoming::Control,
+        Ok(Message::Ping(_) | Message::Frame(_)) => Incoming::Ping,
+        Ok(Message::Pong(_)) => Incoming::Pong,
         Ok(Message::Close(_)) => Incoming::Close,
         Err(WsError::Capacity(_)) => Incoming::TooLarge,
         Err(WsError::Utf8(_)) => Incoming::InvalidUtf8,
@@ -97,7 +99,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for IncomingFrames<S> {
             }
             Poll::Ready(Some(item)) => {
                 let incoming = incoming_from(item);
-                if !matches!(incoming, Incoming::Text(_) | Incoming::Binary(_) | Incoming::Control) {
+                if incoming.is_final() {
                     self.done = true;
                 }
                 Poll::Ready(Some(incoming))
@@ -117,17 +119,40 @@ where
     (channel, IncomingFrames { stream, done: false })
 }
 
-/// Accepts a WebSocket handshake on `stream`; `check` sees the request path and
-/// query and may refuse it with an HTTP status and JSON body.
+/// What [`accept`]'s check sees of an upgrade request.
+#[derive(Debug)]
+pub struct Handshake<'a> {
+    request: &'a Request,
+}
+
+impl Handshake<'_> {
+    /// The request path.
+    pub fn path(&self) -> &str {
+        self.request.uri().path()
+    }
+
+    /// The query string, without `?`.
+    pub fn query(&self) -> Option<&str> {
+        self.request.uri().query()
+    }
+
+    /// The `Origin` header, which browsers send.
+    pub fn origin(&self) -> Option<&str> {
+        self.request.headers().get("origin").and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Accepts a WebSocket handshake on `stream`; `check` sees the request and may
+/// refuse it with an HTTP status and JSON body.
 pub async fn accept<S, F>(stream: S, config: WebSocketConfig, check: F) -> Result<WebSocketStream<S>, Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    F: FnOnce(&str, Option<&str>) -> Result<(), (u16, String)> + Unpin,
+    F: FnOnce(&Handshake<'_>) -> Result<(), (u16, String)> + Unpin,
 {
     // The shape of this callback is tungstenite's; its error is an HTTP response.
     #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        match check(req.uri().path(), req.uri().query()) {
+        match check(&Handshake { request: req }) {
             Ok(()) => Ok(resp),
             Err((status, body)) => {
                 let mut refusal = ErrorResponse::new(Some(body));

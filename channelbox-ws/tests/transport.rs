@@ -17,7 +17,7 @@ async fn next_json<S: futures_util::Stream<Item = Incoming> + Unpin>(s: &mut S) 
     loop {
         match tokio::time::timeout(WAIT, s.next()).await.expect("a frame in time") {
             Some(Incoming::Text(t)) => return serde_json::from_str(&t).unwrap(),
-            Some(Incoming::Control) => continue,
+            Some(Incoming::Ping | Incoming::Pong) => continue,
             other => panic!("expected a text frame, got {other:?}"),
         }
     }
@@ -92,7 +92,7 @@ async fn a_plain_channel_box_broadcasts_through_attach() {
             let (tcp, _) = listener.accept().await.unwrap();
             let channels = server_box.clone();
             tokio::spawn(async move {
-                let ws = channelbox_ws::accept(tcp, channelbox_ws::websocket_config(1 << 16), |_, _| Ok(()))
+                let ws = channelbox_ws::accept(tcp, channelbox_ws::websocket_config(1 << 16, 1 << 20), |_| Ok(()))
                     .await
                     .unwrap();
                 let config = ChannelConfig {

@@ -56,7 +56,7 @@ mod tests {
         for i in 0..end {
             let line = lines[i];
             let indent = &line[..line.len() - line.trim_start().len()];
-            let mut words = line.trim_start().split_whitespace().peekable();
+            let mut words = line.split_whitespace().peekable();
             while words
                 .peek()
                 .is_some_and(|w| w.starts_with("pub") || ["async", "const", "unsafe"].contains(w))

@@ -173,6 +173,9 @@ struct Shared {
     created: Instant,
     /// Milliseconds after `created` of the last activity.
     last_activity: AtomicU64,
+    /// Milliseconds after `created` of the last frame of any kind from the
+    /// peer, pongs included: what heartbeats judge liveness by.
+    last_heard: AtomicU64,
     /// Wakes the writer: frames arrived, a close was requested, activity moved expiry.
     wake: Notify,
     /// Wakes everyone waiting in [`Channel::closed`].
@@ -244,6 +247,7 @@ impl Channel {
                 config,
                 created: Instant::now(),
                 last_activity: AtomicU64::new(0),
+                last_heard: AtomicU64::new(0),
                 wake: Notify::new(),
                 closed: Notify::new(),
                 drained: Notify::new(),
@@ -404,6 +408,21 @@ impl Channel {
     pub fn touch(&self) {
         let now = self.shared.created.elapsed().as_millis() as u64;
         self.shared.last_activity.store(now, Ordering::Relaxed);
+    }
+
+    /// Records that something arrived from the peer — any frame, pongs
+    /// included — for [`Channel::silence`]. Unlike [`Channel::touch`] it does
+    /// not postpone expiry.
+    pub fn heard(&self) {
+        let now = self.shared.created.elapsed().as_millis() as u64;
+        self.shared.last_heard.store(now, Ordering::Relaxed);
+    }
+
+    /// How long nothing has arrived from the peer (since [`Channel::heard`]
+    /// was last called, or since the channel opened).
+    pub fn silence(&self) -> Duration {
+        let last = Duration::from_millis(self.shared.last_heard.load(Ordering::Relaxed));
+        self.shared.created.elapsed().saturating_sub(last)
     }
 
     /// Runs `hook` once when the channel has closed (at once if it already has).

@@ -77,6 +77,15 @@ impl ChannelBox {
         lock(&self.inner.state).channels.get(&id).map(|r| r.channel.clone())
     }
 
+    /// Every registered channel, as they are now.
+    pub fn channels(&self) -> Vec<Channel> {
+        lock(&self.inner.state)
+            .channels
+            .values()
+            .map(|r| r.channel.clone())
+            .collect()
+    }
+
     /// The groups a channel is in.
     pub fn groups_of(&self, id: Uuid) -> Result<Vec<String>, BoxError> {
         let state = lock(&self.inner.state);
@@ -100,11 +109,7 @@ impl ChannelBox {
 
     /// Closes every registered channel with this reason; returns how many.
     pub fn close_all(&self, reason: CloseReason) -> usize {
-        let channels: Vec<Channel> = lock(&self.inner.state)
-            .channels
-            .values()
-            .map(|r| r.channel.clone())
-            .collect();
+        let channels = self.channels();
         for ch in &channels {
             ch.close(reason.clone());
         }

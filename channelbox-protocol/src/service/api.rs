@@ -6,21 +6,30 @@ use channelbox_core::{NewMessage, PayloadKind};
 use serde_json::{json, Map, Value};
 
 use super::{ChatService, HttpAnswer};
-use crate::auth::{now_secs, Permissions};
+use crate::auth::{now_secs, same_secret, User};
 use crate::fields::{query_param, GroupName, Limit, Since};
 use crate::frames::Sender;
 
+/// A publish over HTTP that passed its checks, waiting for its body.
+#[derive(Debug)]
+pub struct PublishTicket {
+    group: GroupName,
+    user: Option<String>,
+}
+
 /// Who is calling.
 enum Access {
+    /// Tokens are not required, or the admin token was given.
     All,
-    User(Permissions),
+    /// A user token: its groups, and its user on what it publishes.
+    User(User),
 }
 
 impl Access {
     fn allows(&self, group: &str) -> bool {
         match self {
             Access::All => true,
-            Access::User(p) => p.allows(group),
+            Access::User(u) => u.permissions.allows(group),
         }
     }
 }
@@ -58,12 +67,16 @@ impl ChatService {
             return Ok(Access::All);
         };
         let token = bearer(authorization).ok_or_else(|| unauthorized("an Authorization: Bearer token is required"))?;
-        if config.admin_token.as_deref() == Some(token) {
+        if config
+            .admin_token
+            .as_deref()
+            .is_some_and(|admin| same_secret(token, admin))
+        {
             return Ok(Access::All);
         }
         verifier
             .verify(token, now_secs())
-            .map(|user| Access::User(user.permissions))
+            .map(Access::User)
             .map_err(|e| unauthorized(&e.to_string()))
     }
 
@@ -72,7 +85,7 @@ impl ChatService {
             return Err(HttpAnswer::error(404, "not_found", "the admin API is disabled"));
         };
         match bearer(authorization) {
-            Some(t) if t == admin => Ok(()),
+            Some(t) if same_secret(t, admin) => Ok(()),
             _ => Err(unauthorized("the admin API needs Authorization: Bearer <admin token>")),
         }
     }
@@ -126,29 +139,79 @@ impl ChatService {
         }
     }
 
-    /// `POST /api/groups/{g}/messages`: publish from the backend (`from: null`),
-    /// answered with `{"offset": n}` once the message is durable.
-    pub async fn api_publish(&self, raw_group: &str, body: &[u8], authorization: Option<&str>) -> HttpAnswer {
-        let group = match self.api_group(raw_group, authorization) {
-            Ok(g) => g,
-            Err(e) => return e,
+    /// `POST /api/groups/{g}/messages`, before its body is read: the group
+    /// (400), the caller (401), its permission (403), the declared length
+    /// (413), the content type (415). A web framework calls this, then reads
+    /// at most [`ChatService::max_body_bytes`] bytes of body (with the
+    /// deadline of docs/protocol.md) and hands them to
+    /// [`ChatService::api_publish`].
+    pub fn api_publish_check(
+        &self,
+        raw_group: &str,
+        authorization: Option<&str>,
+        content_type: Option<&str>,
+        content_length: Option<u64>,
+    ) -> Result<PublishTicket, HttpAnswer> {
+        let group = GroupName::from_path_segment(raw_group).map_err(|e| HttpAnswer::refusal(400, &e))?;
+        let access = self.api_access(authorization)?;
+        if !access.allows(group.as_str()) {
+            return Err(forbidden(group.as_str()));
+        }
+        if content_length.is_some_and(|n| n > self.max_body_bytes() as u64) {
+            return Err(self.body_too_large());
+        }
+        let json = content_type
+            .and_then(|t| t.split(';').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Err(HttpAnswer::error(
+                415,
+                "bad_request",
+                "a publish needs Content-Type: application/json",
+            ));
+        }
+        let user = match access {
+            Access::User(u) => Some(u.id),
+            Access::All => None,
         };
-        let max = self.inner.config.max_message_bytes;
-        if body.len() > max {
-            return HttpAnswer::error(413, "too_large", format!("messages are limited to {max} bytes"));
+        Ok(PublishTicket { group, user })
+    }
+
+    /// The largest request body the server reads (`--max-message-bytes`).
+    pub fn max_body_bytes(&self) -> usize {
+        self.inner.config.max_message_bytes
+    }
+
+    /// The answer to a body above [`ChatService::max_body_bytes`]: 413.
+    pub fn body_too_large(&self) -> HttpAnswer {
+        let max = self.max_body_bytes();
+        HttpAnswer::error(413, "too_large", format!("request bodies are limited to {max} bytes"))
+    }
+
+    /// `POST /api/groups/{g}/messages` with its body, once
+    /// [`ChatService::api_publish_check`] passed: publishes from the backend
+    /// (`from: null`, and the token's `user` when a user token was given),
+    /// answered with `{"offset","epoch"}` once the message is durable.
+    pub async fn api_publish(&self, ticket: PublishTicket, body: &[u8]) -> HttpAnswer {
+        if body.len() > self.max_body_bytes() {
+            return self.body_too_large();
         }
         let data: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
             Err(e) => return HttpAnswer::error(400, "bad_request", format!("the body is not valid JSON: {e}")),
         };
+        let sender = Sender {
+            from: None,
+            user: ticket.user,
+        };
         let message = NewMessage {
             kind: PayloadKind::Json,
             payload: Bytes::from(data.to_string()),
-            meta: Sender::default().to_meta(),
+            meta: sender.to_meta(),
             timestamp_ms: channelbox_core::now_ms(),
         };
         let started = std::time::Instant::now();
-        match self.inner.channels.publish(group.as_str(), message, true).await {
+        match self.inner.channels.publish(ticket.group.as_str(), message, true).await {
             Ok(report) => {
                 self.inner
                     .metrics

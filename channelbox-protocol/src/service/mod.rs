@@ -8,7 +8,7 @@
 //! - `api`: the HTTP API as transport-agnostic handlers.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,10 @@ use crate::frames::{ChatEnvelope, ProtocolError};
 use crate::metrics::Metrics;
 
 mod api;
+
+pub use api::PublishTicket;
 mod handlers;
+mod heartbeat;
 mod session;
 
 /// An HTTP answer: status and JSON body.
@@ -97,6 +100,8 @@ struct Inner {
     metrics: Metrics,
     /// Admitted connections, open or opening.
     open: AtomicUsize,
+    /// Whether the heartbeat task was started.
+    heartbeats: AtomicBool,
 }
 
 /// The chat protocol over a `ChannelBox`; cheap to clone.
@@ -116,6 +121,7 @@ impl ChatService {
                 config,
                 metrics,
                 open: AtomicUsize::new(0),
+                heartbeats: AtomicBool::new(false),
             }),
         }
     }
@@ -142,11 +148,23 @@ impl ChatService {
         }
     }
 
-    /// Checks an upgrade request before the upgrade, in docs/protocol.md's order:
-    /// the URL group (400), the token (401), the query (400) and the
-    /// connection limit (503).
+    /// Checks an upgrade request that carries no `Origin` header (not from a
+    /// browser); see [`ChatService::admit_from`].
     pub fn admit(&self, raw_group: &str, query: Option<&str>) -> Result<Admission, HttpAnswer> {
+        self.admit_from(raw_group, query, None)
+    }
+
+    /// Checks an upgrade request before the upgrade, in docs/protocol.md's order:
+    /// the URL group (400), the `Origin` header (403), the token (401), the
+    /// query (400) and the connection limit (503).
+    pub fn admit_from(
+        &self,
+        raw_group: &str,
+        query: Option<&str>,
+        origin: Option<&str>,
+    ) -> Result<Admission, HttpAnswer> {
         let group = GroupName::from_path_segment(raw_group).map_err(|e| HttpAnswer::refusal(400, &e))?;
+        self.check_origin(origin)?;
         let user = self.upgrade_user(&group, query)?;
         let replay = replay_of(query).map_err(|e| HttpAnswer::refusal(400, &e))?;
         let max = self.inner.config.max_connections;
@@ -165,6 +183,20 @@ impl ChatService {
             peer: None,
             _slot: Slot(self.inner.clone()),
         })
+    }
+
+    /// `forbidden` (403) for a browser page whose origin is not allowed: a
+    /// page the user happens to visit must not join their local groups.
+    fn check_origin(&self, origin: Option<&str>) -> Result<(), HttpAnswer> {
+        let allowed = &self.inner.config.allowed_origins;
+        match origin {
+            Some(o) if !allowed.is_empty() && !allowed.iter().any(|a| a == o) => Err(HttpAnswer::error(
+                403,
+                "forbidden",
+                "this origin may not open WebSocket connections",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The user of an upgrade's `?token=`, when tokens are required.

@@ -123,6 +123,7 @@ impl ChatService {
     where
         S: Stream<Item = Incoming> + Unpin + Send,
     {
+        self.start_heartbeats();
         let metrics = &self.inner.metrics;
         metrics.connections.inc();
         tracing::debug!("connected");
@@ -174,7 +175,12 @@ impl ChatService {
                 _ = s.channel.closed() => break None,
                 frame = incoming.next() => {
                     let Some(frame) = frame else { break Some(CloseReason::ABNORMAL) };
-                    s.channel.touch();
+                    // Anything proves the peer alive (heartbeats); anything
+                    // but a pong is activity (expiry).
+                    s.channel.heard();
+                    if !matches!(frame, Incoming::Pong) {
+                        s.channel.touch();
+                    }
                     match self.read(s, frame, &mut limiter).await {
                         Read::Continue => {}
                         Read::Publish(done) => pending.push(done),
@@ -196,7 +202,7 @@ impl ChatService {
     /// Handles one frame from the client.
     async fn read(&self, s: &Session, frame: Incoming, limiter: &mut RateLimiter) -> Read {
         match frame {
-            Incoming::Control => Read::Continue,
+            Incoming::Ping | Incoming::Pong => Read::Continue,
             Incoming::Close => Read::End(CloseReason::NORMAL),
             Incoming::Failed => Read::End(CloseReason::ABNORMAL),
             Incoming::InvalidUtf8 => Read::End(CloseReason::new(1007, "invalid utf-8")),

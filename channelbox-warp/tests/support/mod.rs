@@ -274,6 +274,10 @@ pub async fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("connection")) {
         req.push_str("Connection: close\r\n");
     }
+    // Publishes need a JSON content type; tests of its absence set their own.
+    if method == "POST" && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+        req.push_str("Content-Type: application/json\r\n");
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
