@@ -52,7 +52,7 @@ pub mod testkit;
 pub use channel::{Channel, ChannelConfig, ChannelStats, Enqueued, OverflowPolicy, SendError};
 pub use channel_box::{
     AddStatus, BoxStats, ChannelBox, DeliveryReport, NoFraming, PendingPublish, PublishReport, Recovery, RemoveStatus,
-    Replay, SubscribeFraming, Subscribed,
+    Replay, SubscribeFraming, Subscribed, REPLAY_STALL,
 };
 pub use envelope::{Envelope, MessageRef, PlainEnvelope};
 pub use error::{BoxError, ConfigError, StoreError, StoreErrorKind};

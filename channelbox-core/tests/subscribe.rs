@@ -189,3 +189,49 @@ async fn a_recovery_longer_than_the_queue_is_paced_not_cut_off() {
     assert_eq!(numbers, expected, "replay then live, in order, each once");
     assert_eq!(cb.stats().slow_consumer_closes, 0);
 }
+
+#[tokio::test]
+async fn a_recovery_of_several_pages_arrives_whole_and_in_order() {
+    let cb = new_box(HistoryLimits::default());
+    for n in 1..=700 {
+        cb.group_send("g", json!(n), true).await.unwrap();
+    }
+    let epoch = cb.head("g").await.unwrap().epoch;
+    let (ch, rec) = test_channel(ChannelConfig::default());
+    let sub = cb
+        .subscribe(&ch, "g", Replay::Since(StreamPosition::new(epoch, 0)), &Marks)
+        .await
+        .unwrap();
+    let r = sub.recovery.unwrap();
+    assert_eq!((r.from, r.to, r.complete, r.replayed), (0, 700, true, 700));
+    rec.wait_for(1 + 700 + 1, WAIT).await;
+    let numbers: Vec<Value> = json_of(&rec).into_iter().filter(Value::is_number).collect();
+    assert_eq!(numbers, (1..=700).map(|n| json!(n)).collect::<Vec<_>>());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_to_a_client_that_stops_reading_ends_as_a_slow_consumer() {
+    let cb = new_box(HistoryLimits::default());
+    for n in 1..=100 {
+        cb.group_send("g", json!(n), true).await.unwrap();
+    }
+    let config = ChannelConfig {
+        max_queue_frames: 16,
+        ..ChannelConfig::default()
+    };
+    let (ch, rec) = test_channel(config);
+    rec.stall();
+    let started = tokio::time::Instant::now();
+    cb.subscribe(&ch, "g", Replay::Last(100), &Marks).await.unwrap();
+    assert!(
+        started.elapsed() >= channelbox_core::REPLAY_STALL,
+        "it waited for the client first"
+    );
+    assert!(ch.is_closed());
+    assert!(!cb.is_member(ch.id(), "g"), "it left the group at once");
+    assert_eq!(cb.stats().slow_consumer_closes, 1);
+    tokio::time::timeout(WAIT, ch.closed())
+        .await
+        .expect("the writer gives up");
+    assert_eq!(ch.close_reason(), Some(channelbox_core::CloseReason::SLOW_CONSUMER));
+}

@@ -164,7 +164,18 @@ async fn main() -> anyhow::Result<()> {
         pong_timeout: Duration::from_secs(args.pong_timeout),
     };
     let service = ChatService::new(store, config);
-    let server = ServerConfig::default();
+    // One descriptor per connection: take all the system allows.
+    let open_files = match channelbox_warp::raise_open_file_limit() {
+        Ok(limit) => {
+            tracing::info!(limit, "open-file limit raised to the hard limit");
+            limit
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot raise the open-file limit");
+            1024
+        }
+    };
+    let server = ServerConfig::for_open_files(open_files);
     let listener = channelbox_warp::listen(args.addr, server.backlog)
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     let addr = listener.local_addr()?;

@@ -37,7 +37,7 @@ use warp::{Filter, Rejection, Reply};
 mod body;
 mod server;
 
-pub use server::{listen, serve, ServerConfig};
+pub use server::{listen, raise_open_file_limit, serve, ServerConfig};
 
 /// The browser chat page, embedded in the binary.
 pub const CHAT_PAGE: &str = include_str!("../assets/chat.html");

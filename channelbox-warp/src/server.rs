@@ -6,10 +6,16 @@
 //!
 //! Nothing peeks at sockets or waits in a sleep loop: a connection costs
 //! nothing until hyper has a complete request head, and one that does not
-//! send it within the header timeout is closed.
+//! send it within the header timeout is closed. Connections that have not
+//! upgraded count toward a bound of their own (`max_pending`); past it the
+//! oldest of them is closed, so idle sockets cannot take every descriptor
+//! and starve WebSocket clients or `/healthz`.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use channelbox_protocol::ChatService;
@@ -19,6 +25,7 @@ use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use warp::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
 use warp::reply::Response;
@@ -33,6 +40,10 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     /// Connections the kernel queues before they are accepted.
     pub backlog: u32,
+    /// Connections that have not upgraded to WebSocket (plain HTTP, or not
+    /// yet a complete request) the server keeps open at once; past this the
+    /// oldest of them is closed.
+    pub max_pending: usize,
 }
 
 impl Default for ServerConfig {
@@ -40,6 +51,66 @@ impl Default for ServerConfig {
         ServerConfig {
             header_timeout: Duration::from_secs(10),
             backlog: 4096,
+            max_pending: 1024,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The defaults, with `max_pending` at most a quarter of the process's
+    /// open-file limit, so that pending connections always leave room for
+    /// WebSocket clients and the store.
+    pub fn for_open_files(limit: u64) -> Self {
+        let quarter = usize::try_from(limit / 4).unwrap_or(usize::MAX);
+        let mut config = ServerConfig::default();
+        config.max_pending = config.max_pending.min(quarter).max(16);
+        config
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit; returns the limit
+/// now in force. A server holds a descriptor per connection, and the soft
+/// limit is often 1,024 where the hard one allows far more.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
+
+/// The connections that have not upgraded, oldest first, each with the
+/// signal that closes it.
+#[derive(Debug, Default)]
+struct Pending {
+    cap: usize,
+    next: AtomicU64,
+    open: Mutex<VecDeque<(u64, Arc<Notify>)>>,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Arc<Notify>)>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new connection; past the cap the oldest one is told to
+    /// close. Returns its id and its close signal.
+    fn enter(&self) -> (u64, Arc<Notify>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let evict = Arc::new(Notify::new());
+        let mut open = self.lock();
+        open.push_back((id, evict.clone()));
+        while open.len() > self.cap {
+            if let Some((_, oldest)) = open.pop_front() {
+                // A stored permit: the connection sees it at its next poll.
+                oldest.notify_one();
+            }
+        }
+        (id, evict)
+    }
+
+    /// The connection ended or upgraded.
+    fn leave(&self, id: u64) {
+        let mut open = self.lock();
+        // Ids only grow, so the list is sorted by them.
+        if let Ok(at) = open.binary_search_by_key(&id, |(i, _)| *i) {
+            open.remove(at);
         }
     }
 }
@@ -63,6 +134,10 @@ pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 /// WebSocket protocol on `/ws/{group}` and [`crate::routes`] for the rest.
 pub async fn serve(listener: TcpListener, service: ChatService, config: ServerConfig) {
     let web = TowerToHyperService::new(warp::service(crate::routes(service.clone())));
+    let pending = Arc::new(Pending {
+        cap: config.max_pending.max(1),
+        ..Pending::default()
+    });
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -74,13 +149,18 @@ pub async fn serve(listener: TcpListener, service: ChatService, config: ServerCo
                 continue;
             }
         };
-        tokio::spawn(serve_connection(
-            stream,
-            peer,
-            service.clone(),
-            web.clone(),
-            config.header_timeout,
-        ));
+        let (id, evicted) = pending.enter();
+        let connection = serve_connection(stream, peer, service.clone(), web.clone(), config.header_timeout);
+        let pending = pending.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = connection => {}
+                () = evicted.notified() => {
+                    tracing::debug!(%peer, "closed: too many connections waiting to upgrade");
+                }
+            }
+            pending.leave(id);
+        });
     }
 }
 

@@ -46,7 +46,7 @@ mod subscribe;
 pub use publish::PendingPublish;
 pub use recovery::Recovery;
 pub use reports::{AddStatus, BoxStats, DeliveryReport, PublishReport, RemoveStatus};
-pub use subscribe::{NoFraming, Replay, SubscribeFraming, Subscribed};
+pub use subscribe::{NoFraming, Replay, SubscribeFraming, Subscribed, REPLAY_STALL};
 
 use registry::State;
 use reports::Counters;

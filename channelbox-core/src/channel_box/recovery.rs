@@ -1,6 +1,7 @@
-//! Recovery: what a subscriber is replayed, read from history without holding
-//! any lock, and [`is_complete`], the one rule that decides whether a client
-//! that saw a position now has every message after it with no gap.
+//! Recovery: what a subscriber is replayed — a [`ReplayPlan`], read from
+//! history page by page without holding any lock — and [`is_complete`], the
+//! one rule that decides whether a client that saw a position now has every
+//! message after it with no gap (applied to each page of a recovery).
 
 use super::subscribe::Replay;
 use super::ChannelBox;
@@ -22,7 +23,7 @@ pub struct Recovery {
 }
 
 impl Recovery {
-    fn incomplete(from: u64) -> Self {
+    pub(super) fn incomplete(from: u64) -> Self {
         Recovery {
             from,
             to: from,
@@ -64,56 +65,89 @@ impl ChannelBox {
         }
         Ok((page.messages, true))
     }
+}
 
-    /// Reads what a subscription that starts live after `start` replays, and
-    /// the recovery outcome for [`Replay::Since`].
-    pub(super) async fn read_replay(
-        &self,
-        group: &str,
-        replay: &Replay,
-        start: &StreamPosition,
-    ) -> Result<(Vec<StoredMessage>, Option<Recovery>), BoxError> {
+/// Where a replay reads from and what it promises.
+pub(super) struct ReplayPlan {
+    /// Read after this offset.
+    pub(super) after: u64,
+    /// Read up to this offset (the subscription's start).
+    pub(super) upto: u64,
+    /// For a recovery, the position the client saw: every page must then
+    /// continue exactly where the previous one ended.
+    pub(super) recovering: Option<StreamPosition>,
+}
+
+impl ReplayPlan {
+    /// The plan for `replay` into a subscription that goes live after `start`;
+    /// `Err` with the outcome when a recovery is incomplete before reading.
+    pub(super) fn new(replay: &Replay, start: &StreamPosition) -> Result<Option<ReplayPlan>, Recovery> {
         let upto = start.offset;
         match replay {
-            Replay::None | Replay::Last(0) => Ok((Vec::new(), None)),
-            Replay::Last(n) => {
-                let offset = upto.saturating_sub(*n as u64);
-                let page = self
-                    .inner
-                    .store
-                    .read(group, ReadQuery::Since { offset, limit: *n })
-                    .await?;
-                let mut msgs = page.messages;
-                if page.head.epoch != start.epoch {
-                    msgs.clear();
-                }
-                msgs.retain(|m| m.offset <= upto);
-                Ok((msgs, None))
+            Replay::None | Replay::Last(0) => Ok(None),
+            Replay::Last(n) => Ok(Some(ReplayPlan {
+                after: upto.saturating_sub(*n as u64),
+                upto,
+                recovering: None,
+            })),
+            Replay::Since(seen) if seen.epoch != start.epoch || seen.offset > upto => {
+                Err(Recovery::incomplete(seen.offset))
             }
-            Replay::Since(seen) => {
-                if seen.epoch != start.epoch || seen.offset > upto {
-                    return Ok((Vec::new(), Some(Recovery::incomplete(seen.offset))));
-                }
-                let limit = usize::try_from(upto - seen.offset).unwrap_or(usize::MAX);
-                let query = ReadQuery::Since {
-                    offset: seen.offset,
-                    limit,
-                };
-                let page = self.inner.store.read(group, query).await?;
-                let mut msgs = page.messages;
-                msgs.retain(|m| m.offset <= upto);
-                if !is_complete(seen, upto, &page.head.epoch, &msgs) {
-                    return Ok((Vec::new(), Some(Recovery::incomplete(seen.offset))));
-                }
-                let recovery = Recovery {
-                    from: seen.offset,
-                    to: msgs.last().map_or(seen.offset, |m| m.offset),
-                    complete: true,
-                    replayed: msgs.len(),
-                };
-                Ok((msgs, Some(recovery)))
-            }
+            Replay::Since(seen) => Ok(Some(ReplayPlan {
+                after: seen.offset,
+                upto,
+                recovering: Some(seen.clone()),
+            })),
         }
+    }
+}
+
+/// What one page of a replay holds, judged by the plan.
+pub(super) enum Page {
+    /// Messages to replay, oldest first; the next page reads after the last.
+    Replay {
+        /// The page's messages, none past the plan's end.
+        messages: Vec<StoredMessage>,
+    },
+    /// Nothing more to replay.
+    Done,
+    /// A recovery's history has a gap or another epoch: stop, incomplete.
+    Gap,
+}
+
+impl ChannelBox {
+    /// Reads the next page of a replay after `cursor`, at most `page` messages.
+    pub(super) async fn read_page(
+        &self,
+        group: &str,
+        plan: &ReplayPlan,
+        epoch: &Epoch,
+        cursor: u64,
+        page: usize,
+    ) -> Result<Page, BoxError> {
+        if cursor >= plan.upto {
+            return Ok(Page::Done);
+        }
+        let limit = usize::try_from(plan.upto - cursor).map_or(page, |left| left.min(page));
+        let query = ReadQuery::Since { offset: cursor, limit };
+        let read = self.inner.store.read(group, query).await?;
+        let mut messages = read.messages;
+        messages.retain(|m| m.offset <= plan.upto);
+        if plan.recovering.is_some() {
+            // Every page is a recovery of its own range: exactly the offsets
+            // after the cursor, in the same epoch.
+            let seen = StreamPosition::new(epoch.clone(), cursor);
+            let page_end = cursor + limit as u64;
+            if !is_complete(&seen, page_end, &read.head.epoch, &messages) {
+                return Ok(Page::Gap);
+            }
+        } else if read.head.epoch != *epoch {
+            return Ok(Page::Done);
+        }
+        Ok(match messages.is_empty() {
+            true => Page::Done,
+            false => Page::Replay { messages },
+        })
     }
 }
 

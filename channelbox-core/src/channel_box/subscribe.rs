@@ -6,20 +6,32 @@
 //! its replay is read. The sequencer's released position, taken under the
 //! `order` lock at the moment of joining, splits the stream: everything up to
 //! it is history (replayed), everything after it live (held, then queued).
-//! Replays are paced by the member's queue — never more than half of it at a
-//! time — so a replay longer than the queue reaches a client that keeps
-//! reading instead of closing it as a slow consumer.
+//! Replays are read a page at a time and paced by the member's queue — never
+//! more than half of it at a time — so a replay longer than the queue reaches
+//! a client that keeps reading instead of closing it as a slow consumer, and
+//! one that stops reading is closed instead of holding history in memory.
+
+use std::time::Duration;
 
 use super::membership::Group;
-use super::recovery::Recovery;
+use super::recovery::{Page, Recovery, ReplayPlan};
 use super::sequencer::Sequencer;
 use super::{lock, AddStatus, ChannelBox, DeliveryReport};
-use crate::channel::Channel;
+use crate::channel::{Channel, SendError};
 use crate::envelope::MessageRef;
 use crate::error::BoxError;
 use crate::history::StoredMessage;
 use crate::payload::Frame;
 use crate::position::StreamPosition;
+use crate::transport::CloseReason;
+
+/// Messages read from history at a time for a replay: what a subscriber
+/// costs in memory while its replay is under way.
+const REPLAY_PAGE: usize = 256;
+
+/// How long a replay waits for a client to take anything from its queue
+/// before closing it as a slow consumer.
+pub const REPLAY_STALL: Duration = Duration::from_secs(10);
 
 /// What to replay to a channel that subscribes to a group.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -88,25 +100,66 @@ impl ChannelBox {
         framing: &dyn SubscribeFraming,
     ) -> Result<Subscribed, BoxError> {
         let (status, g, start) = self.join_gated(channel, group, framing).await?;
-        // Read what to replay without holding any lock.
-        let (messages, recovery) = match self.read_replay(group, &replay, &start).await {
+        let (replayed, recovery) = match self.replay_pages(&g, channel, &replay, &start).await {
             Ok(r) => r,
             Err(err) => {
                 self.open_gate(&g, channel, None, framing);
                 return Err(err);
             }
         };
-        let replayed = messages.len();
-        self.replay_paced(&g, channel, &start, &messages).await;
         // Live messages held meanwhile (at most half a queue) go in next.
-        channel.half_empty().await;
-        self.open_gate(&g, channel, recovery.as_ref(), framing);
+        if self.paced(channel).await {
+            self.open_gate(&g, channel, recovery.as_ref(), framing);
+        }
         Ok(Subscribed {
             status,
             start,
             replayed,
             recovery,
         })
+    }
+
+    /// Reads history a page at a time and queues it, paced. Returns how many
+    /// messages were replayed and, for a recovery, its outcome: complete when
+    /// every page continued the one before up to the start; a gap found on a
+    /// later page (history trimmed while replaying) ends it incomplete after
+    /// what was replayed without a gap.
+    async fn replay_pages(
+        &self,
+        g: &Group,
+        channel: &Channel,
+        replay: &Replay,
+        start: &StreamPosition,
+    ) -> Result<(usize, Option<Recovery>), BoxError> {
+        let plan = match ReplayPlan::new(replay, start) {
+            Ok(Some(plan)) => plan,
+            Ok(None) => return Ok((0, None)),
+            Err(incomplete) => return Ok((0, Some(incomplete))),
+        };
+        let (mut cursor, mut replayed) = (plan.after, 0);
+        let complete = loop {
+            match self
+                .read_page(&g.name, &plan, &start.epoch, cursor, REPLAY_PAGE)
+                .await?
+            {
+                Page::Done => break true,
+                Page::Gap => break false,
+                Page::Replay { messages } => {
+                    if !self.replay_paced(g, channel, start, &messages).await {
+                        return Ok((replayed, None));
+                    }
+                    replayed += messages.len();
+                    cursor = messages.last().map_or(cursor, |m| m.offset);
+                }
+            }
+        };
+        let recovery = plan.recovering.map(|seen| Recovery {
+            from: seen.offset,
+            to: cursor,
+            complete,
+            replayed,
+        });
+        Ok((replayed, recovery))
     }
 
     /// Joins gated and takes the split point between history and live from the
@@ -145,16 +198,14 @@ impl ChannelBox {
         }
     }
 
-    /// Queues a replay for a gated channel, never more than half its queue at
-    /// a time. Live messages are held at the gate meanwhile; a client too slow
-    /// for both is closed when the held ones reach half a queue.
-    async fn replay_paced(&self, g: &Group, channel: &Channel, start: &StreamPosition, replay: &[StoredMessage]) {
-        for m in replay {
-            if !channel.is_half_empty() {
-                channel.half_empty().await;
-            }
-            if channel.is_closed() {
-                return;
+    /// Queues one page of a replay for a gated channel, never more than half
+    /// its queue at a time. Live messages are held at the gate meanwhile; a
+    /// client too slow for both is closed when the held ones reach half a
+    /// queue. Returns whether the channel is still open.
+    async fn replay_paced(&self, g: &Group, channel: &Channel, start: &StreamPosition, page: &[StoredMessage]) -> bool {
+        for m in page {
+            if !self.paced(channel).await {
+                return false;
             }
             let msg = MessageRef::stored(&g.name, start.epoch.as_str(), m);
             let frame = self.inner.envelope.render(&msg, channel.payload_type());
@@ -163,9 +214,24 @@ impl ChannelBox {
                 if self.account(channel, result, &mut DeliveryReport::default()) {
                     self.forget(channel.id());
                 }
-                return;
+                return false;
             }
         }
+        true
+    }
+
+    /// Waits until the channel's queue is under half full. A client that takes
+    /// nothing for [`REPLAY_STALL`] cannot be replayed to: it is closed as a
+    /// slow consumer rather than holding its page of history. Returns whether
+    /// the channel is still open.
+    async fn paced(&self, channel: &Channel) -> bool {
+        if !channel.is_half_empty() && tokio::time::timeout(REPLAY_STALL, channel.half_empty()).await.is_err() {
+            channel.close(CloseReason::SLOW_CONSUMER);
+            self.account(channel, Err(SendError::Overflow), &mut DeliveryReport::default());
+            self.forget(channel.id());
+            return false;
+        }
+        !channel.is_closed()
     }
 
     /// Ends the gate: the `recovered` frame, then the live messages held while
