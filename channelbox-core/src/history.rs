@@ -18,6 +18,10 @@ pub const HISTORY_SIZE_ENV: &str = "CHANNEL_BOX_HISTORY_SIZE";
 /// The default per-group history budget: 1 MiB of payload, as in Nexios.
 pub const DEFAULT_HISTORY_BYTES: u64 = 1 << 20;
 
+/// The default budget of a whole store: 256 MiB, counted as each store's
+/// [`HistoryStore::message_cost`] over all groups.
+pub const DEFAULT_TOTAL_BYTES: u64 = 256 << 20;
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -26,8 +30,9 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Per-group history limits. The oldest messages are trimmed first, and the
-/// newest message always survives a trim, even alone above the byte budget.
+/// History limits: per group, and for the whole store. The oldest messages
+/// are trimmed first, and the newest message always survives a trim, even
+/// alone above the byte budget.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HistoryLimits {
     /// Most payload bytes kept per group.
@@ -37,6 +42,11 @@ pub struct HistoryLimits {
     /// Longest a message is kept, judged by its timestamp (this limit removes the
     /// newest message too once it is old enough).
     pub max_age: Option<Duration>,
+    /// Most bytes all groups together may cost, each message counted as its
+    /// store's [`HistoryStore::message_cost`]; above it the groups written
+    /// least recently are trimmed first (see [`crate::TotalBudget`]). `None`
+    /// is unbounded.
+    pub max_total_bytes: Option<u64>,
 }
 
 impl Default for HistoryLimits {
@@ -45,6 +55,7 @@ impl Default for HistoryLimits {
             max_bytes: DEFAULT_HISTORY_BYTES,
             max_messages: None,
             max_age: None,
+            max_total_bytes: Some(DEFAULT_TOTAL_BYTES),
         }
     }
 }
@@ -200,6 +211,8 @@ pub struct HistoryStats {
     pub messages: u64,
     /// Payload bytes retained.
     pub bytes: u64,
+    /// What all groups cost against [`HistoryLimits::max_total_bytes`].
+    pub cost: u64,
 }
 
 /// A future that resolves once an append is durable.
@@ -255,6 +268,11 @@ pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// The limits this store applies to every group.
     fn limits(&self) -> &HistoryLimits;
+
+    /// What one message of `group` with this payload size costs against
+    /// [`HistoryLimits::max_total_bytes`]: the payload plus the store's fixed
+    /// overhead per message (documented by each store).
+    fn message_cost(&self, group: &str, payload_bytes: usize) -> u64;
 
     /// Appends a message to a group; see the trait docs for the ordering contract.
     fn append(&self, group: &str, message: NewMessage) -> Result<PendingAppend, StoreError>;

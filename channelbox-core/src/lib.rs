@@ -37,6 +37,7 @@
 //!   property tests, and an in-process recording channel.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod budget;
 mod channel;
 mod channel_box;
 mod envelope;
@@ -49,6 +50,7 @@ mod transport;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use budget::{TotalBudget, GROUP_COST};
 pub use channel::{Channel, ChannelConfig, ChannelStats, Enqueued, OverflowPolicy, SendError};
 pub use channel_box::{
     AddStatus, BoxStats, ChannelBox, DeliveryReport, NoFraming, PendingPublish, PublishReport, Recovery, RemoveStatus,
@@ -58,7 +60,8 @@ pub use envelope::{Envelope, MessageRef, PlainEnvelope};
 pub use error::{BoxError, ConfigError, StoreError, StoreErrorKind};
 pub use history::{
     messages_to_trim, now_ms, Capabilities, DurableFuture, Head, HistoryLimits, HistoryPage, HistoryStats,
-    HistoryStore, NewMessage, PendingAppend, ReadQuery, StoredMessage, DEFAULT_HISTORY_BYTES, HISTORY_SIZE_ENV,
+    HistoryStore, NewMessage, PendingAppend, ReadQuery, StoredMessage, DEFAULT_HISTORY_BYTES, DEFAULT_TOTAL_BYTES,
+    HISTORY_SIZE_ENV,
 };
 pub use payload::{Frame, FrameKind, Payload, PayloadKind, PayloadType};
 pub use position::{Epoch, StreamPosition};

@@ -104,6 +104,7 @@ async fn run(ops: Vec<Op>) {
         max_bytes: 40,
         max_messages: Some(4),
         max_age: None,
+        max_total_bytes: None,
     };
     let store: Arc<dyn HistoryStore> = Arc::new(MemoryStore::new(MemoryConfig { limits: limits.clone() }));
     let cb = ChannelBox::new(store);

@@ -23,6 +23,7 @@ pub struct Metrics {
     groups: Gauge<i64, AtomicI64>,
     history_messages: Gauge<i64, AtomicI64>,
     history_bytes: Gauge<i64, AtomicI64>,
+    history_cost: Gauge<i64, AtomicI64>,
     /// Seconds from a publish to its durable append.
     pub publish_durable_seconds: Histogram,
 }
@@ -68,6 +69,7 @@ impl Metrics {
         let groups = Gauge::<i64, AtomicI64>::default();
         let history_messages = Gauge::<i64, AtomicI64>::default();
         let history_bytes = Gauge::<i64, AtomicI64>::default();
+        let history_cost = Gauge::<i64, AtomicI64>::default();
         // 100 µs to about 6.5 s.
         let publish_durable_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
         registry.register(
@@ -87,6 +89,11 @@ impl Metrics {
             history_bytes.clone(),
         );
         registry.register(
+            "channelbox_history_cost_bytes",
+            "What all groups' history costs against --history-total-bytes.",
+            history_cost.clone(),
+        );
+        registry.register(
             "channelbox_publish_durable_seconds",
             "Time from a publish to its durable append.",
             publish_durable_seconds.clone(),
@@ -98,6 +105,7 @@ impl Metrics {
             groups,
             history_messages,
             history_bytes,
+            history_cost,
             publish_durable_seconds,
         }
     }
@@ -109,6 +117,7 @@ impl Metrics {
         if let Ok(h) = channels.store().stats().await {
             self.history_messages.set(h.messages as i64);
             self.history_bytes.set(h.bytes as i64);
+            self.history_cost.set(h.cost as i64);
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

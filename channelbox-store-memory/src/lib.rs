@@ -29,4 +29,4 @@ mod error;
 mod store;
 
 pub use config::MemoryConfig;
-pub use store::MemoryStore;
+pub use store::{MemoryStore, MESSAGE_OVERHEAD};

@@ -6,15 +6,22 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use channelbox_core::{
     messages_to_trim, now_ms, Capabilities, Epoch, Head, HistoryLimits, HistoryPage, HistoryStats, HistoryStore,
-    NewMessage, PendingAppend, ReadQuery, StoreError, StoredMessage,
+    NewMessage, PendingAppend, ReadQuery, StoreError, StoredMessage, TotalBudget,
 };
 
 use crate::config::MemoryConfig;
 use crate::error::MemoryError;
 
+/// What a retained message costs this store besides its payload: its slot in
+/// the group's queue (offset, kind, two byte handles, timestamp), the
+/// allocations behind the payload and the metadata, and typical metadata (the
+/// sender's id). Counted against [`HistoryLimits::max_total_bytes`].
+pub const MESSAGE_OVERHEAD: u64 = 224;
+
 #[derive(Debug, Default)]
 struct Group {
-    /// Flushes of this group since the last `flush_all`.
+    /// Unique to this entry of this group (see `TotalBudget`): evictions
+    /// when it was created, and its flushes since.
     generation: u64,
     last: u64,
     bytes: u64,
@@ -22,15 +29,26 @@ struct Group {
 }
 
 impl Group {
-    fn trim(&mut self, limits: &HistoryLimits, now: u64) {
+    /// Applies the per-group limits; returns what the removed messages cost.
+    fn trim(&mut self, limits: &HistoryLimits, now: u64) -> u64 {
         let msgs = &self.messages;
         let n = messages_to_trim(limits, now, msgs.len() as u64, self.bytes, |i| {
             let m = &msgs[i as usize];
             (m.payload.len() as u64, m.timestamp_ms)
         });
+        let mut cost = 0;
         for m in self.messages.drain(..n as usize) {
             self.bytes -= m.payload.len() as u64;
+            cost += m.payload.len() as u64 + MESSAGE_OVERHEAD;
         }
+        cost
+    }
+
+    /// Removes the oldest message; returns what it cost.
+    fn pop_oldest(&mut self) -> u64 {
+        let Some(m) = self.messages.pop_front() else { return 0 };
+        self.bytes -= m.payload.len() as u64;
+        m.payload.len() as u64 + MESSAGE_OVERHEAD
     }
 
     fn head(&self, epoch: Epoch) -> Head {
@@ -47,6 +65,41 @@ struct State {
     groups: HashMap<String, Group>,
     /// `flush_all` calls so far.
     flushes: u64,
+    /// The whole store's budget, and the generation counter.
+    budget: TotalBudget,
+}
+
+impl State {
+    /// Trims the groups written least recently while the store is over its
+    /// total budget, oldest messages first; a group left without messages is
+    /// evicted whole. `current` (just written) keeps its newest message.
+    fn enforce_total(&mut self, current: &str) {
+        while self.budget.over() {
+            let Some(victim) = self.budget.next_victim().map(str::to_owned) else {
+                return;
+            };
+            let keep = usize::from(victim == current);
+            let Some(g) = self.groups.get_mut(&victim) else {
+                self.budget.forget(&victim);
+                continue;
+            };
+            if g.messages.len() > keep {
+                let cost = g.pop_oldest();
+                self.budget.release(cost);
+                if !g.messages.is_empty() || keep == 1 {
+                    continue;
+                }
+            } else if keep == 1 {
+                return;
+            }
+            // Nothing left: the entry goes, and the group comes back (if
+            // ever) in a generation it never had, so no old offset passes
+            // for a new one.
+            self.groups.remove(&victim);
+            self.budget.forget(&victim);
+            self.budget.evicted();
+        }
+    }
 }
 
 /// History in memory; see the crate docs.
@@ -70,8 +123,11 @@ impl MemoryStore {
         let id = uuid::Uuid::new_v4().simple().to_string();
         MemoryStore {
             instance: id[..12].to_owned(),
+            state: Mutex::new(State {
+                budget: TotalBudget::new(config.limits.max_total_bytes),
+                ..State::default()
+            }),
             limits: config.limits,
-            state: Mutex::new(State::default()),
         }
     }
 
@@ -96,10 +152,12 @@ impl MemoryStore {
         let flushes = state.flushes;
         match state.groups.get_mut(group) {
             Some(g) => {
-                g.trim(&self.limits, now);
-                g.head(self.epoch(flushes, g.generation))
+                let released = g.trim(&self.limits, now);
+                let head = g.head(self.epoch(flushes, g.generation));
+                state.budget.release(released);
+                head
             }
-            None => Group::default().head(self.epoch(flushes, 0)),
+            None => Group::default().head(self.epoch(flushes, state.budget.fresh_generation())),
         }
     }
 }
@@ -114,17 +172,30 @@ impl HistoryStore for MemoryStore {
         &self.limits
     }
 
+    fn message_cost(&self, _group: &str, payload_bytes: usize) -> u64 {
+        payload_bytes as u64 + MESSAGE_OVERHEAD
+    }
+
     fn append(&self, group: &str, message: NewMessage) -> Result<PendingAppend, StoreError> {
         Self::check(group)?;
         let mut state = self.state();
-        let flushes = state.flushes;
-        let g = state.groups.entry(group.to_owned()).or_default();
+        let state = &mut *state;
+        let generation = state.budget.fresh_generation();
+        let g = state.groups.entry(group.to_owned()).or_insert_with(|| Group {
+            generation,
+            ..Group::default()
+        });
         g.last += 1;
         let offset = g.last;
+        let cost = self.message_cost(group, message.payload.len());
         g.bytes += message.payload.len() as u64;
         g.messages.push_back(StoredMessage::from_new(offset, message));
-        g.trim(&self.limits, now_ms());
-        Ok(PendingAppend::ready(offset, self.epoch(flushes, g.generation)))
+        let released = g.trim(&self.limits, now_ms());
+        let epoch = self.epoch(state.flushes, g.generation);
+        state.budget.charge(group, cost);
+        state.budget.release(released);
+        state.enforce_total(group);
+        Ok(PendingAppend::ready(offset, epoch))
     }
 
     async fn head(&self, group: &str) -> Result<Head, StoreError> {
@@ -161,31 +232,48 @@ impl HistoryStore for MemoryStore {
     async fn flush_group(&self, group: &str) -> Result<Epoch, StoreError> {
         Self::check(group)?;
         let mut state = self.state();
-        let flushes = state.flushes;
-        let g = state.groups.entry(group.to_owned()).or_default();
-        *g = Group {
-            generation: g.generation + 1,
-            ..Group::default()
+        let state = &mut *state;
+        let generation = match state.groups.get(group) {
+            Some(g) => g.generation + 1,
+            None => state.budget.fresh_generation() + 1,
         };
-        Ok(self.epoch(flushes, g.generation))
+        let old = state.groups.insert(
+            group.to_owned(),
+            Group {
+                generation,
+                ..Group::default()
+            },
+        );
+        if let Some(old) = old {
+            let cost = old.bytes + old.messages.len() as u64 * MESSAGE_OVERHEAD;
+            state.budget.release(cost);
+        }
+        // The empty entry keeps the new epoch; it counts like any group.
+        state.budget.charge(group, 0);
+        state.enforce_total(group);
+        Ok(self.epoch(state.flushes, generation))
     }
 
     async fn flush_all(&self) -> Result<(), StoreError> {
         let mut state = self.state();
         state.flushes += 1;
         state.groups.clear();
+        state.budget.clear();
         Ok(())
     }
 
     async fn stats(&self) -> Result<HistoryStats, StoreError> {
         let mut state = self.state();
+        let state = &mut *state;
         let now = now_ms();
         let mut stats = HistoryStats::default();
         for g in state.groups.values_mut() {
-            g.trim(&self.limits, now);
+            let released = g.trim(&self.limits, now);
+            state.budget.release(released);
             stats.messages += g.messages.len() as u64;
             stats.bytes += g.bytes;
         }
+        stats.cost = state.budget.used();
         Ok(stats)
     }
 }

@@ -10,6 +10,9 @@ pub(crate) const FORMAT: &str = "channelbox-sled/1";
 pub(crate) const KEY_FORMAT: &[u8] = b"\x00format";
 pub(crate) const KEY_INSTANCE: &[u8] = b"\x00instance";
 pub(crate) const KEY_FLUSHES: &[u8] = b"\x00flushes";
+/// How many groups the total budget evicted (see `channelbox_core::TotalBudget`);
+/// absent in stores written before it existed, where it counts as 0.
+pub(crate) const KEY_EVICTIONS: &[u8] = b"\x00evictions";
 pub(crate) const GROUP_PREFIX: u8 = 1;
 pub(crate) const MESSAGE_PREFIX: u8 = 2;
 /// kind (1) + timestamp (8) + meta length (4).

@@ -49,10 +49,12 @@
 
 mod config;
 mod error;
+mod group;
 mod layout;
 mod open;
 mod store;
 mod writer;
 
 pub use config::{CommitMode, SledConfig};
+pub use group::MESSAGE_OVERHEAD;
 pub use store::SledStore;

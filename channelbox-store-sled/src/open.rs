@@ -7,8 +7,8 @@ use std::path::Path;
 
 use crate::config::SledConfig;
 use crate::error::SledError;
+use crate::group::GroupState;
 use crate::layout::*;
-use crate::store::GroupState;
 
 pub(crate) fn open_db(config: &SledConfig) -> Result<sled::Db, SledError> {
     let path = &config.path;

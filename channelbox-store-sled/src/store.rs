@@ -15,100 +15,22 @@
 //! trim that empties the group): opening takes the newest offset from the head
 //! and the messages, whichever is higher.
 
-use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use channelbox_core::{
-    messages_to_trim, now_ms, Capabilities, Epoch, Head, HistoryLimits, HistoryPage, HistoryStats, HistoryStore,
-    NewMessage, PendingAppend, ReadQuery, StoreError, StoredMessage,
+    Capabilities, Epoch, Head, HistoryLimits, HistoryPage, HistoryStats, HistoryStore, NewMessage, PendingAppend,
+    ReadQuery, StoreError, StoredMessage,
 };
 
 use crate::config::SledConfig;
 use crate::error::SledError;
+use crate::group::{GroupState, State, MESSAGE_OVERHEAD};
 use crate::layout::*;
 use crate::open::{check_format, load_groups, open_db};
 use crate::writer::{Op, Writer};
-
-/// A group as the store tracks it in memory: its head, and the size and
-/// timestamp of every retained message, so trimming needs no disk read.
-#[derive(Debug, Default)]
-pub(crate) struct GroupState {
-    pub(crate) generation: u64,
-    pub(crate) last: u64,
-    /// Offset of `retained[0]`.
-    pub(crate) first: u64,
-    pub(crate) bytes: u64,
-    pub(crate) retained: VecDeque<(u64, u64)>,
-    /// The newest offset the group's head key on disk records; `None` when the
-    /// group has no head key yet. Opening takes a group's newest offset from
-    /// its head and its messages, whichever is higher, so the head is rewritten
-    /// only when that would otherwise be lost: for a new group, and before a
-    /// trim removes every message.
-    pub(crate) stored_last: Option<u64>,
-}
-
-impl GroupState {
-    fn first(&self) -> u64 {
-        if self.retained.is_empty() {
-            self.last + 1
-        } else {
-            self.first
-        }
-    }
-
-    /// How many of the oldest retained messages the limits remove now.
-    fn to_trim(&self, limits: &HistoryLimits, now: u64) -> u64 {
-        let r = &self.retained;
-        messages_to_trim(limits, now, r.len() as u64, self.bytes, |i| r[i as usize])
-    }
-
-    /// The operations that write the group's head if the disk would otherwise
-    /// lose its generation or newest offset: before its first message, and
-    /// before everything retained is removed.
-    fn store_head(&mut self, group: &str, emptying: bool, ops: &mut Vec<Op>) {
-        if self.stored_last.is_none() || (emptying && self.stored_last != Some(self.last)) {
-            ops.push(Op::Insert(
-                group_key(group),
-                group_value(self.generation, self.last).to_vec(),
-            ));
-            self.stored_last = Some(self.last);
-        }
-    }
-
-    /// Forgets the `n` oldest retained messages, adding their removal, oldest
-    /// first (a crash part way leaves a group without holes).
-    fn remove_oldest(&mut self, group: &str, n: u64, ops: &mut Vec<Op>) {
-        if n == 0 {
-            return;
-        }
-        self.store_head(group, n >= self.retained.len() as u64, ops);
-        let start = self.first();
-        ops.push(Op::RemoveOffsets(message_prefix(group), start..start + n));
-        for _ in 0..n {
-            if let Some((size, _)) = self.retained.pop_front() {
-                self.bytes -= size;
-            }
-        }
-        self.first = start + n;
-    }
-
-    /// Removes what the limits say must go now.
-    fn trim(&mut self, group: &str, limits: &HistoryLimits, ops: &mut Vec<Op>) {
-        let n = self.to_trim(limits, now_ms());
-        self.remove_oldest(group, n, ops);
-    }
-}
-
-#[derive(Debug)]
-struct State {
-    instance: String,
-    flushes: u64,
-    groups: HashMap<String, GroupState>,
-    closed: bool,
-}
 
 /// A durable history store on sled; see the crate docs.
 #[derive(Debug)]
@@ -133,6 +55,12 @@ impl SledStore {
         let db = open_db(&config)?;
         let (instance, flushes) = check_format(&db, &config.path)?;
         let groups = load_groups(&db, &config.path)?;
+        let evictions = db
+            .get(KEY_EVICTIONS)
+            .map_err(|e| SledError::sled(&config.path, e))?
+            .and_then(|v| u64_at(&v, 0))
+            .unwrap_or(0);
+        let budget = State::budget_of(&groups, &config.limits, evictions);
         let inner = Arc::new(Inner {
             path: config.path.clone(),
             db,
@@ -140,6 +68,7 @@ impl SledStore {
             state: Mutex::new(State {
                 instance,
                 flushes,
+                budget,
                 groups,
                 closed: false,
             }),
@@ -184,6 +113,10 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 impl Inner {
+    fn message_cost(&self, group: &str, payload_bytes: usize) -> u64 {
+        payload_bytes as u64 + MESSAGE_OVERHEAD + group.len() as u64
+    }
+
     fn epoch(state: &State, generation: u64) -> Epoch {
         Epoch::from_parts(&state.instance, state.flushes, generation)
     }
@@ -209,7 +142,8 @@ impl Inner {
     fn trim_now(&self, state: &mut State, group: &str) {
         if let Some(g) = state.groups.get_mut(group) {
             let mut ops = Vec::new();
-            g.trim(group, &self.limits, &mut ops);
+            let released = g.trim(group, &self.limits, &mut ops);
+            state.budget.release(released);
             if !ops.is_empty() {
                 self.writer.push(ops);
             }
@@ -224,7 +158,7 @@ impl Inner {
                 last: g.last,
             },
             None => Head {
-                epoch: Self::epoch(state, 0),
+                epoch: Self::epoch(state, state.budget.fresh_generation()),
                 first: 1,
                 last: 0,
             },
@@ -279,6 +213,10 @@ impl HistoryStore for SledStore {
         &self.inner.limits
     }
 
+    fn message_cost(&self, group: &str, payload_bytes: usize) -> u64 {
+        self.inner.message_cost(group, payload_bytes)
+    }
+
     fn append(&self, group: &str, message: NewMessage) -> Result<PendingAppend, StoreError> {
         let inner = &self.inner;
         inner.check(group)?;
@@ -288,7 +226,11 @@ impl HistoryStore for SledStore {
             return Err(SledError::Busy(inner.path.clone()).into());
         }
         let state = &mut *state;
-        let g = state.groups.entry(group.to_owned()).or_default();
+        let generation = state.budget.fresh_generation();
+        let g = state.groups.entry(group.to_owned()).or_insert_with(|| GroupState {
+            generation,
+            ..GroupState::default()
+        });
         let offset = g.last + 1;
         let size = message.payload.len() as u64;
         // The message first, then (for a new group only) its head, then the
@@ -302,9 +244,14 @@ impl HistoryStore for SledStore {
         g.retained.push_back((size, message.timestamp_ms));
         g.bytes += size;
         g.store_head(group, false, &mut ops);
-        g.trim(group, &inner.limits, &mut ops);
+        let released = g.trim(group, &inner.limits, &mut ops);
         let generation = g.generation;
         let epoch = Inner::epoch(state, generation);
+        state
+            .budget
+            .charge(group, inner.message_cost(group, message.payload.len()));
+        state.budget.release(released);
+        state.enforce_total(group, &mut ops);
         let seq = inner.writer.push(ops);
         Ok(PendingAppend {
             offset,
@@ -368,22 +315,31 @@ impl HistoryStore for SledStore {
         let (epoch, seq) = {
             let mut state = inner.state()?;
             inner.healthy()?;
-            let g = state.groups.entry(group.to_owned()).or_default();
+            let state = &mut *state;
             // Oldest message first, the new generation last: any prefix of
             // this, which is what a crash can leave, is the old generation
             // with fewer of its oldest messages.
             let mut ops = Vec::new();
+            let fresh = state.budget.fresh_generation();
+            let g = state.groups.entry(group.to_owned()).or_insert_with(|| GroupState {
+                generation: fresh,
+                ..GroupState::default()
+            });
+            let generation = g.generation + 1;
             let all = g.retained.len() as u64;
             let start = g.first();
             ops.push(Op::RemoveOffsets(message_prefix(group), start..start + all));
+            state.budget.release(g.cost(group));
             *g = GroupState {
-                generation: g.generation + 1,
+                generation,
                 stored_last: Some(0),
                 ..GroupState::default()
             };
-            ops.push(Op::Insert(group_key(group), group_value(g.generation, 0).to_vec()));
-            let generation = g.generation;
-            (Inner::epoch(&state, generation), inner.writer.push(ops))
+            ops.push(Op::Insert(group_key(group), group_value(generation, 0).to_vec()));
+            // The empty entry keeps the new epoch; it counts like any group.
+            state.budget.charge(group, 0);
+            state.enforce_total(group, &mut ops);
+            (Inner::epoch(state, generation), inner.writer.push(ops))
         };
         inner.writer.durable(seq, &inner.path).await?;
         Ok(epoch)
@@ -399,6 +355,7 @@ impl HistoryStore for SledStore {
             // history a client saw before.
             state.flushes += 1;
             let mut ops = vec![Op::Insert(KEY_FLUSHES.to_vec(), state.flushes.to_be_bytes().to_vec())];
+            state.budget.clear();
             for (name, g) in state.groups.drain() {
                 let start = g.first();
                 ops.push(Op::RemoveOffsets(
@@ -424,6 +381,7 @@ impl HistoryStore for SledStore {
             stats.messages += g.retained.len() as u64;
             stats.bytes += g.bytes;
         }
+        stats.cost = state.budget.used();
         Ok(stats)
     }
 

@@ -194,3 +194,41 @@ async fn a_new_history_directory_is_private_to_its_user() {
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "{mode:o}");
 }
+
+#[tokio::test]
+async fn the_total_budget_holds_across_a_restart_and_evicted_groups_stay_in_new_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = SledStore::open(SledConfig::new(dir.path().join("probe"))).unwrap();
+    let budget = 2 * channelbox_core::GROUP_COST + 6 * probe.message_cost("old", 50);
+    drop(probe);
+    let config = SledConfig {
+        limits: HistoryLimits {
+            max_total_bytes: Some(budget),
+            ..HistoryLimits::default()
+        },
+        ..SledConfig::new(dir.path().join("data"))
+    };
+    let store = SledStore::open(config.clone()).unwrap();
+    append(&store, "old", text(&"o".repeat(50))).await;
+    let old_epoch = store.head("old").await.unwrap().epoch;
+    for _ in 0..10 {
+        append(&store, "new", text(&"n".repeat(50))).await;
+    }
+    assert_eq!(store.head("old").await.unwrap().last, 0, "evicted");
+    let cost = store.stats().await.unwrap().cost;
+    drop(store);
+
+    let store = SledStore::open(config).unwrap();
+    assert_eq!(
+        store.stats().await.unwrap().cost,
+        cost,
+        "the ledger is rebuilt from disk"
+    );
+    let old = store.head("old").await.unwrap();
+    assert_eq!(old.last, 0);
+    assert_ne!(old.epoch, old_epoch, "the eviction survives the restart");
+    let p = store.append("old", text("again")).unwrap();
+    assert_eq!(p.offset, 1);
+    assert_ne!(p.epoch, old_epoch, "old offsets never pass for new ones");
+    p.durable.await.unwrap();
+}

@@ -48,6 +48,11 @@ struct Args {
     /// Per-group history limit in payload bytes.
     #[arg(long, env = "CHANNEL_BOX_HISTORY_SIZE", default_value_t = 1_048_576)]
     history_bytes: u64,
+    /// All groups' history together, counted as payload bytes plus the
+    /// store's fixed overhead per message; the groups written least recently
+    /// are trimmed first.
+    #[arg(long, default_value_t = channelbox_core::DEFAULT_TOTAL_BYTES)]
+    history_total_bytes: u64,
     /// Per-group history limit in messages (default: unlimited).
     #[arg(long)]
     history_messages: Option<u64>,
@@ -106,6 +111,7 @@ fn open_store(args: &Args) -> anyhow::Result<Arc<dyn HistoryStore>> {
         max_bytes: args.history_bytes,
         max_messages: args.history_messages,
         max_age: args.history_ttl,
+        max_total_bytes: Some(args.history_total_bytes),
     };
     Ok(match args.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(MemoryConfig { limits })),

@@ -96,6 +96,66 @@ where
         .await,
     )
     .await;
+    // The total budget, sized from the store's own cost of a message.
+    let cost = make(HistoryLimits::default()).await.message_cost("g0", 100);
+    let budget = 3 * crate::GROUP_COST + 10 * cost;
+    total_budget_trims_the_least_recently_written_groups_first(
+        make(HistoryLimits {
+            max_total_bytes: Some(budget),
+            ..HistoryLimits::default()
+        })
+        .await,
+        budget,
+    )
+    .await;
+}
+
+/// Over the total budget, the group written least recently loses its oldest
+/// messages first; one that loses them all is evicted and comes back in a new
+/// epoch, so no client's old offsets pass for new ones; the group just
+/// written keeps its newest message; the store's cost stays within budget.
+pub async fn total_budget_trims_the_least_recently_written_groups_first(store: Arc<dyn HistoryStore>, budget: u64) {
+    let epoch0 = store.head("g0").await.unwrap().epoch;
+    for g in ["g0", "g1", "g2"] {
+        for _ in 0..4 {
+            append(&*store, g, sized(100)).await;
+        }
+    }
+    let heads = [
+        store.head("g0").await.unwrap(),
+        store.head("g1").await.unwrap(),
+        store.head("g2").await.unwrap(),
+    ];
+    assert!(
+        heads[0].first > 1,
+        "the least recently written group lost its oldest: {heads:?}"
+    );
+    assert_eq!((heads[1].first, heads[1].last), (1, 4), "{heads:?}");
+    assert_eq!((heads[2].first, heads[2].last), (1, 4), "{heads:?}");
+    assert!(store.stats().await.unwrap().cost <= budget);
+    for _ in 0..12 {
+        append(&*store, "g2", sized(100)).await;
+        assert!(store.stats().await.unwrap().cost <= budget);
+    }
+    let g0 = store.head("g0").await.unwrap();
+    assert_eq!(g0.last, 0, "g0 was evicted whole: {g0:?}");
+    assert_ne!(g0.epoch, epoch0, "an evicted group comes back in a new epoch");
+    let g2 = store.read("g2", ReadQuery::Last(1)).await.unwrap();
+    assert_eq!(offsets(&g2.messages), vec![16], "the newest message stays");
+    let pending = store.append("g0", sized(100)).unwrap();
+    assert_eq!(pending.offset, 1);
+    assert_ne!(pending.epoch, epoch0);
+    pending.durable.await.unwrap();
+    for _ in 0..30 {
+        append(&*store, "alone", sized(100)).await;
+    }
+    let alone = store.read("alone", ReadQuery::Last(100)).await.unwrap();
+    assert_eq!(
+        offsets(&alone.messages).last(),
+        Some(&30),
+        "a group alone over budget keeps its newest"
+    );
+    assert!(store.stats().await.unwrap().cost <= budget);
 }
 
 /// Offsets are 1, 2, 3, … and the epoch does not change between appends.

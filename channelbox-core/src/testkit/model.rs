@@ -169,6 +169,7 @@ pub fn small_limits() -> impl proptest::strategy::Strategy<Value = HistoryLimits
             max_bytes,
             max_messages,
             max_age: aged.then(|| std::time::Duration::from_secs(3600)),
+            max_total_bytes: None,
         }
     })
 }

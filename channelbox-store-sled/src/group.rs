@@ -1,0 +1,165 @@
+//! What the store keeps in memory: per group its head and the size and
+//! timestamp of every retained message (so trimming needs no disk read), and
+//! for the whole store the total budget, enforced by evicting the groups
+//! written least recently.
+
+use std::collections::{HashMap, VecDeque};
+
+use channelbox_core::{messages_to_trim, now_ms, HistoryLimits, TotalBudget};
+
+use crate::layout::{group_key, group_value, message_prefix, KEY_EVICTIONS};
+use crate::writer::Op;
+
+/// What a retained message costs this store besides its payload and its key's
+/// group name: the offset and length prefix of its key, the value's header,
+/// typical metadata (the sender's id), and sled's own bookkeeping per entry.
+/// Counted against `HistoryLimits::max_total_bytes`.
+pub const MESSAGE_OVERHEAD: u64 = 112;
+
+/// A group as the store tracks it in memory: its head, and the size and
+/// timestamp of every retained message, so trimming needs no disk read.
+#[derive(Debug, Default)]
+pub(crate) struct GroupState {
+    pub(crate) generation: u64,
+    pub(crate) last: u64,
+    /// Offset of `retained[0]`.
+    pub(crate) first: u64,
+    pub(crate) bytes: u64,
+    pub(crate) retained: VecDeque<(u64, u64)>,
+    /// The newest offset the group's head key on disk records; `None` when the
+    /// group has no head key yet. Opening takes a group's newest offset from
+    /// its head and its messages, whichever is higher, so the head is rewritten
+    /// only when that would otherwise be lost: for a new group, and before a
+    /// trim removes every message.
+    pub(crate) stored_last: Option<u64>,
+}
+
+impl GroupState {
+    pub(crate) fn first(&self) -> u64 {
+        if self.retained.is_empty() {
+            self.last + 1
+        } else {
+            self.first
+        }
+    }
+
+    /// How many of the oldest retained messages the limits remove now.
+    pub(crate) fn to_trim(&self, limits: &HistoryLimits, now: u64) -> u64 {
+        let r = &self.retained;
+        messages_to_trim(limits, now, r.len() as u64, self.bytes, |i| r[i as usize])
+    }
+
+    /// The operations that write the group's head if the disk would otherwise
+    /// lose its generation or newest offset: before its first message, and
+    /// before everything retained is removed.
+    pub(crate) fn store_head(&mut self, group: &str, emptying: bool, ops: &mut Vec<Op>) {
+        if self.stored_last.is_none() || (emptying && self.stored_last != Some(self.last)) {
+            ops.push(Op::Insert(
+                group_key(group),
+                group_value(self.generation, self.last).to_vec(),
+            ));
+            self.stored_last = Some(self.last);
+        }
+    }
+
+    /// What the retained messages cost against the total budget.
+    pub(crate) fn cost(&self, group: &str) -> u64 {
+        self.bytes + self.retained.len() as u64 * (MESSAGE_OVERHEAD + group.len() as u64)
+    }
+
+    /// Forgets the `n` oldest retained messages, adding their removal, oldest
+    /// first (a crash part way leaves a group without holes). Returns what
+    /// they cost against the total budget.
+    pub(crate) fn remove_oldest(&mut self, group: &str, n: u64, ops: &mut Vec<Op>) -> u64 {
+        if n == 0 {
+            return 0;
+        }
+        let before = self.cost(group);
+        self.store_head(group, n >= self.retained.len() as u64, ops);
+        let start = self.first();
+        ops.push(Op::RemoveOffsets(message_prefix(group), start..start + n));
+        for _ in 0..n {
+            if let Some((size, _)) = self.retained.pop_front() {
+                self.bytes -= size;
+            }
+        }
+        self.first = start + n;
+        before - self.cost(group)
+    }
+
+    /// Removes what the limits say must go now; returns what it cost.
+    pub(crate) fn trim(&mut self, group: &str, limits: &HistoryLimits, ops: &mut Vec<Op>) -> u64 {
+        let n = self.to_trim(limits, now_ms());
+        self.remove_oldest(group, n, ops)
+    }
+
+    /// The newest retained message's timestamp (0 when none): how recently
+    /// the group was written, as far as a reopened store can tell.
+    pub(crate) fn written_at(&self) -> u64 {
+        self.retained.back().map_or(0, |(_, ts)| *ts)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) instance: String,
+    pub(crate) flushes: u64,
+    pub(crate) groups: HashMap<String, GroupState>,
+    /// The whole store's budget, and the generation counter.
+    pub(crate) budget: TotalBudget,
+    pub(crate) closed: bool,
+}
+
+impl State {
+    /// The ledger of a reopened store: groups charged in the order they were
+    /// last written, the counter above every generation on disk.
+    pub(crate) fn budget_of(
+        groups: &HashMap<String, GroupState>,
+        limits: &HistoryLimits,
+        evictions: u64,
+    ) -> TotalBudget {
+        let mut budget = TotalBudget::new(limits.max_total_bytes);
+        let mut order: Vec<(&String, &GroupState)> = groups.iter().collect();
+        order.sort_by_key(|(_, g)| g.written_at());
+        for (name, g) in order {
+            budget.charge(name, g.cost(name));
+            budget.restore_evictions(evictions, g.generation);
+        }
+        budget.restore_evictions(evictions, 0);
+        budget
+    }
+
+    /// Trims the groups written least recently while the store is over its
+    /// total budget, oldest messages first; a group left without messages is
+    /// evicted whole, the eviction count advanced (and stored first) so that
+    /// it comes back in an epoch it never had. `current` (just written)
+    /// keeps its newest message.
+    pub(crate) fn enforce_total(&mut self, current: &str, ops: &mut Vec<Op>) {
+        while self.budget.over() {
+            let Some(victim) = self.budget.next_victim().map(str::to_owned) else {
+                return;
+            };
+            let keep = u64::from(victim == current);
+            let Some(g) = self.groups.get_mut(&victim) else {
+                self.budget.forget(&victim);
+                continue;
+            };
+            let retained = g.retained.len() as u64;
+            if retained > keep {
+                let cost = g.remove_oldest(&victim, 1, ops);
+                self.budget.release(cost);
+                if retained > 1 || keep == 1 {
+                    continue;
+                }
+            } else if keep == 1 {
+                return;
+            }
+            self.budget.evicted();
+            let evictions = self.budget.evictions().to_be_bytes().to_vec();
+            ops.push(Op::Insert(KEY_EVICTIONS.to_vec(), evictions));
+            ops.push(Op::Remove(group_key(&victim)));
+            self.groups.remove(&victim);
+            self.budget.forget(&victim);
+        }
+    }
+}
