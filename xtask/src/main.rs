@@ -62,7 +62,7 @@ fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
 fn ci() -> Result<(), String> {
     cargo(&["fmt", "--all", "--", "--check"], &[])?;
     cargo(
-        &["clippy", "--workspace", "--all-targets", "-j2", "--", "-D", "warnings"],
+        &["clippy", "--workspace", "--all-targets", "--all-features", "-j2", "--", "-D", "warnings"],
         &[],
     )?;
     // The socket adapter alone, without the chat protocol (channelbox-ws's
@@ -70,6 +70,21 @@ fn ci() -> Result<(), String> {
     cargo(&["check", "-p", "channelbox-ws", "--no-default-features", "-j2"], &[])?;
     // Every test, property tests included with proptest's default case count.
     cargo(&["test", "--workspace", "-j2"], &[("RUSTDOCFLAGS", "-D warnings")])?;
+    // The hostile-client suite against the release server.
+    cargo(
+        &[
+            "test",
+            "--release",
+            "-j2",
+            "-p",
+            "channelbox-warp",
+            "--features",
+            "hostile",
+            "--test",
+            "hostile",
+        ],
+        &[],
+    )?;
     // The property tests once more, with a moderate case count.
     cargo(
         &["test", "--workspace", "-j2", "--", PROPTEST_FILTER],

@@ -2,6 +2,8 @@
 //! client, and a minimal HTTP/1.1 client.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod raw;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,8 +26,12 @@ pub const UPGRADE: [(&str, &str); 4] = [
     ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
 ];
 
-/// The chat example built next to this test binary.
+/// The chat example built next to this test binary (or the one named by
+/// `CHANNELBOX_CHAT_BIN`, to measure another build with the same tests).
 pub fn chat_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("CHANNELBOX_CHAT_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     dir.join("examples").join("chat")
@@ -78,7 +84,21 @@ impl Server {
     }
 
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut child = Command::new(chat_binary())
+        Self::start_under(&[], args, env)
+    }
+
+    /// Starts the server through a wrapper that execs it (`prlimit …`), so
+    /// that the child's pid is the server's.
+    pub fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(chat_binary());
+                c
+            }
+            None => Command::new(chat_binary()),
+        };
+        let mut child = command
             .args(["--addr", "127.0.0.1:0"])
             .args(args)
             .envs(env.iter().copied())
@@ -98,6 +118,19 @@ impl Server {
             .unwrap_or_else(|| panic!("unexpected start-up line {line:?}"))
             .to_owned();
         Server { child, addr }
+    }
+
+    /// The server's resident memory now.
+    pub fn rss(&self) -> u64 {
+        rss_bytes(self.child.id())
+    }
+
+    /// A value of the server's `/metrics`, by series name.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = get(&self.addr, "/metrics").await.body;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in {text}"))
     }
 
     pub fn ws_url(&self, path_and_query: &str) -> String {

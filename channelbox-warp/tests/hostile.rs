@@ -1,0 +1,248 @@
+//! The hostile-client suite: each hole a real attacker found in the chat
+//! server, tried again as described, then a well-behaved client that must
+//! still connect, publish and receive in normal time, and the server's
+//! memory within a stated bound. Run against the release server by
+//! `cargo xtask ci` (`cargo test --release -p channelbox-warp --features
+//! hostile --test hostile`); the attacks take seconds each, so the suite is
+//! kept out of the debug test run.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::raw::{client_frame, close_code, closed_within, upgrade};
+use support::{get, http, Client, Server};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+const MB: u64 = 1 << 20;
+
+/// A client connects, publishes and gets its message back, in normal time.
+async fn a_client_gets_through(server: &Server) {
+    let check = async {
+        let (mut c, _) = Client::join(&server.ws_url("/ws/well-behaved")).await;
+        let (p, m) = c.publish(json!({"data": "hello"}), "ok").await;
+        assert_eq!(p["type"], "published");
+        assert_eq!(m["data"], "hello");
+    };
+    tokio::time::timeout(Duration::from_secs(5), check)
+        .await
+        .expect("a well-behaved client is served within 5 s");
+}
+
+fn assert_rss_below(server: &Server, bound: u64, what: &str) {
+    let rss = server.rss();
+    assert!(rss < bound, "{what}: RSS {} MB, bound {} MB", rss / MB, bound / MB);
+}
+
+/// Hole 1: no deadline before the upgrade, and idle sockets taking every
+/// descriptor. Under a 256-file limit, 300 sockets that send nothing.
+#[tokio::test]
+async fn idle_sockets_under_a_256_file_limit_starve_nobody() {
+    let server = Server::start_under(&["prlimit", "--nofile=256:256", "--"], &["--store", "memory"], &[]);
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(&server.addr).await.expect("connect"));
+    }
+    let health = tokio::time::timeout(Duration::from_secs(5), get(&server.addr, "/healthz"))
+        .await
+        .expect("/healthz answers while 300 sockets idle");
+    assert_eq!((health.status, health.body.as_str()), (200, "ok"));
+    a_client_gets_through(&server).await;
+    let mut closed = 0;
+    for s in &mut idle {
+        closed += usize::from(closed_within(s, Duration::from_secs(12)).await);
+    }
+    assert_eq!(closed, 300, "every idle socket is closed (evicted or timed out)");
+    assert_rss_below(&server, 64 * MB, "after 300 idle sockets");
+}
+
+/// Hole 2: a ping flood from a client that never reads piled up pongs.
+#[tokio::test]
+async fn a_ping_flood_from_a_client_that_never_reads_stays_bounded() {
+    let server = Server::memory();
+    let before = server.rss();
+    let (mut s, status) = upgrade(&server.addr, "/ws/flood", &[]).await;
+    assert_eq!(status, 101);
+    let batch: Vec<u8> = (0..10_000)
+        .flat_map(|_| client_frame(0x9, b"ping-payload-123"))
+        .collect();
+    let flood = async {
+        for _ in 0..30 {
+            if s.write_all(&batch).await.is_err() {
+                break;
+            }
+        }
+    };
+    // 300,000 pings, unless the server closes first or stops reading.
+    let _ = tokio::time::timeout(Duration::from_secs(20), flood).await;
+    a_client_gets_through(&server).await;
+    assert_rss_below(&server, before + 32 * MB, "after 300,000 pings never read");
+}
+
+/// Hole 3: request bodies buffered up to 64 MiB before authorization.
+#[tokio::test]
+async fn request_bodies_are_judged_before_they_are_read() {
+    let secret = "a-secret-of-at-least-32-bytes-xyz";
+    let server = Server::start(&["--store", "memory", "--token-secret", secret, "--admin-token", "adm"]);
+    let before = server.rss();
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(&server.addr).await.unwrap();
+        let head = "POST /api/groups/g/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                    Content-Length: 67108864\r\n\r\n";
+        s.write_all(head.as_bytes()).await.unwrap();
+        let _ = s.write_all(&vec![b' '; 1 << 20]).await;
+        stalled.push(s);
+    }
+    for s in &mut stalled {
+        assert!(
+            closed_within(s, Duration::from_secs(5)).await,
+            "answered 401 and closed at once"
+        );
+    }
+    let admin = [("Authorization", "Bearer adm")];
+    let big = http(
+        &server.addr,
+        "POST",
+        "/api/groups/g/messages",
+        &admin,
+        &vec![b'1'; 70_000],
+    )
+    .await;
+    assert_eq!((big.status, big.json()["code"].as_str()), (413, Some("too_large")));
+    let typed = [("Authorization", "Bearer adm"), ("Content-Type", "text/plain")];
+    let r = http(&server.addr, "POST", "/api/groups/g/messages", &typed, b"1").await;
+    assert_eq!(r.status, 415);
+    let r = http(&server.addr, "POST", "/api/groups/g/messages", &[], b"1").await;
+    assert_eq!(r.status, 401, "401 before 413 and 415");
+    let mut slow = TcpStream::connect(&server.addr).await.unwrap();
+    let head = "POST /api/groups/g/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer adm\r\n\
+                Content-Type: application/json\r\nContent-Length: 100\r\n\r\n[1,";
+    slow.write_all(head.as_bytes()).await.unwrap();
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(15)).await,
+        "a stalled body is closed"
+    );
+    let ok = http(&server.addr, "POST", "/api/groups/g/messages", &admin, b"{\"n\":1}").await;
+    assert_eq!(ok.status, 200);
+    assert_rss_below(&server, before + 16 * MB, "after 64 MiB uploads");
+}
+
+/// Hole 4: recoveries read whole histories and held them for clients that
+/// never read. 20 such clients with `since=0` on a 45 MB history (more than
+/// the kernel's socket buffers take in for a client that never reads).
+#[tokio::test]
+async fn recoveries_to_clients_that_never_read_are_closed_not_held() {
+    let server = Server::start(&[
+        "--store",
+        "memory",
+        "--history-bytes",
+        "100000000",
+        "--ping-interval",
+        "0",
+    ]);
+    let (mut writer, welcome) = Client::join(&server.ws_url("/ws/big")).await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    let text = "x".repeat(1500);
+    for i in 0..30_000 {
+        writer.send(json!({"type": "publish", "data": text, "ref": i})).await;
+        if i % 200 == 199 {
+            // Read what came back, so the writer is no slow consumer.
+            while writer.recv().await["ref"] != json!(i) {}
+        }
+    }
+    let before = server.rss();
+    let mut readers = Vec::new();
+    for _ in 0..20 {
+        let path = format!("/ws/big?since=0&epoch={epoch}");
+        let (s, status) = upgrade(&server.addr, &path, &[]).await;
+        assert_eq!(status, 101);
+        readers.push(s);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_rss_below(&server, before + 64 * MB, "while 20 replays wait");
+    a_client_gets_through(&server).await;
+    // Not a byte read: the replays cannot progress, and are given up after
+    // their stall (10 s) and the close deadline (5 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while server.metric("channelbox_slow_consumer_closes_total").await < 20.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "20 slow consumers closed within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for s in &mut readers {
+        assert!(
+            closed_within(s, Duration::from_secs(10)).await,
+            "and their connections dropped"
+        );
+    }
+    assert_rss_below(&server, before + 64 * MB, "after the replays were given up");
+}
+
+/// Hole 5: histories of groups nobody is in were kept forever. 5,000 groups
+/// written once each against a 2 MiB total budget.
+#[tokio::test]
+async fn histories_of_many_groups_stay_within_the_total_budget() {
+    let server = Server::start(&["--store", "memory", "--history-total-bytes", "2097152"]);
+    let (mut c, _) = Client::join(&server.ws_url("/ws/home")).await;
+    for i in 0..5_000 {
+        let g = format!("room-{i}");
+        c.send(json!({"type": "join", "group": g})).await;
+        c.send(json!({"type": "publish", "group": g, "data": "x".repeat(200)}))
+            .await;
+        c.send(json!({"type": "leave", "group": g, "ref": i})).await;
+        if i % 100 == 99 {
+            while c.recv().await["ref"] != json!(i) {}
+        }
+    }
+    let cost = server.metric("channelbox_history_cost_bytes").await;
+    assert!(cost <= 2_097_152.0, "history costs {cost} bytes");
+    let first = http(&server.addr, "GET", "/api/groups/room-0/history", &[], b"").await;
+    assert_eq!(
+        first.json()["messages"],
+        json!([]),
+        "the least recently written went first"
+    );
+    let last = http(&server.addr, "GET", "/api/groups/room-4999/history", &[], b"").await;
+    assert_eq!(last.json()["messages"].as_array().map(Vec::len), Some(1));
+    a_client_gets_through(&server).await;
+}
+
+/// Hole 7: any web page could open WebSockets to a local server.
+#[tokio::test]
+async fn pages_from_origins_not_allowed_are_refused() {
+    let server = Server::start(&["--store", "memory", "--allowed-origin", "https://chat.example.com"]);
+    let (_, status) = upgrade(&server.addr, "/ws/o", &[("Origin", "https://evil.example")]).await;
+    assert_eq!(status, 403);
+    let (_, status) = upgrade(&server.addr, "/ws/o", &[("Origin", "https://chat.example.com")]).await;
+    assert_eq!(status, 101);
+    let (_, status) = upgrade(&server.addr, "/ws/o", &[]).await;
+    assert_eq!(status, 101, "no Origin: not a browser");
+    a_client_gets_through(&server).await;
+}
+
+/// Hole 8: a dead peer was never noticed. A client that stops answering
+/// pings is closed with 4003 and leaves its group; one that answers stays.
+#[tokio::test]
+async fn a_silent_peer_is_closed_by_heartbeats_and_a_live_one_stays() {
+    let server = Server::start(&["--store", "memory", "--ping-interval", "1", "--pong-timeout", "1"]);
+    let (mut dead, status) = upgrade(&server.addr, "/ws/hb", &[]).await;
+    assert_eq!(status, 101);
+    let (mut live, _) = Client::join(&server.ws_url("/ws/hb")).await;
+    // tungstenite answers pings while it reads: keep reading for 4 s.
+    let kept = tokio::time::timeout(Duration::from_secs(4), async {
+        loop {
+            live.next_event().await;
+        }
+    })
+    .await;
+    assert!(kept.is_err(), "the live client was not closed");
+    assert_eq!(close_code(&mut dead, Duration::from_secs(5)).await, Some(4003));
+    let groups = get(&server.addr, "/api/groups").await.json();
+    assert_eq!(groups, json!({"hb": 1}), "the silent one left its group");
+    a_client_gets_through(&server).await;
+}
