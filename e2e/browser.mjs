@@ -24,7 +24,10 @@ const freePort = () => new Promise((resolve) => {
 
 function startServer(addr, data) {
   return new Promise((resolve, reject) => {
-    const child = spawn(bin, ["--addr", addr, "--data", data], { stdio: ["ignore", "pipe", "inherit"] });
+    // Heartbeats every second, so that the test sees that a browser tab left
+    // open answers them and is never closed for silence (4003).
+    const args = ["--addr", addr, "--data", data, "--ping-interval", "1", "--pong-timeout", "1"];
+    const child = spawn(bin, args, { stdio: ["ignore", "pipe", "inherit"] });
     let out = "";
     child.stdout.on("data", (chunk) => {
       out += chunk;
@@ -106,6 +109,15 @@ try {
   await phone.goto(`${base}/#room=${room}`);
   await phone.waitForSelector("#messages li.message:has-text('back online')");
   await phone.screenshot({ path: shot.replace(/\.png$/, "-phone.png") });
+  // A tab left open for several heartbeat periods stays connected.
+  await a.evaluate(() => {
+    window.__drops = 0;
+    const status = document.getElementById("status");
+    new MutationObserver(() => { if (!status.classList.contains("connected")) window.__drops++; })
+      .observe(status, { attributes: true });
+  });
+  await new Promise((r) => setTimeout(r, 4000));
+  check((await a.evaluate(() => window.__drops)) === 0, "a tab left open is not closed by heartbeats");
   console.log("browser test passed");
 } finally {
   await browser.close();

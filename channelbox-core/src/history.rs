@@ -292,6 +292,12 @@ pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
     /// Totals over all groups.
     async fn stats(&self) -> Result<HistoryStats, StoreError>;
 
+    /// Whether the store takes writes now; `false` while it is failing (a
+    /// full disk, say) and refusing appends until it recovers by itself.
+    fn healthy(&self) -> bool {
+        true
+    }
+
     /// Makes everything appended so far durable. Called on shutdown.
     async fn sync(&self) -> Result<(), StoreError> {
         Ok(())

@@ -24,6 +24,7 @@ pub struct Metrics {
     history_messages: Gauge<i64, AtomicI64>,
     history_bytes: Gauge<i64, AtomicI64>,
     history_cost: Gauge<i64, AtomicI64>,
+    store_failing: Gauge<i64, AtomicI64>,
     /// Seconds from a publish to its durable append.
     pub publish_durable_seconds: Histogram,
 }
@@ -70,6 +71,7 @@ impl Metrics {
         let history_messages = Gauge::<i64, AtomicI64>::default();
         let history_bytes = Gauge::<i64, AtomicI64>::default();
         let history_cost = Gauge::<i64, AtomicI64>::default();
+        let store_failing = Gauge::<i64, AtomicI64>::default();
         // 100 µs to about 6.5 s.
         let publish_durable_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
         registry.register(
@@ -94,6 +96,11 @@ impl Metrics {
             history_cost.clone(),
         );
         registry.register(
+            "channelbox_store_failing",
+            "1 while the history store refuses writes (a full or failing disk), else 0.",
+            store_failing.clone(),
+        );
+        registry.register(
             "channelbox_publish_durable_seconds",
             "Time from a publish to its durable append.",
             publish_durable_seconds.clone(),
@@ -106,6 +113,7 @@ impl Metrics {
             history_messages,
             history_bytes,
             history_cost,
+            store_failing,
             publish_durable_seconds,
         }
     }
@@ -114,6 +122,7 @@ impl Metrics {
     pub async fn render(&self, channels: &ChannelBox) -> String {
         let stats = channels.stats();
         self.groups.set(stats.groups as i64);
+        self.store_failing.set(i64::from(!channels.store().healthy()));
         if let Ok(h) = channels.store().stats().await {
             self.history_messages.set(h.messages as i64);
             self.history_bytes.set(h.bytes as i64);

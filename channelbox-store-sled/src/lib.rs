@@ -52,6 +52,7 @@ mod error;
 mod group;
 mod layout;
 mod open;
+mod recover;
 mod store;
 mod writer;
 

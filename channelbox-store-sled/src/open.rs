@@ -150,3 +150,13 @@ pub(crate) fn load_groups(db: &sled::Db, path: &Path) -> Result<HashMap<String, 
     }
     Ok(groups)
 }
+
+/// How many groups the total budget evicted, as stored (0 when the key is
+/// absent: stores written before it existed).
+pub(crate) fn load_evictions(db: &sled::Db, path: &Path) -> Result<u64, SledError> {
+    Ok(db
+        .get(KEY_EVICTIONS)
+        .map_err(|e| SledError::sled(path, e))?
+        .and_then(|v| u64_at(&v, 0))
+        .unwrap_or(0))
+}

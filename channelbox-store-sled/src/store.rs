@@ -16,7 +16,7 @@
 //! and the messages, whichever is higher.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
@@ -29,8 +29,8 @@ use crate::config::SledConfig;
 use crate::error::SledError;
 use crate::group::{GroupState, State, MESSAGE_OVERHEAD};
 use crate::layout::*;
-use crate::open::{check_format, load_groups, open_db};
-use crate::writer::{Op, Writer};
+use crate::open::{check_format, load_evictions, load_groups, open_db};
+use crate::writer::{Disk, Op, Writer};
 
 /// A durable history store on sled; see the crate docs.
 #[derive(Debug)]
@@ -40,12 +40,16 @@ pub struct SledStore {
 }
 
 #[derive(Debug)]
-struct Inner {
-    path: PathBuf,
-    db: sled::Db,
-    limits: HistoryLimits,
-    state: Mutex<State>,
-    writer: Writer,
+pub(crate) struct Inner {
+    pub(crate) path: PathBuf,
+    /// How to open the database again after a failure.
+    pub(crate) config: SledConfig,
+    /// The database; `None` only while a failing store reopens it (every
+    /// handle must be gone before sled's lock is free).
+    pub(crate) db: RwLock<Option<sled::Db>>,
+    pub(crate) limits: HistoryLimits,
+    pub(crate) state: Mutex<State>,
+    pub(crate) writer: Writer,
 }
 
 impl SledStore {
@@ -55,16 +59,13 @@ impl SledStore {
         let db = open_db(&config)?;
         let (instance, flushes) = check_format(&db, &config.path)?;
         let groups = load_groups(&db, &config.path)?;
-        let evictions = db
-            .get(KEY_EVICTIONS)
-            .map_err(|e| SledError::sled(&config.path, e))?
-            .and_then(|v| u64_at(&v, 0))
-            .unwrap_or(0);
+        let evictions = load_evictions(&db, &config.path)?;
         let budget = State::budget_of(&groups, &config.limits, evictions);
         let inner = Arc::new(Inner {
             path: config.path.clone(),
-            db,
-            limits: config.limits,
+            config: config.clone(),
+            db: RwLock::new(Some(db)),
+            limits: config.limits.clone(),
             state: Mutex::new(State {
                 instance,
                 flushes,
@@ -78,7 +79,7 @@ impl SledStore {
             let inner = inner.clone();
             std::thread::Builder::new()
                 .name("channelbox-sled-writer".into())
-                .spawn(move || inner.writer.run(&inner.db))
+                .spawn(move || inner.writer.run(&*inner))
                 .map_err(|e| SledError::Unusable(config.path.clone(), format!("cannot start the writer thread: {e}")))?
         };
         Ok(SledStore {
@@ -103,11 +104,11 @@ impl Drop for SledStore {
             // opened again at once.
             let _ = handle.join();
         }
-        let _ = self.inner.db.flush();
+        self.inner.with_db(|db| db.flush());
     }
 }
 
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+pub(crate) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     // Updates leave the state consistent before anything that can fail.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -174,15 +175,30 @@ impl Inner {
     }
 
     /// The messages `from..=to` of `group` as sled holds them, once every write
-    /// queued so far is applied.
+    /// queued so far is applied (while writes fail: as they are, so that
+    /// what was acknowledged can still be read).
     async fn read_range(&self, group: &str, from: u64, to: u64, limit: usize) -> Result<Vec<StoredMessage>, SledError> {
-        self.writer.applied(self.writer.written(), &self.path).await?;
-        let mut messages = Vec::new();
-        if limit == 0 || from > to {
-            return Ok(messages);
+        if self.writer.failure().is_none() {
+            self.writer.applied(self.writer.written(), &self.path).await?;
         }
+        if limit == 0 || from > to {
+            return Ok(Vec::new());
+        }
+        self.with_db(|db| self.scan(db, group, from, to, limit))
+            .unwrap_or_else(|| Err(SledError::Closed(self.path.clone())))
+    }
+
+    fn scan(
+        &self,
+        db: &sled::Db,
+        group: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, SledError> {
+        let mut messages = Vec::new();
         let range = message_key(group, from)..=message_key(group, to);
-        for item in self.db.range(range).take(limit) {
+        for item in db.range(range).take(limit) {
             let (k, v) = item.map_err(|e| SledError::sled(&self.path, e))?;
             let corrupt = || SledError::Corrupt {
                 path: self.path.clone(),
@@ -215,6 +231,10 @@ impl HistoryStore for SledStore {
 
     fn message_cost(&self, group: &str, payload_bytes: usize) -> u64 {
         self.inner.message_cost(group, payload_bytes)
+    }
+
+    fn healthy(&self) -> bool {
+        self.inner.writer.failure().is_none()
     }
 
     fn append(&self, group: &str, message: NewMessage) -> Result<PendingAppend, StoreError> {

@@ -16,13 +16,35 @@
 //! what sled recovers after a crash, leaves a consistent history (see the
 //! callers in `store.rs`).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use channelbox_core::DurableFuture;
 use tokio::sync::watch;
 
 use crate::config::CommitMode;
 use crate::error::SledError;
+use crate::layout::message_key_parts;
+
+/// How often a failing store tries to reopen sled and resume.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Messages written but not acknowledged when the store failed: per group
+/// (by its message key prefix), the lowest such offset. Recovery removes
+/// them, so that what was answered `unavailable` had no effect.
+pub(crate) type Lost = HashMap<Vec<u8>, u64>;
+
+/// What the writer thread needs of the store around it.
+pub(crate) trait Disk: Sync {
+    /// Runs `f` on the open database; `None` while it is being reopened.
+    fn with_db<R>(&self, f: impl FnOnce(&sled::Db) -> R) -> Option<R>;
+
+    /// Reopens sled after a failure: rolls back the `lost` messages, reloads
+    /// the store's memory from disk, and discards what is still queued.
+    /// Returns the sequence number of the newest write discarded.
+    fn reopen(&self, lost: &Lost) -> Result<u64, SledError>;
+}
 
 /// At most this many operations wait for the writer before appends are refused
 /// with `Busy` (flushes of whole groups may exceed it: they are rare and
@@ -67,9 +89,13 @@ pub(crate) struct Progress {
     pub(crate) applied: u64,
     /// Every write up to this sequence number is on disk.
     pub(crate) durable: u64,
-    /// Set once a write or flush failed. Writes not durable by then fail with
-    /// it, and the store refuses new ones: its memory and its disk may differ.
+    /// Set while writes fail. Writes not durable by then fail with it, and
+    /// the store refuses new ones until it has reopened sled and rolled the
+    /// unacknowledged ones back.
     pub(crate) error: Option<Arc<str>>,
+    /// Ranges of sequence numbers (inclusive) whose writes failed: they
+    /// never become durable, even once the marks have passed them.
+    pub(crate) lost: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +123,9 @@ async fn reach(
         .await
         .map_err(|_| SledError::Closed(path.to_owned()))?
         .clone();
+    if p.lost.iter().any(|&(from, to)| (from..=to).contains(&seq)) {
+        return Err(SledError::Flush(path.to_owned(), "the write failed".into()));
+    }
     match p.error {
         Some(why) if mark(&p) < seq => Err(SledError::Flush(path.to_owned(), why.to_string())),
         _ => Ok(()),
@@ -177,39 +206,107 @@ impl Writer {
         self.wake.notify_all();
     }
 
+    /// Takes everything queued (the newest write's number with it); waits
+    /// for work, or at most [`RETRY`] while failing. `None` once shut down
+    /// with nothing queued.
+    fn take(&self, batch: &mut Vec<(u64, Op)>, failing: bool) -> Option<u64> {
+        let mut q = self.lock();
+        while q.ops.is_empty() && !q.shutdown {
+            q.idle = true;
+            if failing {
+                q = self.wake.wait_timeout(q, RETRY).unwrap_or_else(|p| p.into_inner()).0;
+                break;
+            }
+            q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        q.idle = false;
+        if q.ops.is_empty() && q.shutdown {
+            return None;
+        }
+        std::mem::swap(&mut q.ops, batch);
+        Some(q.written)
+    }
+
+    /// Drops every queued operation (after a failure, under the store's
+    /// lock); returns the newest write's number.
+    pub(crate) fn discard_queued(&self) -> u64 {
+        let mut q = self.lock();
+        q.ops.clear();
+        q.written
+    }
+
     /// The thread: apply, flush, publish, until shut down with nothing queued.
-    pub(crate) fn run(&self, db: &sled::Db) {
+    /// After a failure it applies nothing, and tries to reopen sled every
+    /// [`RETRY`] until that succeeds.
+    pub(crate) fn run(&self, disk: &impl Disk) {
         let mut batch = Vec::new();
+        // Message inserts not yet flushed: what a failure loses.
+        let mut unflushed = Lost::new();
         loop {
-            let last = {
-                let mut q = self.lock();
-                while q.ops.is_empty() && !q.shutdown {
-                    q.idle = true;
-                    q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
-                }
-                q.idle = false;
-                if q.ops.is_empty() {
-                    return;
-                }
-                std::mem::swap(&mut q.ops, &mut batch);
-                q.written
+            let failing = self.progress.borrow().error.is_some();
+            let Some(last) = self.take(&mut batch, failing) else {
+                return;
             };
-            let mut current = batch.first().map_or(last, |(seq, _)| *seq);
-            for (seq, op) in batch.drain(..) {
-                if self.mode == CommitMode::PerAppend && seq != current {
-                    self.flush(db, current);
-                    current = seq;
-                }
-                if self.progress.borrow().error.is_some() {
-                    continue;
-                }
-                if let Err(err) = apply(db, op) {
-                    self.fail(&err.to_string());
+            for (_, op) in &batch {
+                if let Op::Insert(key, _) = op {
+                    if let Some((prefix, offset)) = message_key_parts(key) {
+                        let lowest = unflushed.entry(prefix.to_vec()).or_insert(offset);
+                        *lowest = (*lowest).min(offset);
+                    }
                 }
             }
+            if failing {
+                batch.clear();
+            } else {
+                disk.with_db(|db| self.apply(db, &mut batch, last));
+            }
             batch.shrink_to(KEEP_CAPACITY);
-            self.progress.send_modify(|p| p.applied = last);
-            self.flush(db, last);
+            // Flushed, or failed and then recovered: nothing is unflushed.
+            let failed = self.progress.borrow().error.is_some();
+            if !failed || self.recover(disk, &unflushed) {
+                unflushed.clear();
+            }
+        }
+    }
+
+    /// Applies a batch in order and flushes (once, or per write).
+    fn apply(&self, db: &sled::Db, batch: &mut Vec<(u64, Op)>, last: u64) {
+        let mut current = batch.first().map_or(last, |(seq, _)| *seq);
+        for (seq, op) in batch.drain(..) {
+            if self.mode == CommitMode::PerAppend && seq != current {
+                self.flush(db, current);
+                current = seq;
+            }
+            if self.progress.borrow().error.is_some() {
+                continue;
+            }
+            if let Err(err) = apply(db, op) {
+                self.fail(&err.to_string());
+            }
+        }
+        self.progress.send_modify(|p| p.applied = p.applied.max(last));
+        self.flush(db, last);
+    }
+
+    /// Tries to reopen sled and resume; whether it did.
+    fn recover(&self, disk: &impl Disk, lost: &Lost) -> bool {
+        match disk.reopen(lost) {
+            Ok(last) => {
+                self.progress.send_modify(|p| {
+                    if p.durable < last {
+                        p.lost.push((p.durable + 1, last));
+                    }
+                    p.error = None;
+                    p.applied = last;
+                    p.durable = last;
+                });
+                tracing::warn!("history writes resumed");
+                true
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "history store still failing");
+                false
+            }
         }
     }
 
@@ -228,7 +325,10 @@ impl Writer {
     }
 
     fn fail(&self, why: &str) {
-        tracing::error!(error = why, "history write failed; the store refuses further writes");
+        tracing::error!(
+            error = why,
+            "history write failed; writes are refused until the store recovers"
+        );
         self.progress.send_modify(|p| p.error = Some(Arc::from(why)));
     }
 }

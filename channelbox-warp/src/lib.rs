@@ -228,7 +228,15 @@ pub fn site_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::
         .map(|| warp::reply::html(CHAT_PAGE).into_response());
     let health = warp::path!("healthz")
         .and(warp::get())
-        .map(|| warp::reply::with_header("ok", "content-type", "text/plain").into_response());
+        .and(with_service(service.clone()))
+        .map(|s: ChatService| {
+            let a = s.health();
+            if a.status == 200 {
+                warp::reply::with_header(a.body, "content-type", "text/plain").into_response()
+            } else {
+                answer(a)
+            }
+        });
     let metrics =
         warp::path!("metrics")
             .and(warp::get())

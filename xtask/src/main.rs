@@ -62,7 +62,16 @@ fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
 fn ci() -> Result<(), String> {
     cargo(&["fmt", "--all", "--", "--check"], &[])?;
     cargo(
-        &["clippy", "--workspace", "--all-targets", "--all-features", "-j2", "--", "-D", "warnings"],
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "-j2",
+            "--",
+            "-D",
+            "warnings",
+        ],
         &[],
     )?;
     // The socket adapter alone, without the chat protocol (channelbox-ws's
@@ -70,7 +79,9 @@ fn ci() -> Result<(), String> {
     cargo(&["check", "-p", "channelbox-ws", "--no-default-features", "-j2"], &[])?;
     // Every test, property tests included with proptest's default case count.
     cargo(&["test", "--workspace", "-j2"], &[("RUSTDOCFLAGS", "-D warnings")])?;
-    // The hostile-client suite against the release server.
+    // The hostile-client suite against the release server (built first:
+    // `cargo test --test hostile` does not build examples).
+    build_server_tools()?;
     cargo(
         &[
             "test",

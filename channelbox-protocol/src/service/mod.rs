@@ -233,6 +233,19 @@ impl ChatService {
         }
     }
 
+    /// `GET /healthz`: 200 `ok`, or 503 `unavailable` while the history store
+    /// refuses writes.
+    pub fn health(&self) -> HttpAnswer {
+        if self.inner.channels.store().healthy() {
+            HttpAnswer {
+                status: 200,
+                body: "ok".to_owned(),
+            }
+        } else {
+            HttpAnswer::error(503, "unavailable", "the history store is failing")
+        }
+    }
+
     /// The Prometheus text exposition.
     pub async fn metrics_text(&self) -> String {
         self.inner.metrics.render(&self.inner.channels).await
