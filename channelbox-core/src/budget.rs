@@ -23,6 +23,21 @@ use std::collections::{BTreeMap, HashMap};
 /// store's map entry, head and bookkeeping.
 pub const GROUP_COST: u64 = 256;
 
+/// A store's groups as [`TotalBudget::enforce`] trims them.
+pub trait BudgetedGroups {
+    /// How many messages `group` retains; `None` when the store has no entry
+    /// for it.
+    fn retained(&self, group: &str) -> Option<usize>;
+
+    /// Removes the oldest retained message of `group`; returns what it cost.
+    fn remove_oldest(&mut self, group: &str) -> u64;
+
+    /// Drops the entry of `group`, which has no messages left. `evictions` is
+    /// the store's eviction count once this one is counted (what a persistent
+    /// store saves before the removal).
+    fn evict(&mut self, group: &str, evictions: u64);
+}
+
 /// The ledger of a store's whole-history budget; see the module docs.
 #[derive(Debug, Default, Clone)]
 pub struct TotalBudget {
@@ -94,6 +109,36 @@ impl TotalBudget {
     /// The group to trim next while over budget: the least recently written.
     pub fn next_victim(&self) -> Option<&str> {
         self.by_write.values().next().map(String::as_str)
+    }
+
+    /// Trims `groups` while over budget: the group written least recently
+    /// loses its oldest messages first, and one left without messages is
+    /// evicted whole. `current` (just written) keeps its newest message.
+    pub fn enforce(&mut self, current: &str, groups: &mut impl BudgetedGroups) {
+        while self.over() {
+            let Some(victim) = self.next_victim().map(str::to_owned) else {
+                return;
+            };
+            let keep = usize::from(victim == current);
+            match groups.retained(&victim) {
+                None => {
+                    self.forget(&victim);
+                    continue;
+                }
+                Some(n) if n > keep => {
+                    let cost = groups.remove_oldest(&victim);
+                    self.release(cost);
+                    if n > 1 || keep == 1 {
+                        continue;
+                    }
+                }
+                Some(_) if keep == 1 => return,
+                Some(_) => {}
+            }
+            groups.evict(&victim, self.evictions + 1);
+            self.forget(&victim);
+            self.evicted();
+        }
     }
 
     /// The generation of a group entry created now (and the one a group that

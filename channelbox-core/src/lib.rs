@@ -50,7 +50,7 @@ mod transport;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use budget::{TotalBudget, GROUP_COST};
+pub use budget::{BudgetedGroups, TotalBudget, GROUP_COST};
 pub use channel::{Channel, ChannelConfig, ChannelStats, Enqueued, OverflowPolicy, SendError};
 pub use channel_box::{
     AddStatus, BoxStats, ChannelBox, DeliveryReport, NoFraming, PendingPublish, PublishReport, Recovery, RemoveStatus,

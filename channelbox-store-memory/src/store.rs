@@ -5,8 +5,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use channelbox_core::{
-    messages_to_trim, now_ms, Capabilities, Epoch, Head, HistoryLimits, HistoryPage, HistoryStats, HistoryStore,
-    NewMessage, PendingAppend, ReadQuery, StoreError, StoredMessage, TotalBudget,
+    messages_to_trim, now_ms, BudgetedGroups, Capabilities, Epoch, Head, HistoryLimits, HistoryPage, HistoryStats,
+    HistoryStore, NewMessage, PendingAppend, ReadQuery, StoreError, StoredMessage, TotalBudget,
 };
 
 use crate::config::MemoryConfig;
@@ -69,36 +69,28 @@ struct State {
     budget: TotalBudget,
 }
 
+/// The groups as the total budget trims them.
+struct Groups<'a>(&'a mut HashMap<String, Group>);
+
+impl BudgetedGroups for Groups<'_> {
+    fn retained(&self, group: &str) -> Option<usize> {
+        self.0.get(group).map(|g| g.messages.len())
+    }
+
+    fn remove_oldest(&mut self, group: &str) -> u64 {
+        self.0.get_mut(group).map_or(0, Group::pop_oldest)
+    }
+
+    fn evict(&mut self, group: &str, _evictions: u64) {
+        // The group comes back (if ever) in a generation it never had.
+        self.0.remove(group);
+    }
+}
+
 impl State {
-    /// Trims the groups written least recently while the store is over its
-    /// total budget, oldest messages first; a group left without messages is
-    /// evicted whole. `current` (just written) keeps its newest message.
+    /// Applies the total budget after writing `current`.
     fn enforce_total(&mut self, current: &str) {
-        while self.budget.over() {
-            let Some(victim) = self.budget.next_victim().map(str::to_owned) else {
-                return;
-            };
-            let keep = usize::from(victim == current);
-            let Some(g) = self.groups.get_mut(&victim) else {
-                self.budget.forget(&victim);
-                continue;
-            };
-            if g.messages.len() > keep {
-                let cost = g.pop_oldest();
-                self.budget.release(cost);
-                if !g.messages.is_empty() || keep == 1 {
-                    continue;
-                }
-            } else if keep == 1 {
-                return;
-            }
-            // Nothing left: the entry goes, and the group comes back (if
-            // ever) in a generation it never had, so no old offset passes
-            // for a new one.
-            self.groups.remove(&victim);
-            self.budget.forget(&victim);
-            self.budget.evicted();
-        }
+        self.budget.enforce(current, &mut Groups(&mut self.groups));
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use channelbox_core::{messages_to_trim, now_ms, HistoryLimits, TotalBudget};
+use channelbox_core::{messages_to_trim, now_ms, BudgetedGroups, HistoryLimits, TotalBudget};
 
 use crate::layout::{group_key, group_value, message_prefix, KEY_EVICTIONS};
 use crate::writer::Op;
@@ -129,37 +129,41 @@ impl State {
         budget
     }
 
-    /// Trims the groups written least recently while the store is over its
-    /// total budget, oldest messages first; a group left without messages is
-    /// evicted whole, the eviction count advanced (and stored first) so that
-    /// it comes back in an epoch it never had. `current` (just written)
-    /// keeps its newest message.
+    /// Applies the total budget after writing `current`, adding the removals
+    /// to `ops`.
     pub(crate) fn enforce_total(&mut self, current: &str, ops: &mut Vec<Op>) {
-        while self.budget.over() {
-            let Some(victim) = self.budget.next_victim().map(str::to_owned) else {
-                return;
-            };
-            let keep = u64::from(victim == current);
-            let Some(g) = self.groups.get_mut(&victim) else {
-                self.budget.forget(&victim);
-                continue;
-            };
-            let retained = g.retained.len() as u64;
-            if retained > keep {
-                let cost = g.remove_oldest(&victim, 1, ops);
-                self.budget.release(cost);
-                if retained > 1 || keep == 1 {
-                    continue;
-                }
-            } else if keep == 1 {
-                return;
-            }
-            self.budget.evicted();
-            let evictions = self.budget.evictions().to_be_bytes().to_vec();
-            ops.push(Op::Insert(KEY_EVICTIONS.to_vec(), evictions));
-            ops.push(Op::Remove(group_key(&victim)));
-            self.groups.remove(&victim);
-            self.budget.forget(&victim);
+        let mut groups = Groups {
+            groups: &mut self.groups,
+            ops,
+        };
+        self.budget.enforce(current, &mut groups);
+    }
+}
+
+/// The groups as the total budget trims them, writing what it removes.
+struct Groups<'a> {
+    groups: &'a mut HashMap<String, GroupState>,
+    ops: &'a mut Vec<Op>,
+}
+
+impl BudgetedGroups for Groups<'_> {
+    fn retained(&self, group: &str) -> Option<usize> {
+        self.groups.get(group).map(|g| g.retained.len())
+    }
+
+    fn remove_oldest(&mut self, group: &str) -> u64 {
+        match self.groups.get_mut(group) {
+            Some(g) => g.remove_oldest(group, 1, self.ops),
+            None => 0,
         }
+    }
+
+    /// The eviction count is stored before the head goes, so that the group
+    /// comes back in an epoch it never had even after a crash.
+    fn evict(&mut self, group: &str, evictions: u64) {
+        self.ops
+            .push(Op::Insert(KEY_EVICTIONS.to_vec(), evictions.to_be_bytes().to_vec()));
+        self.ops.push(Op::Remove(group_key(group)));
+        self.groups.remove(group);
     }
 }
