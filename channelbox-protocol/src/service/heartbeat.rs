@@ -4,7 +4,7 @@
 //! plus `pong_timeout` is closed with 4003 `no pong` and leaves its groups at
 //! once. Browsers and WebSocket libraries answer pings by themselves.
 //!
-//! One task per service walks the registered channels a few times a second;
+//! One task per service walks the connections it runs a few times a second;
 //! a connection costs no timer of its own, only the timestamp its session
 //! updates ([`Channel::heard`](channelbox_core::Channel::heard)).
 
@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use channelbox_core::{CloseReason, Frame};
+use channelbox_core::{Channel, CloseReason, Frame};
 use tokio::time::Instant;
 
 use super::{ChatService, Inner};
@@ -28,6 +28,31 @@ impl ChatService {
         }
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(beat(weak, interval, self.inner.config.pong_timeout));
+    }
+}
+
+/// A connection the heartbeats watch while this lives.
+pub(super) struct Watched(Weak<Inner>, uuid::Uuid);
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            sessions(&inner).remove(&self.1);
+        }
+    }
+}
+
+fn sessions(inner: &Inner) -> std::sync::MutexGuard<'_, std::collections::HashMap<uuid::Uuid, Channel>> {
+    inner.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ChatService {
+    /// Puts a connection's channel under the heartbeats' watch until the
+    /// returned guard is dropped (when the connection's session ends).
+    pub(super) fn watch(&self, channel: &Channel) -> Watched {
+        channel.heard();
+        sessions(&self.inner).insert(channel.id(), channel.clone());
+        Watched(Arc::downgrade(&self.inner), channel.id())
     }
 }
 
@@ -47,7 +72,8 @@ async fn beat(service: Weak<Inner>, interval: Duration, timeout: Duration) {
             next_ping = Instant::now() + interval;
         }
         let channels = &inner.channels;
-        for channel in channels.channels() {
+        let watched: Vec<Channel> = sessions(&inner).values().cloned().collect();
+        for channel in watched {
             if channel.silence() > allowed {
                 tracing::debug!(channel = %channel.id(), "no pong: closing with 4003");
                 channel.close(CloseReason::NO_PONG);

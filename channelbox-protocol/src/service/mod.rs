@@ -102,6 +102,10 @@ struct Inner {
     open: AtomicUsize,
     /// Whether the heartbeat task was started.
     heartbeats: AtomicBool,
+    /// The channels of the connections this service runs now, by id: what
+    /// heartbeats watch (channels an application registered in the box
+    /// itself are not the service's to close).
+    sessions: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, channelbox_core::Channel>>,
 }
 
 /// The chat protocol over a `ChannelBox`; cheap to clone.
@@ -122,6 +126,7 @@ impl ChatService {
                 metrics,
                 open: AtomicUsize::new(0),
                 heartbeats: AtomicBool::new(false),
+                sessions: std::sync::Mutex::default(),
             }),
         }
     }

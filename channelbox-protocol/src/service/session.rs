@@ -124,6 +124,7 @@ impl ChatService {
         S: Stream<Item = Incoming> + Unpin + Send,
     {
         self.start_heartbeats();
+        let _watched = self.watch(&channel);
         let metrics = &self.inner.metrics;
         metrics.connections.inc();
         tracing::debug!("connected");
