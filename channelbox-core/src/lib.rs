@@ -53,8 +53,8 @@ pub mod testkit;
 pub use budget::{BudgetedGroups, TotalBudget, GROUP_COST};
 pub use channel::{Channel, ChannelConfig, ChannelStats, Enqueued, OverflowPolicy, SendError};
 pub use channel_box::{
-    AddStatus, BoxStats, ChannelBox, DeliveryReport, NoFraming, PendingPublish, PublishReport, Recovery, RemoveStatus,
-    Replay, SubscribeFraming, Subscribed, REPLAY_STALL,
+    AddStatus, BoxStats, ChannelBox, DeliveryReport, MembershipObserver, NoFraming, PendingPublish, PublishOptions,
+    PublishReport, Recovery, RemoveStatus, Replay, SubscribeFraming, Subscribed, REPLAY_STALL,
 };
 pub use envelope::{Envelope, MessageRef, PlainEnvelope};
 pub use error::{BoxError, ConfigError, StoreError, StoreErrorKind};

@@ -397,3 +397,57 @@ async fn flush_groups_empties_every_group() {
     assert!(!a.is_closed(), "channels stay open");
     assert_eq!(cb.send_to(a.id(), "still here").await.unwrap().delivered, 1);
 }
+
+#[tokio::test]
+async fn the_membership_observer_hears_every_join_and_leave_once() {
+    use std::sync::{Arc, Mutex};
+    #[derive(Default)]
+    struct Log(Mutex<Vec<String>>);
+    impl channelbox_core::MembershipObserver for Log {
+        fn joined(&self, group: &str, channel: uuid::Uuid) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("+{group}:{}", &channel.to_string()[..4]));
+        }
+        fn left(&self, group: &str, channel: uuid::Uuid) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("-{group}:{}", &channel.to_string()[..4]));
+        }
+    }
+    let cb = new_box(HistoryLimits::default());
+    let log = Arc::new(Log::default());
+    assert!(cb.observe(log.clone()));
+    assert!(!cb.observe(Arc::new(Log::default())), "one observer");
+    let (a, _) = test_channel(ChannelConfig::default());
+    let (b, _) = test_channel(ChannelConfig::default());
+    let short = |c: &channelbox_core::Channel| c.id().to_string()[..4].to_owned();
+    let (sa, sb) = (short(&a), short(&b));
+    cb.add_channel_to_group(&a, "g").await.unwrap();
+    cb.add_channel_to_group(&a, "g").await.unwrap();
+    cb.add_channel_to_group(&a, "h").await.unwrap();
+    cb.add_channel_to_group(&b, "g").await.unwrap();
+    cb.remove_channel_from_group(&b, "g").await.unwrap();
+    cb.remove_channel_from_group(&b, "g").await.ok();
+    a.close(CloseReason::NORMAL);
+    wait_closed(&a).await;
+    let mut tail = log.0.lock().unwrap().split_off(4);
+    tail.sort();
+    assert_eq!(
+        log.0.lock().unwrap().clone(),
+        vec![
+            format!("+g:{sa}"),
+            format!("+h:{sa}"),
+            format!("+g:{sb}"),
+            format!("-g:{sb}")
+        ],
+        "a repeated join and a leave of a group not in are no events"
+    );
+    assert_eq!(
+        tail,
+        vec![format!("-g:{sa}"), format!("-h:{sa}")],
+        "a close leaves every group"
+    );
+}

@@ -36,5 +36,5 @@ pub use config::{ProtocolConfig, DEFAULT_HISTORY_LIMIT, MAX_GROUP_BYTES, MAX_HIS
 pub use fields::{decode_group, query_param, too_deep, valid_group, GroupName, Limit, ReplayCount, Since};
 pub use frames::{render_history, render_message, ChatEnvelope, ErrorCode, ProtocolError, Sender};
 pub use metrics::Metrics;
-pub use request::{parse as parse_request, Direct, History, Join, Leave, Publish, Ref, Request};
+pub use request::{parse as parse_request, Direct, History, Join, Leave, Presence, Publish, Ref, Request};
 pub use service::{Admission, ChatService, HttpAnswer, PublishTicket};

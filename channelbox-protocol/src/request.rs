@@ -33,6 +33,8 @@ pub enum Request {
     Direct(Direct),
     /// The groups and their member counts.
     Groups,
+    /// Who is in a group.
+    Presence(Presence),
     /// A liveness check; counts as activity.
     Ping,
 }
@@ -47,13 +49,16 @@ impl Request {
             Request::History(_) => "history",
             Request::Direct(_) => "direct",
             Request::Groups => "groups",
+            Request::Presence(_) => "presence",
             Request::Ping => "ping",
         }
     }
 }
 
 /// The `type` names [`Request`] knows.
-const TYPES: [&str; 7] = ["publish", "join", "leave", "history", "direct", "groups", "ping"];
+const TYPES: [&str; 8] = [
+    "publish", "join", "leave", "history", "direct", "groups", "presence", "ping",
+];
 
 fn yes() -> bool {
     true
@@ -70,6 +75,9 @@ pub struct Publish {
     /// Whether the message is saved to history.
     #[serde(default = "yes")]
     pub history: bool,
+    /// Whether the sender receives its own message too.
+    #[serde(default = "yes")]
+    pub echo: bool,
 }
 
 /// `{"type":"join"}`.
@@ -86,6 +94,9 @@ pub struct Join {
     /// Replay the newest n messages (ignored with `since`).
     #[serde(default, deserialize_with = "present")]
     pub history: Option<ReplayCount>,
+    /// Receive member events of the group.
+    #[serde(default)]
+    pub events: bool,
 }
 
 /// `{"type":"leave"}`.
@@ -107,6 +118,14 @@ pub struct History {
     /// Page forward after this offset instead of reading the newest.
     #[serde(default, deserialize_with = "present")]
     pub since: Option<Since>,
+}
+
+/// `{"type":"presence"}`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct Presence {
+    /// The group; the URL group when absent.
+    #[serde(default, deserialize_with = "present")]
+    pub group: Option<String>,
 }
 
 /// `{"type":"direct"}`.
@@ -183,7 +202,8 @@ mod tests {
             Request::Publish(Publish {
                 data: Value::Null,
                 group: None,
-                history: true
+                history: true,
+                echo: true,
             })
         );
         assert_eq!(parse(r#"{"type":"ping","extra":1}"#).unwrap().1, Request::Ping);

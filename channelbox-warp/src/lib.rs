@@ -167,6 +167,13 @@ pub fn api_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::R
                 answer(s.api_history(&g, q.as_deref(), auth.as_deref()).await)
             },
         );
+    let presence = warp::path!("api" / "groups" / String / "presence")
+        .and(warp::get())
+        .and(authorization())
+        .and(with_service(service.clone()))
+        .then(|g: String, auth: Option<String>, s: ChatService| async move {
+            answer(s.api_presence(&g, auth.as_deref()).await)
+        });
     let publish = warp::path!("api" / "groups" / String / "messages")
         .and(warp::post())
         .and(authorization())
@@ -212,6 +219,8 @@ pub fn api_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::R
         });
     groups
         .or(history)
+        .unify()
+        .or(presence)
         .unify()
         .or(publish)
         .unify()

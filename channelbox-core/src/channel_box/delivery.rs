@@ -17,23 +17,28 @@ use crate::payload::{plain_frame, Frame, Payload};
 use crate::transport::CloseReason;
 
 impl ChannelBox {
-    /// Pushes one message into every live member's queue, and into the held-back
-    /// buffers of members whose replay is still being read. Called with the
-    /// group's `order` lock held; never waits.
-    pub(super) fn deliver(&self, g: &Group, msg: MessageRef<'_>) -> DeliveryReport {
+    /// Pushes one message into every live member's queue but `except`'s, and
+    /// into the held-back buffers of members whose replay is still being
+    /// read. Called with the group's `order` lock held; never waits.
+    pub(super) fn deliver(&self, g: &Group, msg: MessageRef<'_>, except: Option<Uuid>) -> DeliveryReport {
         let members = g.snapshot();
         let mut rendered = Rendered::new(&*self.inner.envelope, msg);
         let mut report = DeliveryReport::default();
         // Nothing more is rendered or pushed for a slow consumer once found.
         let mut slow = Vec::new();
         for ch in members.iter() {
+            // The id lives off the cache line a push touches: read it only
+            // when a member is to be skipped.
+            if except.is_some_and(|id| ch.id() == id) {
+                continue;
+            }
             if self.account(ch, ch.try_send_with(|to| rendered.frame(to)), &mut report) {
                 slow.push(ch.id());
             }
         }
         let mut m = lock(&g.members);
         if !m.gated.is_empty() {
-            self.hold_for_gated(&mut m, &mut rendered, &mut report, &mut slow);
+            self.hold_for_gated(&mut m, &mut rendered, &mut report, &mut slow, except);
         }
         drop(m);
         // Lock order: `order` (held by the caller) → `state` → `members`.
@@ -57,9 +62,13 @@ impl ChannelBox {
         rendered: &mut Rendered<'_>,
         report: &mut DeliveryReport,
         slow: &mut Vec<Uuid>,
+        except: Option<Uuid>,
     ) {
         let Members { map, gated, .. } = m;
         for (id, held) in gated.iter_mut() {
+            if except == Some(*id) {
+                continue;
+            }
             let Some(ch) = map.get(id) else { continue };
             if held.len() >= ch.config().max_queue_frames / 2 {
                 ch.close(CloseReason::SLOW_CONSUMER);

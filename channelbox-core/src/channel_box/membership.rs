@@ -18,6 +18,17 @@ use crate::channel::Channel;
 use crate::error::BoxError;
 use crate::payload::Frame;
 
+/// Told when a channel joins or leaves a group, for any reason: a leave, a
+/// close, expiry, a slow consumer's removal, `flush_groups`. Called after the
+/// box's locks are released, so it may use the box; it must not wait.
+pub trait MembershipObserver: Send + Sync + 'static {
+    /// `channel` joined `group` (it was not a member before).
+    fn joined(&self, group: &str, channel: Uuid);
+
+    /// `channel` left `group` (it was a member).
+    fn left(&self, group: &str, channel: Uuid);
+}
+
 pub(super) struct Members {
     pub(super) map: HashMap<Uuid, Channel>,
     /// Members whose live frames are held back while their replay is read.
@@ -71,6 +82,21 @@ impl Group {
 }
 
 impl ChannelBox {
+    /// Sets the observer told of every join and leave from now on; `false`
+    /// when one was set already (it stays).
+    pub fn observe(&self, observer: std::sync::Arc<dyn MembershipObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
+    }
+
+    /// Tells the observer, if any, of leaves that happened (outside the locks).
+    pub(super) fn notify_left(&self, left: &[(Arc<str>, Uuid)]) {
+        if let Some(o) = self.inner.observer.get() {
+            for (group, id) in left {
+                o.left(group, *id);
+            }
+        }
+    }
+
     /// Adds a channel to a group, creating the group if needed.
     pub async fn add_channel_to_group(&self, channel: &Channel, group: &str) -> Result<AddStatus, BoxError> {
         self.join(channel, group, false).map(|(status, _)| status)
@@ -118,6 +144,10 @@ impl ChannelBox {
         } else {
             AddStatus::Added
         };
+        drop(state);
+        if let Some(o) = self.inner.observer.get() {
+            o.joined(group, channel.id());
+        }
         Ok((status, g))
     }
 
@@ -146,6 +176,8 @@ impl ChannelBox {
             if let Some(reg) = state.channels.get_mut(&id) {
                 reg.groups.retain(|g| &**g != group);
             }
+            drop(state);
+            self.notify_left(&[(Arc::from(group), id)]);
         }
         Ok(status)
     }

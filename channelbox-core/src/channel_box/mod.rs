@@ -43,7 +43,8 @@ mod reports;
 mod sequencer;
 mod subscribe;
 
-pub use publish::PendingPublish;
+pub use membership::MembershipObserver;
+pub use publish::{PendingPublish, PublishOptions};
 pub use recovery::Recovery;
 pub use reports::{AddStatus, BoxStats, DeliveryReport, PublishReport, RemoveStatus};
 pub use subscribe::{NoFraming, Replay, SubscribeFraming, Subscribed, REPLAY_STALL};
@@ -62,6 +63,8 @@ struct Inner {
     envelope: Arc<dyn Envelope>,
     state: Mutex<State>,
     counters: Counters,
+    /// Told of every join and leave, once set.
+    observer: std::sync::OnceLock<Arc<dyn MembershipObserver>>,
 }
 
 /// Channels organized into named groups, with per-group history.
@@ -104,6 +107,7 @@ impl ChannelBox {
                 envelope,
                 state: Mutex::new(State::default()),
                 counters: Counters::default(),
+                observer: std::sync::OnceLock::new(),
             }),
         }
     }

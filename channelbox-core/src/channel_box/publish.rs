@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
+use uuid::Uuid;
 
 use super::membership::Group;
 use super::sequencer::{Completion, Sequencer};
@@ -26,7 +27,18 @@ use crate::position::Epoch;
 /// A saved message ready for delivery, and where its publisher waits for the report.
 pub(super) struct Ready {
     message: NewMessage,
+    except: Option<Uuid>,
     report: oneshot::Sender<DeliveryReport>,
+}
+
+/// How a message is published.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublishOptions {
+    /// Save it to history first (it gets an offset).
+    pub save_history: bool,
+    /// A member that does not receive it: the sender, when it asked not to
+    /// get its own message back.
+    pub except: Option<Uuid>,
 }
 
 /// A publish whose offset is assigned and whose delivery is still to come; see
@@ -43,6 +55,7 @@ struct PendingInner {
     /// Offset and epoch, when the message is saved.
     saved: Option<(u64, Epoch)>,
     message: NewMessage,
+    except: Option<Uuid>,
     durable: Option<DurableFuture>,
 }
 
@@ -77,7 +90,7 @@ impl PendingPublish {
             )));
         };
         let Some((offset, epoch)) = p.saved.clone() else {
-            let delivery = p.channels.deliver_unsaved(&p.group, &p.message);
+            let delivery = p.channels.deliver_unsaved(&p.group, &p.message, p.except);
             p.channels.release_group(&p.group);
             return Ok(PublishReport {
                 offset: None,
@@ -98,6 +111,7 @@ impl PendingPublish {
         let (tx, rx) = oneshot::channel();
         let ready = Ready {
             message: p.message,
+            except: p.except,
             report: tx,
         };
         p.channels.complete(&p.group, &epoch, offset, Some(ready));
@@ -157,6 +171,21 @@ impl ChannelBox {
         message: NewMessage,
         save_history: bool,
     ) -> Result<PendingPublish, BoxError> {
+        let options = PublishOptions {
+            save_history,
+            except: None,
+        };
+        self.start_publish_with(group, message, options)
+    }
+
+    /// [`ChannelBox::start_publish`] with options.
+    pub fn start_publish_with(
+        &self,
+        group: &str,
+        message: NewMessage,
+        options: PublishOptions,
+    ) -> Result<PendingPublish, BoxError> {
+        let save_history = options.save_history;
         if group.is_empty() {
             return Err(BoxError::InvalidGroup(group.to_owned()));
         }
@@ -179,6 +208,7 @@ impl ChannelBox {
                 group: g,
                 saved,
                 message,
+                except: options.except,
                 durable,
             }),
         })
@@ -218,16 +248,16 @@ impl ChannelBox {
 
     fn deliver_ready(&self, g: &Group, epoch: &Epoch, offset: u64, r: Ready) {
         let msg = MessageRef::live(&g.name, epoch.as_str(), Some(offset), &r.message);
-        let report = self.deliver(g, msg);
+        let report = self.deliver(g, msg, r.except);
         let _ = r.report.send(report);
     }
 
-    fn deliver_unsaved(&self, g: &Group, message: &NewMessage) -> DeliveryReport {
+    fn deliver_unsaved(&self, g: &Group, message: &NewMessage, except: Option<Uuid>) -> DeliveryReport {
         // Taken so that a subscriber's gate opens either before or after this
         // message, never halfway through it.
         let order = lock(&g.order);
         let epoch = order.as_ref().map(|s| s.epoch().clone()).unwrap_or_default();
-        let report = self.deliver(g, MessageRef::live(&g.name, epoch.as_str(), None, message));
+        let report = self.deliver(g, MessageRef::live(&g.name, epoch.as_str(), None, message), except);
         drop(order);
         report
     }

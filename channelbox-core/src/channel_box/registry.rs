@@ -8,7 +8,7 @@ use std::sync::{Arc, Weak};
 use uuid::Uuid;
 
 use super::membership::Group;
-use super::{lock, ChannelBox, Inner};
+use super::{lock, ChannelBox, Inner, RemoveStatus};
 use crate::channel::Channel;
 use crate::error::BoxError;
 use crate::transport::CloseReason;
@@ -66,9 +66,14 @@ impl ChannelBox {
         let Some(reg) = state.channels.remove(&id) else {
             return false;
         };
+        let mut left = Vec::with_capacity(reg.groups.len());
         for name in reg.groups {
-            Self::leave_locked(&mut state, &name, id);
+            if Self::leave_locked(&mut state, &name, id) != RemoveStatus::NotMember {
+                left.push((name, id));
+            }
         }
+        drop(state);
+        self.notify_left(&left);
         true
     }
 
@@ -97,9 +102,12 @@ impl ChannelBox {
     pub async fn flush_groups(&self) {
         let mut state = lock(&self.inner.state);
         state.groups.clear();
-        for reg in state.channels.values_mut() {
-            reg.groups.clear();
+        let mut left = Vec::new();
+        for (id, reg) in state.channels.iter_mut() {
+            left.extend(reg.groups.drain(..).map(|g| (g, *id)));
         }
+        drop(state);
+        self.notify_left(&left);
     }
 
     /// Closes every registered channel with code 1001; returns how many.

@@ -139,6 +139,15 @@ impl ChatService {
         }
     }
 
+    /// `GET /api/groups/{g}/presence`: `{"group","members":[…]}`, with the
+    /// permission `history` needs.
+    pub async fn api_presence(&self, raw_group: &str, authorization: Option<&str>) -> HttpAnswer {
+        match self.api_group(raw_group, authorization) {
+            Ok(group) => HttpAnswer::ok(self.presence_of(&group)),
+            Err(e) => e,
+        }
+    }
+
     /// `POST /api/groups/{g}/messages`, before its body is read: the group
     /// (400), the caller (401), its permission (403), the declared length
     /// (413), the content type (415). A web framework calls this, then reads

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use channelbox_core::{Frame, NewMessage, PayloadKind, ReadQuery};
+use channelbox_core::{Frame, NewMessage, PayloadKind, PublishOptions, ReadQuery};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
@@ -35,6 +35,7 @@ impl ChatService {
             Request::History(h) => self.on_history(s, reference, h).await.map(Handled::Reply),
             Request::Direct(d) => self.on_direct(s, reference, d).map(Handled::Reply),
             Request::Groups => Ok(Handled::Reply(self.on_groups(s, reference))),
+            Request::Presence(p) => self.on_presence(s, reference, p).map(Handled::Reply),
             Request::Ping => Ok(Handled::Reply(reply(json!({"type": "pong"}), reference))),
         }
     }
@@ -85,8 +86,12 @@ impl ChatService {
         };
         // The offset is assigned here, in this connection's order; the wait for
         // the disk and the delivery run alongside later frames.
+        let options = PublishOptions {
+            save_history: p.history,
+            except: (!p.echo).then(|| s.channel.id()),
+        };
         let pending = channels
-            .start_publish(group.as_str(), message, p.history)
+            .start_publish_with(group.as_str(), message, options)
             .map_err(|e| store_error(&e))?;
         let (reference, service, save) = (reference.cloned(), self.clone(), p.history);
         Ok(Handled::Publish(Box::pin(async move {
@@ -125,6 +130,9 @@ impl ChatService {
             id,
         };
         let replay = replay_from(j.since, j.epoch, j.history);
+        if j.events {
+            self.inner.peers.listen(group.as_str(), id);
+        }
         channels
             .subscribe(&s.channel, group.as_str(), replay, &framing)
             .await
@@ -171,6 +179,30 @@ impl ChatService {
             .send_frame_to(to, Frame::text(frame.to_string()))
             .map_err(|_| ProtocolError::new(ErrorCode::NotFound, format!("no channel {to}")))?;
         Ok(reply(json!({"type": "sent", "to": to}), reference))
+    }
+
+    fn on_presence(
+        &self,
+        s: &Session,
+        reference: Option<&Value>,
+        p: request::Presence,
+    ) -> Result<Frame, ProtocolError> {
+        let group = Self::group_or_url(s, p.group)?;
+        self.allowed(s, &group)?;
+        let mut body = self.presence_of(&group);
+        body["type"] = json!("presence");
+        Ok(reply(body, reference))
+    }
+
+    /// `{"group","members":[…]}` (with `"truncated":true` past the cap).
+    pub(super) fn presence_of(&self, group: &GroupName) -> Value {
+        let members = self.inner.channels.members(group.as_str()).unwrap_or_default();
+        let (listed, truncated) = self.inner.peers.presence(&members);
+        let mut body = json!({"group": group.as_str(), "members": listed});
+        if truncated {
+            body["truncated"] = json!(true);
+        }
+        body
     }
 
     fn on_groups(&self, s: &Session, reference: Option<&Value>) -> Frame {

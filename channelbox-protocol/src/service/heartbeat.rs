@@ -4,7 +4,8 @@
 //! plus `pong_timeout` is closed with 4003 `no pong` and leaves its groups at
 //! once. Browsers and WebSocket libraries answer pings by themselves.
 //!
-//! One task per service walks the connections it runs a few times a second;
+//! One task per service walks the connections it runs ([`super::peers`]) a
+//! few times a second;
 //! a connection costs no timer of its own, only the timestamp its session
 //! updates ([`Channel::heard`](channelbox_core::Channel::heard)).
 
@@ -31,31 +32,6 @@ impl ChatService {
     }
 }
 
-/// A connection the heartbeats watch while this lives.
-pub(super) struct Watched(Weak<Inner>, uuid::Uuid);
-
-impl Drop for Watched {
-    fn drop(&mut self) {
-        if let Some(inner) = self.0.upgrade() {
-            sessions(&inner).remove(&self.1);
-        }
-    }
-}
-
-fn sessions(inner: &Inner) -> std::sync::MutexGuard<'_, std::collections::HashMap<uuid::Uuid, Channel>> {
-    inner.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl ChatService {
-    /// Puts a connection's channel under the heartbeats' watch until the
-    /// returned guard is dropped (when the connection's session ends).
-    pub(super) fn watch(&self, channel: &Channel) -> Watched {
-        channel.heard();
-        sessions(&self.inner).insert(channel.id(), channel.clone());
-        Watched(Arc::downgrade(&self.inner), channel.id())
-    }
-}
-
 /// Pings every connection each `interval`; closes the silent ones. Ends when
 /// the service is dropped.
 async fn beat(service: Weak<Inner>, interval: Duration, timeout: Duration) {
@@ -72,7 +48,7 @@ async fn beat(service: Weak<Inner>, interval: Duration, timeout: Duration) {
             next_ping = Instant::now() + interval;
         }
         let channels = &inner.channels;
-        let watched: Vec<Channel> = sessions(&inner).values().cloned().collect();
+        let watched: Vec<Channel> = inner.peers.channels();
         for channel in watched {
             if channel.silence() > allowed {
                 tracing::debug!(channel = %channel.id(), "no pong: closing with 4003");

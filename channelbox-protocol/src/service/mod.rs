@@ -26,6 +26,7 @@ mod api;
 pub use api::PublishTicket;
 mod handlers;
 mod heartbeat;
+mod peers;
 mod session;
 
 /// An HTTP answer: status and JSON body.
@@ -68,6 +69,8 @@ pub struct Admission {
     replay: Replay,
     user: Option<User>,
     peer: Option<SocketAddr>,
+    /// `?events=1`: member events of the URL group.
+    events: bool,
     _slot: Slot,
 }
 
@@ -102,10 +105,11 @@ struct Inner {
     open: AtomicUsize,
     /// Whether the heartbeat task was started.
     heartbeats: AtomicBool,
-    /// The channels of the connections this service runs now, by id: what
+    /// The connections this service runs now, with their users: what
     /// heartbeats watch (channels an application registered in the box
-    /// itself are not the service's to close).
-    sessions: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, channelbox_core::Channel>>,
+    /// itself are not the service's to close), `presence` lists, and member
+    /// events reach.
+    peers: peers::Peers,
 }
 
 /// The chat protocol over a `ChannelBox`; cheap to clone.
@@ -119,16 +123,19 @@ impl ChatService {
     pub fn new(store: Arc<dyn HistoryStore>, config: ProtocolConfig) -> Self {
         let channels = ChannelBox::with_envelope(store, Arc::new(ChatEnvelope));
         let metrics = Metrics::new(&channels);
-        ChatService {
+        let service = ChatService {
             inner: Arc::new(Inner {
                 channels,
                 config,
                 metrics,
                 open: AtomicUsize::new(0),
                 heartbeats: AtomicBool::new(false),
-                sessions: std::sync::Mutex::default(),
+                peers: peers::Peers::default(),
             }),
-        }
+        };
+        let events = peers::Events(Arc::downgrade(&service.inner));
+        service.inner.channels.observe(Arc::new(events));
+        service
     }
 
     /// The box behind the service.
@@ -186,6 +193,7 @@ impl ChatService {
             replay,
             user,
             peer: None,
+            events: query_param(query, "events").is_some_and(|v| v == "1" || v == "true"),
             _slot: Slot(self.inner.clone()),
         })
     }

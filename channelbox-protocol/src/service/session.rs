@@ -93,6 +93,18 @@ impl RateLimiter {
     }
 }
 
+/// A connection the service runs, until dropped — also when its future is
+/// dropped mid-way: then it leaves its groups (reported while its user is
+/// still known) and the service forgets it.
+struct Running<'a>(&'a ChatService, Uuid);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.inner.channels.forget(self.1);
+        self.0.inner.peers.remove(self.1);
+    }
+}
+
 /// What reading one frame led to.
 enum Read {
     /// Keep reading.
@@ -124,7 +136,13 @@ impl ChatService {
         S: Stream<Item = Incoming> + Unpin + Send,
     {
         self.start_heartbeats();
-        let _watched = self.watch(&channel);
+        channel.heard();
+        let user = admission.user.as_ref().map(|u| u.id.clone());
+        self.inner.peers.insert(&channel, user);
+        let _running = Running(self, channel.id());
+        if admission.events {
+            self.inner.peers.listen(admission.group.as_str(), channel.id());
+        }
         let metrics = &self.inner.metrics;
         metrics.connections.inc();
         tracing::debug!("connected");

@@ -1,0 +1,134 @@
+//! The connections a service runs, with their users: what heartbeats watch,
+//! what `presence` lists, and where member events go.
+//!
+//! Member events: a channel that asked for them (`events` on `join`,
+//! `?events=1` for its URL group) is told of every other channel that joins
+//! or leaves that group, for any reason. The box reports joins and leaves to
+//! [`Events`], its membership observer, after releasing its locks.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
+
+use channelbox_core::{Channel, Frame, MembershipObserver};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::Inner;
+
+/// The most members one `presence` answer lists.
+pub(super) const MAX_PRESENCE: usize = 10_000;
+
+/// One connection the service runs.
+#[derive(Debug)]
+struct Peer {
+    channel: Channel,
+    user: Option<String>,
+}
+
+/// The service's connections and who wants member events of which group.
+#[derive(Debug, Default)]
+pub(super) struct Peers {
+    running: Mutex<HashMap<Uuid, Peer>>,
+    listeners: Mutex<HashMap<String, HashSet<Uuid>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Peers {
+    /// Registers a connection until [`Peers::remove`].
+    pub(super) fn insert(&self, channel: &Channel, user: Option<String>) {
+        let peer = Peer {
+            channel: channel.clone(),
+            user,
+        };
+        lock(&self.running).insert(channel.id(), peer);
+    }
+
+    /// Forgets a connection whose session ended.
+    pub(super) fn remove(&self, id: Uuid) {
+        lock(&self.running).remove(&id);
+    }
+
+    /// The channels of every connection running now.
+    pub(super) fn channels(&self) -> Vec<Channel> {
+        lock(&self.running).values().map(|p| p.channel.clone()).collect()
+    }
+
+    /// `{"channel_id","user"}` of a channel (`user` absent without tokens).
+    fn describe(running: &HashMap<Uuid, Peer>, id: Uuid) -> Value {
+        match running.get(&id).and_then(|p| p.user.as_deref()) {
+            Some(user) => json!({"channel_id": id, "user": user}),
+            None => json!({"channel_id": id}),
+        }
+    }
+
+    /// The members of a group as `presence` lists them, at most
+    /// [`MAX_PRESENCE`]; whether the list was cut.
+    pub(super) fn presence(&self, members: &[Uuid]) -> (Vec<Value>, bool) {
+        let running = lock(&self.running);
+        let listed = members
+            .iter()
+            .take(MAX_PRESENCE)
+            .map(|id| Self::describe(&running, *id));
+        (listed.collect(), members.len() > MAX_PRESENCE)
+    }
+
+    /// `channel` wants member events of `group` from now on.
+    pub(super) fn listen(&self, group: &str, channel: Uuid) {
+        lock(&self.listeners)
+            .entry(group.to_owned())
+            .or_default()
+            .insert(channel);
+    }
+
+    /// Sends `kind` about `channel` to the listeners of `group` but itself.
+    fn tell(&self, group: &str, channel: Uuid, kind: &str) {
+        let to: Vec<Uuid> = match lock(&self.listeners).get(group) {
+            Some(set) => set.iter().copied().filter(|id| *id != channel).collect(),
+            None => return,
+        };
+        let running = lock(&self.running);
+        let mut event = Self::describe(&running, channel);
+        event["type"] = json!(kind);
+        event["group"] = json!(group);
+        let frame = Frame::text(event.to_string());
+        let targets: Vec<Channel> = to
+            .iter()
+            .filter_map(|id| running.get(id))
+            .map(|p| p.channel.clone())
+            .collect();
+        drop(running);
+        for target in targets {
+            // A full queue closes the listener like any slow consumer; its
+            // own leave is reported through the box in turn.
+            let _ = target.try_send(frame.clone());
+        }
+    }
+}
+
+/// The box's membership observer: turns joins and leaves into member events.
+pub(super) struct Events(pub(super) Weak<Inner>);
+
+impl MembershipObserver for Events {
+    fn joined(&self, group: &str, channel: Uuid) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.peers.tell(group, channel, "member_joined");
+        }
+    }
+
+    fn left(&self, group: &str, channel: Uuid) {
+        let Some(inner) = self.0.upgrade() else { return };
+        {
+            let mut listeners = lock(&inner.peers.listeners);
+            if let Some(set) = listeners.get_mut(group) {
+                set.remove(&channel);
+                if set.is_empty() {
+                    listeners.remove(group);
+                }
+            }
+        }
+        inner.peers.tell(group, channel, "member_left");
+    }
+}
