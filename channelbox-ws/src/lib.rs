@@ -16,6 +16,8 @@
 //!   the socket adapter alone ([`attach`], [`accept`], [`connect`]) and
 //!   depends on `channelbox-core` only, not on the chat protocol, its tokens
 //!   or its metrics.
+//! - `client` (default): [`client::ChatClient`], a chat client that reconnects
+//!   with backoff and recovers its groups by itself.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -38,6 +40,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 #[cfg(feature = "chat")]
 mod chat;
+#[cfg(feature = "client")]
+pub mod client;
 mod socket;
 
 #[cfg(feature = "chat")]

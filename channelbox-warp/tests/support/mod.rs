@@ -90,6 +90,16 @@ impl Server {
     /// Starts the server through a wrapper that execs it (`prlimit …`), so
     /// that the child's pid is the server's.
     pub fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::launch(wrapper, "127.0.0.1:0", args, env)
+    }
+
+    /// Starts the server on a given address (to restart it where clients
+    /// reconnect).
+    pub fn start_on(addr: &str, args: &[&str]) -> Server {
+        Self::launch(&[], addr, args, &[])
+    }
+
+    fn launch(wrapper: &[&str], addr: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut command = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut c = Command::new(program);
@@ -99,7 +109,7 @@ impl Server {
             None => Command::new(chat_binary()),
         };
         let mut child = command
-            .args(["--addr", "127.0.0.1:0"])
+            .args(["--addr", addr])
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
