@@ -59,7 +59,48 @@ fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
     Ok(())
 }
 
+/// Debian packages the tests need, by the program each provides: the browser
+/// test's Chromium and Node.js, and `prlimit`/`mount` for the hostile suite.
+const SYSTEM_PACKAGES: [(&str, &str); 5] = [
+    ("chromium", "chromium"),
+    ("node", "nodejs"),
+    ("npm", "npm"),
+    ("prlimit", "util-linux"),
+    ("mount", "mount"),
+];
+
+/// Whether `program` is on the `PATH`.
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// Installs the missing Debian packages when running as root; otherwise
+/// stops at once with the command to run.
+fn system_packages() -> Result<(), String> {
+    let mut missing: Vec<&str> = SYSTEM_PACKAGES
+        .iter()
+        .filter(|(program, _)| !on_path(program))
+        .map(|(_, package)| *package)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let install = format!("apt-get update && apt-get install -y {}", missing.join(" "));
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        return Err(format!("the tests need {}; run: sudo sh -c '{install}'", missing.join(", ")));
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run("sh", &["-c", &install], &[("DEBIAN_FRONTEND", "noninteractive")], &self::root())
+}
+
 fn ci() -> Result<(), String> {
+    system_packages()?;
     cargo(&["fmt", "--all", "--", "--check"], &[])?;
     cargo(
         &[
@@ -175,6 +216,7 @@ fn run(program: &str, args: &[&str], env: &[(&str, &str)], dir: &Path) -> Result
 /// The browser test: the chat example in debug mode, driven in headless
 /// Chromium by `e2e/browser.mjs`; the screenshot goes to target/browser/.
 fn e2e() -> Result<(), String> {
+    system_packages()?;
     let root = root();
     cargo(&["build", "-j2", "-p", "channelbox-warp", "--example", "chat"], &[])?;
     let e2e = root.join("e2e");
