@@ -71,8 +71,7 @@ const SYSTEM_PACKAGES: [(&str, &str); 5] = [
 
 /// Whether `program` is on the `PATH`.
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 /// Installs the missing Debian packages when running as root; otherwise
@@ -93,10 +92,18 @@ fn system_packages() -> Result<(), String> {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
     if !root {
-        return Err(format!("the tests need {}; run: sudo sh -c '{install}'", missing.join(", ")));
+        return Err(format!(
+            "the tests need {}; run: sudo sh -c '{install}'",
+            missing.join(", ")
+        ));
     }
     eprintln!("xtask: installing {}", missing.join(" "));
-    run("sh", &["-c", &install], &[("DEBIAN_FRONTEND", "noninteractive")], &self::root())
+    run(
+        "sh",
+        &["-c", &install],
+        &[("DEBIAN_FRONTEND", "noninteractive")],
+        &self::root(),
+    )
 }
 
 fn ci() -> Result<(), String> {
