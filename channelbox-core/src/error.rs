@@ -109,4 +109,7 @@ pub enum BoxError {
     /// The history store failed.
     #[error("history store: {0}")]
     Store(#[from] StoreError),
+    /// The box is set up wrongly (a broker attached twice, say).
+    #[error("box setup: {0}")]
+    Setup(String),
 }

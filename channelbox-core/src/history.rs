@@ -105,6 +105,38 @@ impl NewMessage {
     }
 }
 
+/// Size of [`NewMessage::encode`]'s header: kind (1), timestamp (8), meta length (4).
+pub const ENCODED_HEADER: usize = 13;
+
+impl NewMessage {
+    /// The message as bytes, for stores that keep or send it serialized: kind,
+    /// timestamp, meta length (big-endian), meta, payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(ENCODED_HEADER + self.meta.len() + self.payload.len());
+        v.push(self.kind.tag());
+        v.extend_from_slice(&self.timestamp_ms.to_be_bytes());
+        v.extend_from_slice(&(self.meta.len() as u32).to_be_bytes());
+        v.extend_from_slice(&self.meta);
+        v.extend_from_slice(&self.payload);
+        v
+    }
+
+    /// Decodes what [`NewMessage::encode`] wrote; `None` when it is not that.
+    pub fn decode(v: &[u8]) -> Option<NewMessage> {
+        let kind = PayloadKind::from_tag(*v.first()?)?;
+        let timestamp_ms = u64::from_be_bytes(v.get(1..9)?.try_into().ok()?);
+        let meta_len = u32::from_be_bytes(v.get(9..13)?.try_into().ok()?) as usize;
+        let meta = v.get(ENCODED_HEADER..ENCODED_HEADER.checked_add(meta_len)?)?;
+        let payload = &v[ENCODED_HEADER + meta_len..];
+        Some(NewMessage {
+            kind,
+            payload: Bytes::copy_from_slice(payload),
+            meta: Bytes::copy_from_slice(meta),
+            timestamp_ms,
+        })
+    }
+}
+
 /// A message read back from history.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -189,6 +221,9 @@ pub struct Capabilities {
     pub persistent: bool,
     /// An append's future completes only once the message is on disk.
     pub durable_appends: bool,
+    /// The store applies [`HistoryLimits::max_total_bytes`] itself (a shared
+    /// engine bounds its memory its own way, e.g. Redis's `maxmemory`).
+    pub total_budget: bool,
 }
 
 impl Capabilities {
@@ -196,11 +231,21 @@ impl Capabilities {
     pub const IN_MEMORY: Capabilities = Capabilities {
         persistent: false,
         durable_appends: false,
+        total_budget: true,
     };
     /// Capabilities of a store that persists durably.
     pub const DURABLE: Capabilities = Capabilities {
         persistent: true,
         durable_appends: true,
+        total_budget: true,
+    };
+    /// Capabilities of a shared engine: history outlives every server, its
+    /// own settings decide what survives the engine, and its own memory
+    /// limit bounds the whole.
+    pub const SHARED: Capabilities = Capabilities {
+        persistent: true,
+        durable_appends: false,
+        total_budget: false,
     };
 }
 
@@ -218,22 +263,24 @@ pub struct HistoryStats {
 /// A future that resolves once an append is durable.
 pub type DurableFuture = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'static>>;
 
-/// An append whose offset is assigned; await [`PendingAppend::durable`] for the disk.
+/// A future that resolves to an append's position once the engine executed it.
+pub type PositionFuture = Pin<Box<dyn Future<Output = Result<StreamPosition, StoreError>> + Send + 'static>>;
+
+/// An append under way. A store in this process assigns the offset at once
+/// ([`PendingAppend::assigned`]) and may still be writing it to disk; a shared
+/// engine (Redis) assigns it after a round trip ([`PendingAppend::remote`]).
+/// Either way [`PendingAppend::wait`] resolves to the position once the message
+/// is durable as far as the store promises.
 #[must_use = "an append is only acknowledged once it is durable"]
 pub struct PendingAppend {
-    /// The assigned offset.
-    pub offset: u64,
-    /// The group's epoch at the append.
-    pub epoch: Epoch,
-    /// Resolves once the message is durable (at once for in-memory stores).
-    pub durable: DurableFuture,
+    assigned: Option<StreamPosition>,
+    done: PositionFuture,
 }
 
 impl std::fmt::Debug for PendingAppend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PendingAppend")
-            .field("offset", &self.offset)
-            .field("epoch", &self.epoch)
+            .field("assigned", &self.assigned)
             .finish_non_exhaustive()
     }
 }
@@ -241,11 +288,37 @@ impl std::fmt::Debug for PendingAppend {
 impl PendingAppend {
     /// An append that is complete already.
     pub fn ready(offset: u64, epoch: Epoch) -> Self {
+        let position = StreamPosition::new(epoch, offset);
         PendingAppend {
-            offset,
-            epoch,
-            durable: Box::pin(std::future::ready(Ok(()))),
+            assigned: Some(position.clone()),
+            done: Box::pin(std::future::ready(Ok(position))),
         }
+    }
+
+    /// An append whose offset is assigned now and which is durable once
+    /// `durable` resolves.
+    pub fn assigned(offset: u64, epoch: Epoch, durable: DurableFuture) -> Self {
+        let position = StreamPosition::new(epoch, offset);
+        let at = position.clone();
+        PendingAppend {
+            assigned: Some(position),
+            done: Box::pin(async move { durable.await.map(|()| at) }),
+        }
+    }
+
+    /// An append whose offset the engine assigns: `done` resolves to it.
+    pub fn remote(done: PositionFuture) -> Self {
+        PendingAppend { assigned: None, done }
+    }
+
+    /// The position, when the store assigned it at once.
+    pub fn position(&self) -> Option<&StreamPosition> {
+        self.assigned.as_ref()
+    }
+
+    /// Waits until the append is durable; resolves to its position.
+    pub async fn wait(self) -> Result<StreamPosition, StoreError> {
+        self.done.await
     }
 }
 
@@ -253,9 +326,11 @@ impl PendingAppend {
 ///
 /// Contract (checked by `testkit::conformance`):
 /// - `append` assigns offsets 1, 2, 3, … per group and epoch, in the order the
-///   calls are made, before it returns; the returned future resolves when the
-///   message is durable as far as the store promises ([`Capabilities`]). Splitting
-///   the two lets a connection pipeline its publishes while keeping their order.
+///   calls are made: before it returns (a store in this process), or by the
+///   engine, which executes one caller's appends in call order (a shared
+///   engine). [`PendingAppend::wait`] resolves when the message is durable as
+///   far as the store promises ([`Capabilities`]). Splitting the two lets a
+///   connection pipeline its publishes while keeping their order.
 /// - The epoch changes whenever the group's history is lost or reset
 ///   (`flush_group`, `flush_all`, an in-memory store restarting); offsets restart
 ///   at 1 in a new epoch.
@@ -276,6 +351,20 @@ pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Appends a message to a group; see the trait docs for the ordering contract.
     fn append(&self, group: &str, message: NewMessage) -> Result<PendingAppend, StoreError>;
+
+    /// Appends a message that channel `except` (its sender, with `echo` off)
+    /// must not receive live. A store that also carries the message to every
+    /// server (a shared engine with a broker) passes `except` along; the
+    /// others ignore it, as the box applies it itself.
+    fn append_except(
+        &self,
+        group: &str,
+        message: NewMessage,
+        except: Option<uuid::Uuid>,
+    ) -> Result<PendingAppend, StoreError> {
+        let _ = except;
+        self.append(group, message)
+    }
 
     /// The group's head (a group that never had a message has an epoch too).
     async fn head(&self, group: &str) -> Result<Head, StoreError>;

@@ -37,6 +37,7 @@
 //!   property tests, and an in-process recording channel.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod broker;
 mod budget;
 mod channel;
 mod channel_box;
@@ -50,18 +51,19 @@ mod transport;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub use broker::{Broker, BrokerEvent, BrokerFuture};
 pub use budget::{BudgetedGroups, TotalBudget, GROUP_COST};
 pub use channel::{Channel, ChannelConfig, ChannelStats, Enqueued, OverflowPolicy, SendError};
 pub use channel_box::{
     AddStatus, BoxStats, ChannelBox, DeliveryReport, MembershipObserver, NoFraming, PendingPublish, PublishOptions,
-    PublishReport, Recovery, RemoveStatus, Replay, SubscribeFraming, Subscribed, REPLAY_STALL,
+    PublishReport, Recovery, RemoveStatus, Replay, SubscribeFraming, Subscribed, GAP_WAIT, HEAD_CHECK, REPLAY_STALL,
 };
 pub use envelope::{Envelope, MessageRef, PlainEnvelope};
 pub use error::{BoxError, ConfigError, StoreError, StoreErrorKind};
 pub use history::{
     messages_to_trim, now_ms, Capabilities, DurableFuture, Head, HistoryLimits, HistoryPage, HistoryStats,
-    HistoryStore, NewMessage, PendingAppend, ReadQuery, StoredMessage, DEFAULT_HISTORY_BYTES, DEFAULT_TOTAL_BYTES,
-    HISTORY_SIZE_ENV,
+    HistoryStore, NewMessage, PendingAppend, PositionFuture, ReadQuery, StoredMessage, DEFAULT_HISTORY_BYTES,
+    DEFAULT_TOTAL_BYTES, ENCODED_HEADER, HISTORY_SIZE_ENV,
 };
 pub use payload::{Frame, FrameKind, Payload, PayloadKind, PayloadType};
 pub use position::{Epoch, StreamPosition};

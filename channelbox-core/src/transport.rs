@@ -66,6 +66,10 @@ impl CloseReason {
     pub const SLOW_CONSUMER: CloseReason = CloseReason::new(4000, "slow consumer");
     /// 4001: the client was idle longer than its expiry.
     pub const EXPIRED: CloseReason = CloseReason::new(4001, "expired");
+    /// 4002: this server can no longer give the client a group's messages
+    /// without a gap (missed messages gone from history, or a new epoch); the
+    /// client recovers by reconnecting with `since`/`epoch`.
+    pub const INSUFFICIENT_STATE: CloseReason = CloseReason::new(4002, "insufficient state");
     /// 4003: nothing arrived from the client, pongs included, for longer than
     /// heartbeats allow.
     pub const NO_PONG: CloseReason = CloseReason::new(4003, "no pong");

@@ -17,7 +17,7 @@
 //!     limits: HistoryLimits { max_messages: Some(100), ..HistoryLimits::default() },
 //! });
 //! let pending = store.append("chat", NewMessage::new(PayloadKind::Text, "hello".into()))?;
-//! assert_eq!(pending.offset, 1);
+//! assert_eq!(pending.wait().await?.offset, 1);
 //! let page = store.read("chat", ReadQuery::Last(10)).await?;
 //! assert_eq!(page.messages[0].payload, "hello");
 //! # Ok(()) }

@@ -50,7 +50,7 @@ fn bench_appends(c: &mut Criterion) {
                                     for _ in 0..per_writer {
                                         let m = NewMessage::new(PayloadKind::Json, Bytes::from_static(&[b'7'; 64]));
                                         let pending = store.append(&group, m).expect("append");
-                                        pending.durable.await.expect("durable");
+                                        pending.wait().await.expect("durable");
                                     }
                                 })
                             })

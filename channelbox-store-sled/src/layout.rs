@@ -15,8 +15,6 @@ pub(crate) const KEY_FLUSHES: &[u8] = b"\x00flushes";
 pub(crate) const KEY_EVICTIONS: &[u8] = b"\x00evictions";
 pub(crate) const GROUP_PREFIX: u8 = 1;
 pub(crate) const MESSAGE_PREFIX: u8 = 2;
-/// kind (1) + timestamp (8) + meta length (4).
-pub(crate) const HEADER: usize = 13;
 
 pub(crate) fn group_key(group: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + group.len());
@@ -66,26 +64,12 @@ pub(crate) fn group_value(generation: u64, last: u64) -> [u8; 16] {
 }
 
 pub(crate) fn encode_message(m: &NewMessage) -> Vec<u8> {
-    let mut v = Vec::with_capacity(HEADER + m.meta.len() + m.payload.len());
-    v.push(m.kind.tag());
-    v.extend_from_slice(&m.timestamp_ms.to_be_bytes());
-    v.extend_from_slice(&(m.meta.len() as u32).to_be_bytes());
-    v.extend_from_slice(&m.meta);
-    v.extend_from_slice(&m.payload);
-    v
+    m.encode()
 }
 
 /// Decodes a stored message value: (kind, timestamp, meta, payload).
 pub(crate) fn decode_message(v: &[u8]) -> Option<(PayloadKind, u64, Bytes, Bytes)> {
-    if v.len() < HEADER {
-        return None;
-    }
-    let kind = PayloadKind::from_tag(v[0])?;
-    let ts = u64::from_be_bytes(v[1..9].try_into().ok()?);
-    let meta_len = u32::from_be_bytes(v[9..13].try_into().ok()?) as usize;
-    let meta = v.get(HEADER..HEADER + meta_len)?;
-    let payload = &v[HEADER + meta_len..];
-    Some((kind, ts, Bytes::copy_from_slice(meta), Bytes::copy_from_slice(payload)))
+    NewMessage::decode(v).map(|m| (m.kind, m.timestamp_ms, m.meta, m.payload))
 }
 
 pub(crate) fn u64_at(v: &[u8], at: usize) -> Option<u64> {

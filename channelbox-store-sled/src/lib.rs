@@ -36,7 +36,7 @@
 //! # let dir = tempfile::tempdir()?;
 //! let store = SledStore::open(SledConfig::new(dir.path().join("history")))?;
 //! let pending = store.append("chat", NewMessage::new(PayloadKind::Text, "hello".into()))?;
-//! pending.durable.await?; // on disk now
+//! pending.wait().await?; // on disk now
 //! let epoch = store.head("chat").await?.epoch;
 //! drop(store);
 //!

@@ -273,11 +273,11 @@ impl HistoryStore for SledStore {
         state.budget.release(released);
         state.enforce_total(group, &mut ops);
         let seq = inner.writer.push(ops);
-        Ok(PendingAppend {
+        Ok(PendingAppend::assigned(
             offset,
             epoch,
-            durable: inner.writer.durable(seq, &inner.path),
-        })
+            inner.writer.durable(seq, &inner.path),
+        ))
     }
 
     async fn head(&self, group: &str) -> Result<Head, StoreError> {

@@ -44,8 +44,8 @@ async fn child(dir: &str, limit: Option<u64>) {
                     );
                     let m = NewMessage::new(PayloadKind::Text, Bytes::from(payload.clone()));
                     let pending = store.append(&group, m).expect("append");
-                    let (offset, epoch) = (pending.offset, pending.epoch.clone());
-                    pending.durable.await.expect("durable");
+                    let at = pending.wait().await.expect("durable");
+                    let (offset, epoch) = (at.offset, at.epoch);
                     // One line per ack; stdout is line-buffered by the lock.
                     println!("ACK {group} {offset} {epoch} {payload}");
                 }

@@ -51,8 +51,7 @@ fn message(n: u64) -> NewMessage {
 /// Appends message `n`; its offset when acknowledged.
 async fn try_append(store: &SledStore, n: u64) -> Option<u64> {
     let pending = store.append("g", message(n)).ok()?;
-    let offset = pending.offset;
-    pending.durable.await.ok().map(|()| offset)
+    pending.wait().await.ok().map(|at| at.offset)
 }
 
 #[tokio::test]

@@ -10,9 +10,7 @@ fn text(s: &str) -> NewMessage {
 }
 
 async fn append(store: &SledStore, group: &str, m: NewMessage) -> u64 {
-    let p = store.append(group, m).unwrap();
-    p.durable.await.unwrap();
-    p.offset
+    store.append(group, m).unwrap().wait().await.unwrap().offset
 }
 
 #[tokio::test]
@@ -151,7 +149,7 @@ async fn reads_racing_trimming_appends_and_flushes_have_no_holes() {
             for i in 0..4000u64 {
                 let p = store.append("g", text(&format!("m{i}"))).unwrap();
                 if i % 8 == 0 {
-                    p.durable.await.unwrap();
+                    p.wait().await.unwrap();
                 }
                 if i % 1000 == 999 {
                     store.flush_group("g").await.unwrap();
@@ -227,8 +225,7 @@ async fn the_total_budget_holds_across_a_restart_and_evicted_groups_stay_in_new_
     let old = store.head("old").await.unwrap();
     assert_eq!(old.last, 0);
     assert_ne!(old.epoch, old_epoch, "the eviction survives the restart");
-    let p = store.append("old", text("again")).unwrap();
+    let p = store.append("old", text("again")).unwrap().wait().await.unwrap();
     assert_eq!(p.offset, 1);
     assert_ne!(p.epoch, old_epoch, "old offsets never pass for new ones");
-    p.durable.await.unwrap();
 }

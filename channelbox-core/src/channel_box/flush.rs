@@ -24,11 +24,15 @@ impl ChannelBox {
     /// Flushes history: one group's, or every group's when `group` is `None`.
     /// Each flushed group gets a new epoch and its offsets restart at 1.
     pub async fn flush_history(&self, group: Option<&str>) -> Result<(), BoxError> {
+        // In a cluster the broker's reset events restart the sequencers, on
+        // every server alike; a local `None` would stop the group here.
+        let local = self.broker().is_none();
         match group {
             Some(name) => {
                 let epoch = self.inner.store.flush_group(name).await?;
                 self.reset_order(name, Some(epoch));
             }
+            None if !local => self.inner.store.flush_all().await?,
             None => {
                 self.inner.store.flush_all().await?;
                 let names: Vec<Arc<str>> = lock(&self.inner.state).groups.keys().cloned().collect();
@@ -42,7 +46,7 @@ impl ChannelBox {
 
     /// Restarts a group's sequencer in `epoch` at offset 1 (`None`: forgets it;
     /// the next append or subscription starts it from the store).
-    fn reset_order(&self, group: &str, epoch: Option<Epoch>) {
+    pub(super) fn reset_order(&self, group: &str, epoch: Option<Epoch>) {
         let Some(g) = self.group(group) else { return };
         let mut order = lock(&g.order);
         // Undelivered messages of the old epoch are gone with it. A publish

@@ -44,6 +44,8 @@ pub(super) struct Group {
     pub(super) order: Mutex<Option<Sequencer<Ready>>>,
     /// Publishes started and not yet finished.
     in_flight: AtomicU64,
+    /// A task is filling a gap of this group from history (with a broker).
+    pub(super) filling: std::sync::atomic::AtomicBool,
 }
 
 impl Group {
@@ -57,6 +59,7 @@ impl Group {
             }),
             order: Mutex::new(None),
             in_flight: AtomicU64::new(0),
+            filling: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

@@ -12,6 +12,8 @@
 //!   delivery result;
 //! - `subscribe`: joining with a replay, the gate that holds live messages
 //!   while history is read, and replay pacing;
+//! - `cluster`: with a broker, messages from the engine into the sequencer,
+//!   gaps filled from history or closed with 4002, the head check;
 //! - `recovery`: what to replay and whether a recovery is complete;
 //! - `flush`: reading and flushing history through the box;
 //! - `reports`: the statuses, reports and counters the box hands out.
@@ -30,9 +32,11 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::broker::Broker;
 use crate::envelope::{Envelope, PlainEnvelope};
 use crate::history::HistoryStore;
 
+mod cluster;
 mod delivery;
 mod flush;
 mod membership;
@@ -43,6 +47,7 @@ mod reports;
 mod sequencer;
 mod subscribe;
 
+pub use cluster::{GAP_WAIT, HEAD_CHECK};
 pub use membership::MembershipObserver;
 pub use publish::{PendingPublish, PublishOptions};
 pub use recovery::Recovery;
@@ -65,6 +70,10 @@ struct Inner {
     counters: Counters,
     /// Told of every join and leave, once set.
     observer: std::sync::OnceLock<Arc<dyn MembershipObserver>>,
+    /// The cluster's broker, once attached.
+    broker: std::sync::OnceLock<Arc<dyn Broker>>,
+    /// The groups this server subscribed to through the broker.
+    subscribed: cluster::Subscriptions,
 }
 
 /// Channels organized into named groups, with per-group history.
@@ -108,6 +117,8 @@ impl ChannelBox {
                 state: Mutex::new(State::default()),
                 counters: Counters::default(),
                 observer: std::sync::OnceLock::new(),
+                broker: std::sync::OnceLock::new(),
+                subscribed: Default::default(),
             }),
         }
     }

@@ -4,6 +4,10 @@
 //! sequencer, which hands it to delivery in offset order. Unsaved messages skip
 //! the sequencer and are delivered at once.
 //!
+//! With a shared engine the offset is assigned by the engine during `finish`;
+//! the message then reaches the sequencer through the broker (or, without
+//! one, through `ingest` right here), like any message of another server.
+//!
 //! Cancellation: a [`PendingPublish`] dropped before `finish` ends — its future
 //! dropped mid-publish — completes its offset as abandoned, so later messages
 //! of the group are never stalled behind it; the message itself stays in
@@ -20,15 +24,16 @@ use super::sequencer::{Completion, Sequencer};
 use super::{lock, ChannelBox, DeliveryReport, PublishReport};
 use crate::envelope::MessageRef;
 use crate::error::{BoxError, StoreError, StoreErrorKind};
-use crate::history::{DurableFuture, NewMessage};
+use crate::history::{NewMessage, PendingAppend};
 use crate::payload::Payload;
-use crate::position::Epoch;
+use crate::position::{Epoch, StreamPosition};
 
-/// A saved message ready for delivery, and where its publisher waits for the report.
+/// A saved message ready for delivery, and where its publisher waits for the
+/// report (nobody waits for one that arrived from the broker).
 pub(super) struct Ready {
-    message: NewMessage,
-    except: Option<Uuid>,
-    report: oneshot::Sender<DeliveryReport>,
+    pub(super) message: NewMessage,
+    pub(super) except: Option<Uuid>,
+    pub(super) report: Option<oneshot::Sender<DeliveryReport>>,
 }
 
 /// How a message is published.
@@ -41,9 +46,9 @@ pub struct PublishOptions {
     pub except: Option<Uuid>,
 }
 
-/// A publish whose offset is assigned and whose delivery is still to come; see
-/// [`ChannelBox::start_publish`]. Dropping it unfinished skips its delivery but
-/// never stalls later messages of the group.
+/// A publish whose append is under way and whose delivery is still to come;
+/// see [`ChannelBox::start_publish`]. Dropping it unfinished skips its
+/// delivery but never stalls later messages of the group.
 #[must_use = "a publish is delivered only when `finish` is awaited"]
 pub struct PendingPublish {
     inner: Option<PendingInner>,
@@ -52,11 +57,13 @@ pub struct PendingPublish {
 struct PendingInner {
     channels: ChannelBox,
     group: Arc<Group>,
-    /// Offset and epoch, when the message is saved.
-    saved: Option<(u64, Epoch)>,
     message: NewMessage,
     except: Option<Uuid>,
-    durable: Option<DurableFuture>,
+    /// The append, when the message is saved.
+    append: Option<PendingAppend>,
+    /// Its position, when the store assigned it at once: then this box
+    /// sequences it. A shared engine assigns it later.
+    assigned: Option<StreamPosition>,
 }
 
 impl std::fmt::Debug for PendingPublish {
@@ -70,18 +77,27 @@ impl std::fmt::Debug for PendingPublish {
 }
 
 impl PendingPublish {
-    /// The offset assigned to the message, if it is saved.
+    /// The offset assigned to the message, if it is saved and the store
+    /// assigned it at once (a shared engine assigns it during `finish`).
     pub fn offset(&self) -> Option<u64> {
-        self.inner.as_ref().and_then(|p| p.saved.as_ref()).map(|(o, _)| *o)
+        self.inner
+            .as_ref()
+            .and_then(|p| p.assigned.as_ref())
+            .map(|at| at.offset)
     }
 
-    /// The group's epoch, if the message is saved.
+    /// The group's epoch, if the message is saved and its offset assigned.
     pub fn epoch(&self) -> Option<&Epoch> {
-        self.inner.as_ref().and_then(|p| p.saved.as_ref()).map(|(_, e)| e)
+        self.inner
+            .as_ref()
+            .and_then(|p| p.assigned.as_ref())
+            .map(|at| &at.epoch)
     }
 
     /// Waits until the message is durable, then delivers it to the group's
-    /// members in offset order.
+    /// members in offset order. With a broker, delivery (on every server, this
+    /// one included) follows from the broker's event, and the report counts
+    /// no deliveries.
     pub async fn finish(mut self) -> Result<PublishReport, BoxError> {
         let Some(mut p) = self.inner.take() else {
             return Err(BoxError::Store(StoreError::new(
@@ -89,39 +105,56 @@ impl PendingPublish {
                 "publish already finished",
             )));
         };
-        let Some((offset, epoch)) = p.saved.clone() else {
-            let delivery = p.channels.deliver_unsaved(&p.group, &p.message, p.except);
+        let Some(append) = p.append.take() else {
+            let delivery = p.channels.finish_unsaved(&p.group, &p.message, p.except).await;
             p.channels.release_group(&p.group);
             return Ok(PublishReport {
                 offset: None,
                 epoch: None,
-                delivery,
+                delivery: delivery?,
             });
         };
-        let durable = p.durable.take();
-        let result = match durable {
-            Some(fut) => fut.await,
-            None => Ok(()),
-        };
-        if let Err(err) = result {
-            p.channels.complete(&p.group, &epoch, offset, None);
-            p.channels.release_group(&p.group);
-            return Err(err.into());
-        }
+        let result = append.wait().await;
         let (tx, rx) = oneshot::channel();
         let ready = Ready {
             message: p.message,
             except: p.except,
-            report: tx,
+            report: Some(tx),
         };
-        p.channels.complete(&p.group, &epoch, offset, Some(ready));
+        let at = match (p.assigned.take(), result) {
+            (Some(at), Ok(_)) => {
+                p.channels.complete(&p.group, &at.epoch, at.offset, Some(ready));
+                at
+            }
+            (Some(at), Err(err)) => {
+                p.channels.complete(&p.group, &at.epoch, at.offset, None);
+                p.channels.release_group(&p.group);
+                return Err(err.into());
+            }
+            (None, result) => {
+                let at = match result {
+                    Ok(at) if p.channels.broker().is_none() => at,
+                    result => {
+                        p.channels.release_group(&p.group);
+                        let at = result?;
+                        return Ok(PublishReport {
+                            offset: Some(at.offset),
+                            epoch: Some(at.epoch),
+                            delivery: DeliveryReport::default(),
+                        });
+                    }
+                };
+                p.channels.ingest(&p.group.name, at.clone(), ready);
+                at
+            }
+        };
         p.channels.release_group(&p.group);
         // The report was sent by whoever delivered the message: this task, or
         // the one that completed the offset just before it.
         let delivery = rx.await.unwrap_or_default();
         Ok(PublishReport {
-            offset: Some(offset),
-            epoch: Some(epoch),
+            offset: Some(at.offset),
+            epoch: Some(at.epoch),
             delivery,
         })
     }
@@ -130,10 +163,19 @@ impl PendingPublish {
 impl Drop for PendingPublish {
     fn drop(&mut self) {
         if let Some(p) = self.inner.take() {
-            if let Some((offset, epoch)) = &p.saved {
-                p.channels.complete(&p.group, epoch, *offset, None);
+            if let Some(at) = &p.assigned {
+                p.channels.complete(&p.group, &at.epoch, at.offset, None);
             }
             p.channels.release_group(&p.group);
+        }
+    }
+}
+
+impl Ready {
+    /// Tells the publisher, if one waits, what the delivery did.
+    pub(super) fn answer(self, report: DeliveryReport) {
+        if let Some(tx) = self.report {
+            let _ = tx.send(report);
         }
     }
 }
@@ -190,38 +232,42 @@ impl ChannelBox {
             return Err(BoxError::InvalidGroup(group.to_owned()));
         }
         let g = self.acquire_group(group);
-        let (saved, durable) = if save_history {
-            match self.append(&g, &message) {
-                Ok(append) => (Some((append.offset, append.epoch)), Some(append.durable)),
+        let append = if save_history {
+            match self.append(&g, &message, options.except) {
+                Ok(append) => Some(append),
                 Err(err) => {
                     self.release_group(&g);
                     return Err(err.into());
                 }
             }
         } else {
-            (None, None)
+            None
         };
+        let assigned = append.as_ref().and_then(|a| a.position().cloned());
         self.inner.counters.published.fetch_add(1, Ordering::Relaxed);
         Ok(PendingPublish {
             inner: Some(PendingInner {
                 channels: self.clone(),
                 group: g,
-                saved,
                 message,
                 except: options.except,
-                durable,
+                append,
+                assigned,
             }),
         })
     }
 
     /// Appends under the group's order lock, which ties offset assignment to
     /// the sequencer: the first append through this group object (or the first
-    /// of a new epoch) starts it at the assigned offset.
-    fn append(&self, g: &Group, message: &NewMessage) -> Result<crate::history::PendingAppend, StoreError> {
+    /// of a new epoch) starts it at the assigned offset. An offset the engine
+    /// assigns later is sequenced when it arrives (see `cluster`).
+    fn append(&self, g: &Group, message: &NewMessage, except: Option<Uuid>) -> Result<PendingAppend, StoreError> {
         let mut order = lock(&g.order);
-        let pending = self.inner.store.append(&g.name, message.clone())?;
-        if order.as_ref().is_none_or(|s| *s.epoch() != pending.epoch) {
-            *order = Some(Sequencer::new(pending.epoch.clone(), pending.offset));
+        let pending = self.inner.store.append_except(&g.name, message.clone(), except)?;
+        if let Some(at) = pending.position() {
+            if order.as_ref().is_none_or(|s| *s.epoch() != at.epoch) {
+                *order = Some(Sequencer::new(at.epoch.clone(), at.offset));
+            }
         }
         Ok(pending)
     }
@@ -242,17 +288,31 @@ impl ChannelBox {
         let completion = seq.complete(offset, ready, |offset, r| self.deliver_ready(g, &epoch, offset, r));
         if let Completion::Stale(Some(r)) = completion {
             // Already covered: a subscriber that arrived since read it from history.
-            let _ = r.report.send(DeliveryReport::default());
+            r.answer(DeliveryReport::default());
         }
     }
 
-    fn deliver_ready(&self, g: &Group, epoch: &Epoch, offset: u64, r: Ready) {
+    pub(super) fn deliver_ready(&self, g: &Group, epoch: &Epoch, offset: u64, r: Ready) {
         let msg = MessageRef::live(&g.name, epoch.as_str(), Some(offset), &r.message);
         let report = self.deliver(g, msg, r.except);
-        let _ = r.report.send(report);
+        r.answer(report);
     }
 
-    fn deliver_unsaved(&self, g: &Group, message: &NewMessage, except: Option<Uuid>) -> DeliveryReport {
+    /// An unsaved message: to the other servers first (with a broker), then
+    /// to this server's members.
+    async fn finish_unsaved(
+        &self,
+        g: &Group,
+        message: &NewMessage,
+        except: Option<Uuid>,
+    ) -> Result<DeliveryReport, BoxError> {
+        if let Some(broker) = self.broker() {
+            broker.publish_unsaved(&g.name, message, except).await?;
+        }
+        Ok(self.deliver_unsaved(g, message, except))
+    }
+
+    pub(super) fn deliver_unsaved(&self, g: &Group, message: &NewMessage, except: Option<Uuid>) -> DeliveryReport {
         // Taken so that a subscriber's gate opens either before or after this
         // message, never halfway through it.
         let order = lock(&g.order);

@@ -20,6 +20,19 @@ pub(super) struct Sequencer<T> {
     /// Completed offsets above `next`; `None` for an abandoned offset (a failed
     /// or dropped append), which is skipped when its turn comes.
     pending: BTreeMap<u64, Option<T>>,
+    /// The newest offset known to exist (completed here, or seen in the
+    /// store's head): everything from `next` up to it must come.
+    known: u64,
+}
+
+/// Offsets a sequencer waits for that nothing may bring: after `after`, up to
+/// and including `last`. With a broker, a lost message leaves one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Gap {
+    /// The newest released offset.
+    pub(super) after: u64,
+    /// The newest missing offset.
+    pub(super) last: u64,
 }
 
 /// What [`Sequencer::complete`] did with an offset.
@@ -39,7 +52,25 @@ impl<T> Sequencer<T> {
             epoch,
             next,
             pending: BTreeMap::new(),
+            known: next.saturating_sub(1),
         }
+    }
+
+    /// Records that offsets up to `last` exist (the store's head says so).
+    pub(super) fn note_known(&mut self, last: u64) {
+        self.known = self.known.max(last);
+    }
+
+    /// The offsets missing before the next one can be released, if any.
+    pub(super) fn gap(&self) -> Option<Gap> {
+        let upto = match self.pending.first_key_value() {
+            Some((first, _)) => first - 1,
+            None => self.known,
+        };
+        (upto >= self.next).then_some(Gap {
+            after: self.next - 1,
+            last: upto,
+        })
     }
 
     /// The epoch whose offsets this sequencer orders.
@@ -61,6 +92,7 @@ impl<T> Sequencer<T> {
             return Completion::Stale(item);
         }
         self.pending.insert(offset, item);
+        self.known = self.known.max(offset);
         while let Some(entry) = self.pending.first_entry() {
             if *entry.key() != self.next {
                 break;
@@ -120,6 +152,23 @@ mod tests {
         assert!(out.is_empty(), "a duplicate is never released twice");
         let mut seq = Sequencer::new(Epoch::new("e"), 10);
         assert_eq!(seq.complete(3, Some("old"), |_, _| {}), Completion::Stale(Some("old")));
+    }
+
+    #[test]
+    fn a_gap_is_what_lies_before_the_first_held_offset_or_up_to_the_known_head() {
+        let mut seq = Sequencer::new(Epoch::new("e"), 1);
+        assert_eq!(seq.gap(), None);
+        assert_eq!(released(&mut seq, 4, Some("d")), []);
+        assert_eq!(seq.gap(), Some(Gap { after: 0, last: 3 }));
+        assert_eq!(released(&mut seq, 1, Some("a")), [(1, "a")]);
+        assert_eq!(seq.gap(), Some(Gap { after: 1, last: 3 }));
+        released(&mut seq, 2, Some("b"));
+        assert_eq!(released(&mut seq, 3, Some("c")), [(3, "c"), (4, "d")]);
+        assert_eq!(seq.gap(), None);
+        seq.note_known(6);
+        assert_eq!(seq.gap(), Some(Gap { after: 4, last: 6 }), "a lost tail");
+        seq.note_known(2);
+        assert_eq!(seq.gap(), Some(Gap { after: 4, last: 6 }), "known never goes back");
     }
 
     #[test]

@@ -172,7 +172,10 @@ impl ChannelBox {
         framing: &dyn SubscribeFraming,
     ) -> Result<(AddStatus, std::sync::Arc<Group>, StreamPosition), BoxError> {
         // The order lock is needed with a started sequencer; starting one needs
-        // the store, which is async, so read the head first.
+        // the store, which is async, so read the head first. In a cluster the
+        // server subscribes before reading it: every message after the head
+        // then arrives live (or, lost, is found by its offset).
+        self.subscribe_node(group).await?;
         let head = self.inner.store.head(group).await?;
         loop {
             let (status, g) = self.join(channel, group, true)?;

@@ -202,8 +202,7 @@ where
                     timestamp_ms: if *old { now - 7_200_000 } else { now },
                 };
                 let pending = s.append(&g, message.clone()).expect("append");
-                let offset = pending.offset;
-                pending.durable.await.expect("durable");
+                let offset = pending.wait().await.expect("durable").offset;
                 assert_eq!(offset, model.append(&g, message, now), "step {step}: offset of {op:?}");
                 vec![g]
             }

@@ -108,9 +108,8 @@ impl ChatService {
             Err(e) => return e,
         };
         let groups: Map<String, Value> = self
-            .inner
-            .channels
-            .groups()
+            .member_counts()
+            .await
             .into_iter()
             .filter(|(g, _)| access.allows(g))
             .map(|(g, n)| (g, json!(n)))
@@ -143,7 +142,10 @@ impl ChatService {
     /// permission `history` needs.
     pub async fn api_presence(&self, raw_group: &str, authorization: Option<&str>) -> HttpAnswer {
         match self.api_group(raw_group, authorization) {
-            Ok(group) => HttpAnswer::ok(self.presence_of(&group)),
+            Ok(group) => match self.presence_of(&group).await {
+                Ok(body) => HttpAnswer::ok(body),
+                Err(e) => HttpAnswer::refusal(503, &e),
+            },
             Err(e) => e,
         }
     }
@@ -237,8 +239,10 @@ impl ChatService {
         if let Err(e) = self.admin(authorization) {
             return e;
         }
-        let closed = self.inner.channels.close_all(channelbox_core::CloseReason::GOING_AWAY);
-        HttpAnswer::ok(json!({"closed": closed}))
+        match self.close_everywhere().await {
+            Ok(closed) => HttpAnswer::ok(json!({"closed": closed})),
+            Err(e) => HttpAnswer::refusal(503, &e),
+        }
     }
 
     /// `DELETE /api/admin/history[?group=g]`: flushes every group, or one.

@@ -33,9 +33,9 @@ impl ChatService {
             Request::Join(j) => self.on_join(s, reference, j).await,
             Request::Leave(l) => self.on_leave(s, reference, l).map(Handled::Reply),
             Request::History(h) => self.on_history(s, reference, h).await.map(Handled::Reply),
-            Request::Direct(d) => self.on_direct(s, reference, d).map(Handled::Reply),
-            Request::Groups => Ok(Handled::Reply(self.on_groups(s, reference))),
-            Request::Presence(p) => self.on_presence(s, reference, p).map(Handled::Reply),
+            Request::Direct(d) => self.on_direct(s, reference, d).await.map(Handled::Reply),
+            Request::Groups => Ok(Handled::Reply(self.on_groups(s, reference).await)),
+            Request::Presence(p) => self.on_presence(s, reference, p).await.map(Handled::Reply),
             Request::Ping => Ok(Handled::Reply(reply(json!({"type": "pong"}), reference))),
         }
     }
@@ -167,21 +167,39 @@ impl ChatService {
         Ok(Frame::text(body))
     }
 
-    fn on_direct(&self, s: &Session, reference: Option<&Value>, d: request::Direct) -> Result<Frame, ProtocolError> {
+    async fn on_direct(
+        &self,
+        s: &Session,
+        reference: Option<&Value>,
+        d: request::Direct,
+    ) -> Result<Frame, ProtocolError> {
         let to = parse_uuid(&d.to)
             .ok_or_else(|| ProtocolError::new(ErrorCode::BadRequest, format!("{:?} is not a hyphenated UUID", d.to)))?;
         let mut frame = json!({"type": "direct", "from": s.channel.id(), "data": d.data});
         if let Some(u) = &s.user {
             frame["user"] = json!(u.id);
         }
-        self.inner
-            .channels
-            .send_frame_to(to, Frame::text(frame.to_string()))
-            .map_err(|_| ProtocolError::new(ErrorCode::NotFound, format!("no channel {to}")))?;
+        let not_found = || ProtocolError::new(ErrorCode::NotFound, format!("no channel {to}"));
+        let sent = match (self.inner.channels.channel(to), self.inner.directory.get()) {
+            (Some(local), _) => {
+                self.inner
+                    .channels
+                    .send_frame_to_channel(&local, Frame::text(frame.to_string()));
+                true
+            }
+            (None, Some(directory)) => directory
+                .direct(to, frame.to_string())
+                .await
+                .map_err(|e| store_error(&e.into()))?,
+            (None, None) => false,
+        };
+        if !sent {
+            return Err(not_found());
+        }
         Ok(reply(json!({"type": "sent", "to": to}), reference))
     }
 
-    fn on_presence(
+    async fn on_presence(
         &self,
         s: &Session,
         reference: Option<&Value>,
@@ -189,27 +207,15 @@ impl ChatService {
     ) -> Result<Frame, ProtocolError> {
         let group = Self::group_or_url(s, p.group)?;
         self.allowed(s, &group)?;
-        let mut body = self.presence_of(&group);
+        let mut body = self.presence_of(&group).await?;
         body["type"] = json!("presence");
         Ok(reply(body, reference))
     }
 
-    /// `{"group","members":[…]}` (with `"truncated":true` past the cap).
-    pub(super) fn presence_of(&self, group: &GroupName) -> Value {
-        let members = self.inner.channels.members(group.as_str()).unwrap_or_default();
-        let (listed, truncated) = self.inner.peers.presence(&members);
-        let mut body = json!({"group": group.as_str(), "members": listed});
-        if truncated {
-            body["truncated"] = json!(true);
-        }
-        body
-    }
-
-    fn on_groups(&self, s: &Session, reference: Option<&Value>) -> Frame {
+    async fn on_groups(&self, s: &Session, reference: Option<&Value>) -> Frame {
         let groups: Map<String, Value> = self
-            .inner
-            .channels
-            .groups()
+            .member_counts()
+            .await
             .into_iter()
             .filter(|(g, _)| s.user.as_ref().is_none_or(|u| u.permissions.allows(g)))
             .map(|(g, n)| (g, json!(n)))

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use channelbox_core::{ChannelBox, ChannelConfig, CloseReason, HistoryStore, OverflowPolicy, Replay, StreamPosition};
+use channelbox_core::{
+    Broker, ChannelBox, ChannelConfig, CloseReason, HistoryStore, OverflowPolicy, Replay, StreamPosition,
+};
 use serde_json::{json, Value};
 
 use crate::auth::{now_secs, User};
@@ -22,8 +24,10 @@ use crate::frames::{ChatEnvelope, ProtocolError};
 use crate::metrics::Metrics;
 
 mod api;
+mod cluster;
 
 pub use api::PublishTicket;
+pub use cluster::{Change, ClusterEvent, Directory, Member};
 mod handlers;
 mod heartbeat;
 mod peers;
@@ -110,6 +114,8 @@ struct Inner {
     /// itself are not the service's to close), `presence` lists, and member
     /// events reach.
     peers: peers::Peers,
+    /// The cluster's records and control messages, in a cluster.
+    directory: std::sync::OnceLock<Arc<dyn Directory>>,
 }
 
 /// The chat protocol over a `ChannelBox`; cheap to clone.
@@ -131,11 +137,37 @@ impl ChatService {
                 open: AtomicUsize::new(0),
                 heartbeats: AtomicBool::new(false),
                 peers: peers::Peers::default(),
+                directory: std::sync::OnceLock::new(),
             }),
         };
         let events = peers::Events(Arc::downgrade(&service.inner));
         service.inner.channels.observe(Arc::new(events));
         service
+    }
+
+    /// A service on one server of a cluster: the box gets the engine's
+    /// broker (group messages from every server), and `directory` shares
+    /// connections, member counts, presence, member events and admin
+    /// close-all with the other servers. Must be called within a tokio
+    /// runtime.
+    pub fn clustered(
+        store: Arc<dyn HistoryStore>,
+        config: ProtocolConfig,
+        broker: Arc<dyn Broker>,
+        directory: Arc<dyn Directory>,
+    ) -> Result<Self, channelbox_core::BoxError> {
+        let service = ChatService::new(store, config);
+        service.inner.channels.attach_broker(broker)?;
+        cluster::follow(&service.inner, &directory);
+        let _ = service.inner.directory.set(directory);
+        Ok(service)
+    }
+
+    /// Whether the shared engine of a cluster is unreachable now (never on
+    /// a single server).
+    fn cluster_down(&self) -> bool {
+        self.inner.directory.get().is_some()
+            && (self.inner.channels.broker().is_some_and(|b| !b.connected()) || !self.inner.channels.store().healthy())
     }
 
     /// The box behind the service.
@@ -179,6 +211,13 @@ impl ChatService {
         self.check_origin(origin)?;
         let user = self.upgrade_user(&group, query)?;
         let replay = replay_of(query).map_err(|e| HttpAnswer::refusal(400, &e))?;
+        if self.cluster_down() {
+            return Err(HttpAnswer::error(
+                503,
+                "unavailable",
+                "the cluster's engine is unreachable",
+            ));
+        }
         let max = self.inner.config.max_connections;
         if self.inner.open.fetch_add(1, Ordering::AcqRel) >= max {
             self.inner.open.fetch_sub(1, Ordering::AcqRel);

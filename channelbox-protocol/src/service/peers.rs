@@ -13,6 +13,7 @@ use channelbox_core::{Channel, Frame, MembershipObserver};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::cluster::{describe, Change, Member};
 use super::Inner;
 
 /// The most members one `presence` answer lists.
@@ -56,12 +57,17 @@ impl Peers {
         lock(&self.running).values().map(|p| p.channel.clone()).collect()
     }
 
+    /// A channel as a [`Member`] (no user without tokens).
+    fn member(running: &HashMap<Uuid, Peer>, id: Uuid) -> Member {
+        Member {
+            channel_id: id,
+            user: running.get(&id).and_then(|p| p.user.clone()),
+        }
+    }
+
     /// `{"channel_id","user"}` of a channel (`user` absent without tokens).
     fn describe(running: &HashMap<Uuid, Peer>, id: Uuid) -> Value {
-        match running.get(&id).and_then(|p| p.user.as_deref()) {
-            Some(user) => json!({"channel_id": id, "user": user}),
-            None => json!({"channel_id": id}),
-        }
+        describe(&Self::member(running, id))
     }
 
     /// The members of a group as `presence` lists them, at most
@@ -75,6 +81,14 @@ impl Peers {
         (listed.collect(), members.len() > MAX_PRESENCE)
     }
 
+    /// Tells this server's listeners of `group` of a member of another server.
+    pub(super) fn tell_remote(&self, group: &str, change: Change, member: &Member) {
+        let mut event = describe(member);
+        event["type"] = json!(change.event_type());
+        event["group"] = json!(group);
+        self.send_to_listeners(group, member.channel_id, Frame::text(event.to_string()));
+    }
+
     /// `channel` wants member events of `group` from now on.
     pub(super) fn listen(&self, group: &str, channel: Uuid) {
         lock(&self.listeners)
@@ -83,17 +97,23 @@ impl Peers {
             .insert(channel);
     }
 
-    /// Sends `kind` about `channel` to the listeners of `group` but itself.
-    fn tell(&self, group: &str, channel: Uuid, kind: &str) {
+    /// Sends `change` about `channel` to the listeners of `group` but
+    /// itself; returns the member it was about.
+    fn tell(&self, group: &str, channel: Uuid, change: Change) -> Member {
+        let member = Self::member(&lock(&self.running), channel);
+        let mut event = describe(&member);
+        event["type"] = json!(change.event_type());
+        event["group"] = json!(group);
+        self.send_to_listeners(group, channel, Frame::text(event.to_string()));
+        member
+    }
+
+    fn send_to_listeners(&self, group: &str, about: Uuid, frame: Frame) {
         let to: Vec<Uuid> = match lock(&self.listeners).get(group) {
-            Some(set) => set.iter().copied().filter(|id| *id != channel).collect(),
+            Some(set) => set.iter().copied().filter(|id| *id != about).collect(),
             None => return,
         };
         let running = lock(&self.running);
-        let mut event = Self::describe(&running, channel);
-        event["type"] = json!(kind);
-        event["group"] = json!(group);
-        let frame = Frame::text(event.to_string());
         let targets: Vec<Channel> = to
             .iter()
             .filter_map(|id| running.get(id))
@@ -114,7 +134,10 @@ pub(super) struct Events(pub(super) Weak<Inner>);
 impl MembershipObserver for Events {
     fn joined(&self, group: &str, channel: Uuid) {
         if let Some(inner) = self.0.upgrade() {
-            inner.peers.tell(group, channel, "member_joined");
+            let member = inner.peers.tell(group, channel, Change::Joined);
+            if let Some(directory) = inner.directory.get() {
+                directory.changed(group, Change::Joined, member);
+            }
         }
     }
 
@@ -129,6 +152,9 @@ impl MembershipObserver for Events {
                 }
             }
         }
-        inner.peers.tell(group, channel, "member_left");
+        let member = inner.peers.tell(group, channel, Change::Left);
+        if let Some(directory) = inner.directory.get() {
+            directory.changed(group, Change::Left, member);
+        }
     }
 }

@@ -102,6 +102,9 @@ impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.inner.channels.forget(self.1);
         self.0.inner.peers.remove(self.1);
+        if let Some(directory) = self.0.inner.directory.get() {
+            directory.disconnected(self.1);
+        }
     }
 }
 
@@ -151,11 +154,19 @@ impl ChatService {
             join: None,
             id: channel.id(),
         };
-        let joined = self
-            .inner
-            .channels
-            .subscribe(&channel, admission.group.as_str(), admission.replay.clone(), &framing)
-            .await;
+        let joined = match self.inner.directory.get() {
+            Some(directory) => directory.connected(channel.id()).await.map_err(Into::into),
+            None => Ok(()),
+        };
+        let joined = match joined {
+            Ok(()) => {
+                self.inner
+                    .channels
+                    .subscribe(&channel, admission.group.as_str(), admission.replay.clone(), &framing)
+                    .await
+            }
+            Err(err) => Err(err),
+        };
         if let Err(err) = joined {
             tracing::warn!(error = %err, "could not join the URL group");
             channel.close(CloseReason::new(1011, "server error"));

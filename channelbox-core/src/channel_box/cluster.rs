@@ -1,0 +1,308 @@
+//! A box in a cluster: messages whose offsets a shared engine assigned reach
+//! the group's sequencer through [`ChannelBox::ingest`], whoever published
+//! them. The sequencer drops offsets it delivered already and holds back
+//! offsets ahead of the next one; a gap that does not close by itself within
+//! [`GAP_WAIT`] is filled from history. When history no longer has the
+//! missing messages, or the group's epoch changed under this server, the
+//! group's local members are closed with 4002 `insufficient state` so that
+//! they recover instead of living with a gap.
+//!
+//! A message lost at the tail — nothing after it reveals the gap — is found by
+//! the head check: every [`HEAD_CHECK`] for every group with a started
+//! sequencer, and at once after the broker's connection comes back.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use super::membership::Group;
+use super::publish::Ready;
+use super::sequencer::Gap;
+use super::{lock, ChannelBox, Inner};
+use crate::broker::{Broker, BrokerEvent};
+use crate::error::BoxError;
+use crate::history::{Head, NewMessage, ReadQuery, StoredMessage};
+use crate::position::StreamPosition;
+use crate::transport::CloseReason;
+
+/// How long a gap may stay open before it is filled from history: messages
+/// of one group may arrive out of order for a moment.
+pub const GAP_WAIT: Duration = Duration::from_millis(150);
+
+/// How often every group with members checks the engine's head for a lost tail.
+pub const HEAD_CHECK: Duration = Duration::from_secs(2);
+
+/// How long the node stays subscribed to a group without local members, so
+/// that churn on a group does not subscribe and unsubscribe it each time.
+const IDLE_SUBSCRIPTION: Duration = Duration::from_secs(30);
+
+/// Most messages read from history to fill a gap at a time.
+const FILL_PAGE: usize = 256;
+
+impl ChannelBox {
+    /// The broker, when this box is part of a cluster.
+    pub fn broker(&self) -> Option<&Arc<dyn Broker>> {
+        self.inner.broker.get()
+    }
+
+    /// Joins this box to a cluster: from now on the broker's events deliver
+    /// saved messages (this server's own too), subscriptions follow local
+    /// membership, and groups check the engine's head in the background. Must
+    /// be called within a tokio runtime, once, before the box is used.
+    pub fn attach_broker(&self, broker: Arc<dyn Broker>) -> Result<(), BoxError> {
+        let Some(mut events) = broker.take_events() else {
+            return Err(BoxError::Setup("the broker's events were taken already".into()));
+        };
+        if self.inner.broker.set(broker).is_err() {
+            return Err(BoxError::Setup("a broker is attached already".into()));
+        }
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let Some(channels) = upgrade(&weak) else { return };
+                channels.on_broker_event(event);
+            }
+        });
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEAD_CHECK);
+            loop {
+                tick.tick().await;
+                let Some(channels) = upgrade(&weak) else { return };
+                channels.sweep_subscriptions();
+                tokio::spawn(async move { channels.check_heads().await });
+            }
+        });
+        Ok(())
+    }
+
+    fn on_broker_event(&self, event: BrokerEvent) {
+        match event {
+            BrokerEvent::Saved {
+                group,
+                position,
+                message,
+                except,
+            } => {
+                let ready = Ready {
+                    message,
+                    except,
+                    report: None,
+                };
+                self.ingest(&group, position, ready);
+            }
+            BrokerEvent::Unsaved { group, message, except } => {
+                if let Some(g) = self.group(&group) {
+                    self.deliver_unsaved(&g, &message, except);
+                }
+            }
+            BrokerEvent::Reset { group, position } => self.reset_order(&group, Some(position.epoch)),
+            BrokerEvent::Lost => {}
+            BrokerEvent::Back => {
+                let channels = self.clone();
+                tokio::spawn(async move { channels.check_heads().await });
+            }
+        }
+    }
+
+    /// A saved message of `group` at `at`, from whichever server published
+    /// it: delivered to this server's members in offset order, once.
+    pub(super) fn ingest(&self, group: &str, at: StreamPosition, ready: Ready) {
+        let Some(g) = self.group(group) else {
+            // No member here (any more): nothing to deliver.
+            return ready.answer(Default::default());
+        };
+        let mut order = lock(&g.order);
+        let Some(seq) = order.as_mut() else {
+            // Not started: a member's subscription is reading the head, and
+            // its replay or the next head check covers this message.
+            return ready.answer(Default::default());
+        };
+        if *seq.epoch() != at.epoch {
+            drop(order);
+            ready.answer(Default::default());
+            return self.insufficient_state(&g);
+        }
+        let epoch = seq.epoch().clone();
+        let completion = seq.complete(at.offset, Some(ready), |offset, r| {
+            self.deliver_ready(&g, &epoch, offset, r)
+        });
+        if let super::sequencer::Completion::Stale(Some(r)) = completion {
+            r.answer(Default::default());
+        }
+        let gap = seq.gap().is_some();
+        drop(order);
+        if gap {
+            self.fill_later(g);
+        }
+    }
+
+    /// Closes the group's members here with 4002 and forgets its sequencer:
+    /// they cannot be given its messages without a gap.
+    fn insufficient_state(&self, g: &Arc<Group>) {
+        let mut order = lock(&g.order);
+        *order = None;
+        let members: Vec<_> = lock(&g.members).map.values().cloned().collect();
+        drop(order);
+        if !members.is_empty() {
+            tracing::warn!(group = %g.name, members = members.len(), "closing members: insufficient state");
+        }
+        for ch in members {
+            ch.close(CloseReason::INSUFFICIENT_STATE);
+            self.forget(ch.id());
+        }
+    }
+
+    /// Starts filling the group's gap from history after [`GAP_WAIT`], unless
+    /// a filler runs already.
+    fn fill_later(&self, g: Arc<Group>) {
+        if g.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let channels = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(GAP_WAIT).await;
+            channels.fill_gaps(&g).await;
+            g.filling.store(false, Ordering::Release);
+        });
+    }
+
+    /// Reads what the sequencer misses from history, a page at a time, until
+    /// no gap is left; a gap history cannot fill closes the members.
+    async fn fill_gaps(&self, g: &Arc<Group>) {
+        loop {
+            let Some((epoch, gap)) = lock(&g.order)
+                .as_ref()
+                .and_then(|s| Some((s.epoch().clone(), s.gap()?)))
+            else {
+                return;
+            };
+            let wanted = ((gap.last - gap.after) as usize).min(FILL_PAGE);
+            let query = ReadQuery::Since {
+                offset: gap.after,
+                limit: wanted,
+            };
+            let page = match self.inner.store.read(&g.name, query).await {
+                Ok(page) => page,
+                Err(err) => {
+                    // The engine is away: the head check after it returns
+                    // starts again.
+                    tracing::debug!(group = %g.name, %err, "cannot fill a gap now");
+                    return;
+                }
+            };
+            if page.head.epoch != epoch || !fills(&page.head, &page.messages, gap) {
+                return self.insufficient_state(g);
+            }
+            let mut order = lock(&g.order);
+            let Some(seq) = order.as_mut().filter(|s| *s.epoch() == epoch) else {
+                return;
+            };
+            for m in page.messages.into_iter().filter(|m| m.offset <= gap.last) {
+                let offset = m.offset;
+                let ready = Ready {
+                    message: stored_to_new(m),
+                    except: None,
+                    report: None,
+                };
+                let ep = epoch.clone();
+                seq.complete(offset, Some(ready), |o, r| self.deliver_ready(g, &ep, o, r));
+            }
+        }
+    }
+
+    /// Compares every started group's sequencer with the engine's head: a
+    /// different epoch, or a head below what was delivered, closes the
+    /// members with 4002; a head ahead of everything received is a lost tail,
+    /// filled from history.
+    async fn check_heads(&self) {
+        let groups: Vec<Arc<Group>> = lock(&self.inner.state).groups.values().cloned().collect();
+        for g in groups {
+            let Some(started) = lock(&g.order).as_ref().map(|s| s.epoch().clone()) else {
+                continue;
+            };
+            let Ok(head) = self.inner.store.head(&g.name).await else {
+                return;
+            };
+            let mut order = lock(&g.order);
+            let Some(seq) = order.as_mut().filter(|s| *s.epoch() == started) else {
+                continue;
+            };
+            if head.epoch != started || head.last < seq.released().offset {
+                drop(order);
+                self.insufficient_state(&g);
+                continue;
+            }
+            seq.note_known(head.last);
+            let gap = seq.gap().is_some();
+            drop(order);
+            if gap {
+                self.fill_later(g);
+            }
+        }
+    }
+
+    /// Subscribes this server to a group before a member joins it; resolves
+    /// once the engine confirmed. Nothing to do without a broker.
+    pub(super) async fn subscribe_node(&self, group: &str) -> Result<(), BoxError> {
+        let Some(broker) = self.broker() else { return Ok(()) };
+        let confirmed = {
+            let mut subscribed = lock(&self.inner.subscribed);
+            subscribed.insert(Arc::from(group), Instant::now());
+            broker.subscribe(group)
+        };
+        Ok(confirmed.await?)
+    }
+
+    /// Unsubscribes from groups without local members for a while.
+    fn sweep_subscriptions(&self) {
+        let Some(broker) = self.broker() else { return };
+        let mut subscribed = lock(&self.inner.subscribed);
+        let idle: Vec<Arc<str>> = subscribed
+            .iter()
+            .filter(|(name, since)| since.elapsed() > IDLE_SUBSCRIPTION && self.group(name).is_none())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in idle {
+            subscribed.remove(&name);
+            // Placed now, under the lock, so a later subscribe comes after it.
+            drop(broker.unsubscribe(&name));
+        }
+    }
+}
+
+/// Whether a page read after `gap.after` holds every missing offset, as far as
+/// history still has them: nothing trimmed past the gap's start, the head not
+/// behind it, and the offsets continuous.
+fn fills(head: &Head, messages: &[StoredMessage], gap: Gap) -> bool {
+    if head.first > gap.after + 1 || head.last < gap.after {
+        return false;
+    }
+    let mut next = gap.after + 1;
+    for m in messages {
+        if m.offset != next {
+            return false;
+        }
+        next += 1;
+    }
+    // An empty page with offsets missing: expired by age, or lost.
+    !messages.is_empty()
+}
+
+fn stored_to_new(m: StoredMessage) -> NewMessage {
+    NewMessage {
+        kind: m.kind,
+        payload: m.payload,
+        meta: m.meta,
+        timestamp_ms: m.timestamp_ms,
+    }
+}
+
+fn upgrade(weak: &Weak<Inner>) -> Option<ChannelBox> {
+    weak.upgrade().map(|inner| ChannelBox { inner })
+}
+
+/// The box's record of the groups this server subscribed to, and when each
+/// was last asked for.
+pub(super) type Subscriptions = std::sync::Mutex<HashMap<Arc<str>, Instant>>;

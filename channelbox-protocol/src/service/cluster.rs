@@ -1,0 +1,186 @@
+//! A service in a cluster: what it shares with the other servers beyond the
+//! group messages the box's broker carries — who is connected where (for
+//! `direct`), member counts and presence, member events, admin close-all.
+//!
+//! A [`Directory`] keeps this server's records in the shared engine and reads
+//! the others'; no request waits on every server answering. This file wires
+//! it into the service: local joins and leaves go out, [`ClusterEvent`]s from
+//! other servers come in.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+
+use async_trait::async_trait;
+use channelbox_core::{CloseReason, Frame, StoreError};
+use serde_json::json;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::peers::MAX_PRESENCE;
+use super::session::store_error;
+use super::{ChatService, Inner};
+use crate::fields::GroupName;
+use crate::frames::ProtocolError;
+
+/// One member of a group, on some server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The member's channel.
+    pub channel_id: Uuid,
+    /// Its user (`sub` of its token), when tokens are used.
+    pub user: Option<String>,
+}
+
+/// A member joined or left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// It joined the group.
+    Joined,
+    /// It left the group, for any reason.
+    Left,
+}
+
+impl Change {
+    /// The member event's `type`.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            Change::Joined => "member_joined",
+            Change::Left => "member_left",
+        }
+    }
+}
+
+/// What arrives from the other servers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterEvent {
+    /// A text frame for one of this server's channels (a `direct`).
+    Direct {
+        /// The channel.
+        to: Uuid,
+        /// The frame's text.
+        frame: String,
+    },
+    /// Another server was asked to close every connection of the cluster.
+    CloseAll,
+    /// A member of a group joined or left on another server.
+    Member {
+        /// The group.
+        group: String,
+        /// Joined or left.
+        change: Change,
+        /// Who.
+        member: Member,
+    },
+}
+
+/// The cluster's shared records and control messages.
+#[async_trait]
+pub trait Directory: Send + Sync + std::fmt::Debug + 'static {
+    /// A channel of this server joined or left a group: recorded (soon
+    /// visible to every server) and announced to the group's other servers.
+    fn changed(&self, group: &str, change: Change, member: Member);
+
+    /// A channel of this server opened: recorded where `direct` finds it
+    /// before this resolves (its `welcome` comes after).
+    async fn connected(&self, channel: Uuid) -> Result<(), StoreError>;
+
+    /// A channel of this server closed: forgotten in the background.
+    fn disconnected(&self, channel: Uuid);
+
+    /// Member counts of every group over every live server.
+    async fn groups(&self) -> Result<BTreeMap<String, usize>, StoreError>;
+
+    /// A group's members over every live server, at most `max`; whether the
+    /// list was cut.
+    async fn presence(&self, group: &str, max: usize) -> Result<(Vec<Member>, bool), StoreError>;
+
+    /// Hands a text frame to a channel of another server; `false` when no
+    /// live server has it.
+    async fn direct(&self, to: Uuid, frame: String) -> Result<bool, StoreError>;
+
+    /// Asks every other server to close its connections.
+    async fn close_all(&self) -> Result<(), StoreError>;
+
+    /// The events from other servers, handed out once.
+    fn take_events(&self) -> Option<mpsc::Receiver<ClusterEvent>>;
+}
+
+/// Applies other servers' events to this service until the directory stops.
+pub(super) fn follow(inner: &Arc<Inner>, directory: &Arc<dyn Directory>) {
+    let Some(mut events) = directory.take_events() else {
+        tracing::warn!("the directory's events were taken already: no cross-server events");
+        return;
+    };
+    let weak: Weak<Inner> = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let Some(inner) = weak.upgrade() else { return };
+            match event {
+                ClusterEvent::Direct { to, frame } => {
+                    // Gone meanwhile: as for a `direct` to a channel that just closed.
+                    let _ = inner.channels.send_frame_to(to, Frame::text(frame));
+                }
+                ClusterEvent::CloseAll => {
+                    inner.channels.close_all(CloseReason::GOING_AWAY);
+                }
+                ClusterEvent::Member { group, change, member } => {
+                    inner.peers.tell_remote(&group, change, &member);
+                }
+            }
+        }
+    });
+}
+
+/// The JSON of a member as `presence` and member events show it.
+pub(super) fn describe(member: &Member) -> serde_json::Value {
+    match &member.user {
+        Some(user) => json!({"channel_id": member.channel_id, "user": user}),
+        None => json!({"channel_id": member.channel_id}),
+    }
+}
+
+impl ChatService {
+    /// Member counts by group: every server's in a cluster (the last known
+    /// ones while the engine is away), this server's otherwise.
+    pub(super) async fn member_counts(&self) -> BTreeMap<String, usize> {
+        match self.inner.directory.get() {
+            Some(directory) => directory.groups().await.unwrap_or_else(|err| {
+                tracing::debug!(%err, "member counts from this server only");
+                self.inner.channels.groups()
+            }),
+            None => self.inner.channels.groups(),
+        }
+    }
+
+    /// `{"group","members":[…]}` (with `"truncated":true` past the cap), over
+    /// every server of a cluster.
+    pub(super) async fn presence_of(&self, group: &GroupName) -> Result<serde_json::Value, ProtocolError> {
+        let (listed, truncated) = match self.inner.directory.get() {
+            Some(directory) => {
+                let (members, truncated) = directory
+                    .presence(group.as_str(), MAX_PRESENCE)
+                    .await
+                    .map_err(|e| store_error(&e.into()))?;
+                (members.iter().map(describe).collect(), truncated)
+            }
+            None => {
+                let members = self.inner.channels.members(group.as_str()).unwrap_or_default();
+                self.inner.peers.presence(&members)
+            }
+        };
+        let mut body = json!({"group": group.as_str(), "members": listed});
+        if truncated {
+            body["truncated"] = json!(true);
+        }
+        Ok(body)
+    }
+
+    /// Closes this server's connections, and asks the other servers of a
+    /// cluster to close theirs; how many closed here.
+    pub(super) async fn close_everywhere(&self) -> Result<usize, ProtocolError> {
+        if let Some(directory) = self.inner.directory.get() {
+            directory.close_all().await.map_err(|e| store_error(&e.into()))?;
+        }
+        Ok(self.inner.channels.close_all(CloseReason::GOING_AWAY))
+    }
+}

@@ -1,0 +1,306 @@
+//! [`RedisBroker`]: the [`Broker`] on Redis pub/sub. One task owns the
+//! subscription connection: it subscribes and unsubscribes in the order the
+//! calls were made, turns what arrives into [`BrokerEvent`]s (and control
+//! messages for the [`crate::RedisDirectory`]), pings the connection, and on
+//! any failure reports `Lost`, reconnects with backoff, subscribes everything
+//! again and reports `Back` — after which the box checks every group's head,
+//! so nothing published meanwhile is missed.
+//!
+//! Messages on a group's channel (`keys::channel`), first byte first:
+//! `S<epoch>\n<offset>\n<except>\n<message>` a saved message (from the append
+//! script), `R<epoch>` a reset (flush), `U<node>\n<except>\n<message>` an
+//! unsaved message, `E<node>\n<json>` a member event.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use channelbox_core::{Broker, BrokerEvent, BrokerFuture, Epoch, NewMessage, StoreError, StreamPosition};
+use futures_util::StreamExt;
+use redis::Client;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::directory::{member_event, parse_control, Control};
+use crate::keys;
+use crate::link::{unavailable, Link, COMMAND_TIMEOUT};
+
+/// Events waiting for the box before the subscription task waits for it
+/// (and Redis buffers for us, up to its own output limit).
+const EVENT_QUEUE: usize = 65_536;
+/// How often the subscription connection is pinged.
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// Waits between reconnect attempts.
+const RECONNECT_WAIT: Duration = Duration::from_millis(250);
+
+enum Command {
+    Subscribe(String, oneshot::Sender<Result<(), StoreError>>),
+    Unsubscribe(String),
+}
+
+/// Carries group messages between the servers of a cluster over Redis pub/sub.
+#[derive(Debug)]
+pub struct RedisBroker {
+    node: Uuid,
+    link: Arc<Link>,
+    commands: mpsc::UnboundedSender<Command>,
+    events: Mutex<Option<mpsc::Receiver<BrokerEvent>>>,
+    up: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Subscribe(c, _) => write!(f, "Subscribe({c})"),
+            Command::Unsubscribe(c) => write!(f, "Unsubscribe({c})"),
+        }
+    }
+}
+
+/// Where the subscription task sends what it receives.
+pub(crate) struct Routes {
+    pub(crate) node: Uuid,
+    pub(crate) events: mpsc::Sender<BrokerEvent>,
+    pub(crate) control: mpsc::Sender<Control>,
+    pub(crate) up: Arc<AtomicBool>,
+}
+
+impl RedisBroker {
+    /// Starts the subscription task; `control` receives what arrives on the
+    /// control channels.
+    pub(crate) fn start(client: Client, link: Arc<Link>, node: Uuid, control: mpsc::Sender<Control>) -> Self {
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let up = Arc::new(AtomicBool::new(false));
+        let routes = Routes {
+            node,
+            events: events_tx,
+            control,
+            up: up.clone(),
+        };
+        tokio::spawn(run(client, rx, routes));
+        RedisBroker {
+            node,
+            link,
+            commands,
+            events: Mutex::new(Some(events_rx)),
+            up,
+        }
+    }
+
+    /// Whether the subscription connection is up (shared with the store's health).
+    pub(crate) fn up_flag(&self) -> Arc<AtomicBool> {
+        self.up.clone()
+    }
+
+    fn request(&self, command: Command) -> Result<(), StoreError> {
+        self.commands
+            .send(command)
+            .map_err(|_| unavailable("the subscription task stopped"))
+    }
+}
+
+impl Broker for RedisBroker {
+    fn subscribe(&self, group: &str) -> BrokerFuture {
+        let (tx, rx) = oneshot::channel();
+        let placed = self.request(Command::Subscribe(keys::channel(group), tx));
+        Box::pin(async move {
+            placed?;
+            rx.await.map_err(|_| unavailable("the subscription task stopped"))?
+        })
+    }
+
+    fn unsubscribe(&self, group: &str) -> BrokerFuture {
+        let placed = self.request(Command::Unsubscribe(keys::channel(group)));
+        Box::pin(async move { placed })
+    }
+
+    fn publish_unsaved(&self, group: &str, message: &NewMessage, except: Option<Uuid>) -> BrokerFuture {
+        let mut body = format!(
+            "U{}\n{}\n",
+            self.node,
+            except.map(|e| e.to_string()).unwrap_or_default()
+        )
+        .into_bytes();
+        body.extend_from_slice(&message.encode());
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(keys::channel(group)).arg(body);
+        let link = self.link.clone();
+        Box::pin(async move { link.query::<i64>(&cmd).await.map(|_| ()) })
+    }
+
+    fn take_events(&self) -> Option<mpsc::Receiver<BrokerEvent>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn connected(&self) -> bool {
+        self.up.load(Ordering::Acquire) && self.link.is_up()
+    }
+}
+
+/// The subscription task: connected, it serves commands, messages and pings
+/// until something fails; then it reports the loss and connects again.
+async fn run(client: Client, mut commands: mpsc::UnboundedReceiver<Command>, routes: Routes) {
+    let mut wanted: HashSet<String> = [keys::node_channel(routes.node), keys::ALL_CHANNEL.to_owned()].into();
+    loop {
+        let Some((mut sink, mut stream)) = connect(&client, &wanted).await else {
+            // Down: subscriptions cannot be confirmed; unsubscriptions just
+            // leave the wanted set.
+            let wait = tokio::time::sleep(RECONNECT_WAIT);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = &mut wait => break,
+                    cmd = commands.recv() => match cmd {
+                        None => return,
+                        Some(Command::Subscribe(_, tx)) => { let _ = tx.send(Err(unavailable("not connected"))); }
+                        Some(Command::Unsubscribe(ch)) => { wanted.remove(&ch); }
+                    },
+                }
+            }
+            continue;
+        };
+        routes.up.store(true, Ordering::Release);
+        tracing::info!(channels = wanted.len(), "subscribed to redis");
+        if routes.events.send(BrokerEvent::Back).await.is_err() {
+            return;
+        }
+        let mut ping = tokio::time::interval(PING_EVERY);
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(Command::Subscribe(ch, tx)) => {
+                        if wanted.contains(&ch) {
+                            let _ = tx.send(Ok(()));
+                            continue;
+                        }
+                        match tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&ch)).await {
+                            Ok(Ok(())) => {
+                                wanted.insert(ch);
+                                let _ = tx.send(Ok(()));
+                            }
+                            _ => {
+                                let _ = tx.send(Err(unavailable("subscribing failed")));
+                                break;
+                            }
+                        }
+                    }
+                    Some(Command::Unsubscribe(ch)) => {
+                        wanted.remove(&ch);
+                        if tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(&ch)).await.is_err() {
+                            break;
+                        }
+                    }
+                },
+                msg = stream.next() => match msg {
+                    None => break,
+                    Some(msg) => {
+                        if !route(&routes, msg.get_channel_name(), msg.get_payload_bytes()).await {
+                            return;
+                        }
+                    }
+                },
+                _ = ping.tick() => {
+                    let pong = tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<redis::Value>()).await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        break;
+                    }
+                }
+            }
+        }
+        routes.up.store(false, Ordering::Release);
+        tracing::warn!("lost the redis subscription connection");
+        if routes.events.send(BrokerEvent::Lost).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn connect(
+    client: &Client,
+    wanted: &HashSet<String>,
+) -> Option<(redis::aio::PubSubSink, redis::aio::PubSubStream)> {
+    let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub())
+        .await
+        .ok()?
+        .ok()?;
+    let (mut sink, stream) = pubsub.split();
+    let channels: Vec<&String> = wanted.iter().collect();
+    tokio::time::timeout(COMMAND_TIMEOUT * 2, sink.subscribe(channels))
+        .await
+        .ok()?
+        .ok()?;
+    Some((sink, stream))
+}
+
+/// Splits `n` fields off the front of `body` at newlines; the rest is last.
+fn fields(body: &[u8], n: usize) -> Option<(Vec<&str>, &[u8])> {
+    let mut out = Vec::with_capacity(n);
+    let mut rest = body;
+    for _ in 0..n {
+        let at = rest.iter().position(|b| *b == b'\n')?;
+        out.push(std::str::from_utf8(&rest[..at]).ok()?);
+        rest = &rest[at + 1..];
+    }
+    Some((out, rest))
+}
+
+fn except_of(s: &str) -> Option<Uuid> {
+    Uuid::parse_str(s).ok()
+}
+
+/// Turns one pub/sub message into an event; `false` once nobody listens.
+async fn route(routes: &Routes, channel: &str, payload: &[u8]) -> bool {
+    let Some((&kind, body)) = payload.split_first() else {
+        return true;
+    };
+    if let Some(group) = keys::group_of_channel(channel.as_bytes()) {
+        let event = match kind {
+            b'S' => fields(body, 3).and_then(|(f, rest)| {
+                Some(BrokerEvent::Saved {
+                    group: group.to_owned(),
+                    position: StreamPosition::new(Epoch::from(f[0].to_owned()), f[1].parse().ok()?),
+                    except: except_of(f[2]),
+                    message: NewMessage::decode(rest)?,
+                })
+            }),
+            b'R' => std::str::from_utf8(body).ok().map(|epoch| BrokerEvent::Reset {
+                group: group.to_owned(),
+                position: StreamPosition::new(Epoch::from(epoch.to_owned()), 0),
+            }),
+            b'U' => fields(body, 2).and_then(|(f, rest)| {
+                (f[0] != routes.node.to_string()).then_some(())?;
+                Some(BrokerEvent::Unsaved {
+                    group: group.to_owned(),
+                    except: except_of(f[1]),
+                    message: NewMessage::decode(rest)?,
+                })
+            }),
+            b'E' => {
+                if let Some(control) = member_event(routes.node, group, body) {
+                    send_control(routes, control);
+                }
+                None
+            }
+            _ => None,
+        };
+        return match event {
+            Some(event) => routes.events.send(event).await.is_ok(),
+            None => true,
+        };
+    }
+    if let Some(control) = parse_control(routes.node, kind, body) {
+        send_control(routes, control);
+    }
+    true
+}
+
+/// Control messages never hold up group messages: past the queue's bound
+/// they are dropped (and logged), as pub/sub drops them for a slow reader.
+fn send_control(routes: &Routes, control: Control) {
+    if routes.control.try_send(control).is_err() {
+        tracing::warn!("control message dropped: the service does not keep up");
+    }
+}

@@ -1,0 +1,384 @@
+//! [`RedisDirectory`]: the chat service's [`Directory`] on Redis.
+//!
+//! Records, each with a short TTL that this server refreshes in the
+//! background, so that a dead server's records vanish by themselves:
+//! - `cb:nodes`, a sorted set of live servers scored by when their record
+//!   expires;
+//! - `cb:node:<id>:groups`, a server's member counts by group;
+//! - `cb:{<group>}:p:<id>`, a server's members of a group with their users;
+//! - `cb:ch:<channel>`, the server that runs a channel (for `direct`).
+//!
+//! Changes are written within [`FLUSH_EVERY`]; TTLs are [`RECORD_TTL`].
+//! Control messages: `D<channel>\n<frame>` on a server's own channel (a
+//! `direct`), `C<server>` on the channel of all (admin close-all), and member
+//! events `E<server>\n<J|L>\n<channel>\n<+user|->` on the group's channel.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use channelbox_core::{now_ms, StoreError};
+use channelbox_protocol::{Change, ClusterEvent, Directory, Member};
+use redis::Value;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::keys;
+use crate::link::Link;
+
+/// How long a record lives unless refreshed: a dead server's members
+/// disappear within this.
+pub const RECORD_TTL: Duration = Duration::from_secs(12);
+/// How often changed records are written.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Every this many flushes, every record's TTL is refreshed.
+const REFRESH_EVERY: u32 = 4;
+/// Fields or keys per command when writing many.
+const CHUNK: usize = 1000;
+
+/// What the subscription task hands the directory.
+pub(crate) type Control = ClusterEvent;
+
+#[derive(Debug, Default)]
+struct Local {
+    /// This server's members by group, with their users.
+    groups: HashMap<String, HashMap<Uuid, Option<String>>>,
+    /// Groups whose record must be rewritten.
+    dirty: HashSet<String>,
+    /// This server's channels.
+    channels: HashSet<Uuid>,
+    /// Channels closed whose record must go.
+    gone: Vec<Uuid>,
+    /// Member events to publish, in order.
+    outbox: Vec<(String, Vec<u8>)>,
+    /// The other servers' counts, as last read.
+    others: BTreeMap<String, usize>,
+}
+
+/// The cluster's shared records and control messages in Redis.
+#[derive(Clone, Debug)]
+pub struct RedisDirectory {
+    inner: Arc<DirectoryInner>,
+}
+
+#[derive(Debug)]
+struct DirectoryInner {
+    node: Uuid,
+    link: Arc<Link>,
+    local: Mutex<Local>,
+    events: Mutex<Option<mpsc::Receiver<ClusterEvent>>>,
+    /// Wakes the writer when member events wait.
+    wake: tokio::sync::Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RedisDirectory {
+    pub(crate) fn start(node: Uuid, link: Arc<Link>, events: mpsc::Receiver<ClusterEvent>) -> Self {
+        let inner = Arc::new(DirectoryInner {
+            node,
+            link,
+            local: Mutex::new(Local::default()),
+            events: Mutex::new(Some(events)),
+            wake: tokio::sync::Notify::new(),
+        });
+        tokio::spawn(write_records(Arc::downgrade(&inner)));
+        RedisDirectory { inner }
+    }
+
+    /// This server's id in the cluster.
+    pub fn node(&self) -> Uuid {
+        self.inner.node
+    }
+
+    /// The servers whose records are alive, this one excepted.
+    async fn other_nodes(&self) -> Result<Vec<Uuid>, StoreError> {
+        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        cmd.arg(keys::NODES).arg(now_ms()).arg("+inf");
+        let nodes: Vec<String> = self.inner.link.query(&cmd).await?;
+        Ok(nodes
+            .iter()
+            .filter_map(|n| Uuid::parse_str(n).ok())
+            .filter(|n| *n != self.inner.node)
+            .collect())
+    }
+
+    /// `HGETALL` of one key per node, in one pipeline.
+    async fn hashes(&self, keys: impl Iterator<Item = String>) -> Result<Vec<Vec<(String, String)>>, StoreError> {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("HGETALL").arg(key);
+        }
+        let values = self.inner.link.pipeline(&pipe).await?;
+        Ok(values
+            .iter()
+            .map(|v| {
+                redis::from_redis_value_ref::<HashMap<String, String>>(v)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Directory for RedisDirectory {
+    fn changed(&self, group: &str, change: Change, member: Member) {
+        let mut local = lock(&self.inner.local);
+        let members = local.groups.entry(group.to_owned()).or_default();
+        match change {
+            Change::Joined => {
+                members.insert(member.channel_id, member.user.clone());
+            }
+            Change::Left => {
+                members.remove(&member.channel_id);
+                if members.is_empty() {
+                    local.groups.remove(group);
+                }
+            }
+        }
+        local.dirty.insert(group.to_owned());
+        let event = member_event_body(self.inner.node, change, &member);
+        local.outbox.push((keys::channel(group), event));
+        drop(local);
+        self.inner.wake.notify_one();
+    }
+
+    async fn connected(&self, channel: Uuid) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(keys::channel_home(channel))
+            .arg(self.inner.node.to_string())
+            .arg("PX")
+            .arg(RECORD_TTL.as_millis() as u64);
+        self.inner.link.query::<Value>(&cmd).await?;
+        lock(&self.inner.local).channels.insert(channel);
+        Ok(())
+    }
+
+    fn disconnected(&self, channel: Uuid) {
+        let mut local = lock(&self.inner.local);
+        if local.channels.remove(&channel) {
+            local.gone.push(channel);
+        }
+    }
+
+    async fn groups(&self) -> Result<BTreeMap<String, usize>, StoreError> {
+        let read = async {
+            let nodes = self.other_nodes().await?;
+            let hashes = self.hashes(nodes.iter().map(|n| keys::node_groups(*n))).await?;
+            let mut others = BTreeMap::new();
+            for (group, count) in hashes.into_iter().flatten() {
+                *others.entry(group).or_insert(0) += count.parse::<usize>().unwrap_or(0);
+            }
+            Ok::<_, StoreError>(others)
+        };
+        let result = read.await;
+        let mut local = lock(&self.inner.local);
+        if let Ok(others) = result {
+            local.others = others;
+        }
+        // The other servers' last known counts while Redis is away.
+        let mut counts = local.others.clone();
+        for (group, members) in &local.groups {
+            *counts.entry(group.clone()).or_insert(0) += members.len();
+        }
+        counts.retain(|_, n| *n > 0);
+        Ok(counts)
+    }
+
+    async fn presence(&self, group: &str, max: usize) -> Result<(Vec<Member>, bool), StoreError> {
+        let nodes = self.other_nodes().await?;
+        let hashes = self.hashes(nodes.iter().map(|n| keys::presence(group, *n))).await?;
+        let mut members: Vec<Member> = lock(&self.inner.local)
+            .groups
+            .get(group)
+            .map(|m| {
+                m.iter()
+                    .map(|(id, user)| Member {
+                        channel_id: *id,
+                        user: user.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (id, user) in hashes.into_iter().flatten() {
+            if let Ok(channel_id) = Uuid::parse_str(&id) {
+                members.push(Member {
+                    channel_id,
+                    user: user.strip_prefix('+').map(str::to_owned),
+                });
+            }
+        }
+        let truncated = members.len() > max;
+        members.truncate(max);
+        Ok((members, truncated))
+    }
+
+    async fn direct(&self, to: Uuid, frame: String) -> Result<bool, StoreError> {
+        let home: Option<String> = self
+            .inner
+            .link
+            .query(redis::cmd("GET").arg(keys::channel_home(to)))
+            .await?;
+        let Some(node) = home.and_then(|h| Uuid::parse_str(&h).ok()) else {
+            return Ok(false);
+        };
+        if node == self.inner.node {
+            // Its record outlived it here.
+            return Ok(false);
+        }
+        let mut body = format!("D{to}\n").into_bytes();
+        body.extend_from_slice(frame.as_bytes());
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(keys::node_channel(node)).arg(body);
+        // No subscriber: that server is gone.
+        Ok(self.inner.link.query::<i64>(&cmd).await? > 0)
+    }
+
+    async fn close_all(&self) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(keys::ALL_CHANNEL).arg(format!("C{}", self.inner.node));
+        self.inner.link.query::<i64>(&cmd).await.map(|_| ())
+    }
+
+    fn take_events(&self) -> Option<mpsc::Receiver<ClusterEvent>> {
+        lock(&self.inner.events).take()
+    }
+}
+
+fn member_event_body(node: Uuid, change: Change, member: &Member) -> Vec<u8> {
+    let kind = match change {
+        Change::Joined => 'J',
+        Change::Left => 'L',
+    };
+    let user = member.user.as_deref().map_or("-".to_owned(), |u| format!("+{u}"));
+    format!("E{node}\n{kind}\n{}\n{user}", member.channel_id).into_bytes()
+}
+
+/// A member event from a group's channel (`body` after the `E`); `None` for
+/// this server's own or a malformed one.
+pub(crate) fn member_event(node: Uuid, group: &str, body: &[u8]) -> Option<Control> {
+    let text = std::str::from_utf8(body).ok()?;
+    let mut parts = text.splitn(4, '\n');
+    let from = Uuid::parse_str(parts.next()?).ok()?;
+    if from == node {
+        return None;
+    }
+    let change = match parts.next()? {
+        "J" => Change::Joined,
+        "L" => Change::Left,
+        _ => return None,
+    };
+    let channel_id = Uuid::parse_str(parts.next()?).ok()?;
+    let user = parts.next()?.strip_prefix('+').map(str::to_owned);
+    Some(ClusterEvent::Member {
+        group: group.to_owned(),
+        change,
+        member: Member { channel_id, user },
+    })
+}
+
+/// A message on a control channel (`kind` is its first byte).
+pub(crate) fn parse_control(node: Uuid, kind: u8, body: &[u8]) -> Option<Control> {
+    match kind {
+        b'D' => {
+            let at = body.iter().position(|b| *b == b'\n')?;
+            let to = Uuid::parse_str(std::str::from_utf8(&body[..at]).ok()?).ok()?;
+            let frame = String::from_utf8(body[at + 1..].to_vec()).ok()?;
+            Some(ClusterEvent::Direct { to, frame })
+        }
+        b'C' => {
+            let from = Uuid::parse_str(std::str::from_utf8(body).ok()?).ok()?;
+            (from != node).then_some(ClusterEvent::CloseAll)
+        }
+        _ => None,
+    }
+}
+
+/// Writes changed records every [`FLUSH_EVERY`] (member events at once) and
+/// refreshes every record's TTL every few flushes.
+async fn write_records(weak: Weak<DirectoryInner>) {
+    let mut round: u32 = 0;
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let _ = tokio::time::timeout(FLUSH_EVERY, inner.wake.notified()).await;
+        let outbox = std::mem::take(&mut lock(&inner.local).outbox);
+        if !outbox.is_empty() {
+            let mut pipe = redis::pipe();
+            for (channel, body) in &outbox {
+                pipe.cmd("PUBLISH").arg(channel).arg(&body[..]);
+            }
+            // Lost while Redis is away, like every pub/sub message then.
+            let _ = inner.link.pipeline(&pipe).await;
+        }
+        round = round.wrapping_add(1);
+        if let Err(err) = write_changes(&inner, round % REFRESH_EVERY == 0).await {
+            tracing::debug!(%err, "cluster records not written now");
+        }
+    }
+}
+
+async fn write_changes(inner: &DirectoryInner, refresh: bool) -> Result<(), StoreError> {
+    let ttl = RECORD_TTL.as_millis() as u64;
+    let node = inner.node;
+    let (dirty, gone, pipe) = {
+        let local = lock(&inner.local);
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(keys::NODES)
+            .arg(now_ms() + ttl)
+            .arg(node.to_string());
+        pipe.cmd("ZREMRANGEBYSCORE").arg(keys::NODES).arg("-inf").arg(now_ms());
+        let groups: Vec<&String> = if refresh {
+            local.groups.keys().collect()
+        } else {
+            local.dirty.iter().collect()
+        };
+        for group in &groups {
+            let key = keys::presence(group, node);
+            pipe.cmd("DEL").arg(&key);
+            let Some(members) = local.groups.get(*group) else {
+                continue;
+            };
+            let fields: Vec<(String, String)> = members
+                .iter()
+                .map(|(id, user)| {
+                    (
+                        id.to_string(),
+                        user.as_deref().map_or("-".to_owned(), |u| format!("+{u}")),
+                    )
+                })
+                .collect();
+            for chunk in fields.chunks(CHUNK) {
+                pipe.cmd("HSET").arg(&key).arg(chunk);
+            }
+            pipe.cmd("PEXPIRE").arg(&key).arg(ttl);
+        }
+        let counts_key = keys::node_groups(node);
+        pipe.cmd("DEL").arg(&counts_key);
+        let counts: Vec<(&String, usize)> = local.groups.iter().map(|(g, m)| (g, m.len())).collect();
+        for chunk in counts.chunks(CHUNK) {
+            pipe.cmd("HSET").arg(&counts_key).arg(chunk);
+        }
+        pipe.cmd("PEXPIRE").arg(&counts_key).arg(ttl);
+        for id in &local.gone {
+            pipe.cmd("DEL").arg(keys::channel_home(*id));
+        }
+        if refresh {
+            for id in &local.channels {
+                pipe.cmd("PEXPIRE").arg(keys::channel_home(*id)).arg(ttl);
+            }
+        }
+        (local.dirty.clone(), local.gone.len(), pipe)
+    };
+    inner.link.pipeline(&pipe).await?;
+    let mut local = lock(&inner.local);
+    local.dirty.retain(|g| !dirty.contains(g));
+    let done = gone.min(local.gone.len());
+    local.gone.drain(..done);
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! # channelbox-redis
+//!
+//! Redis as the engine of a channelbox cluster: several chat servers share
+//! one Redis, and every group spans them.
+//!
+//! - [`RedisStore`] is the [`HistoryStore`](channelbox_core::HistoryStore):
+//!   one Lua script per append creates the group's epoch when missing, takes
+//!   the next offset, adds the message to the group's stream, trims it
+//!   oldest-first by bytes, count and age (never the newest) and publishes it
+//!   with its epoch and offset — atomically. Reads are by range and bounded.
+//! - [`RedisBroker`] is the [`Broker`](channelbox_core::Broker): Redis
+//!   pub/sub, resubscribing by itself after any loss; the box finds what was
+//!   lost meanwhile by offset and fills it from history.
+//! - [`RedisDirectory`] is the chat service's
+//!   [`Directory`](channelbox_protocol::Directory): per-server records with a
+//!   short TTL (member counts, presence, where each channel is) and control
+//!   messages (`direct`, admin close-all, member events).
+//!
+//! Keys of one group share the hash tag `{<group>}`, so the layout works on
+//! Redis Cluster too. The client is redis-rs (`redis`, multiplexed tokio
+//! connections): a connection pipelines commands in the order they are sent,
+//! which keeps one caller's appends in order; reconnecting and resubscribing
+//! are done here, so that the box hears of every loss (see `broker`).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use channelbox_core::{ChannelBox, HistoryLimits};
+//! use channelbox_redis::{RedisConfig, RedisEngine};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let engine = RedisEngine::connect(RedisConfig::new("redis://127.0.0.1:6379/")).await?;
+//! let channels = ChannelBox::new(engine.store());
+//! channels.attach_broker(engine.broker())?;
+//! let report = channels.group_send("chat", serde_json::json!({"text": "hi"}), true).await?;
+//! assert!(report.offset.is_some());
+//! # Ok(()) }
+//! ```
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod broker;
+mod directory;
+mod keys;
+mod link;
+mod scripts;
+mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use channelbox_core::{HistoryLimits, StoreError, StoreErrorKind};
+use uuid::Uuid;
+
+pub use broker::RedisBroker;
+pub use directory::{RedisDirectory, FLUSH_EVERY, RECORD_TTL};
+pub use store::{RedisStore, MAX_READ, MESSAGE_OVERHEAD};
+
+/// Control messages from the subscription task to the directory before the
+/// newest are dropped.
+const CONTROL_QUEUE: usize = 16_384;
+
+/// How to reach Redis and what history to keep there.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// History limits. `max_total_bytes` is not applied: Redis's own
+    /// `maxmemory` bounds the whole (a group it evicts comes back in a new
+    /// epoch).
+    pub limits: HistoryLimits,
+    /// How long [`RedisEngine::connect`] waits for Redis.
+    pub connect_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// Default limits, waiting 5 s for Redis.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            limits: HistoryLimits::default(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One server's connections to the cluster's Redis: its store, broker and
+/// directory share them.
+#[derive(Clone, Debug)]
+pub struct RedisEngine {
+    store: Arc<RedisStore>,
+    broker: Arc<RedisBroker>,
+    directory: Arc<RedisDirectory>,
+}
+
+impl RedisEngine {
+    /// Connects (commands and pub/sub), loads the scripts, and starts the
+    /// background tasks; fails when Redis cannot be reached within
+    /// `connect_timeout`. Afterwards, losing Redis makes requests fail with
+    /// an `unavailable` error until it is back, which is noticed by itself.
+    pub async fn connect(config: RedisConfig) -> Result<RedisEngine, StoreError> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| StoreError::new(StoreErrorKind::InvalidInput, format!("redis url {:?}: {e}", config.url)))?;
+        let node = Uuid::new_v4();
+        let link = link::Link::start(client.clone());
+        let (control_tx, control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
+        let broker = RedisBroker::start(client, link.clone(), node, control_tx);
+        let store = RedisStore::new(link.clone(), config.limits, broker.up_flag());
+        let directory = RedisDirectory::start(node, link.clone(), control_rx);
+        if !link.wait_up(config.connect_timeout).await {
+            return Err(StoreError::new(
+                StoreErrorKind::Unusable,
+                format!(
+                    "redis at {} did not answer within {:?}",
+                    config.url, config.connect_timeout
+                ),
+            ));
+        }
+        Ok(RedisEngine {
+            store: Arc::new(store),
+            broker: Arc::new(broker),
+            directory: Arc::new(directory),
+        })
+    }
+
+    /// The history store.
+    pub fn store(&self) -> Arc<RedisStore> {
+        self.store.clone()
+    }
+
+    /// The broker, for [`ChannelBox::attach_broker`](channelbox_core::ChannelBox::attach_broker).
+    pub fn broker(&self) -> Arc<RedisBroker> {
+        self.broker.clone()
+    }
+
+    /// The chat service's directory.
+    pub fn directory(&self) -> Arc<RedisDirectory> {
+        self.directory.clone()
+    }
+}

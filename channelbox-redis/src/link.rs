@@ -1,0 +1,169 @@
+//! The command connection to Redis: one multiplexed connection (commands are
+//! pipelined on it in the order they are sent), watched by a supervisor task
+//! that pings it and reconnects with backoff. While it is down every command
+//! fails at once with [`unavailable`], so that requests answer quickly instead
+//! of waiting on a dead socket; when a connection comes up, the scripts are
+//! loaded before anything uses it (a restarted Redis has none cached).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use channelbox_core::{StoreError, StoreErrorKind};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, Value};
+
+use crate::scripts;
+
+/// How long a command may take before Redis counts as unreachable.
+pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How often the supervisor pings a live connection.
+const PING_EVERY: Duration = Duration::from_millis(500);
+/// Waits between reconnect attempts.
+const RECONNECT_WAIT: Duration = Duration::from_millis(250);
+
+/// An error saying Redis cannot take the request now.
+pub(crate) fn unavailable(what: impl std::fmt::Display) -> StoreError {
+    StoreError::new(StoreErrorKind::Io, format!("redis: {what}"))
+}
+
+/// The command connection and its health.
+#[derive(Debug)]
+pub(crate) struct Link {
+    client: Client,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    up: AtomicBool,
+    /// SHA1s of [`scripts::all`], once loaded.
+    shas: OnceLock<Vec<String>>,
+}
+
+impl Link {
+    /// A link to `client`'s Redis, connecting in the background.
+    pub(crate) fn start(client: Client) -> Arc<Link> {
+        let link = Arc::new(Link {
+            client,
+            conn: Mutex::new(None),
+            up: AtomicBool::new(false),
+            shas: OnceLock::new(),
+        });
+        tokio::spawn(supervise(Arc::downgrade(&link)));
+        link
+    }
+
+    /// Whether the connection is up now.
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Waits until the connection is up, at most `wait`.
+    pub(crate) async fn wait_up(&self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        while !self.is_up() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| unavailable("not connected"))
+    }
+
+    /// Drops the connection after a failed command; the supervisor reconnects.
+    fn broken(&self, err: &redis::RedisError) {
+        if err.is_io_error() || err.is_timeout() || err.is_connection_dropped() || err.is_connection_refusal() {
+            self.up.store(false, Ordering::Release);
+            *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// The SHA1 of script `index` of [`scripts::all`].
+    pub(crate) fn sha(&self, index: usize) -> Result<&str, StoreError> {
+        self.shas
+            .get()
+            .map(|s| s[index].as_str())
+            .ok_or_else(|| unavailable("not connected yet"))
+    }
+
+    /// Runs one command.
+    pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        let mut conn = self.connection()?;
+        let result = tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<T>(&mut conn)).await;
+        self.settle(result)
+    }
+
+    /// Runs a pipeline; with `ignore_errors` set on it, per-command errors
+    /// come back as [`Value::ServerError`] items.
+    pub(crate) async fn pipeline(&self, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
+        let mut conn = self.connection()?;
+        let result = tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<Vec<Value>>(&mut conn)).await;
+        self.settle(result)
+    }
+
+    fn settle<T>(&self, result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>) -> Result<T, StoreError> {
+        match result {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(err)) => {
+                self.broken(&err);
+                Err(unavailable(&err).with_source(err))
+            }
+            Err(_) => {
+                self.up.store(false, Ordering::Release);
+                *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Err(unavailable("no answer in time"))
+            }
+        }
+    }
+}
+
+/// Connects, loads the scripts, pings while up; reconnects when down.
+async fn supervise(link: Weak<Link>) {
+    loop {
+        let Some(l) = link.upgrade() else { return };
+        if l.is_up() {
+            let ping = l.query::<String>(&redis::cmd("PING")).await;
+            if ping.is_err() {
+                tracing::warn!("lost the connection to redis");
+            }
+            drop(l);
+            tokio::time::sleep(PING_EVERY).await;
+            continue;
+        }
+        match connect(&l.client).await {
+            Ok((conn, shas)) => {
+                let _ = l.shas.set(shas);
+                *l.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+                l.up.store(true, Ordering::Release);
+                tracing::info!("connected to redis");
+            }
+            Err(err) => {
+                tracing::debug!(%err, "cannot connect to redis");
+                drop(l);
+                tokio::time::sleep(RECONNECT_WAIT).await;
+            }
+        }
+    }
+}
+
+async fn connect(client: &Client) -> redis::RedisResult<(MultiplexedConnection, Vec<String>)> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(COMMAND_TIMEOUT))
+        .set_response_timeout(Some(COMMAND_TIMEOUT));
+    let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+    let mut shas = Vec::new();
+    for script in scripts::all() {
+        let sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(script)
+            .query_async(&mut conn)
+            .await?;
+        shas.push(sha);
+    }
+    Ok((conn, shas))
+}
