@@ -12,11 +12,11 @@
 //! unsaved message, `E<node>\n<json>` a member event.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use channelbox_core::{Broker, BrokerEvent, BrokerFuture, Epoch, NewMessage, StoreError, StreamPosition};
+use channelbox_core::{now_ms, Broker, BrokerEvent, BrokerFuture, Epoch, NewMessage, StoreError, StreamPosition};
 use futures_util::StreamExt;
 use redis::Client;
 use tokio::sync::{mpsc, oneshot};
@@ -34,6 +34,37 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 /// Waits between reconnect attempts.
 const RECONNECT_WAIT: Duration = Duration::from_millis(250);
 
+/// How long the subscription connection may be down before the cluster
+/// counts as unreachable: a reconnect (after `CLIENT KILL`, say) takes less,
+/// and what it missed is found by offset afterwards.
+const RESUBSCRIBE_GRACE_MS: u64 = 1000;
+
+/// Whether the subscription connection is up, and since when it is down.
+#[derive(Debug)]
+pub(crate) struct SubscriptionHealth {
+    /// When it went down (ms since the Unix epoch); 0 while it is up.
+    down_since: AtomicU64,
+}
+
+impl SubscriptionHealth {
+    fn new() -> Self {
+        SubscriptionHealth {
+            down_since: AtomicU64::new(now_ms().max(1)),
+        }
+    }
+
+    fn set(&self, up: bool) {
+        let value = if up { 0 } else { now_ms().max(1) };
+        self.down_since.store(value, Ordering::Release);
+    }
+
+    /// Up, or down for less than the resubscribe grace.
+    pub(crate) fn healthy(&self) -> bool {
+        let since = self.down_since.load(Ordering::Acquire);
+        since == 0 || now_ms().saturating_sub(since) < RESUBSCRIBE_GRACE_MS
+    }
+}
+
 enum Command {
     Subscribe(String, oneshot::Sender<Result<(), StoreError>>),
     Unsubscribe(String),
@@ -46,7 +77,7 @@ pub struct RedisBroker {
     link: Arc<Link>,
     commands: mpsc::UnboundedSender<Command>,
     events: Mutex<Option<mpsc::Receiver<BrokerEvent>>>,
-    up: Arc<AtomicBool>,
+    up: Arc<SubscriptionHealth>,
 }
 
 impl std::fmt::Debug for Command {
@@ -63,7 +94,7 @@ pub(crate) struct Routes {
     pub(crate) node: Uuid,
     pub(crate) events: mpsc::Sender<BrokerEvent>,
     pub(crate) control: mpsc::Sender<Control>,
-    pub(crate) up: Arc<AtomicBool>,
+    pub(crate) up: Arc<SubscriptionHealth>,
 }
 
 impl RedisBroker {
@@ -72,7 +103,7 @@ impl RedisBroker {
     pub(crate) fn start(client: Client, link: Arc<Link>, node: Uuid, control: mpsc::Sender<Control>) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-        let up = Arc::new(AtomicBool::new(false));
+        let up = Arc::new(SubscriptionHealth::new());
         let routes = Routes {
             node,
             events: events_tx,
@@ -89,8 +120,8 @@ impl RedisBroker {
         }
     }
 
-    /// Whether the subscription connection is up (shared with the store's health).
-    pub(crate) fn up_flag(&self) -> Arc<AtomicBool> {
+    /// The subscription connection's health (shared with the store's).
+    pub(crate) fn health(&self) -> Arc<SubscriptionHealth> {
         self.up.clone()
     }
 
@@ -135,7 +166,7 @@ impl Broker for RedisBroker {
     }
 
     fn connected(&self) -> bool {
-        self.up.load(Ordering::Acquire) && self.link.is_up()
+        self.up.healthy() && self.link.is_up()
     }
 }
 
@@ -161,7 +192,7 @@ async fn run(client: Client, mut commands: mpsc::UnboundedReceiver<Command>, rou
             }
             continue;
         };
-        routes.up.store(true, Ordering::Release);
+        routes.up.set(true);
         tracing::info!(channels = wanted.len(), "subscribed to redis");
         if routes.events.send(BrokerEvent::Back).await.is_err() {
             return;
@@ -210,7 +241,7 @@ async fn run(client: Client, mut commands: mpsc::UnboundedReceiver<Command>, rou
                 }
             }
         }
-        routes.up.store(false, Ordering::Release);
+        routes.up.set(false);
         tracing::warn!("lost the redis subscription connection");
         if routes.events.send(BrokerEvent::Lost).await.is_err() {
             return;

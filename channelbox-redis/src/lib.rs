@@ -106,7 +106,7 @@ impl RedisEngine {
         let link = link::Link::start(client.clone());
         let (control_tx, control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
         let broker = RedisBroker::start(client, link.clone(), node, control_tx);
-        let store = RedisStore::new(link.clone(), config.limits, broker.up_flag());
+        let store = RedisStore::new(link.clone(), config.limits, broker.health());
         let directory = RedisDirectory::start(node, link.clone(), control_rx);
         if !link.wait_up(config.connect_timeout).await {
             return Err(StoreError::new(

@@ -15,6 +15,7 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::broker::SubscriptionHealth;
 use crate::link::{unavailable, Link};
 use crate::{keys, scripts};
 
@@ -52,11 +53,11 @@ struct StoreInner {
     appends: mpsc::Sender<Job>,
     /// Whether the broker's subscription connection is up too (a cluster
     /// without it would miss messages).
-    pubsub_up: Arc<std::sync::atomic::AtomicBool>,
+    pubsub: Arc<SubscriptionHealth>,
 }
 
 impl RedisStore {
-    pub(crate) fn new(link: Arc<Link>, limits: HistoryLimits, pubsub_up: Arc<std::sync::atomic::AtomicBool>) -> Self {
+    pub(crate) fn new(link: Arc<Link>, limits: HistoryLimits, pubsub: Arc<SubscriptionHealth>) -> Self {
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
         tokio::spawn(run_appends(link.clone(), limits.clone(), rx));
         RedisStore {
@@ -64,7 +65,7 @@ impl RedisStore {
                 link,
                 limits,
                 appends: tx,
-                pubsub_up,
+                pubsub,
             }),
         }
     }
@@ -73,7 +74,9 @@ impl RedisStore {
         if group.is_empty() {
             return Err(StoreError::new(StoreErrorKind::InvalidInput, "group name is empty"));
         }
-        if !self.inner.link.is_up() {
+        // Refused at once while either connection is down: a cluster that
+        // cannot hear its own messages must not take new ones.
+        if !self.healthy() {
             return Err(unavailable("not connected"));
         }
         let (done, rx) = oneshot::channel();
@@ -255,7 +258,7 @@ impl HistoryStore for RedisStore {
     }
 
     fn healthy(&self) -> bool {
-        self.inner.link.is_up() && self.inner.pubsub_up.load(std::sync::atomic::Ordering::Acquire)
+        self.inner.link.is_up() && self.inner.pubsub.healthy()
     }
 }
 

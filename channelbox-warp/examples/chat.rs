@@ -1,6 +1,6 @@
 //! The chat server of the protocol in docs/protocol.md: the flags, a history
 //! store (sled in ./channelbox-data by default, `--store memory` for none on
-//! disk), and `channelbox_warp::serve` — hyper for every connection, warp for
+//! disk, `--store redis` for one server of a cluster), and `channelbox_warp::serve` — hyper for every connection, warp for
 //! the HTTP routes, tokio-tungstenite for the WebSocket connections.
 //!
 //! ```sh
@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use channelbox_core::{HistoryLimits, HistoryStore};
 use channelbox_protocol::{ChatService, ProtocolConfig, TokenVerifier};
+use channelbox_redis::{RedisConfig, RedisEngine};
 use channelbox_store_memory::{MemoryConfig, MemoryStore};
 use channelbox_store_sled::{SledConfig, SledStore};
 use channelbox_warp::ServerConfig;
@@ -30,6 +31,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 enum StoreKind {
     Sled,
     Memory,
+    /// A cluster: every server with the same `--redis-url` shares groups.
+    Redis,
 }
 
 /// The channelbox chat server.
@@ -45,6 +48,9 @@ struct Args {
     /// sled directory.
     #[arg(long, env = "CHANNELBOX_DATA", default_value = "./channelbox-data")]
     data: PathBuf,
+    /// The Redis of a cluster (with `--store redis`).
+    #[arg(long, env = "CHANNELBOX_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    redis_url: String,
     /// Per-group history limit in payload bytes.
     #[arg(long, env = "CHANNEL_BOX_HISTORY_SIZE", default_value_t = 1_048_576)]
     history_bytes: u64,
@@ -106,15 +112,31 @@ fn positive_seconds(s: &str) -> Result<Duration, String> {
     }
 }
 
-fn open_store(args: &Args) -> anyhow::Result<Arc<dyn HistoryStore>> {
+/// The service over the chosen store: a single server, or one of a cluster.
+async fn open_service(args: &Args, config: ProtocolConfig) -> anyhow::Result<ChatService> {
     let limits = HistoryLimits {
         max_bytes: args.history_bytes,
         max_messages: args.history_messages,
         max_age: args.history_ttl,
         max_total_bytes: Some(args.history_total_bytes),
     };
-    Ok(match args.store {
+    let store: Arc<dyn HistoryStore> = match args.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(MemoryConfig { limits })),
+        StoreKind::Redis => {
+            let redis = RedisConfig {
+                limits,
+                ..RedisConfig::new(&args.redis_url)
+            };
+            let engine = RedisEngine::connect(redis)
+                .await
+                .with_context(|| format!("cannot use redis at {}", args.redis_url))?;
+            return Ok(ChatService::clustered(
+                engine.store(),
+                config,
+                engine.broker(),
+                engine.directory(),
+            )?);
+        }
         StoreKind::Sled => Arc::new(
             SledStore::open(SledConfig {
                 limits,
@@ -122,7 +144,8 @@ fn open_store(args: &Args) -> anyhow::Result<Arc<dyn HistoryStore>> {
             })
             .with_context(|| format!("cannot open the sled store in {}", args.data.display()))?,
         ),
-    })
+    };
+    Ok(ChatService::new(store, config))
 }
 
 async fn shutdown_signal() {
@@ -154,7 +177,6 @@ async fn main() -> anyhow::Result<()> {
         None => None,
         Some(secret) => Some(TokenVerifier::checked(secret.as_bytes()).context("--token-secret")?),
     };
-    let store = open_store(&args)?;
     let config = ProtocolConfig {
         max_message_bytes: args.max_message_bytes as usize,
         rate_limit: args.rate_limit,
@@ -169,7 +191,7 @@ async fn main() -> anyhow::Result<()> {
         ping_interval: (args.ping_interval > 0).then(|| Duration::from_secs(args.ping_interval)),
         pong_timeout: Duration::from_secs(args.pong_timeout),
     };
-    let service = ChatService::new(store, config);
+    let service = open_service(&args, config).await?;
     // One descriptor per connection: take all the system allows.
     let open_files = match channelbox_warp::raise_open_file_limit() {
         Ok(limit) => {

@@ -279,15 +279,9 @@ fn fills(head: &Head, messages: &[StoredMessage], gap: Gap) -> bool {
     if head.first > gap.after + 1 || head.last < gap.after {
         return false;
     }
-    let mut next = gap.after + 1;
-    for m in messages {
-        if m.offset != next {
-            return false;
-        }
-        next += 1;
-    }
+    let continuous = (gap.after + 1..).zip(messages).all(|(next, m)| m.offset == next);
     // An empty page with offsets missing: expired by age, or lost.
-    !messages.is_empty()
+    continuous && !messages.is_empty()
 }
 
 fn stored_to_new(m: StoredMessage) -> NewMessage {
