@@ -19,6 +19,8 @@ pub(crate) struct Plan {
     pub(crate) sizes: Vec<usize>,
     pub(crate) messages: u64,
     pub(crate) runs: usize,
+    /// The cluster benchmark instead (`--cluster`).
+    pub(crate) cluster: bool,
 }
 
 impl Plan {
@@ -29,6 +31,7 @@ impl Plan {
             sizes: vec![100, 1000, 5000, 10000],
             messages: 20_000,
             runs: 3,
+            cluster: false,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -41,6 +44,7 @@ impl Plan {
                     plan.runs = 1;
                 }
                 "--loopback-only" => plan.loopback_only = true,
+                "--cluster" => plan.cluster = true,
                 "--sizes" => {
                     plan.sizes = value()?
                         .split(',')
@@ -95,11 +99,11 @@ const SERVERS: &[ServerKind] = &[
     },
 ];
 
-fn pinned(core: usize, program: &str, args: &[String]) -> Command {
+pub(crate) fn pinned(core: Option<usize>, program: &str, args: &[String]) -> Command {
     // Raise the descriptor limit for 10,000 connections, and pin when taskset exists.
     let taskset = Path::new("/usr/bin/taskset").exists();
     let mut line = String::from("ulimit -n 65536 2>/dev/null || ulimit -n 16384 2>/dev/null; exec ");
-    if taskset {
+    if let Some(core) = core.filter(|_| taskset) {
         line.push_str(&format!("taskset -c {core} "));
     }
     line.push_str(program);
@@ -125,12 +129,17 @@ fn start_server(kind: &ServerKind, data: &Path, extra: &[String]) -> Result<(Chi
     } else {
         args.push("127.0.0.1:0".into());
     }
-    let mut child = pinned(0, kind.program, &args)
+    listening(pinned(Some(0), kind.program, &args), kind.program)
+}
+
+/// Starts a server and reads its `listening on http://ADDR` line.
+pub(crate) fn listening(mut command: Command, program: &str) -> Result<(Child, String), String> {
+    let mut child = command
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", kind.program))?;
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
     let mut line = String::new();
     let stdout = child.stdout.take().ok_or("no stdout")?;
     BufReader::new(stdout)
@@ -161,7 +170,7 @@ fn loadgen(
         format!("--history {}", kind.history),
         format!("--members {}", kind.members),
     ];
-    let out = pinned(1, "target/release/loadgen", &args)
+    let out = pinned(Some(1), "target/release/loadgen", &args)
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("cannot run the load generator: {e}"))?;
@@ -185,12 +194,12 @@ fn measure(kind: &ServerKind, subscribers: usize, messages: u64, rate: u64) -> R
     result
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn f(v: &Value, path: &[&str]) -> f64 {
+pub(crate) fn f(v: &Value, path: &[&str]) -> f64 {
     let mut cur = v;
     for p in path {
         cur = &cur[*p];
@@ -202,7 +211,7 @@ fn f(v: &Value, path: &[&str]) -> f64 {
 /// next round), so that a shared machine's slow minutes fall on all servers
 /// alike instead of on whichever ran then. Returns the runs of each server,
 /// in the order of `servers`.
-fn interleaved<K>(
+pub(crate) fn interleaved<K>(
     servers: &[K],
     runs: usize,
     mut measure: impl FnMut(&K) -> Result<Value, String>,
@@ -332,7 +341,7 @@ pub(crate) fn soak(connections: usize, seconds: u64, server_args: &[String]) -> 
         format!("--seconds {seconds}"),
         format!("--admin-token {SOAK_ADMIN_TOKEN}"),
     ];
-    let out = pinned(1, "target/release/soak", &args)
+    let out = pinned(Some(1), "target/release/soak", &args)
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("cannot run the soak driver: {e}"));

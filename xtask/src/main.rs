@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod bench;
+mod cluster_bench;
 mod tidy;
 
 /// Property tests are named `*_matches_the_model`; this filter selects them.
@@ -60,9 +61,11 @@ fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
 }
 
 /// Debian packages the tests need, by the program each provides: the browser
-/// test's Chromium and Node.js, and `prlimit`/`mount` for the hostile suite.
-const SYSTEM_PACKAGES: [(&str, &str); 5] = [
+/// test's Chromium and Node.js, `redis-server` for the cluster tests (each
+/// starts its own on a free port), and `prlimit`/`mount` for the hostile suite.
+const SYSTEM_PACKAGES: [(&str, &str); 6] = [
     ("chromium", "chromium"),
+    ("redis-server", "redis-server"),
     ("node", "nodejs"),
     ("npm", "npm"),
     ("prlimit", "util-linux"),
@@ -276,6 +279,10 @@ fn proptest(args: &[String]) -> Result<(), String> {
 fn bench(args: &[String]) -> Result<(), String> {
     let plan = bench::Plan::parse(args)?;
     std::env::set_current_dir(root()).map_err(|e| e.to_string())?;
+    if plan.cluster {
+        build_server_tools()?;
+        return cluster_bench::run(&plan);
+    }
     // 1. Criterion: core fan-out and sled appends (`--test` runs each once).
     let mut criterion = vec!["bench", "--workspace", "-j2"];
     if plan.quick {

@@ -11,9 +11,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use channelbox_bench::{cpu_seconds, http_get, raw, rss_bytes, Histogram, Target};
+use channelbox_bench::{cpu_seconds, http_get, now_us, raw, rss_bytes, stamp, Histogram, Tally, Target};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -45,61 +45,6 @@ struct Args {
     /// Payload bytes (padding included).
     #[arg(long, default_value_t = 64)]
     payload: usize,
-}
-
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-/// Finds the unsigned integer after `key` in `text`.
-fn number_after(text: &str, key: &str) -> Option<u64> {
-    let at = text.find(key)? + key.len();
-    let digits = text[at..].bytes().take_while(u8::is_ascii_digit).count();
-    text[at..at + digits].parse().ok()
-}
-
-/// The sequence number and send time in a delivered message. `str::find` is
-/// vectorized where a byte-window search is not: at a million frames a second
-/// that difference was the load generator's bottleneck.
-fn stamp(text: &[u8]) -> Option<(u64, u64)> {
-    let text = std::str::from_utf8(text).ok()?;
-    // The stamps are in `data`, at the end of the frame.
-    let data = &text[text.find("\"data\":")?..];
-    Some((number_after(data, "\"seq\":")?, number_after(data, "\"t\":")?))
-}
-
-struct Tally {
-    seen: Vec<u64>,
-    received: u64,
-    duplicates: u64,
-    latency: Histogram,
-}
-
-impl Tally {
-    fn new(messages: u64) -> Self {
-        Tally {
-            seen: vec![0; messages.div_ceil(64) as usize],
-            received: 0,
-            duplicates: 0,
-            latency: Histogram::default(),
-        }
-    }
-
-    fn record(&mut self, seq: u64, sent_us: u64) -> bool {
-        let (word, bit) = ((seq / 64) as usize, seq % 64);
-        let Some(w) = self.seen.get_mut(word) else { return false };
-        if *w & (1 << bit) != 0 {
-            self.duplicates += 1;
-            return false;
-        }
-        *w |= 1 << bit;
-        self.received += 1;
-        self.latency.record(now_us().saturating_sub(sent_us));
-        true
-    }
 }
 
 async fn members(addr: &str, how: &str) -> anyhow::Result<usize> {
