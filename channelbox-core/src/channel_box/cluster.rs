@@ -71,7 +71,7 @@ impl ChannelBox {
                 tick.tick().await;
                 let Some(channels) = upgrade(&weak) else { return };
                 channels.sweep_subscriptions();
-                tokio::spawn(async move { channels.check_heads().await });
+                tokio::spawn(async move { channels.check_heads(false).await });
             }
         });
         Ok(())
@@ -101,7 +101,7 @@ impl ChannelBox {
             BrokerEvent::Lost => {}
             BrokerEvent::Back => {
                 let channels = self.clone();
-                tokio::spawn(async move { channels.check_heads().await });
+                tokio::spawn(async move { channels.check_heads(true).await });
             }
         }
     }
@@ -113,6 +113,7 @@ impl ChannelBox {
             // No member here (any more): nothing to deliver.
             return ready.answer(Default::default());
         };
+        g.last_ingest.store(crate::history::now_ms(), Ordering::Relaxed);
         let mut order = lock(&g.order);
         let Some(seq) = order.as_mut() else {
             // Not started: a member's subscription is reading the head, and
@@ -212,13 +213,19 @@ impl ChannelBox {
         }
     }
 
-    /// Compares every started group's sequencer with the engine's head: a
+    /// Compares started groups' sequencers with the engine's head — every
+    /// group after a reconnect (`all`), else those that received nothing for
+    /// a [`HEAD_CHECK`] (in a busy group the next message reveals a loss): a
     /// different epoch, or a head below what was delivered, closes the
     /// members with 4002; a head ahead of everything received is a lost tail,
     /// filled from history.
-    async fn check_heads(&self) {
+    async fn check_heads(&self, all: bool) {
         let groups: Vec<Arc<Group>> = lock(&self.inner.state).groups.values().cloned().collect();
+        let quiet_since = crate::history::now_ms().saturating_sub(HEAD_CHECK.as_millis() as u64);
         for g in groups {
+            if !all && g.last_ingest.load(Ordering::Relaxed) > quiet_since {
+                continue;
+            }
             let Some(started) = lock(&g.order).as_ref().map(|s| s.epoch().clone()) else {
                 continue;
             };

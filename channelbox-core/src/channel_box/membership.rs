@@ -46,6 +46,8 @@ pub(super) struct Group {
     in_flight: AtomicU64,
     /// A task is filling a gap of this group from history (with a broker).
     pub(super) filling: std::sync::atomic::AtomicBool,
+    /// When a message last arrived through `ingest` (ms since the Unix epoch).
+    pub(super) last_ingest: AtomicU64,
 }
 
 impl Group {
@@ -60,6 +62,7 @@ impl Group {
             order: Mutex::new(None),
             in_flight: AtomicU64::new(0),
             filling: std::sync::atomic::AtomicBool::new(false),
+            last_ingest: AtomicU64::new(0),
         }
     }
 
