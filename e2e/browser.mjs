@@ -1,7 +1,9 @@
 // Browser test of the chat page in real headless Chromium (Debian's package),
-// driven by playwright-core: two pages in one room exchange messages, a reload
-// shows the history, and after the server restarts (sled store, same data
-// directory and port) the page reconnects and catches up. Saves a screenshot.
+// driven by playwright-core: two pages in one room exchange messages, see who
+// is in the room (presence, then member events as a third page comes and
+// goes), a reload shows the history, and after the server restarts (sled
+// store, same data directory and port) the page reconnects and catches up.
+// Saves a screenshot.
 //
 // Usage: CHAT_BIN=target/debug/examples/chat node e2e/browser.mjs <screenshot.png>
 
@@ -81,6 +83,18 @@ try {
   check(true, "alice sees bob's message");
   await a.waitForFunction(() => document.getElementById("members").textContent === "2");
   check(true, "the page shows two people in the room");
+  check(await a.evaluate(() => typeof window.channelbox?.connect === "function"),
+    "the page runs the channelbox client package (/channelbox.js)");
+  await a.waitForFunction(() => document.querySelectorAll("#member-list li").length === 2);
+  check((await a.locator("#member-list li:has-text('(you)')").count()) === 1, "the member list marks you");
+  const third = await context.newPage();
+  await third.goto(`${base}/#room=${room}`);
+  await third.waitForSelector("#status.connected");
+  await a.waitForFunction(() => document.querySelectorAll("#member-list li").length === 3);
+  check(true, "a member joining shows in the list (member event)");
+  await third.close();
+  await a.waitForFunction(() => document.querySelectorAll("#member-list li").length === 2);
+  check(true, "a member leaving goes from the list (member event)");
 
   await b.reload();
   await b.waitForSelector("#status.connected");

@@ -27,6 +27,7 @@ mod config;
 mod fields;
 mod frames;
 mod metrics;
+pub mod page;
 mod request;
 mod service;
 

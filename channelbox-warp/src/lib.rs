@@ -40,7 +40,7 @@ mod server;
 pub use server::{listen, raise_open_file_limit, serve, ServerConfig};
 
 /// The browser chat page, embedded in the binary.
-pub const CHAT_PAGE: &str = include_str!("../assets/chat.html");
+pub use channelbox_protocol::page::CHAT_PAGE;
 
 struct WarpSink {
     sink: SplitSink<WebSocket, Message>,
@@ -234,7 +234,12 @@ pub fn api_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::R
 pub fn site_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
     let page = warp::path::end()
         .and(warp::get())
-        .map(|| warp::reply::html(CHAT_PAGE).into_response());
+        .map(|| warp::reply::html(CHAT_PAGE).into_response())
+        .or(warp::path!("channelbox.js").and(warp::get()).map(|| {
+            let js = channelbox_protocol::page::CLIENT_JS;
+            warp::reply::with_header(js, "content-type", "text/javascript; charset=utf-8").into_response()
+        }))
+        .unify();
     let health = warp::path!("healthz")
         .and(warp::get())
         .and(with_service(service.clone()))

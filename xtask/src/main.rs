@@ -155,6 +155,7 @@ fn ci() -> Result<(), String> {
     e2e()?;
     // Short runs of the benchmarks and of the soak, so that they cannot rot.
     bench(&["--quick".to_owned()])?;
+    bench(&["--cluster".to_owned(), "--quick".to_owned()])?;
     soak(&[
         "--connections".to_owned(),
         "50".to_owned(),
@@ -225,6 +226,29 @@ fn run(program: &str, args: &[&str], env: &[(&str, &str)], dir: &Path) -> Result
 
 /// The browser test: the chat example in debug mode, driven in headless
 /// Chromium by `e2e/browser.mjs`; the screenshot goes to target/browser/.
+/// The TypeScript client: built with its lockfile's compiler, its bundle
+/// checked against the copy the server embeds, its tests run against the
+/// chat server `bin`.
+fn typescript_client(root: &Path, bin: &str) -> Result<(), String> {
+    let client = root.join("clients").join("typescript");
+    if !client.join("node_modules").join("typescript").exists() {
+        run("npm", &["ci", "--no-audit", "--no-fund"], &[], &client)?;
+    }
+    run("npm", &["run", "build"], &[], &client)?;
+    let built = std::fs::read(client.join("dist").join("channelbox.min.js")).map_err(|e| e.to_string())?;
+    let embedded = root
+        .join("channelbox-protocol")
+        .join("assets")
+        .join("channelbox.min.js");
+    if std::fs::read(&embedded).map_err(|e| e.to_string())? != built {
+        return Err(format!(
+            "{} is not the client's build: run `npm run build` in clients/typescript and copy dist/channelbox.min.js there",
+            embedded.display()
+        ));
+    }
+    run("npm", &["test"], &[("CHAT_BIN", bin)], &client)
+}
+
 fn e2e() -> Result<(), String> {
     system_packages()?;
     let root = root();
@@ -235,6 +259,7 @@ fn e2e() -> Result<(), String> {
     }
     let bin = root.join("target").join("debug").join("examples").join("chat");
     let bin = bin.to_string_lossy();
+    typescript_client(&root, &bin)?;
     run(
         "node",
         &["e2e/browser.mjs", "target/browser/chat.png"],
