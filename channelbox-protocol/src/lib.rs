@@ -23,6 +23,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod auth;
+mod body;
 mod config;
 mod fields;
 mod frames;

@@ -34,10 +34,15 @@ use warp::http::StatusCode;
 use warp::ws::{Message, WebSocket};
 use warp::{Filter, Rejection, Reply};
 
-mod body;
-mod server;
+pub use channelbox_ws::server::{listen, raise_open_file_limit, ServerConfig};
 
-pub use server::{listen, raise_open_file_limit, serve, ServerConfig};
+/// Serves the chat server on `listener` until the future is dropped:
+/// [`channelbox_ws::server::serve`] (hyper with deadlines, WebSocket upgrades
+/// to `/ws/{group}`) with [`routes`] for everything else.
+pub async fn serve(listener: tokio::net::TcpListener, service: ChatService, config: ServerConfig) {
+    let web = warp::service(routes(service.clone()));
+    channelbox_ws::server::serve(listener, service, config, web).await
+}
 
 /// The browser chat page, embedded in the binary.
 pub use channelbox_protocol::page::CHAT_PAGE;
@@ -184,23 +189,9 @@ pub fn api_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::R
         .then(
             |g: String, auth: Option<String>, kind: Option<String>, length: Option<u64>, s: ChatService, body| async move {
                 // Checked before a byte of the body is read.
-                let ticket = match s.api_publish_check(&g, auth.as_deref(), kind.as_deref(), length) {
-                    Ok(t) => t,
-                    Err(refusal) => return answer(refusal),
-                };
-                match body::read(body, s.max_body_bytes()).await {
-                    Ok(bytes) => answer(s.api_publish(ticket, &bytes).await),
-                    Err(body::Refused::TooLarge) => answer(s.body_too_large()),
-                    Err(body::Refused::Stalled) => answer(HttpAnswer::error(
-                        408,
-                        "bad_request",
-                        "the request body stalled",
-                    )),
-                    Err(body::Refused::Failed) => answer(HttpAnswer::error(
-                        400,
-                        "bad_request",
-                        "the request body could not be read",
-                    )),
+                match s.api_publish_check(&g, auth.as_deref(), kind.as_deref(), length) {
+                    Ok(ticket) => answer(s.api_publish_stream(ticket, body).await),
+                    Err(refusal) => answer(refusal),
                 }
             },
         );

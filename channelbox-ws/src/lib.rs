@@ -18,6 +18,9 @@
 //!   or its metrics.
 //! - `client` (default): [`client::ChatClient`], a chat client that reconnects
 //!   with backoff and recovers its groups by itself.
+//! - `server`: [`server::serve`], the chat server's accept loop on hyper
+//!   (request-head deadline, bounded pending connections, WebSocket upgrades)
+//!   around any framework's routes; the warp and axum adapters use it.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -42,6 +45,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 mod chat;
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "server")]
+pub mod server;
 mod socket;
 
 #[cfg(feature = "chat")]

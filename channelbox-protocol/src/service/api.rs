@@ -203,6 +203,26 @@ impl ChatService {
     /// [`ChatService::api_publish_check`] passed: publishes from the backend
     /// (`from: null`, and the token's `user` when a user token was given),
     /// answered with `{"offset","epoch"}` once the message is durable.
+    /// `POST /api/groups/{g}/messages` after [`ChatService::api_publish_check`]:
+    /// reads the body from a framework's stream of chunks within the limits
+    /// of docs/protocol.md (at most [`ChatService::max_body_bytes`], 413
+    /// beyond; 408 when it stalls for 10 seconds), then publishes it.
+    pub async fn api_publish_stream<S, B, E>(&self, ticket: PublishTicket, body: S) -> HttpAnswer
+    where
+        S: futures_util::Stream<Item = Result<B, E>>,
+        B: bytes::Buf,
+    {
+        match crate::body::read(body, self.max_body_bytes()).await {
+            Ok(bytes) => self.api_publish(ticket, &bytes).await,
+            Err(crate::body::Refused::TooLarge) => self.body_too_large(),
+            Err(crate::body::Refused::Stalled) => HttpAnswer::error(408, "bad_request", "the request body stalled"),
+            Err(crate::body::Refused::Failed) => {
+                HttpAnswer::error(400, "bad_request", "the request body could not be read")
+            }
+        }
+    }
+
+    /// Publishes a body read whole; see [`ChatService::api_publish_stream`].
     pub async fn api_publish(&self, ticket: PublishTicket, body: &[u8]) -> HttpAnswer {
         if body.len() > self.max_body_bytes() {
             return self.body_too_large();

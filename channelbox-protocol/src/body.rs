@@ -23,9 +23,9 @@ pub(crate) enum Refused {
 }
 
 /// Reads a whole body of at most `max` bytes.
-pub(crate) async fn read<S, B>(body: S, max: usize) -> Result<Vec<u8>, Refused>
+pub(crate) async fn read<S, B, E>(body: S, max: usize) -> Result<Vec<u8>, Refused>
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, E>>,
     B: Buf,
 {
     futures_util::pin_mut!(body);
@@ -55,7 +55,7 @@ mod tests {
 
     use super::*;
 
-    fn pieces(parts: &[&'static str]) -> impl Stream<Item = Result<Bytes, warp::Error>> {
+    fn pieces(parts: &[&'static str]) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
         futures_util::stream::iter(
             parts
                 .iter()
@@ -72,7 +72,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stalled_body_is_refused_after_the_deadline() {
-        let stalled = futures_util::stream::pending::<Result<Bytes, warp::Error>>();
+        let stalled = futures_util::stream::pending::<Result<Bytes, std::io::Error>>();
         assert_eq!(read(stalled, 10).await, Err(Refused::Stalled));
     }
 }

@@ -1,8 +1,9 @@
-//! The chat server's accept loop, as a library function: every connection is
-//! served by hyper with its header-read timeout on; WebSocket upgrades to
-//! `/ws/{group}` are answered here (hyper's upgrade, then tokio-tungstenite on
-//! the upgraded socket with the transport's small buffers), every other
-//! request by the warp routes of this crate.
+//! The chat server's accept loop, as a library function shared by the web
+//! framework adapters (feature `server`): every connection is served by
+//! hyper with its header-read timeout on; WebSocket upgrades to
+//! `/ws/{group}` are answered here (hyper's upgrade, then tokio-tungstenite
+//! on the upgraded socket with the transport's small buffers), every other
+//! request by the framework's routes — warp's or axum's, any tower service.
 //!
 //! Nothing peeks at sockets or waits in a sleep loop: a connection costs
 //! nothing until hyper has a complete request head, and one that does not
@@ -18,8 +19,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use channelbox_protocol::ChatService;
+use bytes::Bytes;
+use channelbox_protocol::{ChatService, HttpAnswer};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming as Body;
+use hyper::http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::server::conn::http1;
 use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -27,9 +32,33 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use warp::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
-use warp::reply::Response;
-use warp::Reply;
+
+/// An error of a response body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of every response [`serve`] writes: the framework's, boxed.
+pub type HttpBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A response body of these bytes.
+pub fn full(bytes: impl Into<Bytes>) -> HttpBody {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A protocol answer as an HTTP response with a JSON body.
+pub fn answer(a: HttpAnswer) -> Response<HttpBody> {
+    let mut response = Response::new(full(a.body));
+    *response.status_mut() = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn status(code: StatusCode) -> Response<HttpBody> {
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = code;
+    response
+}
 
 /// How [`serve`] accepts connections.
 #[derive(Clone, Debug)]
@@ -131,9 +160,20 @@ pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
 }
 
 /// Serves the chat server on `listener` until the future is dropped: the
-/// WebSocket protocol on `/ws/{group}` and [`crate::routes`] for the rest.
-pub async fn serve(listener: TcpListener, service: ChatService, config: ServerConfig) {
-    let web = TowerToHyperService::new(warp::service(crate::routes(service.clone())));
+/// WebSocket protocol on `/ws/{group}` and `web` (a framework's routes as a
+/// tower service) for the rest.
+pub async fn serve<W, B>(listener: TcpListener, service: ChatService, config: ServerConfig, web: W)
+where
+    W: tower_service::Service<Request<Body>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    W::Future: Send,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let web = TowerToHyperService::new(web);
     let pending = Arc::new(Pending {
         cap: config.max_pending.max(1),
         ..Pending::default()
@@ -165,15 +205,17 @@ pub async fn serve(listener: TcpListener, service: ChatService, config: ServerCo
 }
 
 /// Serves one connection's requests until it closes or upgrades.
-async fn serve_connection<W>(
+async fn serve_connection<W, B>(
     stream: TcpStream,
     peer: SocketAddr,
     service: ChatService,
     web: W,
     header_timeout: Duration,
 ) where
-    W: Service<Request<Body>, Response = Response, Error = Infallible> + Clone + Send + Sync + 'static,
+    W: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone + Send + Sync + 'static,
     W::Future: Send,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     // A broadcast frame should leave at once, not wait for Nagle's algorithm.
     let _ = stream.set_nodelay(true);
@@ -181,10 +223,10 @@ async fn serve_connection<W>(
         let (service, web) = (service.clone(), web.clone());
         async move {
             if let Some(group) = websocket_group(req.method(), req.uri().path(), req.headers()) {
-                return Ok::<_, Infallible>(upgrade(req, &group, peer, &service));
+                return Ok::<_, Infallible>(upgrade(req, &group, Some(peer), &service));
             }
             let wanted_upgrade = req.headers().contains_key(header::UPGRADE);
-            let mut response = web.call(req).await?;
+            let mut response = web.call(req).await?.map(|b| b.map_err(Into::into).boxed_unsync());
             if wanted_upgrade && response.status() != StatusCode::SWITCHING_PROTOCOLS {
                 close_after(&mut response);
             }
@@ -203,12 +245,17 @@ async fn serve_connection<W>(
 }
 
 /// The raw group of a well-formed WebSocket upgrade to `/ws/{group}`; `None`
-/// sends the request to the warp routes, which answer everything else
-/// (including malformed upgrades) as before.
-fn websocket_group(method: &Method, path: &str, headers: &HeaderMap) -> Option<String> {
+/// sends the request to the framework's routes, which answer everything else
+/// (including malformed upgrades).
+pub fn websocket_group(method: &Method, path: &str, headers: &HeaderMap) -> Option<String> {
     let group = path
         .strip_prefix("/ws/")
         .filter(|g| !g.is_empty() && !g.contains('/'))?;
+    is_websocket_upgrade(method, headers).then(|| group.to_owned())
+}
+
+/// Whether a request is a well-formed WebSocket upgrade (RFC 6455 §4.2.1).
+pub fn is_websocket_upgrade(method: &Method, headers: &HeaderMap) -> bool {
     let has = |name: header::HeaderName, token: &str| {
         headers
             .get_all(name)
@@ -217,39 +264,49 @@ fn websocket_group(method: &Method, path: &str, headers: &HeaderMap) -> Option<S
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     };
-    let upgrade = method == Method::GET
+    method == Method::GET
         && has(header::CONNECTION, "upgrade")
         && has(header::UPGRADE, "websocket")
         && headers.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13")
-        && headers.contains_key(header::SEC_WEBSOCKET_KEY);
-    upgrade.then(|| group.to_owned())
+        && headers.contains_key(header::SEC_WEBSOCKET_KEY)
 }
 
-/// Answers an upgrade: refused before the upgrade as [`ChatService::admit`]
-/// says, or 101 and the protocol on the upgraded socket.
-fn upgrade(mut req: Request<Body>, group: &str, peer: SocketAddr, service: &ChatService) -> Response {
+/// Answers an upgrade to `group` on a connection served by hyper with
+/// upgrades on (its `OnUpgrade` in the request's extensions, as hyper and
+/// `axum::serve` put it): refused before the upgrade as
+/// [`ChatService::admit_from`] says, or 101 and the protocol on the
+/// upgraded socket. The caller checked [`is_websocket_upgrade`].
+pub fn upgrade<T>(
+    mut req: Request<T>,
+    group: &str,
+    peer: Option<SocketAddr>,
+    service: &ChatService,
+) -> Response<HttpBody> {
     let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
     let admission = match service.admit_from(group, req.uri().query(), origin) {
-        Ok(a) => a.with_peer(peer),
+        Ok(a) => match peer {
+            Some(peer) => a.with_peer(peer),
+            None => a,
+        },
         Err(refusal) => {
-            let mut response = crate::answer(refusal);
+            let mut response = answer(refusal);
             close_after(&mut response);
             return response;
         }
     };
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
-        return StatusCode::BAD_REQUEST.into_response();
+        return status(StatusCode::BAD_REQUEST);
     };
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let service = service.clone();
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => channelbox_ws::serve_upgraded(&service, admission, TokioIo::new(upgraded)).await,
-            Err(err) => tracing::debug!(%peer, error = %err, "the upgrade did not complete"),
+            Ok(upgraded) => crate::serve_upgraded(&service, admission, TokioIo::new(upgraded)).await,
+            Err(err) => tracing::debug!(?peer, error = %err, "the upgrade did not complete"),
         }
     });
-    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let mut response = status(StatusCode::SWITCHING_PROTOCOLS);
     let headers = response.headers_mut();
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -262,7 +319,7 @@ fn upgrade(mut req: Request<Body>, group: &str, peer: SocketAddr, service: &Chat
 /// Ends the connection after this response. A client that asked for another
 /// protocol did not ask for keep-alive: a refused upgrade closes, as
 /// tungstenite's handshake did.
-fn close_after(response: &mut Response) {
+fn close_after(response: &mut Response<HttpBody>) {
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
