@@ -35,6 +35,13 @@ enum StoreKind {
     Redis,
 }
 
+/// Which web framework routes the HTTP requests (the protocol is the same).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Http {
+    Warp,
+    Axum,
+}
+
 /// The channelbox chat server.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -42,6 +49,9 @@ struct Args {
     /// Listen address.
     #[arg(long, env = "CHANNELBOX_ADDR", default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
+    /// The web framework of the HTTP routes: channelbox-warp or channelbox-axum.
+    #[arg(long, env = "CHANNELBOX_HTTP", value_enum, default_value = "warp")]
+    http: Http,
     /// History store.
     #[arg(long, env = "CHANNELBOX_STORE", value_enum, default_value = "sled")]
     store: StoreKind,
@@ -207,10 +217,13 @@ async fn main() -> anyhow::Result<()> {
     let listener = channelbox_warp::listen(args.addr, server.backlog)
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     let addr = listener.local_addr()?;
-    let running = tokio::spawn(channelbox_warp::serve(listener, service.clone(), server));
+    let running = match args.http {
+        Http::Warp => tokio::spawn(channelbox_warp::serve(listener, service.clone(), server)),
+        Http::Axum => tokio::spawn(channelbox_axum::serve(listener, service.clone(), server)),
+    };
     println!("listening on http://{addr}");
     std::io::stdout().flush()?;
-    tracing::info!(%addr, store = ?args.store, "chat server started");
+    tracing::info!(%addr, store = ?args.store, http = ?args.http, "chat server started");
 
     shutdown_signal().await;
     tracing::info!("shutting down: closing connections with 1001 and flushing history");

@@ -20,6 +20,19 @@ mod bench;
 mod cluster_bench;
 mod tidy;
 
+/// channelbox-warp's test suites that hold for every web framework adapter
+/// (its `filters` suite tests warp's own filters).
+const TRANSPORT_SUITES: [&str; 8] = [
+    "protocol",
+    "http_api",
+    "recovery",
+    "presence",
+    "deadlines",
+    "server",
+    "client",
+    "cluster",
+];
+
 /// Property tests are named `*_matches_the_model`; this filter selects them.
 const PROPTEST_FILTER: &str = "matches_the_model";
 
@@ -130,6 +143,13 @@ fn ci() -> Result<(), String> {
     cargo(&["check", "-p", "channelbox-ws", "--no-default-features", "-j2"], &[])?;
     // Every test, property tests included with proptest's default case count.
     cargo(&["test", "--workspace", "-j2"], &[("RUSTDOCFLAGS", "-D warnings")])?;
+    // The suites that hold for every transport, once more through axum: the
+    // same tests against the same binary, `--http axum`.
+    let mut suites = vec!["test", "-j2", "-p", "channelbox-warp"];
+    for suite in TRANSPORT_SUITES {
+        suites.extend(["--test", suite]);
+    }
+    cargo(&suites, &[("CHANNELBOX_HTTP", "axum")])?;
     // The hostile-client suite against the release server (built first:
     // `cargo test --test hostile` does not build examples).
     build_server_tools()?;

@@ -1,0 +1,152 @@
+//! # channelbox-axum
+//!
+//! The axum adapter: [`routes`] is an axum [`Router`] with the whole chat
+//! server of docs/protocol.md — the WebSocket route `GET /ws/{group}`, the
+//! HTTP API, `/healthz`, `/metrics` and the browser page — over a
+//! [`ChatService`]. Merge it into your application's router, or run it alone
+//! with [`serve`] (the shared accept loop: request-head deadline, bounded
+//! pending connections). The protocol lives in `channelbox-protocol` and the
+//! WebSocket transport in `channelbox-ws`; this crate only routes.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use channelbox_protocol::{ChatService, ProtocolConfig};
+//! use channelbox_store_memory::MemoryStore;
+//!
+//! # async fn demo() -> std::io::Result<()> {
+//! let service = ChatService::new(Arc::new(MemoryStore::default()), ProtocolConfig::default());
+//! let app = axum::Router::new()
+//!     .route("/hello", axum::routing::get(|| async { "hello" }))
+//!     .merge(channelbox_axum::routes(service));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! axum::serve(listener, app).await
+//! # }
+//! ```
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use channelbox_protocol::page::{CHAT_PAGE, CLIENT_JS, CLIENT_JS_PATH};
+use channelbox_protocol::{ChatService, HttpAnswer};
+use channelbox_ws::server::{self as shared, ServerConfig};
+
+/// Serves the chat server on `listener` until the future is dropped:
+/// [`channelbox_ws::server::serve`] with [`routes`] for everything but the
+/// WebSocket upgrades it answers itself.
+pub async fn serve(listener: tokio::net::TcpListener, service: ChatService, config: ServerConfig) {
+    shared::serve(listener, service.clone(), config, routes(service)).await
+}
+
+/// Every route of the chat server, with JSON answers for unknown paths and
+/// methods.
+pub fn routes(service: ChatService) -> Router {
+    Router::new()
+        .route("/ws/{group}", get(websocket))
+        .route("/api/groups", get(groups))
+        .route("/api/groups/{group}/history", get(history))
+        .route("/api/groups/{group}/presence", get(presence))
+        .route("/api/groups/{group}/messages", post(publish))
+        .route("/api/admin/close-all", post(close_all))
+        .route("/api/admin/history", delete(flush))
+        .route("/", get(|| async { axum::response::Html(CHAT_PAGE) }))
+        .route(CLIENT_JS_PATH, get(client_js))
+        .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { answer(HttpAnswer::error(404, "not_found", "no such endpoint")) })
+        .method_not_allowed_fallback(|| async {
+            answer(HttpAnswer::error(
+                405,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            ))
+        })
+        .with_state(service)
+}
+
+fn answer(a: HttpAnswer) -> Response {
+    shared::answer(a).map(Body::new)
+}
+
+/// The `n`th segment of the request's path as sent (still percent-encoded:
+/// the protocol's group rules judge the raw segment, as on every transport).
+fn segment(req: &Request, n: usize) -> &str {
+    req.uri().path().split('/').nth(n).unwrap_or("")
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+}
+
+/// `GET /ws/{group}`: checked before the upgrade, then the protocol on the
+/// upgraded socket.
+async fn websocket(State(service): State<ChatService>, req: Request) -> Response {
+    if !shared::is_websocket_upgrade(req.method(), req.headers()) {
+        return answer(HttpAnswer::error(400, "bad_request", "expected a WebSocket upgrade"));
+    }
+    let group = segment(&req, 2).to_owned();
+    shared::upgrade(req, &group, None, &service).map(Body::new)
+}
+
+async fn groups(State(s): State<ChatService>, headers: HeaderMap) -> Response {
+    answer(s.api_groups(authorization(&headers)).await)
+}
+
+async fn history(State(s): State<ChatService>, req: Request) -> Response {
+    let auth = authorization(req.headers());
+    answer(s.api_history(segment(&req, 3), req.uri().query(), auth).await)
+}
+
+async fn presence(State(s): State<ChatService>, req: Request) -> Response {
+    answer(s.api_presence(segment(&req, 3), authorization(req.headers())).await)
+}
+
+async fn publish(State(s): State<ChatService>, req: Request) -> Response {
+    let headers = req.headers();
+    let kind = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    // Checked before a byte of the body is read.
+    match s.api_publish_check(segment(&req, 3), authorization(headers), kind, length) {
+        Ok(ticket) => answer(s.api_publish_stream(ticket, req.into_body().into_data_stream()).await),
+        Err(refusal) => answer(refusal),
+    }
+}
+
+async fn close_all(State(s): State<ChatService>, headers: HeaderMap) -> Response {
+    answer(s.api_close_all(authorization(&headers)).await)
+}
+
+async fn flush(State(s): State<ChatService>, req: Request) -> Response {
+    answer(
+        s.api_flush_history(req.uri().query(), authorization(req.headers()))
+            .await,
+    )
+}
+
+async fn client_js() -> Response {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], CLIENT_JS).into_response()
+}
+
+async fn health(State(s): State<ChatService>) -> Response {
+    let a = s.health();
+    if a.status == 200 {
+        ([(header::CONTENT_TYPE, "text/plain")], a.body).into_response()
+    } else {
+        answer(a)
+    }
+}
+
+async fn metrics(State(s): State<ChatService>) -> Response {
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, content_type)],
+        s.metrics_text().await,
+    )
+        .into_response()
+}
