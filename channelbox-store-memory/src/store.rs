@@ -4,19 +4,70 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use channelbox_core::{
     messages_to_trim, now_ms, BudgetedGroups, Capabilities, Epoch, Head, HistoryLimits, HistoryPage, HistoryStats,
-    HistoryStore, NewMessage, PendingAppend, ReadQuery, StoreError, StoredMessage, TotalBudget,
+    HistoryStore, NewMessage, PayloadKind, PendingAppend, ReadQuery, StoreError, StoredMessage, TotalBudget,
 };
 
 use crate::config::MemoryConfig;
 use crate::error::MemoryError;
 
-/// What a retained message costs this store besides its payload: its slot in
-/// the group's queue (offset, kind, two byte handles, timestamp), the
-/// allocations behind the payload and the metadata, and typical metadata (the
-/// sender's id). Counted against [`HistoryLimits::max_total_bytes`].
-pub const MESSAGE_OVERHEAD: u64 = 224;
+/// What a retained message costs this store besides its payload and
+/// metadata: its 32-byte slot in the group's queue (more while the queue has
+/// grown and not yet filled) and the rounding of its one allocation. Counted, with the payload and metadata, against
+/// [`HistoryLimits::max_total_bytes`]; `cargo bench -p channelbox-store-memory`
+/// measures it.
+pub const MESSAGE_OVERHEAD: u64 = 64;
+
+/// One retained message, packed in a 32-byte slot: its offset is its place
+/// in the group's queue (offsets are consecutive), and its metadata and
+/// payload share one allocation.
+#[derive(Debug)]
+struct Packed {
+    /// The metadata, then the payload.
+    bytes: Box<[u8]>,
+    timestamp_ms: u64,
+    meta_len: u32,
+    kind: PayloadKind,
+}
+
+// The slot size the overhead is counted from.
+const _: () = assert!(std::mem::size_of::<Packed>() == 32);
+
+impl Packed {
+    fn new(m: NewMessage) -> Packed {
+        let mut bytes = Vec::with_capacity(m.meta.len() + m.payload.len());
+        bytes.extend_from_slice(&m.meta);
+        bytes.extend_from_slice(&m.payload);
+        Packed {
+            bytes: bytes.into_boxed_slice(),
+            timestamp_ms: m.timestamp_ms,
+            meta_len: m.meta.len() as u32,
+            kind: m.kind,
+        }
+    }
+
+    fn payload_len(&self) -> u64 {
+        (self.bytes.len() - self.meta_len as usize) as u64
+    }
+
+    /// What it costs against the total budget.
+    fn cost(&self) -> u64 {
+        self.bytes.len() as u64 + MESSAGE_OVERHEAD
+    }
+
+    fn unpack(&self, offset: u64) -> StoredMessage {
+        let (meta, payload) = self.bytes.split_at(self.meta_len as usize);
+        StoredMessage {
+            offset,
+            kind: self.kind,
+            payload: Bytes::copy_from_slice(payload),
+            meta: Bytes::copy_from_slice(meta),
+            timestamp_ms: self.timestamp_ms,
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 struct Group {
@@ -24,22 +75,28 @@ struct Group {
     /// when it was created, and its flushes since.
     generation: u64,
     last: u64,
+    /// Payload bytes retained.
     bytes: u64,
-    messages: VecDeque<StoredMessage>,
+    messages: VecDeque<Packed>,
 }
 
 impl Group {
+    /// The offset of the oldest retained message (`last + 1` when none).
+    fn first(&self) -> u64 {
+        self.last + 1 - self.messages.len() as u64
+    }
+
     /// Applies the per-group limits; returns what the removed messages cost.
     fn trim(&mut self, limits: &HistoryLimits, now: u64) -> u64 {
         let msgs = &self.messages;
         let n = messages_to_trim(limits, now, msgs.len() as u64, self.bytes, |i| {
             let m = &msgs[i as usize];
-            (m.payload.len() as u64, m.timestamp_ms)
+            (m.payload_len(), m.timestamp_ms)
         });
         let mut cost = 0;
         for m in self.messages.drain(..n as usize) {
-            self.bytes -= m.payload.len() as u64;
-            cost += m.payload.len() as u64 + MESSAGE_OVERHEAD;
+            self.bytes -= m.payload_len();
+            cost += m.cost();
         }
         cost
     }
@@ -47,16 +104,28 @@ impl Group {
     /// Removes the oldest message; returns what it cost.
     fn pop_oldest(&mut self) -> u64 {
         let Some(m) = self.messages.pop_front() else { return 0 };
-        self.bytes -= m.payload.len() as u64;
-        m.payload.len() as u64 + MESSAGE_OVERHEAD
+        self.bytes -= m.payload_len();
+        m.cost()
     }
 
     fn head(&self, epoch: Epoch) -> Head {
         Head {
             epoch,
-            first: self.messages.front().map_or(self.last + 1, |m| m.offset),
+            first: self.first(),
             last: self.last,
         }
+    }
+
+    /// Messages from position `skip`, at most `take`, as stored messages.
+    fn unpack(&self, skip: usize, take: usize) -> Vec<StoredMessage> {
+        let first = self.first();
+        self.messages
+            .iter()
+            .enumerate()
+            .skip(skip)
+            .take(take)
+            .map(|(i, m)| m.unpack(first + i as u64))
+            .collect()
     }
 }
 
@@ -179,9 +248,10 @@ impl HistoryStore for MemoryStore {
         });
         g.last += 1;
         let offset = g.last;
-        let cost = self.message_cost(group, message.payload.len());
         g.bytes += message.payload.len() as u64;
-        g.messages.push_back(StoredMessage::from_new(offset, message));
+        let packed = Packed::new(message);
+        let cost = packed.cost();
+        g.messages.push_back(packed);
         let released = g.trim(&self.limits, now_ms());
         let epoch = self.epoch(state.flushes, g.generation);
         state.budget.charge(group, cost);
@@ -207,15 +277,12 @@ impl HistoryStore for MemoryStore {
             });
         };
         let messages = match query {
-            ReadQuery::Last(n) => {
-                let skip = g.messages.len().saturating_sub(n);
-                g.messages.iter().skip(skip).cloned().collect()
-            }
+            ReadQuery::Last(n) => g.unpack(g.messages.len().saturating_sub(n), n),
             ReadQuery::Since { offset, limit } => {
                 // Offsets are consecutive, so the position of `offset + 1` is
                 // known without a search.
                 let skip = offset.saturating_sub(head.first - 1).min(g.messages.len() as u64) as usize;
-                g.messages.iter().skip(skip).take(limit).cloned().collect()
+                g.unpack(skip, limit)
             }
         };
         Ok(HistoryPage { head, messages })
@@ -237,8 +304,7 @@ impl HistoryStore for MemoryStore {
             },
         );
         if let Some(old) = old {
-            let cost = old.bytes + old.messages.len() as u64 * MESSAGE_OVERHEAD;
-            state.budget.release(cost);
+            state.budget.release(old.messages.iter().map(Packed::cost).sum());
         }
         // The empty entry keeps the new epoch; it counts like any group.
         state.budget.charge(group, 0);
