@@ -235,3 +235,81 @@ async fn a_replay_to_a_client_that_stops_reading_ends_as_a_slow_consumer() {
         .expect("the writer gives up");
     assert_eq!(ch.close_reason(), Some(channelbox_core::CloseReason::SLOW_CONSUMER));
 }
+
+/// A memory store that counts reads.
+#[derive(Debug)]
+struct CountingStore {
+    inner: channelbox_store_memory::MemoryStore,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl channelbox_core::HistoryStore for CountingStore {
+    fn capabilities(&self) -> channelbox_core::Capabilities {
+        self.inner.capabilities()
+    }
+    fn limits(&self) -> &HistoryLimits {
+        self.inner.limits()
+    }
+    fn message_cost(&self, group: &str, payload_bytes: usize) -> u64 {
+        self.inner.message_cost(group, payload_bytes)
+    }
+    fn append(
+        &self,
+        group: &str,
+        message: channelbox_core::NewMessage,
+    ) -> Result<channelbox_core::PendingAppend, channelbox_core::StoreError> {
+        self.inner.append(group, message)
+    }
+    async fn head(&self, group: &str) -> Result<channelbox_core::Head, channelbox_core::StoreError> {
+        self.inner.head(group).await
+    }
+    async fn read(
+        &self,
+        group: &str,
+        query: channelbox_core::ReadQuery,
+    ) -> Result<channelbox_core::HistoryPage, channelbox_core::StoreError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.read(group, query).await
+    }
+    async fn flush_group(&self, group: &str) -> Result<channelbox_core::Epoch, channelbox_core::StoreError> {
+        self.inner.flush_group(group).await
+    }
+    async fn flush_all(&self) -> Result<(), channelbox_core::StoreError> {
+        self.inner.flush_all().await
+    }
+    async fn stats(&self) -> Result<channelbox_core::HistoryStats, channelbox_core::StoreError> {
+        self.inner.stats().await
+    }
+}
+
+#[tokio::test]
+async fn clients_recovering_the_same_range_share_one_read_of_history() {
+    let store = std::sync::Arc::new(CountingStore {
+        inner: channelbox_store_memory::MemoryStore::default(),
+        reads: Default::default(),
+    });
+    let cb = channelbox_core::ChannelBox::new(store.clone());
+    for n in 1..=300u64 {
+        cb.group_send("g", json!(n), true).await.unwrap();
+    }
+    let epoch = cb.head("g").await.unwrap().epoch;
+    let mut inboxes = Vec::new();
+    for _ in 0..20 {
+        let (ch, rec) = test_channel(ChannelConfig {
+            max_queue_frames: 1024,
+            ..ChannelConfig::default()
+        });
+        let seen = Replay::Since(StreamPosition::new(epoch.clone(), 10));
+        let sub = cb.subscribe(&ch, "g", seen, &Marks).await.unwrap();
+        assert_eq!(sub.recovery.map(|r| (r.complete, r.to)), Some((true, 300)));
+        inboxes.push((ch, rec));
+    }
+    // 290 messages are two pages (256 + 34): read once each, for all 20.
+    assert_eq!(store.reads.load(std::sync::atomic::Ordering::Relaxed), 2);
+    for (_, rec) in &inboxes {
+        rec.wait_for(292, WAIT).await;
+        let got: Vec<u64> = json_of(rec).iter().filter_map(Value::as_u64).collect();
+        assert_eq!(got, (11..=300).collect::<Vec<_>>(), "every client gets the whole range");
+    }
+}

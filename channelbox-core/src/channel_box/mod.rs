@@ -14,6 +14,8 @@
 //!   while history is read, and replay pacing;
 //! - `cluster`: with a broker, messages from the engine into the sequencer,
 //!   gaps filled from history or closed with 4002, the head check;
+//! - `replays`: replay pages (history read, frames rendered) shared by
+//!   subscribers recovering the same range;
 //! - `recovery`: what to replay and whether a recovery is complete;
 //! - `flush`: reading and flushing history through the box;
 //! - `reports`: the statuses, reports and counters the box hands out.
@@ -43,6 +45,7 @@ mod membership;
 mod publish;
 mod recovery;
 mod registry;
+mod replays;
 mod reports;
 mod sequencer;
 mod subscribe;
@@ -74,6 +77,8 @@ struct Inner {
     broker: std::sync::OnceLock<Arc<dyn Broker>>,
     /// The groups this server subscribed to through the broker.
     subscribed: cluster::Subscriptions,
+    /// Replay pages shared by subscribers recovering the same range.
+    replays: Mutex<replays::ReplayCache>,
 }
 
 /// Channels organized into named groups, with per-group history.
@@ -119,6 +124,7 @@ impl ChannelBox {
                 observer: std::sync::OnceLock::new(),
                 broker: std::sync::OnceLock::new(),
                 subscribed: Default::default(),
+                replays: Default::default(),
             }),
         }
     }

@@ -3,8 +3,11 @@
 //! one rule that decides whether a client that saw a position now has every
 //! message after it with no gap (applied to each page of a recovery).
 
+use std::sync::Arc;
+
+use super::replays::ReplayPage;
 use super::subscribe::Replay;
-use super::ChannelBox;
+use super::{lock, ChannelBox};
 use crate::error::BoxError;
 use crate::history::{ReadQuery, StoredMessage};
 use crate::position::{Epoch, StreamPosition};
@@ -104,10 +107,13 @@ impl ReplayPlan {
 
 /// What one page of a replay holds, judged by the plan.
 pub(super) enum Page {
-    /// Messages to replay, oldest first; the next page reads after the last.
+    /// The first `len` messages of `page` are to be replayed, oldest first;
+    /// the next page reads after the last of them.
     Replay {
-        /// The page's messages, none past the plan's end.
-        messages: Vec<StoredMessage>,
+        /// The page, perhaps shared with other subscribers.
+        page: Arc<ReplayPage>,
+        /// How many of its messages this replay takes.
+        len: usize,
     },
     /// Nothing more to replay.
     Done,
@@ -116,7 +122,9 @@ pub(super) enum Page {
 }
 
 impl ChannelBox {
-    /// Reads the next page of a replay after `cursor`, at most `page` messages.
+    /// Reads the next page of a replay after `cursor`, at most `page` messages:
+    /// from the shared replay pages when another subscriber read the same
+    /// range, else from the store (and shared when complete).
     pub(super) async fn read_page(
         &self,
         group: &str,
@@ -129,25 +137,31 @@ impl ChannelBox {
             return Ok(Page::Done);
         }
         let limit = usize::try_from(plan.upto - cursor).map_or(page, |left| left.min(page));
+        if let Some(shared) = lock(&self.inner.replays).get(group, epoch, cursor, limit) {
+            return Ok(Page::Replay {
+                page: shared,
+                len: limit,
+            });
+        }
         let query = ReadQuery::Since { offset: cursor, limit };
         let read = self.inner.store.read(group, query).await?;
         let mut messages = read.messages;
         messages.retain(|m| m.offset <= plan.upto);
-        if plan.recovering.is_some() {
-            // Every page is a recovery of its own range: exactly the offsets
-            // after the cursor, in the same epoch.
-            let seen = StreamPosition::new(epoch.clone(), cursor);
-            let page_end = cursor + limit as u64;
-            if !is_complete(&seen, page_end, &read.head.epoch, &messages) {
-                return Ok(Page::Gap);
-            }
-        } else if read.head.epoch != *epoch {
+        // Every page is a recovery of its own range: exactly the offsets
+        // after the cursor, in the same epoch.
+        let seen = StreamPosition::new(epoch.clone(), cursor);
+        let complete = is_complete(&seen, cursor + limit as u64, &read.head.epoch, &messages);
+        if plan.recovering.is_some() && !complete {
+            return Ok(Page::Gap);
+        } else if read.head.epoch != *epoch || messages.is_empty() {
             return Ok(Page::Done);
         }
-        Ok(match messages.is_empty() {
-            true => Page::Done,
-            false => Page::Replay { messages },
-        })
+        let len = messages.len();
+        let page = Arc::new(ReplayPage::new(messages));
+        if complete {
+            lock(&self.inner.replays).put(group, epoch, cursor, page.clone());
+        }
+        Ok(Page::Replay { page, len })
     }
 }
 

@@ -15,12 +15,11 @@ use std::time::Duration;
 
 use super::membership::Group;
 use super::recovery::{Page, Recovery, ReplayPlan};
+use super::replays::ReplayPage;
 use super::sequencer::Sequencer;
 use super::{lock, AddStatus, ChannelBox, DeliveryReport};
 use crate::channel::{Channel, SendError};
-use crate::envelope::MessageRef;
 use crate::error::BoxError;
-use crate::history::StoredMessage;
 use crate::payload::Frame;
 use crate::position::StreamPosition;
 use crate::transport::CloseReason;
@@ -144,12 +143,12 @@ impl ChannelBox {
             {
                 Page::Done => break true,
                 Page::Gap => break false,
-                Page::Replay { messages } => {
-                    if !self.replay_paced(g, channel, start, &messages).await {
+                Page::Replay { page, len } => {
+                    if !self.replay_paced(g, channel, start, &page, len).await {
                         return Ok((replayed, None));
                     }
-                    replayed += messages.len();
-                    cursor = messages.last().map_or(cursor, |m| m.offset);
+                    replayed += len;
+                    cursor = page.messages[len - 1].offset;
                 }
             }
         };
@@ -205,14 +204,21 @@ impl ChannelBox {
     /// its queue at a time. Live messages are held at the gate meanwhile; a
     /// client too slow for both is closed when the held ones reach half a
     /// queue. Returns whether the channel is still open.
-    async fn replay_paced(&self, g: &Group, channel: &Channel, start: &StreamPosition, page: &[StoredMessage]) -> bool {
-        for m in page {
+    async fn replay_paced(
+        &self,
+        g: &Group,
+        channel: &Channel,
+        start: &StreamPosition,
+        page: &ReplayPage,
+        len: usize,
+    ) -> bool {
+        let envelope = &*self.inner.envelope;
+        let frames = page.frames(envelope, &g.name, &start.epoch, channel.payload_type());
+        for frame in &frames[..len] {
             if !self.paced(channel).await {
                 return false;
             }
-            let msg = MessageRef::stored(&g.name, start.epoch.as_str(), m);
-            let frame = self.inner.envelope.render(&msg, channel.payload_type());
-            let result = channel.try_send(frame);
+            let result = channel.try_send(frame.clone());
             if result.is_err() {
                 if self.account(channel, result, &mut DeliveryReport::default()) {
                     self.forget(channel.id());
