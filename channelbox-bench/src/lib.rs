@@ -151,7 +151,7 @@ pub fn now_us() -> u64 {
 }
 
 /// Finds the unsigned integer after `key` in `text`.
-fn number_after(text: &str, key: &str) -> Option<u64> {
+pub fn number_after(text: &str, key: &str) -> Option<u64> {
     let at = text.find(key)? + key.len();
     let digits = text[at..].bytes().take_while(u8::is_ascii_digit).count();
     text[at..at + digits].parse().ok()

@@ -21,6 +21,8 @@ pub(crate) struct Plan {
     pub(crate) runs: usize,
     /// The cluster benchmark instead (`--cluster`).
     pub(crate) cluster: bool,
+    /// The recovery storm instead (`--storm`).
+    pub(crate) storm: bool,
 }
 
 impl Plan {
@@ -32,6 +34,7 @@ impl Plan {
             messages: 20_000,
             runs: 3,
             cluster: false,
+            storm: false,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -45,6 +48,7 @@ impl Plan {
                 }
                 "--loopback-only" => plan.loopback_only = true,
                 "--cluster" => plan.cluster = true,
+                "--storm" => plan.storm = true,
                 "--sizes" => {
                     plan.sizes = value()?
                         .split(',')

@@ -18,6 +18,7 @@ use std::process::{Command, ExitCode};
 
 mod bench;
 mod cluster_bench;
+mod storm_bench;
 mod tidy;
 
 /// channelbox-warp's test suites that hold for every web framework adapter
@@ -176,6 +177,7 @@ fn ci() -> Result<(), String> {
     // Short runs of the benchmarks and of the soak, so that they cannot rot.
     bench(&["--quick".to_owned()])?;
     bench(&["--cluster".to_owned(), "--quick".to_owned()])?;
+    bench(&["--storm".to_owned(), "--quick".to_owned()])?;
     soak(&[
         "--connections".to_owned(),
         "50".to_owned(),
@@ -327,6 +329,10 @@ fn bench(args: &[String]) -> Result<(), String> {
     if plan.cluster {
         build_server_tools()?;
         return cluster_bench::run(&plan);
+    }
+    if plan.storm {
+        build_server_tools()?;
+        return storm_bench::run(&plan);
     }
     // 1. Criterion: core fan-out and sled appends (`--test` runs each once).
     let mut criterion = vec!["bench", "--workspace", "-j2"];
