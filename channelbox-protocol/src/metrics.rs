@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicI64;
 use channelbox_core::ChannelBox;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -27,6 +27,21 @@ pub struct Metrics {
     store_failing: Gauge<i64, AtomicI64>,
     /// Seconds from a publish to its durable append.
     pub publish_durable_seconds: Histogram,
+    /// Writes to WebSocket connections' sockets that took bytes (one `send`
+    /// each): with `channelbox_messages_delivered_total` it tells how many
+    /// frames a `send` carries.
+    pub socket_writes: Counter,
+}
+
+/// Counts socket writes into `channelbox_socket_writes_total`; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct WriteCounter(pub(crate) Counter);
+
+impl WriteCounter {
+    /// One more write that took bytes.
+    pub fn count(&self) {
+        self.0.inc();
+    }
 }
 
 #[derive(Debug)]
@@ -105,6 +120,12 @@ impl Metrics {
             "Time from a publish to its durable append.",
             publish_durable_seconds.clone(),
         );
+        let socket_writes = Counter::default();
+        registry.register(
+            "channelbox_socket_writes",
+            "Writes to WebSocket sockets that took bytes (one send each).",
+            socket_writes.clone(),
+        );
         registry.register_collector(Box::new(BoxCounters(channels.clone())));
         Metrics {
             registry,
@@ -115,6 +136,7 @@ impl Metrics {
             history_cost,
             store_failing,
             publish_durable_seconds,
+            socket_writes,
         }
     }
 

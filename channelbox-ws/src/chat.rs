@@ -1,8 +1,12 @@
 //! The chat protocol of `channelbox-protocol` on a raw connection, with plain
 //! tokio-tungstenite (feature `chat`, on by default).
 
-use channelbox_protocol::{Admission, ChatService};
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use channelbox_protocol::{Admission, ChatService, WriteCounter};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
@@ -15,6 +19,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut admitted = None;
+    let stream = Counted {
+        io: stream,
+        writes: service.socket_writes(),
+    };
     let ws = accept(stream, config_for(service), |handshake| {
         let path = handshake.path();
         let Some(group) = path.strip_prefix("/ws/").filter(|g| !g.is_empty() && !g.contains('/')) else {
@@ -44,6 +52,10 @@ pub async fn serve_upgraded<S>(service: &ChatService, admission: Admission, io: 
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let io = Counted {
+        io,
+        writes: service.socket_writes(),
+    };
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config_for(service))).await;
     let (channel, incoming) = attach(ws, service.channel_config());
     service.run(admission, channel, incoming).await;
@@ -53,4 +65,55 @@ where
 fn config_for(service: &ChatService) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     let config = service.config();
     websocket_config(config.max_message_bytes, config.queue_bytes)
+}
+
+/// A connection's socket that counts its writes (`channelbox_socket_writes_total`):
+/// each write that took bytes is one `send` to the kernel, so the counter over
+/// the frames delivered tells how well writes are batched.
+struct Counted<S> {
+    io: S,
+    writes: WriteCounter,
+}
+
+impl<S> Counted<S> {
+    fn counted(&self, written: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(1..)) = written {
+            self.writes.count();
+        }
+        written
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.counted(written)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.counted(written)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }

@@ -302,6 +302,12 @@ impl ChatService {
     pub async fn metrics_text(&self) -> String {
         self.inner.metrics.render(&self.inner.channels).await
     }
+
+    /// The counter of socket writes (`channelbox_socket_writes_total`), for
+    /// the transport to count each write that took bytes.
+    pub fn socket_writes(&self) -> crate::metrics::WriteCounter {
+        crate::metrics::WriteCounter(self.inner.metrics.socket_writes.clone())
+    }
 }
 
 /// What a subscription replays, from `since`/`epoch`/`history`: recovery with
