@@ -4,24 +4,135 @@
 //! request, and the client side.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{ready, Context, Poll, Waker};
 
 use async_trait::async_trait;
 use channelbox_core::{Channel, ChannelConfig, CloseReason, Frame, FrameKind, FrameSink, Incoming, SinkError};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, Stream, StreamExt};
+use futures_util::{Sink, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::Error;
 
-/// Writes frames to a tungstenite sink: all of a batch, then one flush.
-struct WsSink<S> {
-    sink: SplitSink<WebSocketStream<S>, Message>,
+/// One WebSocket, shared by the channel's writer and the reader of what the
+/// peer sends. tungstenite reads (and answers pings and closes); the frames of
+/// a batch are encoded here, straight into one buffer, and go to the socket
+/// in one write: no message object, no second handle on each frame's bytes,
+/// no lock and no readiness check per frame.
+struct Conn<S> {
+    ws: WebSocketStream<S>,
+    /// The batch being written; while it is not empty the reader waits, since
+    /// tungstenite could write a pong into the middle of it.
+    out: Vec<u8>,
+    /// How much of `out` the socket took.
+    written: usize,
+    /// The reader, waiting for `out` to be written.
+    reader: Option<Waker>,
+    /// A batch was abandoned half written: the stream is no longer framed.
+    broken: bool,
+    /// The peer closed (or its stream ended): tungstenite answered the
+    /// close, and no frame may follow it.
+    ended: bool,
+    /// Frames go through tungstenite instead (the client side, whose frames
+    /// must be masked with a random key each); how many of the batch went.
+    through_tungstenite: Option<usize>,
+}
+
+type SharedConn<S> = Arc<Mutex<Conn<S>>>;
+
+fn lock<S>(conn: &SharedConn<S>) -> MutexGuard<'_, Conn<S>> {
+    conn.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A batch's buffer larger than this is given back once written: idle
+/// connections must stay small.
+const KEEP_OUT_BUFFER: usize = 8 * 1024;
+
+/// Appends one unmasked server frame.
+fn encode(frame: &Frame, out: &mut Vec<u8>) {
+    let opcode = match frame.kind() {
+        FrameKind::Text => 0x81,
+        FrameKind::Binary => 0x82,
+        FrameKind::Ping => 0x89,
+    };
+    let data = frame.data();
+    out.push(opcode);
+    match data.len() {
+        n if n < 126 => out.push(n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(data);
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// Writes a batch: first whatever tungstenite has pending (a pong), then
+    /// the frames, encoded on the first poll.
+    fn poll_send(&mut self, cx: &mut Context<'_>, frames: &[Frame]) -> Poll<Result<(), SinkError>> {
+        if let Some(sent) = self.through_tungstenite {
+            return self.poll_send_masked(cx, frames, sent);
+        }
+        if self.out.is_empty() {
+            ready!(Pin::new(&mut self.ws).poll_flush(cx)).map_err(SinkError::new)?;
+            if self.ended {
+                return Poll::Ready(Err(SinkError::new(WsError::AlreadyClosed)));
+            }
+            frames.iter().for_each(|f| encode(f, &mut self.out));
+            self.written = 0;
+        }
+        while self.written < self.out.len() {
+            let n = ready!(Pin::new(self.ws.get_mut()).poll_write(cx, &self.out[self.written..]))
+                .map_err(SinkError::new)?;
+            if n == 0 {
+                return Poll::Ready(Err(SinkError::new(std::io::Error::from(std::io::ErrorKind::WriteZero))));
+            }
+            self.written += n;
+        }
+        ready!(Pin::new(self.ws.get_mut()).poll_flush(cx)).map_err(SinkError::new)?;
+        self.out.clear();
+        if self.out.capacity() > KEEP_OUT_BUFFER {
+            self.out = Vec::new();
+        }
+        if let Some(reader) = self.reader.take() {
+            reader.wake();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// The client side's batch: each frame through tungstenite, then a flush.
+    fn poll_send_masked(
+        &mut self,
+        cx: &mut Context<'_>,
+        frames: &[Frame],
+        mut sent: usize,
+    ) -> Poll<Result<(), SinkError>> {
+        let mut ws = Pin::new(&mut self.ws);
+        while let Some(frame) = frames.get(sent) {
+            if ws.as_mut().poll_ready(cx).map_err(SinkError::new)?.is_pending() {
+                self.through_tungstenite = Some(sent);
+                return Poll::Pending;
+            }
+            ws.as_mut().start_send(to_message(frame)?).map_err(SinkError::new)?;
+            sent += 1;
+        }
+        self.through_tungstenite = Some(sent);
+        ready!(ws.poll_flush(cx)).map_err(SinkError::new)?;
+        self.through_tungstenite = Some(0);
+        Poll::Ready(Ok(()))
+    }
 }
 
 fn to_message(frame: &Frame) -> Result<Message, SinkError> {
@@ -32,16 +143,32 @@ fn to_message(frame: &Frame) -> Result<Message, SinkError> {
     })
 }
 
+/// The channel's sink: batches through [`Conn`], the close through tungstenite.
+struct WsSink<S> {
+    conn: SharedConn<S>,
+}
+
+impl<S> Drop for WsSink<S> {
+    fn drop(&mut self) {
+        let mut conn = lock(&self.conn);
+        // Dropped with a batch half written (the close deadline passed): what
+        // follows on the stream would not be framed.
+        if !conn.out.is_empty() {
+            conn.broken = true;
+        }
+        if let Some(reader) = conn.reader.take() {
+            reader.wake();
+        }
+    }
+}
+
 #[async_trait]
 impl<S> FrameSink for WsSink<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async fn send(&mut self, frames: &[Frame]) -> Result<(), SinkError> {
-        for frame in frames {
-            self.sink.feed(to_message(frame)?).await.map_err(SinkError::new)?;
-        }
-        self.sink.flush().await.map_err(SinkError::new)
+        std::future::poll_fn(|cx| lock(&self.conn).poll_send(cx, frames)).await
     }
 
     async fn close(&mut self, reason: &CloseReason) -> Result<(), SinkError> {
@@ -49,18 +176,27 @@ where
             code: CloseCode::from(reason.code),
             reason: Utf8Bytes::from(reason.reason.as_ref()),
         };
-        self.sink
-            .send(Message::Close(Some(frame)))
-            .await
-            .map_err(SinkError::new)?;
-        self.sink.close().await.map_err(SinkError::new)
+        let mut message = Some(Message::Close(Some(frame)));
+        std::future::poll_fn(|cx| {
+            let mut conn = lock(&self.conn);
+            let mut ws = Pin::new(&mut conn.ws);
+            if message.is_some() {
+                ready!(ws.as_mut().poll_ready(cx))?;
+                if let Some(m) = message.take() {
+                    ws.as_mut().start_send(m)?;
+                }
+            }
+            ws.poll_close(cx)
+        })
+        .await
+        .map_err(SinkError::new)
     }
 }
 
 /// The frames a client sends, as the protocol sees them. Ends after a close,
 /// an oversized message, invalid UTF-8 or a transport failure.
 pub struct IncomingFrames<S> {
-    stream: SplitStream<WebSocketStream<S>>,
+    conn: SharedConn<S>,
     done: bool,
 }
 
@@ -91,7 +227,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for IncomingFrames<S> {
         if self.done {
             return Poll::Ready(None);
         }
-        match self.stream.poll_next_unpin(cx) {
+        let next = {
+            let mut conn = lock(&self.conn);
+            if conn.broken {
+                Poll::Ready(Some(Err(WsError::AlreadyClosed)))
+            } else if !conn.out.is_empty() {
+                conn.reader = Some(cx.waker().clone());
+                Poll::Pending
+            } else {
+                let next = conn.ws.poll_next_unpin(cx);
+                if matches!(next, Poll::Ready(None | Some(Ok(Message::Close(_))))) {
+                    conn.ended = true;
+                }
+                next
+            }
+        };
+        match next {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 self.done = true;
@@ -108,15 +259,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for IncomingFrames<S> {
     }
 }
 
-/// Turns an established WebSocket into a channel (whose writer task is spawned
-/// now) and the stream of what the peer sends.
+/// Turns an accepted WebSocket (the server side) into a channel (whose
+/// writer task is spawned now) and the stream of what the peer sends.
 pub fn attach<S>(ws: WebSocketStream<S>, config: ChannelConfig) -> (Channel, IncomingFrames<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sink, stream) = ws.split();
-    let channel = Channel::open(config, WsSink { sink });
-    (channel, IncomingFrames { stream, done: false })
+    attach_as(ws, config, Role::Server)
+}
+
+/// [`attach`] for either side: a client's frames are masked, so they go
+/// through tungstenite one by one instead of being encoded here.
+fn attach_as<S>(ws: WebSocketStream<S>, config: ChannelConfig, role: Role) -> (Channel, IncomingFrames<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(Mutex::new(Conn {
+        ws,
+        out: Vec::new(),
+        written: 0,
+        reader: None,
+        broken: false,
+        ended: false,
+        through_tungstenite: (role == Role::Client).then_some(0),
+    }));
+    let channel = Channel::open(config, WsSink { conn: conn.clone() });
+    (channel, IncomingFrames { conn, done: false })
 }
 
 /// What [`accept`]'s check sees of an upgrade request.
@@ -186,5 +354,5 @@ pub async fn connect(
     let (ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .map_err(|e| Error::Handshake(e.to_string()))?;
-    Ok(attach(ws, config))
+    Ok(attach_as(ws, config, Role::Client))
 }

@@ -160,10 +160,14 @@ impl ChatService {
         };
         let joined = match joined {
             Ok(()) => {
-                self.inner
-                    .channels
-                    .subscribe(&channel, admission.group.as_str(), admission.replay.clone(), &framing)
-                    .await
+                // Boxed, as `read` below: done once, the state stays small.
+                Box::pin(self.inner.channels.subscribe(
+                    &channel,
+                    admission.group.as_str(),
+                    admission.replay.clone(),
+                    &framing,
+                ))
+                .await
             }
             Err(err) => Err(err),
         };
@@ -211,7 +215,9 @@ impl ChatService {
                     if !matches!(frame, Incoming::Pong) {
                         s.channel.touch();
                     }
-                    match self.read(s, frame, &mut limiter).await {
+                    // Boxed: reading a frame is rare next to waiting for one,
+                    // and every idle connection would carry its largest state.
+                    match Box::pin(self.read(s, frame, &mut limiter)).await {
                         Read::Continue => {}
                         Read::Publish(done) => pending.push(done),
                         Read::End(reason) => break Some(reason),
