@@ -44,6 +44,24 @@ pub async fn http_request(addr: &str, method: &str, path: &str, bearer: Option<&
         .unwrap_or_default())
 }
 
+/// The value of a series in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> Option<u64> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?;
+    line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|v| v as u64)
+}
+
+/// The server's socket writes and frames delivered so far, from its
+/// `/metrics` (`None` when it has no such counters, as the baseline).
+pub async fn write_counters(addr: &str) -> Option<(u64, u64)> {
+    let text = http_get(addr, "/metrics").await.ok()?;
+    Some((
+        metric(&text, "channelbox_socket_writes_total")?,
+        metric(&text, "channelbox_messages_delivered_total")?,
+    ))
+}
+
 /// CPU time (user + system) of a process, in seconds, from `/proc/PID/stat`.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -1,15 +1,14 @@
-//! `cargo xtask bench`: criterion benchmarks, then the loopback server
-//! benchmark — the chat server (memory store without and with history, sled
-//! with history) against the tutorial-style warp baseline, each pinned to one
-//! core with the load generator on the other — and a results table with ratios
-//! to the baseline measured in the same run, printed and written to
-//! target/bench/results.json.
+//! `cargo xtask bench`: what every benchmark shares (the plan, starting pinned
+//! servers, medians, taking turns), and the soak run. The loopback benchmark
+//! is in `loopback`, its targets in `targets`.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use serde_json::{json, Value};
+use crate::loopback::{start_server, ServerKind};
+
+use serde_json::Value;
 
 /// What to run.
 pub(crate) struct Plan {
@@ -30,7 +29,7 @@ impl Plan {
         let mut plan = Plan {
             quick: false,
             loopback_only: false,
-            sizes: vec![100, 1000, 5000, 10000],
+            sizes: vec![1000, 5000, 19000],
             messages: 20_000,
             runs: 3,
             cluster: false,
@@ -64,49 +63,13 @@ impl Plan {
     }
 }
 
-struct ServerKind {
-    name: &'static str,
-    program: &'static str,
-    args: &'static [&'static str],
-    history: bool,
-    members: &'static str,
-}
-
-const SERVERS: &[ServerKind] = &[
-    ServerKind {
-        name: "baseline (warp tutorial)",
-        program: "target/release/baseline",
-        args: &[],
-        history: false,
-        members: "count",
-    },
-    ServerKind {
-        name: "channelbox memory, history:false",
-        program: "target/release/examples/chat",
-        args: &["--store", "memory"],
-        history: false,
-        members: "api",
-    },
-    ServerKind {
-        name: "channelbox memory, history saved",
-        program: "target/release/examples/chat",
-        args: &["--store", "memory"],
-        history: true,
-        members: "api",
-    },
-    ServerKind {
-        name: "channelbox sled, history saved",
-        program: "target/release/examples/chat",
-        args: &["--store", "sled"],
-        history: true,
-        members: "api",
-    },
-];
-
 pub(crate) fn pinned(core: Option<usize>, program: &str, args: &[String]) -> Command {
-    // Raise the descriptor limit for 10,000 connections, and pin when taskset exists.
+    // Raise the descriptor limit for 19,000 connections, and pin when taskset exists.
     let taskset = Path::new("/usr/bin/taskset").exists();
-    let mut line = String::from("ulimit -n 65536 2>/dev/null || ulimit -n 16384 2>/dev/null; exec ");
+    // The soft limit up to the hard one (about 20,000 here): `ulimit -n 65536`
+    // fails there, and a fallback to a fixed 16,384 would cap both limits below
+    // what 19,000 subscribers need.
+    let mut line = String::from("ulimit -n \"$(ulimit -Hn)\" 2>/dev/null; exec ");
     if let Some(core) = core.filter(|_| taskset) {
         line.push_str(&format!("taskset -c {core} "));
     }
@@ -118,22 +81,6 @@ pub(crate) fn pinned(core: Option<usize>, program: &str, args: &[String]) -> Com
     let mut cmd = Command::new("sh");
     cmd.args(["-c", &line]);
     cmd
-}
-
-fn start_server(kind: &ServerKind, data: &Path, extra: &[String]) -> Result<(Child, String), String> {
-    let mut args: Vec<String> = kind.args.iter().map(|s| s.to_string()).collect();
-    args.extend(extra.iter().cloned());
-    if kind.program.ends_with("chat") {
-        args.extend([
-            "--addr".into(),
-            "127.0.0.1:0".into(),
-            "--data".into(),
-            data.display().to_string(),
-        ]);
-    } else {
-        args.push("127.0.0.1:0".into());
-    }
-    listening(pinned(Some(0), kind.program, &args), kind.program)
 }
 
 /// Starts a server and reads its `listening on http://ADDR` line.
@@ -155,47 +102,6 @@ pub(crate) fn listening(mut command: Command, program: &str) -> Result<(Child, S
         .ok_or_else(|| format!("unexpected start-up line {line:?}"))?
         .to_owned();
     Ok((child, addr))
-}
-
-fn loadgen(
-    kind: &ServerKind,
-    pid: u32,
-    addr: &str,
-    subscribers: usize,
-    messages: u64,
-    rate: u64,
-) -> Result<Value, String> {
-    let args = vec![
-        format!("--addr {addr}"),
-        format!("--pid {pid}"),
-        format!("--subscribers {subscribers}"),
-        format!("--messages {messages}"),
-        format!("--rate {rate}"),
-        format!("--history {}", kind.history),
-        format!("--members {}", kind.members),
-    ];
-    let out = pinned(Some(1), "target/release/loadgen", &args)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("cannot run the load generator: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("the load generator failed ({})", out.status));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).map_err(|e| format!("load generator output {text:?}: {e}"))
-}
-
-/// One server, one size, one run: a fresh server process each time.
-fn measure(kind: &ServerKind, subscribers: usize, messages: u64, rate: u64) -> Result<Value, String> {
-    let data = std::env::temp_dir().join(format!("channelbox-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let (mut child, addr) = start_server(kind, &data, &[])?;
-    // `sh -c exec` keeps the pid: the server is the child itself.
-    let result = loadgen(kind, child.id(), &addr, subscribers, messages, rate);
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&data);
-    result
 }
 
 pub(crate) fn median(mut values: Vec<f64>) -> f64 {
@@ -227,86 +133,6 @@ pub(crate) fn interleaved<K>(
         }
     }
     Ok(all)
-}
-
-/// Runs the loopback benchmark and writes the results.
-pub(crate) fn loopback(plan: &Plan) -> Result<(), String> {
-    let mut rows = Vec::new();
-    for &n in &plan.sizes {
-        let mut baseline: Option<(f64, f64)> = None;
-        for (kind, runs) in SERVERS.iter().zip(interleaved(SERVERS, plan.runs, |kind| {
-            measure(kind, n, plan.messages, 0)
-        })?) {
-            let dps = median(runs.iter().map(|r| f(r, &["deliveries_per_sec"])).collect());
-            let dpc = median(runs.iter().map(|r| f(r, &["deliveries_per_cpu_sec"])).collect());
-            let (base_dps, base_dpc) = *baseline.get_or_insert((dps, dpc));
-            let row = json!({
-                "server": kind.name,
-                "subscribers": n,
-                "deliveries_per_sec": dps,
-                "deliveries_per_cpu_sec": dpc,
-                "ratio_deliveries_per_sec": dps / base_dps.max(1.0),
-                "ratio_deliveries_per_cpu_sec": dpc / base_dpc.max(1.0),
-                "p50_us": median(runs.iter().map(|r| f(r, &["latency_us", "p50"])).collect()),
-                "p99_us": median(runs.iter().map(|r| f(r, &["latency_us", "p99"])).collect()),
-                "max_us": median(runs.iter().map(|r| f(r, &["latency_us", "max"])).collect()),
-                "lost": runs.iter().map(|r| f(r, &["lost"])).sum::<f64>(),
-                "duplicated": runs.iter().map(|r| f(r, &["duplicated"])).sum::<f64>(),
-                "subscribers_ended_early": runs.iter().map(|r| f(r, &["subscribers_ended_early"])).sum::<f64>(),
-                "rss_per_connection": median(runs.iter().map(|r| f(r, &["rss_per_connection"])).collect()),
-                "loadgen_cpu_share": median(runs.iter().map(|r| f(r, &["loadgen_cpu_share"])).collect()),
-                "runs": runs,
-            });
-            eprintln!(
-                "xtask bench: {:<34} n={n:<6} {:>12.0} deliveries/s ({:.2}x)  {:>12.0} per cpu-s ({:.2}x)  p99 {:>8.0} µs  {:>8.0} B/conn  lost {} dup {}",
-                kind.name,
-                dps,
-                row["ratio_deliveries_per_sec"].as_f64().unwrap_or(0.0),
-                dpc,
-                row["ratio_deliveries_per_cpu_sec"].as_f64().unwrap_or(0.0),
-                row["p99_us"].as_f64().unwrap_or(0.0),
-                row["rss_per_connection"].as_f64().unwrap_or(0.0),
-                row["lost"],
-                row["duplicated"],
-            );
-            rows.push(row);
-        }
-    }
-    // Latency at a fixed offered load: 200 messages/s to 1,000 subscribers.
-    let (n, messages) = if plan.quick { (20, 100) } else { (1000, 2000) };
-    let mut fixed = Vec::new();
-    let mut baseline_p99 = None;
-    let servers = &SERVERS[..2];
-    for (kind, runs) in servers
-        .iter()
-        .zip(interleaved(servers, plan.runs, |kind| measure(kind, n, messages, 200))?)
-    {
-        let q = |name: &str| median(runs.iter().map(|r| f(r, &["latency_us", name])).collect());
-        let (p50, p99, max) = (q("p50"), q("p99"), q("max"));
-        let base = *baseline_p99.get_or_insert(p99);
-        let ratio = p99 / f64::max(base, 1.0);
-        eprintln!(
-            "xtask bench: fixed 200 msg/s, {n} subscribers, {:<34} p50 {p50:>6.0} µs  p99 {p99:>6.0} µs ({ratio:.2}x)  max {max:>6.0} µs",
-            kind.name,
-        );
-        fixed.push(json!({
-            "server": kind.name,
-            "subscribers": n,
-            "rate": 200,
-            "p50_us": p50,
-            "p99_us": p99,
-            "max_us": max,
-            "ratio_p99": ratio,
-            "loadgen_cpu_share": median(runs.iter().map(|r| f(r, &["loadgen_cpu_share"])).collect()),
-            "runs": runs,
-        }));
-    }
-    let results = json!({"plan": {"sizes": plan.sizes, "messages": plan.messages, "runs": plan.runs}, "throughput": rows, "fixed_rate": fixed});
-    std::fs::create_dir_all("target/bench").map_err(|e| e.to_string())?;
-    let path = "target/bench/results.json";
-    std::fs::write(path, serde_json::to_string_pretty(&results).unwrap_or_default()).map_err(|e| e.to_string())?;
-    eprintln!("xtask bench: results written to {path}");
-    Ok(())
 }
 
 /// `cargo xtask soak`: the chat server (sled store) under churn for a while;
@@ -366,6 +192,7 @@ pub(crate) fn soak(connections: usize, seconds: u64, server_args: &[String]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn servers_take_turns_and_runs_stay_with_their_server() {

@@ -18,7 +18,9 @@ use std::process::{Command, ExitCode};
 
 mod bench;
 mod cluster_bench;
+mod loopback;
 mod storm_bench;
+mod targets;
 mod tidy;
 
 /// channelbox-warp's test suites that hold for every web framework adapter
@@ -344,5 +346,5 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     // 2. The loopback server benchmark, in release mode.
     build_server_tools()?;
-    bench::loopback(&plan)
+    loopback::loopback(&plan)
 }

@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use channelbox_bench::{cpu_seconds, http_get, now_us, raw, rss_bytes, stamp, Histogram, Tally, Target};
+use channelbox_bench::{
+    cpu_seconds, http_get, now_us, raw, rss_bytes, stamp, write_counters, Histogram, Tally, Target,
+};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -45,6 +47,10 @@ struct Args {
     /// Payload bytes (padding included).
     #[arg(long, default_value_t = 64)]
     payload: usize,
+    /// Gives up after this many seconds: a server that stalls fails its
+    /// measurement instead of holding up the whole benchmark.
+    #[arg(long, default_value_t = 300)]
+    deadline: u64,
 }
 
 async fn members(addr: &str, how: &str) -> anyhow::Result<usize> {
@@ -61,6 +67,14 @@ async fn members(addr: &str, how: &str) -> anyhow::Result<usize> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let deadline = Duration::from_secs(args.deadline);
+    match tokio::time::timeout(deadline, run(args)).await {
+        Ok(result) => result,
+        Err(_) => anyhow::bail!("gave up after {deadline:?}"),
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let url = format!("ws://{}/ws/bench", args.server.addr);
     let rss_before = rss_bytes(args.server.pid).unwrap_or(0);
 
@@ -176,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
+    let writes_before = write_counters(&args.server.addr).await;
     let cpu_before = cpu_seconds(args.server.pid).unwrap_or(0.0);
     let own_cpu_before = cpu_seconds(std::process::id()).unwrap_or(0.0);
     let started = Instant::now();
@@ -212,6 +227,15 @@ async fn main() -> anyhow::Result<()> {
     let cpu = cpu_seconds(args.server.pid).unwrap_or(0.0) - cpu_before;
     let own_cpu = cpu_seconds(std::process::id()).unwrap_or(0.0) - own_cpu_before;
     let wall = started.elapsed().as_secs_f64();
+    // Frames per `send` over the run, from the server's own counters.
+    let per_send = match (writes_before, write_counters(&args.server.addr).await) {
+        (Some((w0, f0)), Some((w1, f1))) if w1 > w0 => Some(json!({
+            "socket_writes": w1 - w0,
+            "frames": f1 - f0,
+            "frames_per_send": (f1 - f0) as f64 / (w1 - w0) as f64,
+        })),
+        _ => None,
+    };
     for r in &readers {
         r.abort();
     }
@@ -240,6 +264,7 @@ async fn main() -> anyhow::Result<()> {
         "subscribers_ended_early": ended_early,
         "first_early_end": first_end,
         "timed_out": timed_out,
+        "writes": per_send,
         "rss_before": rss_before,
         "rss_connected": rss_connected,
         "rss_per_connection": (rss_connected.saturating_sub(rss_before)) as f64 / args.subscribers as f64,

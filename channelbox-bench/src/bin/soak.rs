@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use channelbox_bench::{http_get, http_request, rss_bytes, Target};
+use channelbox_bench::{http_get, http_request, metric, rss_bytes, Target};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -206,13 +206,6 @@ async fn wait_until_empty(addr: &str) -> anyhow::Result<(String, String)> {
 }
 
 /// A gauge or counter from the Prometheus text.
-fn metric(text: &str, name: &str) -> Option<u64> {
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?;
-    line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|v| v as u64)
-}
-
 /// `connections` clients churn until `deadline`.
 async fn churn(args: &Args, round: u64, counts: &Arc<Counts>, deadline: Instant, curve: &mut Vec<u64>) {
     let clients: Vec<_> = (0..args.connections)
