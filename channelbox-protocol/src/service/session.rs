@@ -149,32 +149,9 @@ impl ChatService {
         let metrics = &self.inner.metrics;
         metrics.connections.inc();
         tracing::debug!("connected");
-        let framing = Framing {
-            group: admission.group.as_str(),
-            join: None,
-            id: channel.id(),
-        };
-        let joined = match self.inner.directory.get() {
-            Some(directory) => directory.connected(channel.id()).await.map_err(Into::into),
-            None => Ok(()),
-        };
-        let joined = match joined {
-            Ok(()) => {
-                // Boxed, as `read` below: done once, the state stays small.
-                Box::pin(self.inner.channels.subscribe(
-                    &channel,
-                    admission.group.as_str(),
-                    admission.replay.clone(),
-                    &framing,
-                ))
-                .await
-            }
-            Err(err) => Err(err),
-        };
-        if let Err(err) = joined {
-            tracing::warn!(error = %err, "could not join the URL group");
-            channel.close(CloseReason::new(1011, "server error"));
-        } else {
+        // The join is boxed: a connection's future keeps the largest state it
+        // ever had for as long as it lives, and the join's is only needed once.
+        if Box::pin(self.join_url_group(&admission, &channel)).await {
             let session = Session {
                 channel: channel.clone(),
                 url_group: admission.group.to_string(),
@@ -187,16 +164,49 @@ impl ChatService {
         drop(admission);
     }
 
+    /// Joins the URL group (welcome, replay, recovery); `false` (and the
+    /// channel closed with 1011) when it could not.
+    async fn join_url_group(&self, admission: &Admission, channel: &Channel) -> bool {
+        let framing = Framing {
+            group: admission.group.as_str(),
+            join: None,
+            id: channel.id(),
+        };
+        let joined = match self.inner.directory.get() {
+            Some(directory) => directory.connected(channel.id()).await.map_err(Into::into),
+            None => Ok(()),
+        };
+        let joined = match joined {
+            Ok(()) => {
+                self.inner
+                    .channels
+                    .subscribe(channel, admission.group.as_str(), admission.replay.clone(), &framing)
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        if let Err(err) = joined {
+            tracing::warn!(error = %err, "could not join the URL group");
+            channel.close(CloseReason::new(1011, "server error"));
+            return false;
+        }
+        true
+    }
+
     async fn session<S>(&self, s: &Session, mut incoming: S)
     where
         S: Stream<Item = Incoming> + Unpin + Send,
     {
-        let mut pending: FuturesUnordered<PublishDone> = FuturesUnordered::new();
+        // Publishes waiting for the store; made on the first one, since an
+        // empty `FuturesUnordered` already holds two allocations and most
+        // connections only listen.
+        let mut pending: Option<FuturesUnordered<PublishDone>> = None;
         let mut limiter = RateLimiter::new(self.inner.config.rate_limit);
         let end = loop {
             tokio::select! {
                 biased;
-                Some((reference, group, result)) = pending.next(), if !pending.is_empty() => {
+                Some((reference, group, result)) = async { pending.as_mut()?.next().await },
+                    if pending.as_ref().is_some_and(|p| !p.is_empty()) => {
                     let frame = match result {
                         Ok(report) => reply(
                             json!({"type": "published", "group": group, "offset": report.offset, "epoch": report.epoch}),
@@ -219,7 +229,7 @@ impl ChatService {
                     // and every idle connection would carry its largest state.
                     match Box::pin(self.read(s, frame, &mut limiter)).await {
                         Read::Continue => {}
-                        Read::Publish(done) => pending.push(done),
+                        Read::Publish(done) => pending.get_or_insert_with(FuturesUnordered::new).push(done),
                         Read::End(reason) => break Some(reason),
                     }
                 }
@@ -230,7 +240,7 @@ impl ChatService {
         }
         // Publishes still waiting for the disk must be delivered to the group
         // even though their sender left.
-        if !pending.is_empty() {
+        if let Some(mut pending) = pending.filter(|p| !p.is_empty()) {
             tokio::spawn(async move { while pending.next().await.is_some() {} }.in_current_span());
         }
     }
