@@ -56,7 +56,15 @@ where
         io,
         writes: service.socket_writes(),
     };
-    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config_for(service))).await;
+    // Boxed: its state (the socket, then the WebSocket) is only needed
+    // here, and would otherwise be laid out in the future every connection
+    // keeps while it waits.
+    let ws = Box::pin(WebSocketStream::from_raw_socket(
+        io,
+        Role::Server,
+        Some(config_for(service)),
+    ))
+    .await;
     let (channel, incoming) = attach(ws, service.channel_config());
     service.run(admission, channel, incoming).await;
 }

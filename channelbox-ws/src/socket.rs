@@ -49,9 +49,11 @@ fn lock<S>(conn: &SharedConn<S>) -> MutexGuard<'_, Conn<S>> {
     conn.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A batch's buffer larger than this is given back once written: idle
-/// connections must stay small.
+/// A batch's buffer is kept for the next one only when the batch was at
+/// least `BUSY_BATCH` and at most `KEEP_OUT_BUFFER` bytes: idle connections
+/// must stay small.
 const KEEP_OUT_BUFFER: usize = 8 * 1024;
+const BUSY_BATCH: usize = 1024;
 
 /// Appends one unmasked server frame.
 fn encode(frame: &Frame, out: &mut Vec<u8>) {
@@ -100,8 +102,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             self.written += n;
         }
         ready!(Pin::new(self.ws.get_mut()).poll_flush(cx)).map_err(SinkError::new)?;
-        self.out.clear();
-        if self.out.capacity() > KEEP_OUT_BUFFER {
+        // Kept for the next batch only while batches are large (a burst);
+        // after a small one (a trickle, the burst's tail, a `welcome`) it is
+        // given back, so that connections at rest hold none.
+        if (BUSY_BATCH..=KEEP_OUT_BUFFER).contains(&self.out.len()) {
+            self.out.clear();
+        } else {
             self.out = Vec::new();
         }
         if let Some(reader) = self.reader.take() {

@@ -143,6 +143,9 @@ impl ChannelBox {
         members.snapshot = None;
         drop(members);
         if let Some(reg) = state.channels.get_mut(&channel.id()) {
+            // Most channels are in one group: room for one, not a `Vec`'s
+            // first four.
+            reg.groups.reserve_exact(1);
             reg.groups.push(g.name.clone());
         }
         let status = if created {

@@ -67,8 +67,15 @@ impl HttpAnswer {
 
 /// An admitted WebSocket upgrade, ready to be opened once the socket exists.
 /// Holds one of the server's connection slots until dropped.
+///
+/// One pointer wide: it is passed down through several futures, and each
+/// keeps its arguments for its whole life, so every connection would carry
+/// each copy of a larger one.
 #[derive(Debug)]
-pub struct Admission {
+pub struct Admission(Box<Admitted>);
+
+#[derive(Debug)]
+struct Admitted {
     group: GroupName,
     replay: Replay,
     user: Option<User>,
@@ -81,12 +88,12 @@ pub struct Admission {
 impl Admission {
     /// The URL group.
     pub fn group(&self) -> &str {
-        self.group.as_str()
+        self.0.group.as_str()
     }
 
     /// Records the peer's address, so that the connection's log lines name it.
     pub fn with_peer(mut self, peer: SocketAddr) -> Self {
-        self.peer = Some(peer);
+        self.0.peer = Some(peer);
         self
     }
 }
@@ -227,14 +234,14 @@ impl ChatService {
                 format!("the server is at its limit of {max} connections"),
             ));
         }
-        Ok(Admission {
+        Ok(Admission(Box::new(Admitted {
             group,
             replay,
             user,
             peer: None,
             events: query_param(query, "events").is_some_and(|v| v == "1" || v == "true"),
             _slot: Slot(self.inner.clone()),
-        })
+        })))
     }
 
     /// `forbidden` (403) for a browser page whose origin is not allowed: a

@@ -11,7 +11,9 @@ use std::pin::Pin;
 use std::time::Instant;
 
 use channelbox_core::SubscribeFraming;
-use channelbox_core::{BoxError, Channel, CloseReason, Frame, Incoming, PublishReport, Recovery, StreamPosition};
+use channelbox_core::{
+    BoxError, Channel, CloseReason, Frame, Incoming, PublishReport, Recovery, Replay, StreamPosition,
+};
 use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
 use serde_json::{json, Value};
 use tracing::Instrument;
@@ -128,8 +130,8 @@ impl ChatService {
         let span = tracing::info_span!(
             "connection",
             channel = %channel.id(),
-            group = %admission.group,
-            peer = admission.peer.map(tracing::field::display),
+            group = %admission.0.group,
+            peer = admission.0.peer.map(tracing::field::display),
         );
         self.run_connection(admission, channel, incoming).instrument(span).await;
     }
@@ -138,37 +140,42 @@ impl ChatService {
     where
         S: Stream<Item = Incoming> + Unpin + Send,
     {
+        // Kept in its box: a connection's future holds its locals for as
+        // long as it lives, one pointer here instead of the admission. It
+        // holds the connection's slot (counted against the limits) to the end.
+        let admitted = admission.0;
         self.start_heartbeats();
         channel.heard();
-        let user = admission.user.as_ref().map(|u| u.id.clone());
+        let user = admitted.user.as_ref().map(|u| u.id.clone());
         self.inner.peers.insert(&channel, user);
         let _running = Running(self, channel.id());
-        if admission.events {
-            self.inner.peers.listen(admission.group.as_str(), channel.id());
+        if admitted.events {
+            self.inner.peers.listen(admitted.group.as_str(), channel.id());
         }
         let metrics = &self.inner.metrics;
         metrics.connections.inc();
         tracing::debug!("connected");
         // The join is boxed: a connection's future keeps the largest state it
         // ever had for as long as it lives, and the join's is only needed once.
-        if Box::pin(self.join_url_group(&admission, &channel)).await {
+        let group = admitted.group.as_str();
+        if Box::pin(self.join_url_group(group, admitted.replay.clone(), &channel)).await {
             let session = Session {
                 channel: channel.clone(),
-                url_group: admission.group.to_string(),
-                user: admission.user.clone(),
+                url_group: group.to_owned(),
+                user: admitted.user.clone(),
             };
             self.session(&session, incoming).await;
         }
         tracing::debug!(reason = ?channel.close_reason(), "disconnected");
         metrics.connections.dec();
-        drop(admission);
+        drop(admitted);
     }
 
     /// Joins the URL group (welcome, replay, recovery); `false` (and the
     /// channel closed with 1011) when it could not.
-    async fn join_url_group(&self, admission: &Admission, channel: &Channel) -> bool {
+    async fn join_url_group(&self, group: &str, replay: Replay, channel: &Channel) -> bool {
         let framing = Framing {
-            group: admission.group.as_str(),
+            group,
             join: None,
             id: channel.id(),
         };
@@ -177,12 +184,7 @@ impl ChatService {
             None => Ok(()),
         };
         let joined = match joined {
-            Ok(()) => {
-                self.inner
-                    .channels
-                    .subscribe(channel, admission.group.as_str(), admission.replay.clone(), &framing)
-                    .await
-            }
+            Ok(()) => self.inner.channels.subscribe(channel, group, replay, &framing).await,
             Err(err) => Err(err),
         };
         if let Err(err) = joined {
