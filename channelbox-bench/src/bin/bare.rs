@@ -1,10 +1,12 @@
 //! The bare writer of `cargo xtask bench`: the ceiling of what any server can
 //! deliver on this machine. It does nothing but write: every text frame a
 //! client sends becomes one `message` frame in the chat server's own envelope,
-//! encoded once, and a batch of `--frames-per-send` such frames goes to every
-//! connected client (the sender included) in one `send` each. Nothing is
-//! queued per client beyond what a socket refuses, nothing is parsed per
-//! delivery, no task runs per client on the write side.
+//! encoded once, and a batch of them goes to every connected client (the
+//! sender included) in one `send` each, batches sized so that the frames per
+//! `send` reached (partial writes counted, as the chat server counts them)
+//! come to `--frames-per-send`. Nothing is queued per client beyond what a
+//! socket refuses, nothing is parsed per delivery, no task runs per client on
+//! the write side.
 //!
 //! Run at the frames per `send` the chat server achieved in the same run, the
 //! chat server's share of its deliveries per second is the share of the
@@ -30,8 +32,11 @@ struct Args {
     /// Address to listen on.
     #[arg(default_value = "127.0.0.1:0")]
     addr: String,
-    /// Frames written to each client per `send`: a batch waits for this many
-    /// messages (or for 20 ms without one, at the end of a run).
+    /// Frames per `send` to reach, counted as the chat server counts them:
+    /// frames delivered over writes, where a socket that takes part of a
+    /// batch costs another write. Batches (a batch waits for its messages, or
+    /// for 20 ms without one at the end of a run) grow while the average is
+    /// below this and shrink while it is above, up to `MAX_BATCH`.
     #[arg(long, default_value_t = 1)]
     frames_per_send: usize,
 }
@@ -42,6 +47,10 @@ struct Client {
     backlog: RefCell<Vec<u8>>,
     closed: Cell<bool>,
 }
+
+/// The largest batch: the load generator keeps at most 100 messages in
+/// flight, and a batch waiting for more would wait for its timeout.
+const MAX_BATCH: usize = 90;
 
 /// A client whose socket refuses more than this is dropped.
 const MAX_BACKLOG: usize = 8 << 20;
@@ -134,8 +143,9 @@ fn encode(publish: &[u8], batch: &mut Vec<u8>) {
 }
 
 /// Gathers batches of publishes and writes each to every client.
-async fn write_batches(server: Rc<Server>, mut publishes: mpsc::Receiver<Vec<u8>>, per_send: usize) {
+async fn write_batches(server: Rc<Server>, mut publishes: mpsc::Receiver<Vec<u8>>, target: usize) {
     let mut batch = Vec::new();
+    let mut per_send = target.clamp(1, MAX_BATCH);
     while let Some(first) = publishes.recv().await {
         batch.clear();
         encode(&first, &mut batch);
@@ -157,6 +167,13 @@ async fn write_batches(server: Rc<Server>, mut publishes: mpsc::Receiver<Vec<u8>
         server.frames.set(server.frames.get() + (frames * clients.len()) as u64);
         for client in &clients {
             server.offer(client, &batch);
+        }
+        // Steer the average actually reached toward the target.
+        let reached = server.frames.get() as f64 / server.writes.get().max(1) as f64;
+        if reached < target as f64 {
+            per_send = (per_send + 1).min(MAX_BATCH);
+        } else if reached > target as f64 * 1.02 {
+            per_send = per_send.saturating_sub(1).max(1);
         }
     }
 }

@@ -22,7 +22,7 @@ enum Step {
 pub(super) async fn run_writer(channel: Channel, mut sink: impl FrameSink) {
     let shared = &channel.shared;
     let max_batch = shared.config.max_batch.max(1);
-    let mut batch: Vec<Frame> = Vec::new();
+    let mut batch: VecDeque<Frame> = VecDeque::new();
     // Once a close is requested, what is left to write and the close itself
     // get `close_timeout` in all; then the connection is dropped.
     let mut deadline: Option<Instant> = None;
@@ -33,9 +33,14 @@ pub(super) async fn run_writer(channel: Channel, mut sink: impl FrameSink) {
         };
         match step {
             Step::Write => {
-                let done = write_batch(&channel, &mut sink, &batch, &mut deadline).await;
+                let done = write_batch(&channel, &mut sink, batch.make_contiguous(), &mut deadline).await;
                 let n = batch.len() as u64;
                 batch.clear();
+                if batch.capacity() > 64 {
+                    // Give back what a burst left behind: idle connections
+                    // must stay small.
+                    batch = VecDeque::new();
+                }
                 if shared.pacing.load(Ordering::SeqCst) > 0 {
                     shared.drained.notify_waiters();
                 }
@@ -73,15 +78,22 @@ pub(super) async fn run_writer(channel: Channel, mut sink: impl FrameSink) {
 
 /// Takes the next batch out of the queue (into `batch`), or says what else to
 /// do; `Err` when the channel is closed already.
-fn next_step(channel: &Channel, batch: &mut Vec<Frame>, max_batch: usize) -> Result<Step, CloseReason> {
+fn next_step(channel: &Channel, batch: &mut VecDeque<Frame>, max_batch: usize) -> Result<Step, CloseReason> {
     let mut q = channel.lock();
     Ok(match q.phase {
         Phase::Closed => return Err(q.reason()),
         Phase::Closing if q.frames.is_empty() => Step::Close(q.reason()),
         Phase::Open if q.frames.is_empty() => Step::Wait,
         Phase::Open | Phase::Closing => {
+            debug_assert!(batch.is_empty(), "the last batch was written and cleared");
             let n = q.frames.len().min(max_batch);
-            batch.extend(q.frames.drain(..n));
+            if n == q.frames.len() {
+                // All of it: the queue's buffer becomes the batch and the
+                // last batch's (empty) buffer the queue's; no frame moves.
+                std::mem::swap(&mut q.frames, batch);
+            } else {
+                batch.extend(q.frames.drain(..n));
+            }
             let bytes: usize = batch.iter().map(Frame::len).sum();
             q.bytes -= bytes;
             q.taken += n as u64;
