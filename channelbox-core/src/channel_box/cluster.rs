@@ -226,7 +226,13 @@ impl ChannelBox {
             if !all && g.last_ingest.load(Ordering::Relaxed) > quiet_since {
                 continue;
             }
-            let Some(started) = lock(&g.order).as_ref().map(|s| s.epoch().clone()) else {
+            // What was delivered before the head is read: the engine had
+            // those offsets when it answered. Offsets delivered while the
+            // read was on its way may be past its answer without any loss.
+            let Some((started, delivered)) = lock(&g.order)
+                .as_ref()
+                .map(|s| (s.epoch().clone(), s.released().offset))
+            else {
                 continue;
             };
             let Ok(head) = self.inner.store.head(&g.name).await else {
@@ -236,7 +242,7 @@ impl ChannelBox {
             let Some(seq) = order.as_mut().filter(|s| *s.epoch() == started) else {
                 continue;
             };
-            if head.epoch != started || head.last < seq.released().offset {
+            if head.epoch != started || head.last < delivered {
                 drop(order);
                 self.insufficient_state(&g);
                 continue;
