@@ -26,8 +26,8 @@ pub(crate) struct ServerKind {
 
 /// The chat server whose frames per `send` the bare writer copies, and whose
 /// deliveries per CPU-second the targets compare.
-const CHAT: &str = "channelbox memory, history:false";
-const BARE: &str = "bare writer (same frames per send)";
+pub(crate) const CHAT: &str = "channelbox memory, history:false";
+pub(crate) const BARE: &str = "bare writer (same frames per send)";
 
 const SERVERS: &[ServerKind] = &[
     ServerKind {

@@ -16,9 +16,8 @@
 use serde_json::{json, Value};
 
 use crate::bench::{f, median};
+use crate::loopback::{BARE, CHAT};
 
-const CHAT: &str = "channelbox memory, history:false";
-const BARE: &str = "bare writer (same frames per send)";
 const SHARE_OF_BARE: f64 = 0.60;
 const FLAT: f64 = 0.80;
 const IDLE_BYTES: f64 = 5000.0;
