@@ -18,8 +18,12 @@ use uuid::Uuid;
 
 use crate::payload::{Frame, PayloadType};
 use crate::transport::{CloseReason, FrameSink};
+use signal::Signal;
 use writer::run_writer;
 
+#[cfg(test)]
+mod layout;
+mod signal;
 mod writer;
 
 /// What a full queue does with one more frame.
@@ -115,13 +119,15 @@ enum Phase {
 /// Everything behind the channel's lock. A broadcast's push touches only the
 /// fields up to `phase`, which share one cache line with the lock (see
 /// [`Shared`]): at 10,000 members every push meets a cold channel, and each
-/// line it needs is a cache miss.
+/// line it needs is a cache miss. The byte counts are `u32` so that they fit
+/// there (a queue bound above 4 GiB is clamped; it would not fit in memory).
 #[repr(C)]
 struct Queue {
     frames: VecDeque<Frame>,
-    bytes: usize,
+    /// Bytes queued; never more than `max_bytes`.
+    bytes: u32,
     // The queue's own bounds, kept next to what they bound.
-    max_bytes: usize,
+    max_bytes: u32,
     max_frames: u32,
     overflow: OverflowPolicy,
     payload_type: PayloadType,
@@ -136,9 +142,10 @@ struct Queue {
     hooks: Vec<CloseHook>,
 }
 
-// The lock's own word comes first (8 bytes with std's futex mutex), then the
-// queue: its hot fields must end inside the first line.
-const _: () = assert!(8 + std::mem::offset_of!(Queue, phase) < 64);
+// `written`, then the lock's own word (8 bytes with std's futex mutex), then
+// the queue: its hot fields must end inside the first line (a test checks
+// where the lock puts the queue).
+const _: () = assert!(std::mem::offset_of!(Shared, queue) + 8 + std::mem::offset_of!(Queue, phase) < 64);
 
 impl Queue {
     fn is_open(&self) -> bool {
@@ -164,9 +171,12 @@ impl Queue {
 
 /// A channel's state. The lock and the queue's hot fields come first and the
 /// struct is aligned to a cache line, so a broadcast's push costs one line
-/// here (and one in the queue's buffer).
+/// here (and one in the queue's buffer). `written` shares that line: a
+/// broadcast reads it, without the lock, to bring the line in ahead of the
+/// push ([`Channel::warm`]).
 #[repr(C, align(64))]
 struct Shared {
+    written: AtomicU64,
     queue: Mutex<Queue>,
     id: Uuid,
     config: ChannelConfig,
@@ -176,8 +186,8 @@ struct Shared {
     /// Milliseconds after `created` of the last frame of any kind from the
     /// peer, pongs included: what heartbeats judge liveness by.
     last_heard: AtomicU64,
-    /// Wakes the writer: frames arrived, a close was requested, activity moved expiry.
-    wake: Notify,
+    /// Wakes the writer: frames arrived, a close was requested.
+    wake: Signal,
     /// Wakes everyone waiting in [`Channel::closed`].
     closed: Notify,
     /// Wakes everyone waiting in [`Channel::half_empty`]: the writer took a batch.
@@ -185,7 +195,6 @@ struct Shared {
     /// How many wait in [`Channel::half_empty`]; the writer skips the wake-up
     /// (a lock inside `Notify`) when none do, which is nearly always.
     pacing: AtomicU64,
-    written: AtomicU64,
     overflowed: AtomicU64,
 }
 
@@ -229,10 +238,11 @@ impl Channel {
     pub fn open_with_id(id: Uuid, config: ChannelConfig, sink: impl FrameSink) -> Channel {
         let channel = Channel {
             shared: Arc::new(Shared {
+                written: AtomicU64::new(0),
                 queue: Mutex::new(Queue {
                     frames: VecDeque::new(),
                     bytes: 0,
-                    max_bytes: config.max_queue_bytes,
+                    max_bytes: u32::try_from(config.max_queue_bytes).unwrap_or(u32::MAX),
                     // A queue of four billion frames would not fit in memory anyway.
                     max_frames: u32::try_from(config.max_queue_frames).unwrap_or(u32::MAX),
                     overflow: config.overflow,
@@ -248,11 +258,10 @@ impl Channel {
                 created: Instant::now(),
                 last_activity: AtomicU64::new(0),
                 last_heard: AtomicU64::new(0),
-                wake: Notify::new(),
+                wake: Signal::default(),
                 closed: Notify::new(),
                 drained: Notify::new(),
                 pacing: AtomicU64::new(0),
-                written: AtomicU64::new(0),
                 overflowed: AtomicU64::new(0),
             }),
         };
@@ -281,6 +290,13 @@ impl Channel {
         self.shared.queue.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 
+    /// Brings the line a push locks into the cache without taking the lock.
+    /// A broadcast warms a run of members before pushing to them, so their
+    /// cache misses overlap instead of each stalling its own push.
+    pub(crate) fn warm(&self) -> u64 {
+        self.shared.written.load(Ordering::Relaxed)
+    }
+
     /// Hands an encoded frame to the channel without waiting. On a full queue the
     /// overflow policy is applied and counted.
     pub fn try_send(&self, frame: Frame) -> Result<Enqueued, SendError> {
@@ -297,7 +313,7 @@ impl Channel {
         }
         let frame = frame(q.payload_type);
         let len = frame.len();
-        let fits = |q: &Queue| q.frames.len() < q.max_frames as usize && q.bytes + len <= q.max_bytes;
+        let fits = |q: &Queue| q.frames.len() < q.max_frames as usize && q.bytes as usize + len <= q.max_bytes as usize;
         let mut dropped = 0;
         if !fits(&q) {
             self.shared.overflowed.fetch_add(1, Ordering::Relaxed);
@@ -308,17 +324,17 @@ impl Channel {
                     q.discard();
                     q.start_closing(CloseReason::SLOW_CONSUMER);
                     drop(q);
-                    self.shared.wake.notify_one();
+                    self.shared.wake.notify();
                     return Err(SendError::Overflow);
                 }
                 OverflowPolicy::DropOldest => {
-                    if len > q.max_bytes || q.max_frames == 0 {
+                    if len > q.max_bytes as usize || q.max_frames == 0 {
                         return Err(SendError::Overflow);
                     }
                     while !fits(&q) {
                         match q.frames.pop_front() {
                             Some(old) => {
-                                q.bytes -= old.len();
+                                q.bytes -= old.len() as u32;
                                 q.discarded += 1;
                                 dropped += 1;
                             }
@@ -329,11 +345,12 @@ impl Channel {
             }
         }
         let was_empty = q.frames.is_empty();
-        q.bytes += len;
+        // It fits: `len` is at most `max_bytes`, a `u32`.
+        q.bytes += len as u32;
         q.frames.push_back(frame);
         drop(q);
         if was_empty {
-            self.shared.wake.notify_one();
+            self.shared.wake.notify();
         }
         Ok(Enqueued { dropped })
     }
@@ -351,7 +368,7 @@ impl Channel {
         }
         q.start_closing(reason);
         drop(q);
-        self.shared.wake.notify_one();
+        self.shared.wake.notify();
     }
 
     /// Whether the channel is closing or closed.
@@ -444,7 +461,7 @@ impl Channel {
             written: self.shared.written.load(Ordering::Relaxed),
             overflowed: self.shared.overflowed.load(Ordering::Relaxed),
             pending_frames: q.frames.len(),
-            pending_bytes: q.bytes,
+            pending_bytes: q.bytes as usize,
         }
     }
 

@@ -3,7 +3,9 @@
 //! hooks when the channel ends.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use super::{Channel, Phase};
@@ -91,11 +93,13 @@ fn next_step(channel: &Channel, batch: &mut VecDeque<Frame>, max_batch: usize) -
                 // All of it: the queue's buffer becomes the batch and the
                 // last batch's (empty) buffer the queue's; no frame moves.
                 std::mem::swap(&mut q.frames, batch);
+                q.bytes = 0;
             } else {
                 batch.extend(q.frames.drain(..n));
+                // The batch's frames were counted into `bytes` one by one.
+                let bytes: usize = batch.iter().map(Frame::len).sum();
+                q.bytes -= bytes as u32;
             }
-            let bytes: usize = batch.iter().map(Frame::len).sum();
-            q.bytes -= bytes;
             q.taken += n as u64;
             if q.frames.is_empty() && q.frames.capacity() > 64 {
                 // Give back the memory a burst left behind: idle
@@ -119,6 +123,11 @@ async fn write_batch(
     let shared = &channel.shared;
     let write = sink.send(batch);
     tokio::pin!(write);
+    // Most batches fit in the socket at once: no race to set up for them.
+    let once = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    if let Poll::Ready(res) = once {
+        return Some(res);
+    }
     loop {
         // Without a deadline this branch is disabled; the far-off instant only
         // gives it a value.

@@ -16,6 +16,9 @@ use crate::error::BoxError;
 use crate::payload::{plain_frame, Frame, Payload};
 use crate::transport::CloseReason;
 
+/// Members whose queues a broadcast brings into the cache together.
+const WARM_RUN: usize = 16;
+
 impl ChannelBox {
     /// Pushes one message into every live member's queue but `except`'s, and
     /// into the held-back buffers of members whose replay is still being
@@ -26,14 +29,20 @@ impl ChannelBox {
         let mut report = DeliveryReport::default();
         // Nothing more is rendered or pushed for a slow consumer once found.
         let mut slow = Vec::new();
-        for ch in members.iter() {
-            // The id lives off the cache line a push touches: read it only
-            // when a member is to be skipped.
-            if except.is_some_and(|id| ch.id() == id) {
-                continue;
-            }
-            if self.account(ch, ch.try_send_with(|to| rendered.frame(to)), &mut report) {
-                slow.push(ch.id());
+        for run in members.chunks(WARM_RUN) {
+            // In a large group every member's line is cold: load a run of
+            // them at once, so that the misses overlap, before the pushes
+            // (whose locked instructions would each wait out their own).
+            std::hint::black_box(run.iter().fold(0, |acc, ch| acc ^ ch.warm()));
+            for ch in run {
+                // The id lives off the cache line a push touches: read it only
+                // when a member is to be skipped.
+                if except.is_some_and(|id| ch.id() == id) {
+                    continue;
+                }
+                if self.account(ch, ch.try_send_with(|to| rendered.frame(to)), &mut report) {
+                    slow.push(ch.id());
+                }
             }
         }
         let mut m = lock(&g.members);
