@@ -42,18 +42,55 @@ mod tests {
             || shown == "xtask/src/bench.rs"
     }
 
+    /// The lines (0-based, inclusive ranges) of items marked `#[cfg(test)]`:
+    /// from the attribute to the end of the item it marks (a `mod tests;`
+    /// declaration, or a body closed by `}` at the attribute's indentation,
+    /// as rustfmt lays it out). Only these are exempt: code after a test
+    /// module is checked like any other.
+    fn test_items(lines: &[&str]) -> Vec<(usize, usize)> {
+        let mut items = Vec::new();
+        let mut i = 0;
+        while i < lines.len() {
+            let line = lines[i];
+            let trimmed = line.trim_start();
+            if !trimmed.starts_with("#[cfg(test)]") {
+                i += 1;
+                continue;
+            }
+            let indent = &line[..line.len() - trimmed.len()];
+            let close = format!("{indent}}}");
+            // The marked item's first line that ends its head: `{` or `;`.
+            let head = (i + 1..lines.len()).find(|&j| {
+                let t = lines[j].trim_end();
+                !lines[j].trim_start().starts_with("#[") && (t.ends_with('{') || t.ends_with(';'))
+            });
+            let end = match head {
+                Some(j) if lines[j].trim_end().ends_with(';') => j,
+                Some(j) => (j + 1..lines.len())
+                    .find(|&k| lines[k] == close)
+                    .unwrap_or(lines.len() - 1),
+                None => lines.len() - 1,
+            };
+            items.push((i, end));
+            i = end + 1;
+        }
+        items
+    }
+
     /// Functions longer than `max` lines, as (name, first line, length). It
     /// relies on rustfmt's layout: a body closes with `}` at the indentation of
-    /// its `fn`. Everything from the first `#[cfg(test)]` at the start of a
-    /// line on is a test module and not looked at.
+    /// its `fn`. Items marked `#[cfg(test)]` (see `test_items`) are not looked
+    /// at; everything else in the file is, to its last line.
     fn long_functions(text: &str, max: usize) -> Vec<(String, usize, usize)> {
         let lines: Vec<&str> = text.lines().collect();
-        let end = lines
-            .iter()
-            .position(|l| l.starts_with("#[cfg(test)]"))
-            .unwrap_or(lines.len());
+        let end = lines.len();
+        let exempt = test_items(&lines);
+        let in_test = |i: usize| exempt.iter().any(|&(a, b)| (a..=b).contains(&i));
         let mut found = Vec::new();
         for i in 0..end {
+            if in_test(i) {
+                continue;
+            }
             let line = lines[i];
             let indent = &line[..line.len() - line.trim_start().len()];
             let mut words = line.split_whitespace().peekable();
@@ -102,6 +139,16 @@ mod tests {
         assert_eq!(long_functions(&long, 5), vec![("b".to_owned(), 1, 9)]);
         let tests = format!("#[cfg(test)]\nmod tests {{\n{long}}}\n");
         assert!(long_functions(&tests, 5).is_empty(), "test modules are exempt");
+        // A test module in the middle of a file exempts itself, not what follows.
+        let after = format!("#[cfg(test)]\nmod tests {{\n    fn t() {{}}\n}}\n\n{long}");
+        assert_eq!(long_functions(&after, 5), vec![("b".to_owned(), 6, 9)]);
+        let declared = format!("#[cfg(test)]\nmod tests;\n{long}");
+        assert_eq!(long_functions(&declared, 5), vec![("b".to_owned(), 3, 9)]);
+        let test_fn = format!(
+            "    #[cfg(test)]\n    #[allow(dead_code)]\n    fn helper() {{\n{}    }}\n",
+            "        x();\n".repeat(9)
+        );
+        assert!(long_functions(&test_fn, 5).is_empty(), "a test-only function is exempt");
         assert!(long_functions("    fn declared(&self);\n", 0).is_empty());
     }
 
