@@ -54,6 +54,8 @@ mod layout;
 mod open;
 mod recover;
 mod store;
+mod undo;
+mod visible;
 mod writer;
 
 pub use config::{CommitMode, SledConfig};
