@@ -16,6 +16,10 @@
 //!   append fails with [`StoreErrorKind::Busy`](channelbox_core::StoreErrorKind)
 //!   instead of queueing without limit.
 //! - **Flushing** a group gives it a new epoch, persisted.
+//! - **Disk trouble.** When a write fails (a full disk), appends are refused
+//!   until the store has reopened sled by itself. Reads and heads only ever
+//!   show what is durable, and the rollback gives every group a failed write
+//!   touched a new epoch, so no (epoch, offset) names two messages.
 //! - **Clear errors.** A directory of another format, a file where a directory is
 //!   expected, an unwritable or locked directory each give a typed
 //!   [`StoreError`](channelbox_core::StoreError) naming the path.
