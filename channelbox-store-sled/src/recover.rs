@@ -98,6 +98,12 @@ fn roll_back(db: &sled::Db, plan: &BTreeMap<String, Rollback>, counters: &[(&[u8
     let mut batch = sled::Batch::default();
     for (name, r) in plan {
         let on_disk = db.get(group_key(name))?.and_then(|v| u64_at(&v, 0));
+        let newest = r.newest.max(r.durable.generation);
+        if on_disk.is_some_and(|generation| generation > newest) {
+            // A generation the group never had in memory: this rollback
+            // reached the disk before reopening failed, and is done.
+            continue;
+        }
         let keep = match on_disk {
             Some(generation) if r.durable.exists && generation == r.durable.generation => r.durable.last,
             _ => 0,
@@ -108,7 +114,7 @@ fn roll_back(db: &sled::Db, plan: &BTreeMap<String, Rollback>, counters: &[(&[u8
         {
             batch.remove(key?);
         }
-        let newest = r.newest.max(r.durable.generation).max(on_disk.unwrap_or(0));
+        let newest = newest.max(on_disk.unwrap_or(0));
         batch.insert(group_key(name), &group_value(newest + 1, keep));
     }
     for &(key, at_least) in counters {
@@ -156,6 +162,9 @@ mod tests {
                 newest: 3,
             },
         )]);
+        roll_back(&db, &plan, &[(KEY_FLUSHES, 5), (KEY_EVICTIONS, 0)]).unwrap();
+        // Reopening may fail after the rollback reached the disk, and then
+        // runs it again: it must change nothing more.
         roll_back(&db, &plan, &[(KEY_FLUSHES, 5), (KEY_EVICTIONS, 0)]).unwrap();
         assert_eq!(db.scan_prefix(message_prefix("g")).count(), 6, "7..=10 are gone");
         assert!(db.get(message_key("g", 6)).unwrap().is_some());
