@@ -29,7 +29,9 @@
 //! group, its head and 16 bytes per retained message (size and timestamp, so
 //! trims need no disk read). With the default 1 MiB budget per group that is at
 //! most 16 bytes for every retained message, e.g. 320 KiB for a group full of
-//! 50-byte messages.
+//! 50-byte messages. Every write still waiting for the disk also keeps an
+//! undo record (its group's name and head, some 60 bytes), so that readers
+//! see only what is durable.
 //!
 //! ```
 //! use channelbox_core::{HistoryStore, NewMessage, PayloadKind, ReadQuery};
