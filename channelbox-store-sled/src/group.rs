@@ -8,6 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use channelbox_core::{messages_to_trim, now_ms, BudgetedGroups, HistoryLimits, TotalBudget};
 
 use crate::layout::{group_key, group_value, message_prefix, KEY_EVICTIONS};
+use crate::undo::{Shown, Undo};
 use crate::writer::Op;
 
 /// What a retained message costs this store besides its payload and its key's
@@ -32,6 +33,9 @@ pub(crate) struct GroupState {
     /// only when that would otherwise be lost: for a new group, and before a
     /// trim removes every message.
     pub(crate) stored_last: Option<u64>,
+    /// The sequence number of the newest write that changed the group's
+    /// generation or offsets: a reader waits for it to be durable.
+    pub(crate) seq: u64,
 }
 
 impl GroupState {
@@ -108,6 +112,11 @@ pub(crate) struct State {
     /// The whole store's budget, and the generation counter.
     pub(crate) budget: TotalBudget,
     pub(crate) closed: bool,
+    /// What the writes not yet durable changed, for readers and rollbacks.
+    pub(crate) undo: Undo,
+    /// The newest write that changed the epoch of groups without an entry
+    /// (a flush of every group, an eviction).
+    pub(crate) store_seq: u64,
 }
 
 impl State {
@@ -130,13 +139,38 @@ impl State {
     }
 
     /// Applies the total budget after writing `current`, adding the removals
-    /// to `ops`.
-    pub(crate) fn enforce_total(&mut self, current: &str, ops: &mut Vec<Op>) {
+    /// to `ops`; returns the groups it evicted, as they were.
+    pub(crate) fn enforce_total(&mut self, current: &str, ops: &mut Vec<Op>) -> Vec<(String, Shown)> {
         let mut groups = Groups {
             groups: &mut self.groups,
             ops,
+            evicted: Vec::new(),
         };
         self.budget.enforce(current, &mut groups);
+        groups.evicted
+    }
+
+    /// Notes write `seq`, which changed `group` (as it was `before`) and
+    /// evicted `evicted`: readers of those groups wait for it, and a rollback
+    /// knows what it changed.
+    pub(crate) fn wrote(&mut self, seq: u64, group: &str, before: Shown, evicted: Vec<(String, Shown)>) {
+        self.undo.record(seq, group, before);
+        if let Some(g) = self.groups.get_mut(group) {
+            g.seq = seq;
+        }
+        if !evicted.is_empty() {
+            self.undo.record_store(seq);
+            self.store_seq = seq;
+        }
+        for (name, was) in evicted {
+            self.undo.record(seq, &name, was);
+        }
+    }
+
+    /// The write a reader of `group` waits for: the newest that changed the
+    /// group, or the epoch it has without an entry.
+    pub(crate) fn wait_seq(&self, group: &str) -> u64 {
+        self.groups.get(group).map_or(0, |g| g.seq).max(self.store_seq)
     }
 }
 
@@ -144,6 +178,7 @@ impl State {
 struct Groups<'a> {
     groups: &'a mut HashMap<String, GroupState>,
     ops: &'a mut Vec<Op>,
+    evicted: Vec<(String, Shown)>,
 }
 
 impl BudgetedGroups for Groups<'_> {
@@ -164,6 +199,8 @@ impl BudgetedGroups for Groups<'_> {
         self.ops
             .push(Op::Insert(KEY_EVICTIONS.to_vec(), evictions.to_be_bytes().to_vec()));
         self.ops.push(Op::Remove(group_key(group)));
-        self.groups.remove(group);
+        if let Some(g) = self.groups.remove(group) {
+            self.evicted.push((group.to_owned(), Shown::of(Some(&g))));
+        }
     }
 }

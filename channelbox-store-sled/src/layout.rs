@@ -37,24 +37,6 @@ pub(crate) fn message_key(group: &str, offset: u64) -> Vec<u8> {
     k
 }
 
-/// A message key split into its group's prefix and its offset; `None` for
-/// other keys.
-pub(crate) fn message_key_parts(key: &[u8]) -> Option<(&[u8], u64)> {
-    if key.first() != Some(&MESSAGE_PREFIX) || key.len() < 3 + 8 {
-        return None;
-    }
-    let (prefix, offset) = key.split_at(key.len() - 8);
-    Some((prefix, u64::from_be_bytes(offset.try_into().ok()?)))
-}
-
-/// The head key of the group whose messages have this prefix.
-pub(crate) fn group_key_of_prefix(prefix: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(prefix.len() - 2);
-    k.push(GROUP_PREFIX);
-    k.extend_from_slice(prefix.get(3..).unwrap_or_default());
-    k
-}
-
 /// A group's head as stored: generation and newest offset.
 pub(crate) fn group_value(generation: u64, last: u64) -> [u8; 16] {
     let mut v = [0u8; 16];

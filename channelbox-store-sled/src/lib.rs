@@ -16,6 +16,10 @@
 //!   append fails with [`StoreErrorKind::Busy`](channelbox_core::StoreErrorKind)
 //!   instead of queueing without limit.
 //! - **Flushing** a group gives it a new epoch, persisted.
+//! - **Disk trouble.** When a write fails (a full disk), appends are refused
+//!   until the store has reopened sled by itself. Reads and heads only ever
+//!   show what is durable, and the rollback gives every group a failed write
+//!   touched a new epoch, so no (epoch, offset) names two messages.
 //! - **Clear errors.** A directory of another format, a file where a directory is
 //!   expected, an unwritable or locked directory each give a typed
 //!   [`StoreError`](channelbox_core::StoreError) naming the path.
@@ -25,7 +29,9 @@
 //! group, its head and 16 bytes per retained message (size and timestamp, so
 //! trims need no disk read). With the default 1 MiB budget per group that is at
 //! most 16 bytes for every retained message, e.g. 320 KiB for a group full of
-//! 50-byte messages.
+//! 50-byte messages. Every write still waiting for the disk also keeps an
+//! undo record (its group's name and head, some 60 bytes), so that readers
+//! see only what is durable.
 //!
 //! ```
 //! use channelbox_core::{HistoryStore, NewMessage, PayloadKind, ReadQuery};
@@ -54,6 +60,8 @@ mod layout;
 mod open;
 mod recover;
 mod store;
+mod undo;
+mod visible;
 mod writer;
 
 pub use config::{CommitMode, SledConfig};

@@ -160,3 +160,28 @@ pub(crate) fn load_evictions(db: &sled::Db, path: &Path) -> Result<u64, SledErro
         .and_then(|v| u64_at(&v, 0))
         .unwrap_or(0))
 }
+
+/// Writes a head for every group that has messages but none (a crash after
+/// a new group's first message, before its head), in a generation no entry
+/// of that name has had: from then on every group on disk has its head, which
+/// a rollback after disk trouble relies on to tell generations apart.
+pub(crate) fn write_missing_heads(
+    db: &sled::Db,
+    groups: &mut HashMap<String, GroupState>,
+    fresh: u64,
+    path: &Path,
+) -> Result<(), SledError> {
+    let s = |e| SledError::sled(path, e);
+    let mut wrote = false;
+    for (name, g) in groups.iter_mut().filter(|(_, g)| g.stored_last.is_none()) {
+        g.generation = fresh;
+        g.stored_last = Some(g.last);
+        db.insert(group_key(name), &group_value(g.generation, g.last))
+            .map_err(s)?;
+        wrote = true;
+    }
+    if wrote {
+        db.flush().map_err(s)?;
+    }
+    Ok(())
+}

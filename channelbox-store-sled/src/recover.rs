@@ -1,22 +1,32 @@
 //! Disk trouble: when a write or flush fails (a full disk, an I/O error),
 //! sled refuses every later operation, and the store refuses appends
-//! (`unavailable` to clients) while reads of what it acknowledged go on.
-//! The writer thread then tries, once a second, to reopen the database here.
-//! Reopening rolls back every message that was written but never
-//! acknowledged — its publisher was answered `unavailable`, so it must have
-//! had no effect: no message kept, no offset used — reloads the store's
-//! memory from disk, and lets appends resume. Nothing acknowledged is lost:
-//! an acknowledged message was flushed before the failure, and the rollback
-//! removes only offsets above the last acknowledged one of each group.
+//! (`unavailable` to clients) while reads of what is durable go on
+//! (`visible.rs`). The writer thread then tries, once a second, to reopen the
+//! database here.
+//!
+//! Reopening rolls back every write that was not durable — its caller was
+//! answered `unavailable`, so it must have had no effect: no message kept — and
+//! moves every group such a write touched to a generation it never had, so
+//! that no (epoch, offset) is ever used for two messages. Offsets of a failed
+//! append may have been seen: the box's sequencer skips them, and a `welcome`
+//! may name one as the group's position. The rollback is keyed by generation,
+//! from the undo log (`undo.rs`): a group keeps exactly the messages of the
+//! generation it had durably, up to its durable newest offset, whatever
+//! flushes, evictions or re-creations of the same name failed after. It is
+//! applied as one atomic sled batch, so a crash during it leaves the disk
+//! as before it. Nothing acknowledged is lost: an acknowledged message was
+//! durable before the failure.
 
+use std::collections::BTreeMap;
 use std::sync::PoisonError;
 
 use crate::error::SledError;
 use crate::group::State;
-use crate::layout::{group_key_of_prefix, group_value, u64_at};
+use crate::layout::{group_key, group_value, message_key, u64_at, KEY_EVICTIONS, KEY_FLUSHES};
 use crate::open::{check_format, load_evictions, load_groups, open_db};
 use crate::store::{lock, Inner};
-use crate::writer::{Disk, Lost};
+use crate::undo::Rollback;
+use crate::writer::Disk;
 
 impl Disk for Inner {
     fn with_db<R>(&self, f: impl FnOnce(&sled::Db) -> R) -> Option<R> {
@@ -24,7 +34,7 @@ impl Disk for Inner {
         db.as_ref().map(f)
     }
 
-    fn reopen(&self, lost: &Lost) -> Result<u64, SledError> {
+    fn reopen(&self, durable: u64) -> Result<u64, SledError> {
         // The old database serves reads meanwhile: let it go only once the
         // disk takes writes again.
         probe_space(&self.path).map_err(|e| SledError::Unusable(self.path.clone(), e.to_string()))?;
@@ -33,10 +43,14 @@ impl Disk for Inner {
         if state.closed {
             return Err(SledError::Closed(self.path.clone()));
         }
+        let plan = state.undo.plan(durable, |g| state.groups.get(g).map(|g| g.generation));
+        // The counters never go back either: epochs handed out under a flush
+        // count or eviction count that failed must stay unused.
+        let counters = [(KEY_FLUSHES, state.flushes), (KEY_EVICTIONS, state.budget.evictions())];
         let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
         drop(slot.take());
         let db = open_db(&self.config)?;
-        roll_back(&db, lost).map_err(|e| SledError::sled(&self.path, e))?;
+        roll_back(&db, &plan, &counters).map_err(|e| SledError::sled(&self.path, e))?;
         db.flush().map_err(|e| SledError::sled(&self.path, e))?;
         let (instance, flushes) = check_format(&db, &self.path)?;
         let groups = load_groups(&db, &self.path)?;
@@ -45,6 +59,8 @@ impl Disk for Inner {
         state.flushes = flushes;
         state.budget = State::budget_of(&groups, &self.limits, evictions);
         state.groups = groups;
+        state.undo.clear();
+        state.store_seq = 0;
         let discarded = self.writer.discard_queued();
         *slot = Some(db);
         Ok(discarded)
@@ -68,60 +84,139 @@ fn probe_space(dir: &std::path::Path) -> std::io::Result<()> {
     written.and(removed)
 }
 
-/// Removes each group's messages from its lowest unacknowledged offset on,
-/// and brings its head back below that offset.
-fn roll_back(db: &sled::Db, lost: &Lost) -> sled::Result<()> {
-    for (prefix, &first) in lost {
-        let mut from = prefix.clone();
-        from.extend_from_slice(&first.to_be_bytes());
-        let mut to = prefix.clone();
-        to.extend_from_slice(&u64::MAX.to_be_bytes());
-        let keys: Vec<sled::IVec> = db.range(from..=to).keys().collect::<sled::Result<_>>()?;
-        for key in keys {
-            db.remove(key)?;
+/// Brings every group of `plan` back to its durable state in a new
+/// generation, and raises the `counters` to at least these values, in one
+/// atomic batch.
+///
+/// A group whose head on disk still has its durable generation keeps its
+/// messages up to its durable newest offset (a failed trim may have removed
+/// some of the oldest, which a trim may do). Any other head means that a
+/// failed flush or eviction reached the disk, and they remove a generation's
+/// messages before its head: nothing of the durable generation is left, and
+/// what is there belongs to a generation that never became durable.
+fn roll_back(db: &sled::Db, plan: &BTreeMap<String, Rollback>, counters: &[(&[u8], u64)]) -> sled::Result<()> {
+    let mut batch = sled::Batch::default();
+    for (name, r) in plan {
+        let on_disk = db.get(group_key(name))?.and_then(|v| u64_at(&v, 0));
+        let newest = r.newest.max(r.durable.generation);
+        if on_disk.is_some_and(|generation| generation > newest) {
+            // A generation the group never had in memory: this rollback
+            // reached the disk before reopening failed, and is done.
+            continue;
         }
-        let head = group_key_of_prefix(prefix);
-        if let Some(value) = db.get(&head)? {
-            let (generation, last) = (u64_at(&value, 0), u64_at(&value, 8));
-            if let (Some(generation), Some(last)) = (generation, last) {
-                if last >= first {
-                    db.insert(&head, &group_value(generation, first - 1))?;
-                }
-            }
+        let keep = match on_disk {
+            Some(generation) if r.durable.exists && generation == r.durable.generation => r.durable.last,
+            _ => 0,
+        };
+        for key in db
+            .range(message_key(name, keep + 1)..=message_key(name, u64::MAX))
+            .keys()
+        {
+            batch.remove(key?);
+        }
+        let newest = newest.max(on_disk.unwrap_or(0));
+        batch.insert(group_key(name), &group_value(newest + 1, keep));
+    }
+    for &(key, at_least) in counters {
+        let stored = db.get(key)?.and_then(|v| u64_at(&v, 0)).unwrap_or(0);
+        if stored < at_least {
+            batch.insert(key, &at_least.to_be_bytes());
         }
     }
-    Ok(())
+    db.apply_batch(batch)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::{group_key, message_key, message_prefix};
+    use crate::layout::message_prefix;
+    use crate::undo::Shown;
+
+    fn durable(generation: u64, last: u64) -> Shown {
+        Shown {
+            exists: true,
+            generation,
+            last,
+        }
+    }
+
+    fn head(db: &sled::Db, group: &str) -> (Option<u64>, Option<u64>) {
+        let v = db.get(group_key(group)).unwrap().unwrap();
+        (u64_at(&v, 0), u64_at(&v, 8))
+    }
 
     #[test]
-    fn roll_back_removes_unacknowledged_offsets_and_lowers_the_head() {
+    fn a_group_keeps_its_durable_messages_in_a_new_generation() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         for offset in 1..=10 {
             db.insert(message_key("g", offset), b"m".to_vec()).unwrap();
             db.insert(message_key("other", offset), b"m".to_vec()).unwrap();
         }
-        db.insert(group_key("g"), &group_value(3, 10)).unwrap();
-        let lost = Lost::from([(message_prefix("g"), 7)]);
-        roll_back(&db, &lost).unwrap();
-        assert_eq!(
-            db.scan_prefix(message_prefix("g")).count(),
-            6,
-            "offsets 7..=10 are gone"
-        );
+        db.insert(group_key("g"), &group_value(3, 1)).unwrap();
+        db.insert(KEY_FLUSHES, &2u64.to_be_bytes()).unwrap();
+        let plan = BTreeMap::from([(
+            "g".to_owned(),
+            Rollback {
+                durable: durable(3, 6),
+                newest: 3,
+            },
+        )]);
+        roll_back(&db, &plan, &[(KEY_FLUSHES, 5), (KEY_EVICTIONS, 0)]).unwrap();
+        // Reopening may fail after the rollback reached the disk, and then
+        // runs it again: it must change nothing more.
+        roll_back(&db, &plan, &[(KEY_FLUSHES, 5), (KEY_EVICTIONS, 0)]).unwrap();
+        assert_eq!(db.scan_prefix(message_prefix("g")).count(), 6, "7..=10 are gone");
         assert!(db.get(message_key("g", 6)).unwrap().is_some());
-        assert!(db.get(message_key("g", 7)).unwrap().is_none());
         assert_eq!(
             db.scan_prefix(message_prefix("other")).count(),
             10,
             "other groups untouched"
         );
-        let head = db.get(group_key("g")).unwrap().unwrap();
-        assert_eq!((u64_at(&head, 0), u64_at(&head, 8)), (Some(3), Some(6)));
+        assert_eq!(
+            head(&db, "g"),
+            (Some(4), Some(6)),
+            "a new generation, the durable offset"
+        );
+        assert_eq!(u64_at(&db.get(KEY_FLUSHES).unwrap().unwrap(), 0), Some(5));
+        assert!(db.get(KEY_EVICTIONS).unwrap().is_none(), "0 is not written");
+    }
+
+    #[test]
+    fn a_failed_flush_that_reached_the_disk_leaves_no_message_of_its_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        // The flush to generation 4 reached the disk, then offsets 1..=2 of it.
+        db.insert(group_key("g"), &group_value(4, 0)).unwrap();
+        for offset in 1..=2 {
+            db.insert(message_key("g", offset), b"new".to_vec()).unwrap();
+        }
+        let plan = BTreeMap::from([(
+            "g".to_owned(),
+            Rollback {
+                durable: durable(3, 6),
+                newest: 4,
+            },
+        )]);
+        roll_back(&db, &plan, &[]).unwrap();
+        assert_eq!(db.scan_prefix(message_prefix("g")).count(), 0);
+        assert_eq!(head(&db, "g"), (Some(5), Some(0)));
+    }
+
+    #[test]
+    fn a_group_created_by_a_failed_write_is_kept_empty_in_a_new_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        db.insert(message_key("g", 1), b"failed".to_vec()).unwrap();
+        let plan = BTreeMap::from([(
+            "g".to_owned(),
+            Rollback {
+                durable: Shown::default(),
+                newest: 7 << 32,
+            },
+        )]);
+        roll_back(&db, &plan, &[]).unwrap();
+        assert_eq!(db.scan_prefix(message_prefix("g")).count(), 0);
+        assert_eq!(head(&db, "g"), (Some((7 << 32) + 1), Some(0)));
     }
 }

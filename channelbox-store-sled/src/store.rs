@@ -22,14 +22,15 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 use channelbox_core::{
     Capabilities, Epoch, Head, HistoryLimits, HistoryPage, HistoryStats, HistoryStore, NewMessage, PendingAppend,
-    ReadQuery, StoreError, StoredMessage,
+    ReadQuery, StoreError,
 };
 
 use crate::config::SledConfig;
 use crate::error::SledError;
 use crate::group::{GroupState, State, MESSAGE_OVERHEAD};
 use crate::layout::*;
-use crate::open::{check_format, load_evictions, load_groups, open_db};
+use crate::open::{check_format, load_evictions, load_groups, open_db, write_missing_heads};
+use crate::undo::{Shown, Undo};
 use crate::writer::{Disk, Op, Writer};
 
 /// A durable history store on sled; see the crate docs.
@@ -58,9 +59,10 @@ impl SledStore {
     pub fn open(config: SledConfig) -> Result<SledStore, StoreError> {
         let db = open_db(&config)?;
         let (instance, flushes) = check_format(&db, &config.path)?;
-        let groups = load_groups(&db, &config.path)?;
+        let mut groups = load_groups(&db, &config.path)?;
         let evictions = load_evictions(&db, &config.path)?;
         let budget = State::budget_of(&groups, &config.limits, evictions);
+        write_missing_heads(&db, &mut groups, budget.fresh_generation(), &config.path)?;
         let inner = Arc::new(Inner {
             path: config.path.clone(),
             config: config.clone(),
@@ -72,6 +74,8 @@ impl SledStore {
                 budget,
                 groups,
                 closed: false,
+                undo: Undo::default(),
+                store_seq: 0,
             }),
             writer: Writer::new(config.commit),
         });
@@ -91,6 +95,35 @@ impl SledStore {
     /// The directory of this store.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+}
+
+/// Fault injection for tests (feature `failpoints`, never enabled by the
+/// server): disk trouble on demand, so that its branches run in tests.
+#[cfg(feature = "failpoints")]
+impl SledStore {
+    /// Holds the writer thread: writes queue up until
+    /// [`SledStore::resume_writer`], and then form one batch.
+    pub fn pause_writer(&self) {
+        self.inner.writer.hold(true);
+    }
+
+    /// Lets the writer thread go on.
+    pub fn resume_writer(&self) {
+        self.inner.writer.hold(false);
+    }
+
+    /// While `held`, a failing store does not recover, as if its disk stayed
+    /// full; once released it recovers within a second.
+    pub fn hold_recovery(&self, held: bool) {
+        self.inner.writer.hold_recovery(held);
+    }
+
+    /// The writer's next batch applies at most `ops` of its sled operations
+    /// and then fails as a full disk would: every write of it fails, and the
+    /// store recovers as after real disk trouble.
+    pub fn fail_next_batch(&self, ops: usize) {
+        self.inner.writer.fail_next_batch(ops);
     }
 }
 
@@ -118,7 +151,7 @@ impl Inner {
         payload_bytes as u64 + MESSAGE_OVERHEAD + group.len() as u64
     }
 
-    fn epoch(state: &State, generation: u64) -> Epoch {
+    pub(crate) fn epoch(state: &State, generation: u64) -> Epoch {
         Epoch::from_parts(&state.instance, state.flushes, generation)
     }
 
@@ -129,7 +162,7 @@ impl Inner {
         Ok(())
     }
 
-    fn state(&self) -> Result<MutexGuard<'_, State>, SledError> {
+    pub(crate) fn state(&self) -> Result<MutexGuard<'_, State>, SledError> {
         let state = lock(&self.state);
         if state.closed {
             return Err(SledError::Closed(self.path.clone()));
@@ -140,7 +173,7 @@ impl Inner {
     /// Removes what the limits say must go (age, at read time); not awaited for
     /// durability: a trim that is lost in a crash only means an old message
     /// lives a little longer.
-    fn trim_now(&self, state: &mut State, group: &str) {
+    pub(crate) fn trim_now(&self, state: &mut State, group: &str) {
         if let Some(g) = state.groups.get_mut(group) {
             let mut ops = Vec::new();
             let released = g.trim(group, &self.limits, &mut ops);
@@ -151,7 +184,7 @@ impl Inner {
         }
     }
 
-    fn head_of(state: &State, group: &str) -> Head {
+    pub(crate) fn head_of(state: &State, group: &str) -> Head {
         match state.groups.get(group) {
             Some(g) => Head {
                 epoch: Self::epoch(state, g.generation),
@@ -172,50 +205,6 @@ impl Inner {
             Some(why) => Err(SledError::Flush(self.path.clone(), why.to_string())),
             None => Ok(()),
         }
-    }
-
-    /// The messages `from..=to` of `group` as sled holds them, once every write
-    /// queued so far is applied (while writes fail: as they are, so that
-    /// what was acknowledged can still be read).
-    async fn read_range(&self, group: &str, from: u64, to: u64, limit: usize) -> Result<Vec<StoredMessage>, SledError> {
-        if self.writer.failure().is_none() {
-            self.writer.applied(self.writer.written(), &self.path).await?;
-        }
-        if limit == 0 || from > to {
-            return Ok(Vec::new());
-        }
-        self.with_db(|db| self.scan(db, group, from, to, limit))
-            .unwrap_or_else(|| Err(SledError::Closed(self.path.clone())))
-    }
-
-    fn scan(
-        &self,
-        db: &sled::Db,
-        group: &str,
-        from: u64,
-        to: u64,
-        limit: usize,
-    ) -> Result<Vec<StoredMessage>, SledError> {
-        let mut messages = Vec::new();
-        let range = message_key(group, from)..=message_key(group, to);
-        for item in db.range(range).take(limit) {
-            let (k, v) = item.map_err(|e| SledError::sled(&self.path, e))?;
-            let corrupt = || SledError::Corrupt {
-                path: self.path.clone(),
-                group: group.to_owned(),
-                what: "message",
-            };
-            let offset = u64_at(&k, k.len() - 8).ok_or_else(corrupt)?;
-            let (kind, timestamp_ms, meta, payload) = decode_message(&v).ok_or_else(corrupt)?;
-            messages.push(StoredMessage {
-                offset,
-                kind,
-                payload,
-                meta,
-                timestamp_ms,
-            });
-        }
-        Ok(messages)
     }
 }
 
@@ -246,6 +235,8 @@ impl HistoryStore for SledStore {
             return Err(SledError::Busy(inner.path.clone()).into());
         }
         let state = &mut *state;
+        state.undo.forget_durable(inner.writer.durable_mark());
+        let before = Shown::of(state.groups.get(group));
         let generation = state.budget.fresh_generation();
         let g = state.groups.entry(group.to_owned()).or_insert_with(|| GroupState {
             generation,
@@ -271,8 +262,9 @@ impl HistoryStore for SledStore {
             .budget
             .charge(group, inner.message_cost(group, message.payload.len()));
         state.budget.release(released);
-        state.enforce_total(group, &mut ops);
+        let evicted = state.enforce_total(group, &mut ops);
         let seq = inner.writer.push(ops);
+        state.wrote(seq, group, before, evicted);
         Ok(PendingAppend::assigned(
             offset,
             epoch,
@@ -283,25 +275,19 @@ impl HistoryStore for SledStore {
     async fn head(&self, group: &str) -> Result<Head, StoreError> {
         let inner = &self.inner;
         inner.check(group)?;
-        let mut state = inner.state()?;
-        inner.trim_now(&mut state, group);
-        Ok(Inner::head_of(&state, group))
+        Ok(inner.visible_head(group).await?.0)
     }
 
     async fn read(&self, group: &str, query: ReadQuery) -> Result<HistoryPage, StoreError> {
         let inner = &self.inner;
         inner.check(group)?;
         loop {
-            let (mut head, before) = {
-                let mut state = inner.state()?;
-                inner.trim_now(&mut state, group);
-                (Inner::head_of(&state, group), state.flushes)
-            };
+            let (mut head, before) = inner.visible_head(group).await?;
             let (from, limit) = match query {
                 ReadQuery::Last(n) => (head.last.saturating_sub(n as u64).saturating_add(1).max(head.first), n),
                 ReadQuery::Since { offset, limit } => (offset.saturating_add(1).max(head.first), limit),
             };
-            let messages = inner.read_range(group, from, head.last, limit).await?;
+            let messages = inner.read_range(group, from, head.last, limit)?;
             let state = inner.state()?;
             if state.flushes != before || Inner::head_of(&state, group).epoch != head.epoch {
                 // The group was flushed while we read: its offsets start over,
@@ -340,6 +326,8 @@ impl HistoryStore for SledStore {
             // this, which is what a crash can leave, is the old generation
             // with fewer of its oldest messages.
             let mut ops = Vec::new();
+            state.undo.forget_durable(inner.writer.durable_mark());
+            let before = Shown::of(state.groups.get(group));
             let fresh = state.budget.fresh_generation();
             let g = state.groups.entry(group.to_owned()).or_insert_with(|| GroupState {
                 generation: fresh,
@@ -358,8 +346,10 @@ impl HistoryStore for SledStore {
             ops.push(Op::Insert(group_key(group), group_value(generation, 0).to_vec()));
             // The empty entry keeps the new epoch; it counts like any group.
             state.budget.charge(group, 0);
-            state.enforce_total(group, &mut ops);
-            (Inner::epoch(state, generation), inner.writer.push(ops))
+            let evicted = state.enforce_total(group, &mut ops);
+            let seq = inner.writer.push(ops);
+            state.wrote(seq, group, before, evicted);
+            (Inner::epoch(state, generation), seq)
         };
         inner.writer.durable(seq, &inner.path).await?;
         Ok(epoch)
@@ -376,6 +366,7 @@ impl HistoryStore for SledStore {
             state.flushes += 1;
             let mut ops = vec![Op::Insert(KEY_FLUSHES.to_vec(), state.flushes.to_be_bytes().to_vec())];
             state.budget.clear();
+            let mut drained = Vec::new();
             for (name, g) in state.groups.drain() {
                 let start = g.first();
                 ops.push(Op::RemoveOffsets(
@@ -383,8 +374,16 @@ impl HistoryStore for SledStore {
                     start..start + g.retained.len() as u64,
                 ));
                 ops.push(Op::Remove(group_key(&name)));
+                drained.push((name, Shown::of(Some(&g))));
             }
-            inner.writer.push(ops)
+            let seq = inner.writer.push(ops);
+            state.undo.forget_durable(inner.writer.durable_mark());
+            state.undo.record_store(seq);
+            state.store_seq = seq;
+            for (name, was) in drained {
+                state.undo.record(seq, &name, was);
+            }
+            seq
         };
         inner.writer.durable(seq, &inner.path).await
     }

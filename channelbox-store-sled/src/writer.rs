@@ -16,7 +16,6 @@
 //! what sled recovers after a crash, leaves a consistent history (see the
 //! callers in `store.rs`).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,25 +24,20 @@ use tokio::sync::watch;
 
 use crate::config::CommitMode;
 use crate::error::SledError;
-use crate::layout::message_key_parts;
 
 /// How often a failing store tries to reopen sled and resume.
 const RETRY: Duration = Duration::from_secs(1);
-
-/// Messages written but not acknowledged when the store failed: per group
-/// (by its message key prefix), the lowest such offset. Recovery removes
-/// them, so that what was answered `unavailable` had no effect.
-pub(crate) type Lost = HashMap<Vec<u8>, u64>;
 
 /// What the writer thread needs of the store around it.
 pub(crate) trait Disk: Sync {
     /// Runs `f` on the open database; `None` while it is being reopened.
     fn with_db<R>(&self, f: impl FnOnce(&sled::Db) -> R) -> Option<R>;
 
-    /// Reopens sled after a failure: rolls back the `lost` messages, reloads
-    /// the store's memory from disk, and discards what is still queued.
-    /// Returns the sequence number of the newest write discarded.
-    fn reopen(&self, lost: &Lost) -> Result<u64, SledError>;
+    /// Reopens sled after a failure: rolls back every write after `durable`
+    /// (see `recover.rs`), reloads the store's memory from disk, and discards
+    /// what is still queued. Returns the sequence number of the newest write
+    /// discarded.
+    fn reopen(&self, durable: u64) -> Result<u64, SledError>;
 }
 
 /// At most this many operations wait for the writer before appends are refused
@@ -85,8 +79,6 @@ const KEEP_CAPACITY: usize = 4096;
 /// Where the writer stands.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Progress {
-    /// Every write up to this sequence number is in sled, so readable.
-    pub(crate) applied: u64,
     /// Every write up to this sequence number is on disk.
     pub(crate) durable: u64,
     /// Set while writes fail. Writes not durable by then fail with it, and
@@ -108,6 +100,39 @@ struct Queue {
     /// call, skipped while the thread is busy).
     idle: bool,
     shutdown: bool,
+    #[cfg(feature = "failpoints")]
+    faults: Faults,
+}
+
+/// Faults a test injects into the writer (feature `failpoints` only).
+#[cfg(feature = "failpoints")]
+#[derive(Debug, Default)]
+struct Faults {
+    /// The thread takes no work while set, so that writes gather in a batch.
+    paused: bool,
+    /// The next batch applies at most this many operations, then fails.
+    fail_after: Option<usize>,
+    /// A failing store does not recover while set, as if the disk stayed full.
+    recovery_held: bool,
+}
+
+impl Queue {
+    /// Whether the thread must leave the queue alone for now.
+    fn held(&self) -> bool {
+        #[cfg(feature = "failpoints")]
+        if self.faults.paused && !self.shutdown {
+            return true;
+        }
+        self.ops.is_empty() && !self.shutdown
+    }
+
+    /// The failure injected into the batch taken now, if any.
+    fn take_fault(&mut self) -> Option<usize> {
+        #[cfg(feature = "failpoints")]
+        return self.faults.fail_after.take();
+        #[cfg(not(feature = "failpoints"))]
+        None
+    }
 }
 
 /// Waits until the progress mark `mark` reaches `seq`; fails if a write failed
@@ -195,9 +220,35 @@ impl Writer {
         Box::pin(async move { Ok(reach(rx, seq, |p| p.durable, &path).await?) })
     }
 
-    /// Waits until write `seq` is in sled, so that a read sees it.
-    pub(crate) async fn applied(&self, seq: u64, path: &std::path::Path) -> Result<(), SledError> {
-        reach(self.progress.subscribe(), seq, |p| p.applied, path).await
+    /// Waits until write `seq` is on disk; fails if it failed, or the writer is
+    /// gone.
+    pub(crate) async fn durable_wait(&self, seq: u64, path: &std::path::Path) -> Result<(), SledError> {
+        reach(self.progress.subscribe(), seq, |p| p.durable, path).await
+    }
+
+    /// Every write up to this sequence number is on disk.
+    pub(crate) fn durable_mark(&self) -> u64 {
+        self.progress.borrow().durable
+    }
+
+    /// Test only: holds the thread (`true`) so that writes gather into one
+    /// batch, or lets it go.
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn hold(&self, paused: bool) {
+        self.lock().faults.paused = paused;
+        self.wake.notify_all();
+    }
+
+    /// Test only: a failing store stays failing while `held`.
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn hold_recovery(&self, held: bool) {
+        self.lock().faults.recovery_held = held;
+    }
+
+    /// Test only: the next batch applies at most `ops` operations and fails.
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn fail_next_batch(&self, ops: usize) {
+        self.lock().faults.fail_after = Some(ops);
     }
 
     /// Asks the thread to finish what is queued and end.
@@ -209,9 +260,9 @@ impl Writer {
     /// Takes everything queued (the newest write's number with it); waits
     /// for work, or at most [`RETRY`] while failing. `None` once shut down
     /// with nothing queued.
-    fn take(&self, batch: &mut Vec<(u64, Op)>, failing: bool) -> Option<u64> {
+    fn take(&self, batch: &mut Vec<(u64, Op)>, failing: bool) -> Option<(u64, Option<usize>)> {
         let mut q = self.lock();
-        while q.ops.is_empty() && !q.shutdown {
+        while q.held() {
             q.idle = true;
             if failing {
                 q = self.wake.wait_timeout(q, RETRY).unwrap_or_else(|p| p.into_inner()).0;
@@ -224,7 +275,8 @@ impl Writer {
             return None;
         }
         std::mem::swap(&mut q.ops, batch);
-        Some(q.written)
+        let fault = q.take_fault();
+        Some((q.written, fault))
     }
 
     /// Drops every queued operation (after a failure, under the store's
@@ -240,39 +292,33 @@ impl Writer {
     /// [`RETRY`] until that succeeds.
     pub(crate) fn run(&self, disk: &impl Disk) {
         let mut batch = Vec::new();
-        // Message inserts not yet flushed: what a failure loses.
-        let mut unflushed = Lost::new();
         loop {
             let failing = self.progress.borrow().error.is_some();
-            let Some(last) = self.take(&mut batch, failing) else {
+            let Some((last, fault)) = self.take(&mut batch, failing) else {
                 return;
             };
-            for (_, op) in &batch {
-                if let Op::Insert(key, _) = op {
-                    if let Some((prefix, offset)) = message_key_parts(key) {
-                        let lowest = unflushed.entry(prefix.to_vec()).or_insert(offset);
-                        *lowest = (*lowest).min(offset);
-                    }
-                }
-            }
             if failing {
                 batch.clear();
             } else {
-                disk.with_db(|db| self.apply(db, &mut batch, last));
+                disk.with_db(|db| self.apply(db, &mut batch, last, fault));
             }
             batch.shrink_to(KEEP_CAPACITY);
-            // Flushed, or failed and then recovered: nothing is unflushed.
-            let failed = self.progress.borrow().error.is_some();
-            if !failed || self.recover(disk, &unflushed) {
-                unflushed.clear();
+            if self.progress.borrow().error.is_some() {
+                self.recover(disk);
             }
         }
     }
 
-    /// Applies a batch in order and flushes (once, or per write).
-    fn apply(&self, db: &sled::Db, batch: &mut Vec<(u64, Op)>, last: u64) {
+    /// Applies a batch in order and flushes (once, or per write). `fault`:
+    /// fail, as a full disk would, before the operation of this index.
+    fn apply(&self, db: &sled::Db, batch: &mut Vec<(u64, Op)>, last: u64, fault: Option<usize>) {
+        // Readers see only what is durable: nothing here is readable before
+        // the flush below succeeds.
         let mut current = batch.first().map_or(last, |(seq, _)| *seq);
-        for (seq, op) in batch.drain(..) {
+        for (i, (seq, op)) in batch.drain(..).enumerate() {
+            if fault.is_some_and(|n| i >= n) && self.progress.borrow().error.is_none() {
+                self.fail("injected failure");
+            }
             if self.mode == CommitMode::PerAppend && seq != current {
                 self.flush(db, current);
                 current = seq;
@@ -284,29 +330,31 @@ impl Writer {
                 self.fail(&err.to_string());
             }
         }
-        self.progress.send_modify(|p| p.applied = p.applied.max(last));
+        if fault.is_some() && self.progress.borrow().error.is_none() {
+            self.fail("injected failure");
+        }
         self.flush(db, last);
     }
 
-    /// Tries to reopen sled and resume; whether it did.
-    fn recover(&self, disk: &impl Disk, lost: &Lost) -> bool {
-        match disk.reopen(lost) {
+    /// Tries to reopen sled and resume.
+    fn recover(&self, disk: &impl Disk) {
+        #[cfg(feature = "failpoints")]
+        if self.lock().faults.recovery_held {
+            return;
+        }
+        let durable = self.durable_mark();
+        match disk.reopen(durable) {
             Ok(last) => {
                 self.progress.send_modify(|p| {
                     if p.durable < last {
                         p.lost.push((p.durable + 1, last));
                     }
                     p.error = None;
-                    p.applied = last;
                     p.durable = last;
                 });
                 tracing::warn!("history writes resumed");
-                true
             }
-            Err(err) => {
-                tracing::debug!(error = %err, "history store still failing");
-                false
-            }
+            Err(err) => tracing::debug!(error = %err, "history store still failing"),
         }
     }
 
@@ -316,10 +364,7 @@ impl Writer {
             return;
         }
         match db.flush() {
-            Ok(_) => self.progress.send_modify(|p| {
-                p.applied = p.applied.max(seq);
-                p.durable = seq;
-            }),
+            Ok(_) => self.progress.send_modify(|p| p.durable = seq),
             Err(err) => self.fail(&err.to_string()),
         }
     }

@@ -80,8 +80,17 @@ async fn a_full_disk_refuses_appends_without_effect_and_they_resume_when_space_r
         n += 1;
     }
     assert_eq!(failures, 5, "the full disk made appends fail");
+    let newest = acked.iter().map(|(offset, _)| *offset).max().unwrap_or(0);
     let during = store.read("g", ReadQuery::Last(5)).await;
     assert!(during.is_ok(), "acknowledged history stays readable: {during:?}");
+    let during = during.unwrap();
+    assert_eq!(
+        during.messages.last().map(|m| m.offset),
+        Some(newest),
+        "history shows no offset of a failed append"
+    );
+    let before = store.head("g").await.unwrap();
+    assert_eq!(before.last, newest, "nor does a head (a welcome's position)");
 
     std::fs::remove_file(&filler).unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -96,6 +105,11 @@ async fn a_full_disk_refuses_appends_without_effect_and_they_resume_when_space_r
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     acked.push((resumed, n));
+    assert_ne!(
+        store.head("g").await.unwrap().epoch,
+        before.epoch,
+        "the failed offsets were handed out: the group is in a new epoch"
+    );
     for m in n + 1..n + 20 {
         acked.push((try_append(&store, m).await.expect("room again"), m));
     }
