@@ -112,7 +112,10 @@ test("a slow-consumer close (4000) is followed by a complete recovery", async ()
     for (let n = 0; n < 1500; n++) last = await post(s.addr, "slow", { n, big });
     sockets[0]._socket.resume();
     await until("everything", () => sub.got.at(-1)?.offset === last, 30000);
-    assert.ok(codes.includes(4000), `closed as a slow consumer (codes ${codes})`);
+    // The server sends 4000 only if the paused socket still takes the close
+    // frame (PROTOCOL.md: "if the socket accepts it"); otherwise it drops the
+    // TCP connection, which the client sees as 1006. Either way it recovers.
+    assert.ok(codes.includes(4000) || codes.includes(1006), `closed as a slow consumer (codes ${codes})`);
     assert.deepEqual(sub.got.map((m) => m.offset), Array.from({ length: last }, (_, i) => i + 1));
     assert.ok(sub.recovered.at(-1)?.complete, "the recovery was complete");
     sub.client.close();
