@@ -189,8 +189,9 @@ impl Link<'_> {
         loop {
             // Silent for `every`: ping; no frame within `patience` of it: dead.
             let wake_at = pinged.map_or(heard + every, |p| p + patience);
+            // Not biased: a flood of frames must not starve the requests,
+            // nor a flood of requests the frames.
             let wake = tokio::select! {
-                biased;
                 frame = self.ws.next() => Wake::Frame(frame),
                 request = requests.recv() => Wake::Request(request),
                 () = sleep_until(wake_at), if !every.is_zero() => Wake::Timer,
