@@ -125,6 +125,7 @@ async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
 /// What the fake server does.
 enum Act {
     Send(Value),
+    Wait(Duration),
     Close(u16),
 }
 
@@ -173,6 +174,7 @@ where
                             Act::Send(v) => {
                                 let _ = ws.send(Message::text(v.to_string())).await;
                             }
+                            Act::Wait(d) => tokio::time::sleep(d).await,
                             Act::Close(code) => {
                                 let frame = CloseFrame {
                                     code: CloseCode::from(code),
@@ -472,4 +474,32 @@ async fn every_publish_outcome_is_reported_by_its_ref() {
         },
     ];
     assert_eq!(outcomes, want.iter().collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn the_backoff_starts_over_once_a_connection_stayed_up() {
+    let (addr, conns) = fake(
+        |n| match n {
+            // The sixth connection stays up 400 ms, the others close at once.
+            6 => vec![Act::Wait(Duration::from_millis(400)), Act::Close(4003)],
+            _ => vec![Act::Close(4003)],
+        },
+        |_, _| Vec::new(),
+    )
+    .await;
+    let mut config = config(&addr);
+    config.max_backoff = Duration::from_secs(5);
+    config.stable_after = Duration::from_millis(200);
+    let _client = ChatClient::connect(config).await.unwrap();
+    let c = conns.clone();
+    wait_until("seven connections", move || c.lock().unwrap().len() >= 7).await;
+    let g = gaps(&conns);
+    // The waits grew to 20·2⁴ = 320 ms (±25%) before the sixth connection;
+    // after it, which stayed up, the wait is the first again (20 ms) instead
+    // of 640 ms: the seventh comes less than 400 ms after the sixth closed.
+    assert!(g[4] >= Duration::from_millis(240), "{g:?}");
+    assert!(
+        g[5] < Duration::from_millis(800),
+        "reset after a stable connection: {g:?}"
+    );
 }
