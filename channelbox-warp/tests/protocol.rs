@@ -71,18 +71,26 @@ async fn join_leave_and_publishing_elsewhere() {
         .await;
     assert_eq!(r["type"], "error");
     assert_eq!(r["code"], "forbidden");
+    let joined = a.request(json!({"type": "join", "group": "two"}), "2").await;
+    let epoch = joined["epoch"].as_str().expect("joined names the epoch").to_owned();
     assert_eq!(
-        a.request(json!({"type": "join", "group": "two"}), "2").await,
-        json!({"type": "joined", "group": "two", "ref": "2"})
+        joined,
+        json!({"type": "joined", "group": "two", "epoch": epoch, "offset": 0, "ref": "2"}),
+        "a group without messages is at offset 0"
     );
     assert_eq!(
-        a.request(json!({"type": "join", "group": "two"}), "3").await["type"],
-        "joined",
+        a.request(json!({"type": "join", "group": "two"}), "3").await,
+        json!({"type": "joined", "group": "two", "epoch": epoch, "offset": 0, "ref": "3"}),
         "idempotent"
     );
     let (r, m) = a.publish(json!({"group": "two", "data": 1}), "4").await;
     assert_eq!(r["type"], "published");
     assert_eq!(m["group"], "two");
+    assert_eq!(
+        a.request(json!({"type": "join", "group": "two"}), "4b").await,
+        json!({"type": "joined", "group": "two", "epoch": epoch, "offset": 1, "ref": "4b"}),
+        "joined carries the newest saved offset"
+    );
     assert_eq!(
         a.request(json!({"type": "leave", "group": "two"}), "5").await,
         json!({"type": "left", "group": "two", "ref": "5"})

@@ -92,7 +92,12 @@ async fn join_recovers_another_group_like_the_url_does() {
     let server = Server::memory();
     let (mut a, _) = Client::join(&server.ws_url("/ws/home")).await;
     let joined = a.request(json!({"type": "join", "group": "side"}), "j1").await;
-    assert_eq!(joined, json!({"type": "joined", "group": "side", "ref": "j1"}));
+    let first_epoch = joined["epoch"].clone();
+    assert!(first_epoch.is_string(), "{joined}");
+    assert_eq!(
+        joined,
+        json!({"type": "joined", "group": "side", "epoch": first_epoch, "offset": 0, "ref": "j1"})
+    );
     for n in 1..=4 {
         a.request(json!({"type": "publish", "group": "side", "data": n}), &format!("p{n}"))
             .await;
@@ -101,11 +106,16 @@ async fn join_recovers_another_group_like_the_url_does() {
         .request(json!({"type": "history", "group": "side", "limit": 1}), "h")
         .await;
     let epoch = page["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(first_epoch, epoch, "joined named the group's epoch");
 
     let (mut b, _) = Client::join(&server.ws_url("/ws/home")).await;
     b.send(json!({"type": "join", "group": "side", "since": 1, "epoch": epoch, "ref": "r"}))
         .await;
-    assert_eq!(b.recv().await, json!({"type": "joined", "group": "side", "ref": "r"}));
+    assert_eq!(
+        b.recv().await,
+        json!({"type": "joined", "group": "side", "epoch": epoch, "offset": 4, "ref": "r"}),
+        "a recovering join names where live delivery starts"
+    );
     for want in 2..=4 {
         let m = b.recv().await;
         assert_eq!(
@@ -124,7 +134,11 @@ async fn join_recovers_another_group_like_the_url_does() {
     let (mut c, _) = Client::join(&server.ws_url("/ws/home")).await;
     c.send(json!({"type": "join", "group": "side", "since": 1, "epoch": "other", "ref": 9}))
         .await;
-    assert_eq!(c.recv().await["type"], "joined");
+    assert_eq!(
+        c.recv().await,
+        json!({"type": "joined", "group": "side", "epoch": epoch, "offset": 5, "ref": 9}),
+        "an incomplete recovery starts over from the joined position"
+    );
     assert_eq!(
         c.recv().await,
         json!({"type": "recovered", "group": "side", "from": 1, "to": 1, "complete": false, "ref": 9}),
@@ -133,7 +147,10 @@ async fn join_recovers_another_group_like_the_url_does() {
     let (mut d, _) = Client::join(&server.ws_url("/ws/home")).await;
     d.send(json!({"type": "join", "group": "side", "history": 2, "ref": "h2"}))
         .await;
-    assert_eq!(d.recv().await["type"], "joined");
+    assert_eq!(
+        d.recv().await,
+        json!({"type": "joined", "group": "side", "epoch": epoch, "offset": 5, "ref": "h2"})
+    );
     let offsets = [d.recv().await["offset"].clone(), d.recv().await["offset"].clone()];
     assert_eq!(offsets, [json!(4), json!(5)], "the newest two, then live");
     let r = d

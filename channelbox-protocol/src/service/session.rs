@@ -35,7 +35,9 @@ pub(super) struct Session {
 }
 
 /// The frames around a subscription: `welcome` (URL group) or `joined`
-/// (`join`) before the replay, `recovered` after it.
+/// (`join`) before the replay, `recovered` after it. Both name the group's
+/// position where live delivery starts, so that a client can later recover a
+/// group in which it has received nothing yet.
 pub(super) struct Framing<'a> {
     pub(super) group: &'a str,
     /// `None` for the URL group's `welcome`; a `join`'s `ref` otherwise.
@@ -50,7 +52,10 @@ impl SubscribeFraming for Framing<'_> {
                 json!({"type": "welcome", "channel_id": self.id, "group": self.group, "epoch": start.epoch, "offset": start.offset}),
                 None,
             ),
-            Some(reference) => reply(json!({"type": "joined", "group": self.group}), reference),
+            Some(reference) => reply(
+                json!({"type": "joined", "group": self.group, "epoch": start.epoch, "offset": start.offset}),
+                reference,
+            ),
         })
     }
 

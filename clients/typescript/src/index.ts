@@ -4,10 +4,18 @@
 // when the connection drops (a restart, a slow-consumer close 4000, an
 // insufficient-state close 4002, a heartbeat close 4003, shutdown 1001, a
 // network fault) reconnects with jittered exponential backoff and recovers
-// every group with `since`/`epoch` from the last offset it delivered. The
-// application sees every saved message of its groups once, in offset order,
-// across reconnects, and a `recovered` event with `complete: false` when
-// something could not be recovered.
+// every group with `since`/`epoch` from the last offset it delivered — or,
+// in a group where it received nothing yet, from the position the server named
+// in `welcome` or `joined`. The application sees every saved message of its
+// groups once, in offset order, across reconnects, and a `recovered` event
+// (with `complete: false` when something could not be recovered).
+//
+// The backoff starts over only once a connection stayed up for `stableMs`, so
+// a server that accepts and then closes at once (4002, 4003, a refused rejoin)
+// is not hammered. A connection that does not reach `welcome` within
+// `connectTimeoutMs`, or from which nothing arrives for `pingIntervalMs` plus
+// `pongTimeoutMs` although the client sent a `ping` request, is given up as
+// dead (a half-open TCP connection never closes by itself) and replaced.
 //
 // Requests return promises settled by their `ref`: resolved with the reply,
 // rejected with a `ChannelboxError` carrying the protocol's error code.
@@ -17,6 +25,8 @@ export interface SocketLike {
   readyState: number;
   send(data: string): void;
   close(code?: number, reason?: string): void;
+  /** Drops the connection at once, without the closing handshake (`ws` has it; browsers do not). */
+  terminate?(): void;
   onopen: ((ev: unknown) => void) | null;
   onmessage: ((ev: { data: unknown }) => void) | null;
   onclose: ((ev: { code: number; reason: string }) => void) | null;
@@ -42,6 +52,17 @@ export interface Options {
   maxBackoffMs?: number;
   /** How long a request waits for its reply, in ms. */
   requestTimeoutMs?: number;
+  /** How long a connection may take to reach `welcome`, in ms, before it is given up. */
+  connectTimeoutMs?: number;
+  /** How long a connection must stay up before the backoff starts over, in ms. */
+  stableMs?: number;
+  /** After this long without any frame from the server, in ms, the client sends a
+   * `ping` request; 0 turns the liveness check off. A ping counts as activity
+   * for the server's `--expiry`. */
+  pingIntervalMs?: number;
+  /** How long after its `ping` the client waits for any frame, in ms, before it
+   * gives the connection up as dead and reconnects. */
+  pongTimeoutMs?: number;
 }
 
 /** A saved or unsaved message of a group. */
@@ -71,6 +92,17 @@ export interface Recovered {
   complete: boolean;
 }
 
+/** A group the client could not rejoin after a reconnect. */
+export interface RejoinFailed {
+  group: string;
+  /** The protocol's error code (`unavailable`, `forbidden`, …). */
+  code: string;
+  message: string;
+  /** True for `unavailable`: the client reconnects (with backoff) and tries
+   * again. Otherwise the group is dropped: join it again to get it back. */
+  retrying: boolean;
+}
+
 /** The connection's state. */
 export type State = "connecting" | "connected" | "reconnecting" | "closed";
 
@@ -81,6 +113,9 @@ export interface Events {
   member_joined: MemberEvent;
   member_left: MemberEvent;
   recovered: Recovered;
+  rejoin_failed: RejoinFailed;
+  /** `code` is the close code from the server, or 1006 when the client gave
+   * the connection up itself (`reason`: `connect timeout`, `no pong`). */
   state: { state: State; code?: number; reason?: string };
   welcome: { channel_id: string; group: string; epoch: string; offset: number };
 }
@@ -104,6 +139,14 @@ interface Pending {
   timer: ReturnType<typeof setTimeout>;
   /** The frame, until it is sent; a dropped connection fails only sent ones. */
   text: string | null;
+  /** For a `join`: what to record when it is answered. */
+  join?: JoinInfo;
+}
+interface JoinInfo {
+  group: string;
+  events: boolean;
+  /** It carried `since`: its `recovered` completes the position. */
+  recovering: boolean;
 }
 interface Position {
   epoch: string;
@@ -114,6 +157,8 @@ type Listener<K extends keyof Events> = (event: Events[K]) => void;
 const OPEN = 1;
 /** Requests queued while the connection is down before new ones are refused. */
 const MAX_QUEUED = 1000;
+type Timer = ReturnType<typeof setTimeout>;
+type Tuning = "minBackoffMs" | "maxBackoffMs" | "requestTimeoutMs" | "connectTimeoutMs" | "stableMs" | "pingIntervalMs" | "pongTimeoutMs";
 
 /** Connects to `url` (`ws://host:port/ws/{group}`) and keeps the connection. */
 export function connect(url: string, options: Options = {}): Client {
@@ -124,12 +169,25 @@ export function connect(url: string, options: Options = {}): Client {
 export class Client {
   readonly group: string;
   private readonly base: string;
-  private readonly options: Required<Pick<Options, "minBackoffMs" | "maxBackoffMs" | "requestTimeoutMs">> & Options;
+  private readonly options: Required<Pick<Options, Tuning>> & Options;
   private socket: SocketLike | null = null;
   private state: State = "connecting";
   private attempt = 0;
   private nextRef = 1;
-  private timer: ReturnType<typeof setTimeout> | null = null;
+  /** The reconnect wait, or the connect timeout while connecting. */
+  private timer: Timer | null = null;
+  /** Resets the backoff once the connection has been up for `stableMs`. */
+  private stableTimer: Timer | null = null;
+  /** The liveness check's tick, and its wait for an answer to a ping. */
+  private pingTimer: ReturnType<typeof setInterval> | null = null;
+  private pongTimer: Timer | null = null;
+  /** When the last frame arrived (ms). */
+  private heardAt = 0;
+  /** This connection's rejoins, by ref. */
+  private readonly rejoins = new Map<string, JoinInfo>();
+  /** Where live delivery starts in each group recovering on this connection
+   * (from `welcome` / `joined`); the position once its `recovered` came. */
+  private readonly starts = new Map<string, Position>();
   private readonly pending = new Map<string, Pending>();
   /** Refs of requests waiting for the connection, in order. */
   private readonly queued: string[] = [];
@@ -148,7 +206,16 @@ export class Client {
     if (!match) throw new ChannelboxError("bad_request", `${url} is not ws://host/ws/{group}`);
     this.group = decodeURIComponent(match[1]);
     this.base = `${parsed.protocol}//${parsed.host}${parsed.pathname}`;
-    this.options = { minBackoffMs: 100, maxBackoffMs: 10_000, requestTimeoutMs: 10_000, ...options };
+    this.options = {
+      minBackoffMs: 100,
+      maxBackoffMs: 10_000,
+      requestTimeoutMs: 10_000,
+      connectTimeoutMs: 10_000,
+      stableMs: 10_000,
+      pingIntervalMs: 20_000,
+      pongTimeoutMs: 10_000,
+      ...options,
+    };
     this.open();
   }
 
@@ -173,11 +240,13 @@ export class Client {
     return this.request({ type: "publish", data, ...opts }) as never;
   }
 
-  /** Joins another group; the client rejoins (and recovers) it after every reconnect. */
+  /** Joins another group; the client rejoins (and recovers) it after every
+   * reconnect, from the position the server named in `joined` if nothing
+   * arrived in it yet. */
   async join(group: string, opts: { events?: boolean } = {}): Promise<void> {
     const events = opts.events ?? false;
-    await this.request({ type: "join", group, events, ...this.since(group) });
-    this.joined.set(group, events);
+    const since = this.since(group);
+    await this.request({ type: "join", group, events, ...since }, { group, events, recovering: "since" in since });
   }
 
   /** Leaves a group joined with `join`. */
@@ -210,6 +279,7 @@ export class Client {
   /** Closes for good: no reconnect; pending requests are rejected. */
   close(): void {
     this.setState("closed");
+    this.stopTimers();
     if (this.timer) clearTimeout(this.timer);
     this.socket?.close(1000, "");
     this.socket = null;
@@ -224,7 +294,7 @@ export class Client {
     p.text = null;
   }
 
-  private request(frame: Reply): Promise<Reply> {
+  private request(frame: Reply, join?: JoinInfo): Promise<Reply> {
     if (this.state === "closed") return Promise.reject(new ChannelboxError("closed", "the client was closed"));
     const ref = `r${this.nextRef++}`;
     const text = JSON.stringify({ ...frame, ref });
@@ -233,7 +303,7 @@ export class Client {
         this.pending.delete(ref);
         reject(new ChannelboxError("timeout", `no reply to ${String(frame.type)} in time`));
       }, this.options.requestTimeoutMs);
-      this.pending.set(ref, { resolve, reject, timer, text });
+      this.pending.set(ref, { resolve, reject, timer, text, join });
       if (this.socket && this.socket.readyState === OPEN && this.state === "connected") {
         this.sendPending(ref);
       } else if (this.queued.length < MAX_QUEUED) {
@@ -267,12 +337,29 @@ export class Client {
   }
 
   private open(): void {
+    this.timer = null;
     const Socket = this.options.WebSocket ?? (globalThis as { WebSocket?: SocketFactory }).WebSocket;
     if (!Socket) throw new ChannelboxError("bad_request", "no WebSocket implementation: pass options.WebSocket");
-    const socket = new Socket(this.url());
+    let socket: SocketLike;
+    try {
+      socket = new Socket(this.url());
+    } catch (err) {
+      // A socket that cannot even be made (a browser offline, a bad URL)
+      // is a failed attempt like any other: back off and try again.
+      this.dropped(1006, String(err));
+      return;
+    }
     this.socket = socket;
     socket.onmessage = (ev) => {
-      if (socket === this.socket) this.receive(JSON.parse(String(ev.data)) as Reply);
+      if (socket !== this.socket) return;
+      this.heardAt = Date.now();
+      let frame: Reply;
+      try {
+        frame = JSON.parse(String(ev.data)) as Reply;
+      } catch {
+        return; // Not JSON: nothing of the protocol's, so nothing to act on.
+      }
+      this.receive(frame);
     };
     socket.onclose = (ev) => {
       if (socket === this.socket) this.dropped(ev.code, ev.reason);
@@ -280,16 +367,62 @@ export class Client {
     socket.onerror = () => {
       /* onclose follows */
     };
+    // Until `welcome`, `timer` is the connect (and handshake) timeout.
+    this.timer = setTimeout(() => this.abandon(socket, "connect timeout"), this.options.connectTimeoutMs);
+  }
+
+  /** Gives a connection up without waiting for its closing handshake, which a
+   * dead peer never answers. */
+  private abandon(socket: SocketLike, reason: string): void {
+    if (socket !== this.socket) return;
+    this.socket = null;
+    try {
+      if (socket.terminate) socket.terminate();
+      else socket.close();
+    } catch {
+      // Already closing: nothing more to do with it.
+    }
+    this.dropped(1006, reason);
+  }
+
+  private stopTimers(): void {
+    for (const t of [this.stableTimer, this.pongTimer]) if (t) clearTimeout(t);
+    if (this.pingTimer) clearInterval(this.pingTimer);
+    this.stableTimer = this.pongTimer = this.pingTimer = null;
   }
 
   private dropped(code: number, reason: string): void {
     this.socket = null;
+    this.stopTimers();
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    this.rejoins.clear();
+    this.starts.clear();
     this.failPending("disconnected", "the connection dropped before the reply", false);
     if (this.state === "closed") return;
     this.setState("reconnecting", code, reason);
-    const ceiling = Math.min(this.options.maxBackoffMs, this.options.minBackoffMs * 2 ** this.attempt++);
+    // `attempt` starts over only once a connection stayed up (`stableMs`):
+    // one that the server closes right away waits longer each time.
+    const ceiling = Math.min(this.options.maxBackoffMs, this.options.minBackoffMs * 2 ** Math.min(this.attempt++, 30));
     // Jitter: between half and all of the ceiling, so clients spread out.
     this.timer = setTimeout(() => this.open(), ceiling / 2 + Math.random() * (ceiling / 2));
+  }
+
+  /** Pings when the server has been silent for `pingIntervalMs`; gives the
+   * connection up when nothing at all answers within `pongTimeoutMs`. */
+  private startLiveness(socket: SocketLike): void {
+    const every = this.options.pingIntervalMs;
+    if (every <= 0) return;
+    this.heardAt = Date.now();
+    this.pingTimer = setInterval(() => {
+      if (socket !== this.socket || this.pongTimer || Date.now() - this.heardAt < every) return;
+      const sentAt = Date.now();
+      socket.send(JSON.stringify({ type: "ping", ref: `ping:${this.nextRef++}` }));
+      this.pongTimer = setTimeout(() => {
+        this.pongTimer = null;
+        if (this.heardAt < sentAt) this.abandon(socket, "no pong");
+      }, this.options.pongTimeoutMs);
+    }, Math.max(10, every / 2));
   }
 
   private receive(m: Reply): void {
@@ -298,11 +431,14 @@ export class Client {
       case "welcome":
         this.welcomed(m);
         return;
+      case "joined":
+        this.joinedGroup(m, ref);
+        break;
       case "message":
         this.deliver(m as unknown as Message);
         return;
       case "recovered":
-        this.emit("recovered", { group: String(m.group), from: Number(m.from), to: Number(m.to), complete: m.complete === true });
+        this.recovered(m);
         break;
       case "direct":
         this.emit("direct", m as never);
@@ -312,35 +448,100 @@ export class Client {
         this.emit(m.type, m as never);
         return;
       case "error":
-        if (ref?.startsWith("rejoin:")) {
-          // A group could not be rejoined (the server is busy): start over.
-          this.socket?.close(1000, "rejoin failed");
-        } else if (ref) {
-          this.settle(ref, new ChannelboxError(String(m.code), String(m.message)));
-        }
+        if (ref && this.rejoins.has(ref)) this.rejoinRefused(ref, m);
+        else if (ref) this.settle(ref, new ChannelboxError(String(m.code), String(m.message)));
         return;
     }
     if (ref) this.settle(ref, m);
   }
 
+  /** A position named by the server, if the frame carries one. */
+  private static position(m: Reply): Position | null {
+    return typeof m.epoch === "string" && typeof m.offset === "number" ? { epoch: m.epoch, offset: m.offset } : null;
+  }
+
+  /** Moves a group's position forward (or to a new epoch); never back. */
+  private advance(group: string, to: Position): void {
+    const at = this.positions.get(group);
+    if (!at || at.epoch !== to.epoch || at.offset < to.offset) this.positions.set(group, to);
+  }
+
   private welcomed(m: Reply): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    const socket = this.socket;
+    if (!socket) return;
     this.first = false;
-    this.attempt = 0;
+    this.stableTimer = setTimeout(() => {
+      this.stableTimer = null;
+      this.attempt = 0;
+    }, this.options.stableMs);
+    this.startLiveness(socket);
     this.emit("welcome", m as never);
-    const known = this.positions.get(this.group);
-    if (!known || known.epoch !== m.epoch) {
-      // A fresh start (or a new epoch): what comes is the replay asked for,
-      // then live messages after the welcome's offset.
-      const offset = this.replaying ? 0 : Number(m.offset);
-      this.positions.set(this.group, { epoch: String(m.epoch), offset });
+    const start = Client.position(m);
+    if (start) {
+      if (this.positions.has(this.group)) {
+        // Recovering: the position moves to `start` once `recovered` came.
+        this.starts.set(this.group, start);
+      } else {
+        // A fresh start: what comes is the replay asked for (from offset
+        // 0), then live messages after the welcome's offset.
+        this.positions.set(this.group, this.replaying ? { epoch: start.epoch, offset: 0 } : start);
+      }
     }
     this.setState("connected");
     // Rejoin (and recover) every other group first, then what waited.
     for (const [group, events] of this.joined) {
-      const ref = `rejoin:${group}`;
-      this.socket?.send(JSON.stringify({ type: "join", group, events, ...this.since(group), ref }));
+      const since = this.since(group);
+      const ref = `rejoin:${this.nextRef++}`;
+      this.rejoins.set(ref, { group, events, recovering: "since" in since });
+      socket.send(JSON.stringify({ type: "join", group, events, ...since, ref }));
     }
     for (const ref of this.queued.splice(0)) this.sendPending(ref);
+  }
+
+  /** Records a join's position: at once when it did not recover, once its
+   * `recovered` came when it did. */
+  private joinedGroup(m: Reply, ref: string | undefined): void {
+    if (ref === undefined) return;
+    const rejoin = this.rejoins.get(ref);
+    this.rejoins.delete(ref);
+    // A rejoin of a group the application left meanwhile is not kept.
+    if (rejoin && !this.joined.has(rejoin.group)) return;
+    const info = rejoin ?? this.pending.get(ref)?.join;
+    if (!info) return;
+    this.joined.set(info.group, info.events);
+    const start = Client.position(m);
+    if (!start) return;
+    if (info.recovering) this.starts.set(info.group, start);
+    else this.advance(info.group, start);
+  }
+
+  private recovered(m: Reply): void {
+    const group = String(m.group);
+    // Every saved message up to where live delivery starts was replayed or
+    // reported lost: live ones follow the start.
+    const start = this.starts.get(group);
+    if (start) this.advance(group, start);
+    this.starts.delete(group);
+    this.emit("recovered", { group, from: Number(m.from), to: Number(m.to), complete: m.complete === true });
+  }
+
+  private rejoinRefused(ref: string, m: Reply): void {
+    const info = this.rejoins.get(ref);
+    this.rejoins.delete(ref);
+    if (!info) return;
+    const code = String(m.code);
+    const retrying = code === "unavailable";
+    if (!retrying) {
+      // Refused for good (forbidden, invalid): the application decides.
+      this.joined.delete(info.group);
+      this.positions.delete(info.group);
+    }
+    this.emit("rejoin_failed", { group: info.group, code, message: String(m.message), retrying });
+    // The store cannot take the join now: start over, after a backoff that
+    // keeps growing until a connection stays up.
+    if (retrying && this.socket) this.abandon(this.socket, "rejoin failed");
   }
 
   private deliver(m: Message): void {

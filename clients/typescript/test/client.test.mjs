@@ -4,96 +4,14 @@
 // restarted mid-stream (sled), and a slow-consumer close (4000), each
 // followed by a complete recovery.
 
-import { test } from "node:test";
+import { afterEach, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { mkdtempSync } from "node:fs";
-import { createServer } from "node:net";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { ChannelboxError } from "../dist/index.js";
+import { closeClients, kill, post, recorder, server, startServer, until } from "./helpers.mjs";
+
 import WebSocket from "ws";
-import { connect, ChannelboxError } from "../dist/index.js";
 
-const bin = process.env.CHAT_BIN ?? fileURLToPath(new URL("../../../target/debug/examples/chat", import.meta.url));
-
-const freePort = () =>
-  new Promise((resolve) => {
-    const s = createServer();
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-
-/** Starts the chat server; resolves once it listens. */
-function startServer(addr, args = []) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(bin, ["--addr", addr, ...args], {
-      stdio: ["ignore", "pipe", "inherit"],
-      env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "warn" },
-    });
-    let out = "";
-    child.stdout.on("data", (chunk) => {
-      out += chunk;
-      if (out.includes("listening on http://")) resolve(child);
-    });
-    child.on("exit", (code) => reject(new Error(`server exited early with ${code}`)));
-  });
-}
-
-function kill(child, signal = "SIGKILL") {
-  return new Promise((resolve) => {
-    child.removeAllListeners("exit");
-    if (child.exitCode !== null) return resolve();
-    child.on("exit", resolve);
-    child.kill(signal);
-  });
-}
-
-async function server(args = []) {
-  const addr = `127.0.0.1:${await freePort()}`;
-  const data = mkdtempSync(join(tmpdir(), "channelbox-ts-"));
-  const fullArgs = ["--data", data, ...args];
-  return { addr, data, args: fullArgs, child: await startServer(addr, fullArgs) };
-}
-
-/** Publishes over HTTP, retrying while the server is away; the saved offset. */
-async function post(addr, group, data) {
-  for (;;) {
-    try {
-      const r = await fetch(`http://${addr}/api/groups/${group}/messages`, {
-        method: "POST",
-        headers: { "content-type": "application/json" },
-        body: JSON.stringify(data),
-      });
-      if (r.status === 200) return (await r.json()).offset;
-    } catch {
-      // refused while restarting
-    }
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
-const until = async (what, check, ms = 15000) => {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-};
-
-const options = { WebSocket, minBackoffMs: 50, maxBackoffMs: 500 };
-
-/** A client on `group` that records every message it delivers. */
-function recorder(addr, group, extra = {}) {
-  const client = connect(`ws://${addr}/ws/${group}`, { ...options, ...extra });
-  const got = [];
-  const recovered = [];
-  client.on("message", (m) => got.push(m));
-  client.on("recovered", (r) => recovered.push(r));
-  return { client, got, recovered };
-}
+afterEach(closeClients);
 
 test("publish, receive, and typed rejections", async () => {
   const s = await server(["--store", "memory"]);
@@ -194,7 +112,10 @@ test("a slow-consumer close (4000) is followed by a complete recovery", async ()
     for (let n = 0; n < 1500; n++) last = await post(s.addr, "slow", { n, big });
     sockets[0]._socket.resume();
     await until("everything", () => sub.got.at(-1)?.offset === last, 30000);
-    assert.ok(codes.includes(4000), `closed as a slow consumer (codes ${codes})`);
+    // The server sends 4000 only if the paused socket still takes the close
+    // frame (PROTOCOL.md: "if the socket accepts it"); otherwise it drops the
+    // TCP connection, which the client sees as 1006. Either way it recovers.
+    assert.ok(codes.includes(4000) || codes.includes(1006), `closed as a slow consumer (codes ${codes})`);
     assert.deepEqual(sub.got.map((m) => m.offset), Array.from({ length: last }, (_, i) => i + 1));
     assert.ok(sub.recovered.at(-1)?.complete, "the recovery was complete");
     sub.client.close();
