@@ -66,9 +66,16 @@ struct Args {
     history_bytes: u64,
     /// All groups' history together, counted as payload bytes plus the
     /// store's fixed overhead per message; the groups written least recently
-    /// are trimmed first.
-    #[arg(long, default_value_t = channelbox_core::DEFAULT_TOTAL_BYTES)]
-    history_total_bytes: u64,
+    /// are trimmed first [default: 268435456]. With `--store redis`, Redis
+    /// applies it: given explicitly, the server refuses to start unless
+    /// Redis's `maxmemory` is set and its `maxmemory-policy` evicts
+    /// (`allkeys-lru`, `allkeys-lfu`, `volatile-lru`, `volatile-lfu`).
+    #[arg(long)]
+    history_total_bytes: Option<u64>,
+    /// With `--store redis`: seconds without a saved message after which a
+    /// group's history and epoch are removed from Redis.
+    #[arg(long, default_value_t = 2_592_000, value_parser = clap::value_parser!(u64).range(1..))]
+    history_meta_ttl: u64,
     /// Per-group history limit in messages (default: unlimited).
     #[arg(long)]
     history_messages: Option<u64>,
@@ -128,13 +135,15 @@ async fn open_service(args: &Args, config: ProtocolConfig) -> anyhow::Result<Cha
         max_bytes: args.history_bytes,
         max_messages: args.history_messages,
         max_age: args.history_ttl,
-        max_total_bytes: Some(args.history_total_bytes),
+        max_total_bytes: Some(args.history_total_bytes.unwrap_or(channelbox_core::DEFAULT_TOTAL_BYTES)),
     };
     let store: Arc<dyn HistoryStore> = match args.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(MemoryConfig { limits })),
         StoreKind::Redis => {
             let redis = RedisConfig {
                 limits,
+                meta_ttl: Duration::from_secs(args.history_meta_ttl),
+                total_bytes: args.history_total_bytes,
                 ..RedisConfig::new(&args.redis_url)
             };
             let engine = RedisEngine::connect(redis)
