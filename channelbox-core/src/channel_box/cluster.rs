@@ -60,6 +60,9 @@ pub(super) const FILL_ATTEMPTS: u32 = 8;
 /// The longest wait between two tries of a gap fill.
 const FILL_BACKOFF_MAX: Duration = Duration::from_millis(3200);
 
+/// How soon a full head check that could not read every head is tried again.
+const FULL_SWEEP_RETRY: Duration = Duration::from_millis(250);
+
 /// Most groups whose heads one store call checks.
 const CHECK_BATCH: usize = 512;
 
@@ -95,14 +98,18 @@ impl ChannelBox {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEAD_CHECK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // A full sweep whose heads could not all be read (the command
+            // connection not back yet) is done again shortly.
+            let mut all_pending = false;
             loop {
                 let all = tokio::select! {
-                    _ = tick.tick() => false,
+                    _ = tick.tick() => all_pending,
                     () = full_sweep.notified() => true,
+                    () = tokio::time::sleep(FULL_SWEEP_RETRY), if all_pending => true,
                 };
                 let Some(channels) = upgrade(&weak) else { return };
                 channels.sweep_subscriptions();
-                channels.check_heads(all).await;
+                all_pending = !channels.check_heads(all).await && all;
             }
         });
         Ok(())
@@ -280,8 +287,9 @@ impl ChannelBox {
     /// members with 4002; a head ahead of everything received is a lost tail,
     /// filled from history. The heads are asked for together, a batch at a
     /// time, each with what its group delivered (an engine that went back
-    /// below it moves the group to a new epoch).
-    async fn check_heads(&self, all: bool) {
+    /// below it moves the group to a new epoch). Returns whether every head
+    /// asked for was read.
+    async fn check_heads(&self, all: bool) -> bool {
         let groups: Vec<Arc<Group>> = lock(&self.inner.state).groups.values().cloned().collect();
         let quiet_since = crate::history::now_ms().saturating_sub(HEAD_CHECK.as_millis() as u64);
         // What was delivered before the heads are read: the engine had
@@ -295,17 +303,20 @@ impl ChannelBox {
                 Some((g, at))
             })
             .collect();
+        let mut read_all = true;
         for batch in started.chunks(CHECK_BATCH) {
             let seen: Vec<(String, StreamPosition)> =
                 batch.iter().map(|(g, at)| (g.name.to_string(), at.clone())).collect();
             let heads = self.inner.store.check_heads(&seen).await;
+            read_all &= heads.len() == batch.len();
             for ((g, delivered), head) in batch.iter().zip(heads) {
-                // An engine away now is found again by the next sweep.
-                if let Ok(head) = head {
-                    self.compare_head(g, delivered, &head);
+                match head {
+                    Ok(head) => self.compare_head(g, delivered, &head),
+                    Err(_) => read_all = false,
                 }
             }
         }
+        read_all
     }
 
     /// One group's part of [`ChannelBox::check_heads`].
