@@ -62,6 +62,16 @@ impl Floors {
         }
     }
 
+    /// Every group with a floor (for the check after a reconnect).
+    pub(crate) fn all(&self) -> Vec<(String, StreamPosition)> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(g, (e, o))| (g.clone(), StreamPosition::new(e.clone(), *o)))
+            .collect()
+    }
+
     /// How many groups have a floor.
     #[cfg(test)]
     fn len(&self) -> usize {

@@ -48,6 +48,9 @@ pub(crate) struct Link {
     /// An error reply (`READONLY`, `LOADING`, `OOM`) said Redis takes no
     /// writes; cleared by the supervisor's probe write.
     degraded: AtomicBool,
+    /// Woken each time a connection comes up (a reconnect may be to a Redis
+    /// that lost writes: the store checks the heads it knows).
+    came_up: Arc<tokio::sync::Notify>,
     /// SHA1s of [`scripts::all`], once loaded.
     shas: OnceLock<Vec<String>>,
 }
@@ -60,6 +63,7 @@ impl Link {
             conn: Mutex::new(None),
             up: AtomicBool::new(false),
             degraded: AtomicBool::new(false),
+            came_up: Arc::new(tokio::sync::Notify::new()),
             shas: OnceLock::new(),
         });
         tokio::spawn(supervise(Arc::downgrade(&link)));
@@ -69,6 +73,11 @@ impl Link {
     /// Whether the connection is up now.
     pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// Woken (one waiter) each time a connection comes up.
+    pub(crate) fn came_up(&self) -> Arc<tokio::sync::Notify> {
+        self.came_up.clone()
     }
 
     /// Whether the connection is up and Redis takes writes.
@@ -210,6 +219,7 @@ async fn supervise(link: Weak<Link>) {
                 let _ = l.shas.set(shas);
                 *l.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
                 l.up.store(true, Ordering::Release);
+                l.came_up.notify_one();
                 tracing::info!("connected to redis");
             }
             Err(err) => {

@@ -69,15 +69,16 @@ impl RedisStore {
             shared: shared.clone(),
         };
         tokio::spawn(appender.run(rx));
-        RedisStore {
-            inner: Arc::new(StoreInner {
-                link,
-                limits,
-                appends: tx,
-                pubsub,
-                shared,
-            }),
-        }
+        let came_up = link.came_up();
+        let inner = Arc::new(StoreInner {
+            link,
+            limits,
+            appends: tx,
+            pubsub,
+            shared,
+        });
+        tokio::spawn(check_after_reconnects(Arc::downgrade(&inner), came_up));
+        RedisStore { inner }
     }
 
     fn append_job(&self, group: &str, message: NewMessage, except: Option<Uuid>) -> Result<PendingAppend, StoreError> {
@@ -178,6 +179,25 @@ impl RedisStore {
                 return Ok(groups);
             }
             cursor = next;
+        }
+    }
+}
+
+/// After every reconnect, checks the head of every group this server has a
+/// floor for, pipelined: Redis may be back older than it was (a restart from
+/// a snapshot, a failover), and the sooner a server that saw the lost offsets
+/// moves such a group to a new epoch, the sooner other servers' appends go to
+/// the new epoch too. Groups with local members are checked by the box as
+/// well; this covers the rest (HTTP publishes, groups whose members left).
+async fn check_after_reconnects(store: std::sync::Weak<StoreInner>, came_up: Arc<tokio::sync::Notify>) {
+    loop {
+        came_up.notified().await;
+        let Some(inner) = store.upgrade() else { return };
+        let store = RedisStore { inner };
+        let floors = store.inner.shared.floors.all();
+        let failed = store.check_heads(&floors).await.iter().filter(|h| h.is_err()).count();
+        if failed > 0 {
+            tracing::debug!(failed, "heads not checked after a reconnect");
         }
     }
 }
