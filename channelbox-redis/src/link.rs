@@ -92,14 +92,14 @@ impl Link {
         match code {
             "NOSCRIPT" => return true,
             "READONLY" | "LOADING" => {
-                tracing::warn!(code, "redis takes no writes: reconnecting");
-                self.degraded.store(true, Ordering::Release);
+                if !self.degraded.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(code, "redis takes no writes: reconnecting");
+                }
                 self.up.store(false, Ordering::Release);
                 *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
-            "OOM" | "MASTERDOWN" => {
+            "OOM" | "MASTERDOWN" if !self.degraded.swap(true, Ordering::AcqRel) => {
                 tracing::warn!(code, "redis refuses writes");
-                self.degraded.store(true, Ordering::Release);
             }
             _ => {}
         }

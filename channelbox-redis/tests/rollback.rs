@@ -95,3 +95,32 @@ async fn two_servers_noticing_at_once_make_one_new_epoch() {
         "one new epoch, its offsets once each"
     );
 }
+
+#[tokio::test]
+async fn a_stream_lost_while_its_head_survived_starts_a_new_epoch_that_keeps_new_messages() {
+    let server = RedisServer::start();
+    let config = RedisConfig {
+        limits: channelbox_core::HistoryLimits {
+            max_messages: Some(3),
+            ..Default::default()
+        },
+        ..RedisConfig::new(server.url())
+    };
+    let store = RedisEngine::connect(config).await.expect("connect").store();
+    let mut last = None;
+    for _ in 0..3 {
+        last = Some(save(&store, "evicted").await);
+    }
+    let old = last.expect("saved");
+    // An eviction took the stream and left the head with its counters.
+    server.run(&["DEL", "cb:{evicted}:s"]).expect("del");
+    let at = save(&store, "evicted").await;
+    assert_ne!(at.epoch, old.epoch, "head and stream disagreed: a new epoch");
+    assert_eq!(at.offset, 4, "it continues after the newest offset handed out");
+    let page = store
+        .read("evicted", channelbox_core::ReadQuery::Last(10))
+        .await
+        .expect("read");
+    let offsets: Vec<u64> = page.messages.iter().map(|m| m.offset).collect();
+    assert_eq!(offsets, [4], "the new message is kept, not trimmed by stale counters");
+}
