@@ -3,6 +3,13 @@
 //! group's floor, so a caller's appends run in the order it made them while
 //! many are in flight together. A flushed script cache (`NOSCRIPT`) makes it
 //! load the scripts and send what did not run again, in order.
+//!
+//! After a reconnect to a Redis that restarted or failed over (its `run_id`
+//! changed), appends wait until [`RESTART_HOLD`] after the connection came
+//! up: Redis may have come back older than the servers saw it, and every
+//! server that was connected reconnects and checks the groups it has floors
+//! for within that time, so an offset Redis lost is not handed out again by
+//! a server that never saw it (see `scripts`, `floors`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,6 +21,9 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::floors::Floors;
+
+/// How long appends wait after reconnecting to a restarted Redis.
+pub(crate) const RESTART_HOLD: Duration = Duration::from_millis(1000);
 use crate::link::{unavailable, Link};
 use crate::store::{corrupt, int, new_epoch, text, APPEND_BATCH};
 use crate::{keys, scripts};
@@ -96,13 +106,17 @@ fn parse_append(v: &Value) -> Option<(StreamPosition, u64, u64)> {
 /// The append task: takes queued appends in order and sends them as one
 /// pipeline, one pipeline at a time.
 pub(crate) struct Appender {
+    /// The connection the last batch went on (`Link::connected_at`).
+    pub(crate) connection: u64,
+    /// The `run_id` of the Redis it went to.
+    pub(crate) run_id: Option<String>,
     pub(crate) link: Arc<Link>,
     pub(crate) limits: HistoryLimits,
     pub(crate) shared: Arc<Shared>,
 }
 
 impl Appender {
-    pub(crate) async fn run(self, mut rx: mpsc::Receiver<Job>) {
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
             while batch.len() < APPEND_BATCH {
@@ -111,6 +125,7 @@ impl Appender {
                     Err(_) => break,
                 }
             }
+            self.hold_after_restart().await;
             let mut answers = per_job(self.send(&batch).await, batch.len());
             // A flushed script cache fails every append of the batch from
             // some point on, none of which ran: load the scripts and send
@@ -127,6 +142,36 @@ impl Appender {
                 answers.extend(per_job(again, batch.len() - from));
             }
             self.answer(batch, answers);
+        }
+    }
+
+    /// On a new connection, asks Redis for its `run_id`; when it changed (a
+    /// restart or a failover), waits until [`RESTART_HOLD`] after the
+    /// connection came up.
+    async fn hold_after_restart(&mut self) {
+        let connection = self.link.connected_at();
+        if connection == self.connection {
+            return;
+        }
+        self.connection = connection;
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("server");
+        let Ok(info) = self.link.query::<String>(&cmd).await else {
+            return;
+        };
+        let run_id = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned());
+        let before = std::mem::replace(&mut self.run_id, run_id.clone());
+        if before.is_some() && before != run_id {
+            let until = connection + RESTART_HOLD.as_millis() as u64;
+            let wait = until.saturating_sub(now_ms());
+            tracing::info!(
+                wait_ms = wait,
+                "redis restarted or failed over: appends wait for the floors check"
+            );
+            tokio::time::sleep(Duration::from_millis(wait)).await;
         }
     }
 

@@ -14,7 +14,7 @@
 //! requests answer `unavailable` and `/healthz` 503, until a probe write
 //! succeeds again.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -51,6 +51,8 @@ pub(crate) struct Link {
     /// Woken each time a connection comes up (a reconnect may be to a Redis
     /// that lost writes: the store checks the heads it knows).
     came_up: Arc<tokio::sync::Notify>,
+    /// When the current connection came up (ms since the Unix epoch).
+    connected_at: AtomicU64,
     /// SHA1s of [`scripts::all`], once loaded.
     shas: OnceLock<Vec<String>>,
 }
@@ -64,6 +66,7 @@ impl Link {
             up: AtomicBool::new(false),
             degraded: AtomicBool::new(false),
             came_up: Arc::new(tokio::sync::Notify::new()),
+            connected_at: AtomicU64::new(0),
             shas: OnceLock::new(),
         });
         tokio::spawn(supervise(Arc::downgrade(&link)));
@@ -78,6 +81,12 @@ impl Link {
     /// Woken (one waiter) each time a connection comes up.
     pub(crate) fn came_up(&self) -> Arc<tokio::sync::Notify> {
         self.came_up.clone()
+    }
+
+    /// When the current connection came up (ms since the Unix epoch; 0
+    /// before the first): a change means a reconnect.
+    pub(crate) fn connected_at(&self) -> u64 {
+        self.connected_at.load(Ordering::Acquire)
     }
 
     /// Whether the connection is up and Redis takes writes.
@@ -218,6 +227,8 @@ async fn supervise(link: Weak<Link>) {
             Ok((conn, shas)) => {
                 let _ = l.shas.set(shas);
                 *l.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+                l.connected_at
+                    .store(channelbox_core::now_ms().max(1), Ordering::Release);
                 l.up.store(true, Ordering::Release);
                 l.came_up.notify_one();
                 tracing::info!("connected to redis");

@@ -64,6 +64,8 @@ impl RedisStore {
     ) -> Self {
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
         let appender = Appender {
+            connection: 0,
+            run_id: None,
             link: link.clone(),
             limits: limits.clone(),
             shared: shared.clone(),

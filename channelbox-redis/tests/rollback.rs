@@ -124,3 +124,39 @@ async fn a_stream_lost_while_its_head_survived_starts_a_new_epoch_that_keeps_new
     let offsets: Vec<u64> = page.messages.iter().map(|m| m.offset).collect();
     assert_eq!(offsets, [4], "the new message is kept, not trimmed by stale counters");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_server_without_the_floor_appends_only_after_the_group_moved() {
+    let mut server = RedisServer::start();
+    let seen_it = store(&server).await;
+    let unaware = store(&server).await;
+    // The unaware server talked to this Redis before, never to this group.
+    save(&unaware, "elsewhere").await;
+    for _ in 0..3 {
+        save(&seen_it, "held").await;
+    }
+    server.snapshot();
+    let lost = save(&seen_it, "held").await;
+    server.restart_from_snapshot();
+    // As soon as it can, it appends: Redis would hand it offset 4 of the old
+    // epoch, which the other server acknowledged before the restart.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let at = loop {
+        let message = NewMessage::new(PayloadKind::Text, "m".into());
+        let appended = match unaware.append("held", message) {
+            Ok(pending) => pending.wait().await,
+            Err(err) => Err(err),
+        };
+        if let Ok(at) = appended {
+            break at;
+        }
+        assert!(Instant::now() < deadline, "the unaware server never appended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(
+        at.epoch != lost.epoch,
+        "offset {} of epoch {} handed out twice",
+        at.offset,
+        at.epoch
+    );
+}
