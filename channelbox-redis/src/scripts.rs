@@ -32,17 +32,20 @@ pub(crate) const COMMON_ARGS: usize = 6;
 /// The longest an epoch created by a read alone lives without a message.
 pub(crate) const READ_EPOCH_TTL_SECS: u64 = 600;
 
-/// Creates the group's epoch when missing (from `ARGV[1]`, a fresh candidate):
-/// shared by every script, so a group gets its epoch the first time any
-/// server reads or writes it. A stream left without its head (an eviction)
-/// goes too: its offsets belong to a lost epoch. An epoch created here lives
-/// [`READ_EPOCH_TTL_SECS`] (or the meta TTL, when shorter) unless a message
-/// is saved, so that reads of random names do not grow Redis.
+/// Reads the head once into locals (`epoch`, `last`, `count`, `bytes`, kept
+/// up to date by the rest of the script) and creates the group's epoch when
+/// missing (from `ARGV[1]`, a fresh candidate): shared by every script, so a
+/// group gets its epoch the first time any server reads or writes it. A
+/// stream left without its head (an eviction) goes too: its offsets belong to
+/// a lost epoch. An epoch created here lives [`READ_EPOCH_TTL_SECS`] (or the
+/// meta TTL, when shorter) unless a message is saved, so that reads of
+/// random names do not grow Redis.
 const ENSURE_EPOCH: &str = r#"
 local created = false
-local epoch = redis.call('HGET', KEYS[1], 'e')
+local h = redis.call('HMGET', KEYS[1], 'e', 'l', 'n', 'b')
+local epoch, last, count, bytes = h[1], tonumber(h[2]) or 0, tonumber(h[3]) or 0, tonumber(h[4]) or 0
 if not epoch then
-  epoch = ARGV[1]
+  epoch, last, count, bytes = ARGV[1], 0, 0, 0
   redis.call('HSET', KEYS[1], 'e', epoch, 'l', 0, 'b', 0, 'n', 0)
   redis.call('DEL', KEYS[2])
   redis.call('EXPIRE', KEYS[1], math.min(READ_EPOCH_TTL, tonumber(ARGV[5])))
@@ -52,33 +55,28 @@ end
 
 /// The rollback check (see the module docs): after `ENSURE_EPOCH`, moves the
 /// group to the new epoch `ARGV[1]` when its head is below the caller's
-/// floor in the floor's epoch, when the stream holds an offset above the
-/// head's, or when the head's count and the stream's length differ (a stream
-/// evicted or lost while its head survived). The new epoch keeps the
-/// surviving messages under their offsets, recounts `b` and `n` from them,
-/// continues after the newest offset either side knew, and is announced on
-/// the group's channel as `M<epoch>\n<last>` before anything else of it.
+/// floor in the floor's epoch, or when the head's count and the stream's
+/// length differ (a stream evicted or lost while its head survived, stale
+/// counters). The new epoch keeps the surviving messages under their offsets,
+/// recounts `b` and `n` from them, continues after the newest offset either
+/// side knew, and is announced on the group's channel as `M<epoch>\n<last>`
+/// before anything else of it.
 const CHECK: &str = r#"
 if not created then
-  local h = redis.call('HMGET', KEYS[1], 'l', 'n')
-  local last, count = tonumber(h[1]) or 0, tonumber(h[2]) or 0
-  local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
-  local newest = 0
-  if top then newest = tonumber(string.match(top[1], '^(%d+)')) or 0 end
   local behind = ARGV[3] ~= '' and ARGV[3] == epoch and last < tonumber(ARGV[4])
-  local disagree = newest > last or redis.call('XLEN', KEYS[2]) ~= count
-  if behind or disagree then
-    local bytes, kept = 0, 0
+  if behind or redis.call('XLEN', KEYS[2]) ~= count then
+    bytes, count = 0, 0
     for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
-      kept = kept + 1
+      count = count + 1
+      local newest = tonumber(string.match(entry[1], '^(%d+)')) or 0
+      if newest > last then last = newest end
       local fields = entry[2]
       for i = 1, #fields, 2 do
         if fields[i] == 'z' then bytes = bytes + (tonumber(fields[i + 1]) or 0) end
       end
     end
-    if newest > last then last = newest end
     epoch = ARGV[1]
-    redis.call('HSET', KEYS[1], 'e', epoch, 'l', last, 'b', bytes, 'n', kept)
+    redis.call('HSET', KEYS[1], 'e', epoch, 'l', last, 'b', bytes, 'n', count)
     redis.call('PUBLISH', ARGV[6], 'M' .. epoch .. '\n' .. last)
   end
 end
@@ -87,11 +85,10 @@ end
 /// `trim(max_bytes, max_count, oldest_allowed)`: the shared trimming rule of
 /// `channelbox_core::messages_to_trim`, oldest first: age removes any
 /// message (the newest too); bytes and count never remove the newest.
-/// Returns how many messages and payload bytes it removed.
+/// Updates the `bytes` and `count` locals (the caller writes them back) and
+/// returns how many messages and payload bytes it removed.
 const TRIM: &str = r#"
 local function trim(max_bytes, max_count, oldest_allowed)
-  local bytes = tonumber(redis.call('HGET', KEYS[1], 'b'))
-  local count = tonumber(redis.call('HGET', KEYS[1], 'n'))
   local removed, removed_bytes = 0, 0
   while count > 0 do
     local entry = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
@@ -113,7 +110,6 @@ local function trim(max_bytes, max_count, oldest_allowed)
       break
     end
   end
-  if removed > 0 then redis.call('HSET', KEYS[1], 'b', bytes, 'n', count) end
   return removed, removed_bytes
 end
 "#;
@@ -122,8 +118,10 @@ end
 /// `first` (the oldest retained offset, `last + 1` when none) and `last`.
 const HEAD: &str = r#"
 local oldest_allowed = tonumber(ARGV[2])
-if oldest_allowed > 0 then trim(math.huge, 0, oldest_allowed) end
-local last = tonumber(redis.call('HGET', KEYS[1], 'l'))
+if oldest_allowed > 0 then
+  local removed = trim(math.huge, 0, oldest_allowed)
+  if removed > 0 then redis.call('HSET', KEYS[1], 'b', bytes, 'n', count) end
+end
 local first = last + 1
 local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
 if oldest then first = tonumber(string.match(oldest[1], '^(%d+)')) end
@@ -131,14 +129,15 @@ if oldest then first = tonumber(string.match(oldest[1], '^(%d+)')) end
 
 /// What every group script starts with.
 fn prelude() -> String {
+    // The head's locals come first: `trim` uses them as upvalues.
     let ensure = ENSURE_EPOCH.replace("READ_EPOCH_TTL", &READ_EPOCH_TTL_SECS.to_string());
-    format!("{TRIM}{ensure}{CHECK}")
+    format!("{ensure}{TRIM}{CHECK}")
 }
 
 /// Append. ARGV after the common ones: 7 encoded message, 8 payload size,
 /// 9 timestamp, 10 max bytes, 11 max messages (0: none), 12 the channel id
 /// that must not receive it ('' for none). Takes the next offset, adds the
-/// message, trims (`TRIM`), refreshes both keys' TTL to the meta TTL and
+/// message, trims (`TRIM`), writes the head back once, refreshes both keys' TTL to the meta TTL and
 /// publishes `S<epoch>\n<offset>\n<except>\n<message>`. Returns
 /// `{epoch, offset, trimmed messages, trimmed bytes}`.
 pub(crate) fn append() -> String {
@@ -146,12 +145,12 @@ pub(crate) fn append() -> String {
         "{}{}",
         prelude(),
         r#"
-local offset = redis.call('HINCRBY', KEYS[1], 'l', 1)
+local offset = last + 1
 local size = tonumber(ARGV[8])
 redis.call('XADD', KEYS[2], offset .. '-0', 'b', ARGV[7], 'z', size, 't', ARGV[9])
-redis.call('HINCRBY', KEYS[1], 'b', size)
-redis.call('HINCRBY', KEYS[1], 'n', 1)
+bytes, count = bytes + size, count + 1
 local removed, removed_bytes = trim(tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'l', offset, 'b', bytes, 'n', count)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('PUBLISH', ARGV[6], 'S' .. epoch .. '\n' .. offset .. '\n' .. ARGV[12] .. '\n' .. ARGV[7])
