@@ -167,19 +167,24 @@ async fn open_service(args: &Args, config: ProtocolConfig) -> anyhow::Result<Cha
     Ok(ChatService::new(store, config))
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+/// Waits for SIGINT or SIGTERM. The handlers are installed by the caller
+/// before the server announces itself, so that a signal sent right after the
+/// `listening on` line shuts down cleanly instead of killing the process.
+async fn shutdown_signal(signals: Vec<tokio::signal::unix::Signal>) {
+    if signals.is_empty() {
+        return std::future::pending().await;
     }
+    let waits = signals.into_iter().map(|mut s| Box::pin(async move { s.recv().await }));
+    futures_util::future::select_all(waits).await;
+}
+
+/// SIGINT and SIGTERM handlers (those that could be installed).
+fn install_signal_handlers() -> Vec<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{signal, SignalKind};
+    [SignalKind::interrupt(), SignalKind::terminate()]
+        .into_iter()
+        .filter_map(|kind| signal(kind).ok())
+        .collect()
 }
 
 #[tokio::main]
@@ -226,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = channelbox_warp::listen(args.addr, server.backlog)
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     let addr = listener.local_addr()?;
+    let signals = install_signal_handlers();
     let running = match args.http {
         Http::Warp => tokio::spawn(channelbox_warp::serve(listener, service.clone(), server)),
         Http::Axum => tokio::spawn(channelbox_axum::serve(listener, service.clone(), server)),
@@ -234,7 +240,7 @@ async fn main() -> anyhow::Result<()> {
     std::io::stdout().flush()?;
     tracing::info!(%addr, store = ?args.store, http = ?args.http, "chat server started");
 
-    shutdown_signal().await;
+    shutdown_signal(signals).await;
     tracing::info!("shutting down: closing connections with 1001 and flushing history");
     running.abort();
     service.shutdown(Duration::from_secs(5)).await;
