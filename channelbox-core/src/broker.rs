@@ -48,6 +48,18 @@ pub enum BrokerEvent {
         /// Its new position (offset 0).
         position: StreamPosition,
     },
+    /// The group's history in the engine went back below offsets it had
+    /// handed out (a restart from an older snapshot, a promoted replica that
+    /// lacked the newest writes, a partial eviction), and the server that
+    /// noticed moved it to this new epoch; its surviving messages keep their
+    /// offsets, up to `position.offset`. Members still in the old epoch are
+    /// closed with 4002, and nothing of the old epoch is replayed from a cache.
+    Moved {
+        /// The group.
+        group: String,
+        /// The new epoch and its newest offset.
+        position: StreamPosition,
+    },
     /// The connection to the engine was lost: events may be missing from here.
     Lost,
     /// The connection is back and every subscription restored; what was

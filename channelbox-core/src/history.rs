@@ -369,6 +369,22 @@ pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
     /// The group's head (a group that never had a message has an epoch too).
     async fn head(&self, group: &str) -> Result<Head, StoreError>;
 
+    /// The heads of several groups in one go, each checked against a
+    /// position this server knows to exist (what it delivered or had
+    /// acknowledged): a store that can lose acknowledged writes — a shared
+    /// engine restarted from an older snapshot — first moves a group whose
+    /// head went below that position, in its epoch, to a new epoch, so that
+    /// no offset of an epoch is ever handed out twice. One answer per group,
+    /// in order. The default reads each head in turn (a store in one process
+    /// never goes back).
+    async fn check_heads(&self, groups: &[(String, StreamPosition)]) -> Vec<Result<Head, StoreError>> {
+        let mut heads = Vec::with_capacity(groups.len());
+        for (group, _) in groups {
+            heads.push(self.head(group).await);
+        }
+        heads
+    }
+
     /// Reads messages of a group.
     async fn read(&self, group: &str, query: ReadQuery) -> Result<HistoryPage, StoreError>;
 

@@ -8,7 +8,8 @@
 //!
 //! Messages on a group's channel (`keys::channel`), first byte first:
 //! `S<epoch>\n<offset>\n<except>\n<message>` a saved message (from the append
-//! script), `R<epoch>` a reset (flush), `U<node>\n<except>\n<message>` an
+//! script), `R<epoch>` a reset (flush), `M<epoch>\n<last>` a group moved to a
+//! new epoch after its head went back (see `scripts`), `U<node>\n<except>\n<message>` an
 //! unsaved message, `E<node>\n<json>` a member event.
 
 use std::collections::HashSet;
@@ -23,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::directory::{member_event, parse_control, Control};
+use crate::floors::Floors;
 use crate::keys;
 use crate::link::{unavailable, Link, COMMAND_TIMEOUT};
 
@@ -95,12 +97,20 @@ pub(crate) struct Routes {
     pub(crate) events: mpsc::Sender<BrokerEvent>,
     pub(crate) control: mpsc::Sender<Control>,
     pub(crate) up: Arc<SubscriptionHealth>,
+    /// Positions of saved messages, moves and resets raise the floors.
+    pub(crate) floors: Arc<Floors>,
 }
 
 impl RedisBroker {
     /// Starts the subscription task; `control` receives what arrives on the
     /// control channels.
-    pub(crate) fn start(client: Client, link: Arc<Link>, node: Uuid, control: mpsc::Sender<Control>) -> Self {
+    pub(crate) fn start(
+        client: Client,
+        link: Arc<Link>,
+        node: Uuid,
+        control: mpsc::Sender<Control>,
+        floors: Arc<Floors>,
+    ) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let up = Arc::new(SubscriptionHealth::new());
@@ -109,6 +119,7 @@ impl RedisBroker {
             events: events_tx,
             control,
             up: up.clone(),
+            floors,
         };
         tokio::spawn(run(client, rx, routes));
         RedisBroker {
@@ -301,6 +312,13 @@ async fn route(routes: &Routes, channel: &str, payload: &[u8]) -> bool {
                 group: group.to_owned(),
                 position: StreamPosition::new(Epoch::from(epoch.to_owned()), 0),
             }),
+            b'M' => std::str::from_utf8(body).ok().and_then(|text| {
+                let (epoch, last) = text.split_once('\n')?;
+                Some(BrokerEvent::Moved {
+                    group: group.to_owned(),
+                    position: StreamPosition::new(Epoch::from(epoch.to_owned()), last.parse().ok()?),
+                })
+            }),
             b'U' => fields(body, 2).and_then(|(f, rest)| {
                 (f[0] != routes.node.to_string()).then_some(())?;
                 Some(BrokerEvent::Unsaved {
@@ -317,6 +335,14 @@ async fn route(routes: &Routes, channel: &str, payload: &[u8]) -> bool {
             }
             _ => None,
         };
+        if let Some(
+            BrokerEvent::Saved { position, .. }
+            | BrokerEvent::Reset { position, .. }
+            | BrokerEvent::Moved { position, .. },
+        ) = &event
+        {
+            routes.floors.note(group, position);
+        }
         return match event {
             Some(event) => routes.events.send(event).await.is_ok(),
             None => true,

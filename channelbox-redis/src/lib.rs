@@ -38,8 +38,10 @@
 //! ```
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod appends;
 mod broker;
 mod directory;
+mod floors;
 mod keys;
 mod link;
 mod scripts;
@@ -66,13 +68,23 @@ const CONTROL_QUEUE: usize = 16_384;
 pub struct RedisConfig {
     /// `redis://host:port/db`.
     pub url: String,
-    /// History limits. `max_total_bytes` is not applied: Redis's own
-    /// `maxmemory` bounds the whole (a group it evicts comes back in a new
-    /// epoch).
+    /// History limits, per group. `max_total_bytes` is not counted here:
+    /// see [`RedisConfig::total_bytes`].
     pub limits: HistoryLimits,
     /// How long [`RedisEngine::connect`] waits for Redis.
     pub connect_timeout: Duration,
+    /// How long a group's keys live without a saved message (each append
+    /// starts it again); an epoch created by a read alone lives at most 600 s.
+    pub meta_ttl: Duration,
+    /// A bound on all groups' history together, applied by Redis itself:
+    /// with `Some`, [`RedisEngine::connect`] refuses a Redis whose
+    /// `maxmemory` is 0 or whose `maxmemory-policy` cannot evict groups
+    /// (`allkeys-lru`, `allkeys-lfu`, `volatile-lru` or `volatile-lfu`).
+    pub total_bytes: Option<u64>,
 }
+
+/// The default [`RedisConfig::meta_ttl`]: 30 days.
+pub const DEFAULT_META_TTL: Duration = Duration::from_secs(2_592_000);
 
 impl RedisConfig {
     /// Default limits, waiting 5 s for Redis.
@@ -81,6 +93,8 @@ impl RedisConfig {
             url: url.into(),
             limits: HistoryLimits::default(),
             connect_timeout: Duration::from_secs(5),
+            meta_ttl: DEFAULT_META_TTL,
+            total_bytes: None,
         }
     }
 }
@@ -105,8 +119,10 @@ impl RedisEngine {
         let node = Uuid::new_v4();
         let link = link::Link::start(client.clone());
         let (control_tx, control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
-        let broker = RedisBroker::start(client, link.clone(), node, control_tx);
-        let store = RedisStore::new(link.clone(), config.limits, broker.health());
+        let floors = Arc::new(floors::Floors::default());
+        let broker = RedisBroker::start(client, link.clone(), node, control_tx, floors.clone());
+        let shared = Arc::new(appends::Shared::new(floors, config.meta_ttl));
+        let store = RedisStore::new(link.clone(), config.limits, broker.health(), shared);
         let directory = RedisDirectory::start(node, link.clone(), control_rx);
         if !link.wait_up(config.connect_timeout).await {
             return Err(StoreError::new(
@@ -116,6 +132,9 @@ impl RedisEngine {
                     config.url, config.connect_timeout
                 ),
             ));
+        }
+        if let Some(total) = config.total_bytes {
+            check_total_bytes(&link, total, &config.url).await?;
         }
         Ok(RedisEngine {
             store: Arc::new(store),
@@ -138,4 +157,46 @@ impl RedisEngine {
     pub fn directory(&self) -> Arc<RedisDirectory> {
         self.directory.clone()
     }
+}
+
+/// The `maxmemory-policy` values under which Redis bounds history by
+/// evicting whole groups, least recently (or frequently) used first.
+const EVICTING_POLICIES: [&str; 4] = ["allkeys-lru", "allkeys-lfu", "volatile-lru", "volatile-lfu"];
+
+/// `--history-total-bytes` on Redis: refused unless Redis bounds its memory
+/// itself. channelbox does not count all groups' bytes in Redis: one
+/// counter touched by every append would serialise every group on one key,
+/// and could not share a hash slot with the groups' keys on Redis Cluster.
+/// Redis's own `maxmemory` with an LRU/LFU policy does the job: it evicts
+/// the groups used least recently, whole, and a group that lost its history
+/// continues in a new epoch (recovery across it says `complete:false`).
+pub(crate) async fn check_total_bytes(link: &link::Link, total: u64, url: &str) -> Result<(), StoreError> {
+    let refuse = |why: String| {
+        StoreError::new(
+            StoreErrorKind::Unusable,
+            format!(
+                "--history-total-bytes {total} cannot be applied on the redis at {url}: {why}. \
+                 Redis must bound the memory itself: set `maxmemory` (for example \
+                 `CONFIG SET maxmemory {total}`) and `maxmemory-policy` to one of {} \
+                 (`allkeys-lru` is the usual choice; an evicted group continues in a new \
+                 epoch), or leave out --history-total-bytes",
+                EVICTING_POLICIES.join(", ")
+            ),
+        )
+    };
+    let mut cmd = redis::cmd("CONFIG");
+    cmd.arg("GET").arg("maxmemory*");
+    let pairs: std::collections::HashMap<String, String> = link
+        .query(&cmd)
+        .await
+        .map_err(|e| refuse(format!("CONFIG GET maxmemory* failed ({e})")))?;
+    let maxmemory: u64 = pairs.get("maxmemory").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let policy = pairs.get("maxmemory-policy").cloned().unwrap_or_default();
+    if maxmemory == 0 {
+        return Err(refuse("its maxmemory is 0 (unbounded)".to_owned()));
+    }
+    if !EVICTING_POLICIES.contains(&policy.as_str()) {
+        return Err(refuse(format!("its maxmemory-policy is {policy:?}")));
+    }
+    Ok(())
 }

@@ -4,8 +4,17 @@
 //! fails at once with [`unavailable`], so that requests answer quickly instead
 //! of waiting on a dead socket; when a connection comes up, the scripts are
 //! loaded before anything uses it (a restarted Redis has none cached).
+//!
+//! Error replies that say something about Redis rather than the command are
+//! handled here: `NOSCRIPT` (the script cache was flushed) reloads the
+//! scripts and retries the command once; `READONLY` (a demoted master) and
+//! `LOADING` (a restart still reading its data) drop the connection, so the
+//! supervisor reconnects; those two and `OOM` (memory full under
+//! `noeviction`) mark the link *degraded*: [`Link::healthy`] is false, so
+//! requests answer `unavailable` and `/healthz` 503, until a probe write
+//! succeeds again.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -21,6 +30,9 @@ pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
 const PING_EVERY: Duration = Duration::from_millis(500);
 /// Waits between reconnect attempts.
 const RECONNECT_WAIT: Duration = Duration::from_millis(250);
+/// The key the supervisor writes to learn that a degraded Redis takes
+/// writes again (expiring at once: it holds nothing).
+const PROBE_KEY: &str = "cb:probe";
 
 /// An error saying Redis cannot take the request now.
 pub(crate) fn unavailable(what: impl std::fmt::Display) -> StoreError {
@@ -33,6 +45,14 @@ pub(crate) struct Link {
     client: Client,
     conn: Mutex<Option<MultiplexedConnection>>,
     up: AtomicBool,
+    /// An error reply (`READONLY`, `LOADING`, `OOM`) said Redis takes no
+    /// writes; cleared by the supervisor's probe write.
+    degraded: AtomicBool,
+    /// Woken each time a connection comes up (a reconnect may be to a Redis
+    /// that lost writes: the store checks the heads it knows).
+    came_up: Arc<tokio::sync::Notify>,
+    /// When the current connection came up (ms since the Unix epoch).
+    connected_at: AtomicU64,
     /// SHA1s of [`scripts::all`], once loaded.
     shas: OnceLock<Vec<String>>,
 }
@@ -44,6 +64,9 @@ impl Link {
             client,
             conn: Mutex::new(None),
             up: AtomicBool::new(false),
+            degraded: AtomicBool::new(false),
+            came_up: Arc::new(tokio::sync::Notify::new()),
+            connected_at: AtomicU64::new(0),
             shas: OnceLock::new(),
         });
         tokio::spawn(supervise(Arc::downgrade(&link)));
@@ -53,6 +76,50 @@ impl Link {
     /// Whether the connection is up now.
     pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// Woken (one waiter) each time a connection comes up.
+    pub(crate) fn came_up(&self) -> Arc<tokio::sync::Notify> {
+        self.came_up.clone()
+    }
+
+    /// When the current connection came up (ms since the Unix epoch; 0
+    /// before the first): a change means a reconnect.
+    pub(crate) fn connected_at(&self) -> u64 {
+        self.connected_at.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection is up and Redis takes writes.
+    pub(crate) fn healthy(&self) -> bool {
+        self.is_up() && !self.degraded.load(Ordering::Acquire)
+    }
+
+    /// Reacts to an error reply's code (see the module docs); returns whether
+    /// it was `NOSCRIPT`, i.e. whether the command may be retried once the
+    /// scripts are loaded again.
+    pub(crate) fn note_error_code(&self, code: &str) -> bool {
+        match code {
+            "NOSCRIPT" => return true,
+            "READONLY" | "LOADING" => {
+                if !self.degraded.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(code, "redis takes no writes: reconnecting");
+                }
+                self.up.store(false, Ordering::Release);
+                *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            "OOM" | "MASTERDOWN" if !self.degraded.swap(true, Ordering::AcqRel) => {
+                tracing::warn!(code, "redis refuses writes");
+            }
+            _ => {}
+        }
+        false
+    }
+
+    /// Loads the scripts again (after `NOSCRIPT`: Redis's cache was flushed).
+    pub(crate) async fn reload_scripts(&self) -> Result<(), StoreError> {
+        let mut conn = self.connection()?;
+        let loaded = tokio::time::timeout(COMMAND_TIMEOUT, load_scripts(&mut conn)).await;
+        self.settle(loaded).map(|_| ())
     }
 
     /// Waits until the connection is up, at most `wait`.
@@ -91,10 +158,14 @@ impl Link {
             .ok_or_else(|| unavailable("not connected yet"))
     }
 
-    /// Runs one command.
+    /// Runs one command; after `NOSCRIPT` once more with the scripts loaded.
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
         let mut conn = self.connection()?;
-        let result = tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<T>(&mut conn)).await;
+        let mut result = tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<T>(&mut conn)).await;
+        if matches!(&result, Ok(Err(e)) if e.code() == Some("NOSCRIPT")) {
+            self.reload_scripts().await?;
+            result = tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<T>(&mut conn)).await;
+        }
         self.settle(result)
     }
 
@@ -111,6 +182,9 @@ impl Link {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(err)) => {
                 self.broken(&err);
+                if let Some(code) = err.code() {
+                    self.note_error_code(code);
+                }
                 Err(unavailable(&err).with_source(err))
             }
             Err(_) => {
@@ -127,9 +201,23 @@ async fn supervise(link: Weak<Link>) {
     loop {
         let Some(l) = link.upgrade() else { return };
         if l.is_up() {
-            let ping = l.query::<String>(&redis::cmd("PING")).await;
-            if ping.is_err() {
-                tracing::warn!("lost the connection to redis");
+            // While an error reply said Redis takes no writes, the ping is
+            // a write: its success ends the degraded state.
+            let degraded = l.degraded.load(Ordering::Acquire);
+            let ping = if degraded {
+                let mut probe = redis::cmd("SET");
+                probe.arg(PROBE_KEY).arg(1).arg("PX").arg(1000);
+                l.query::<redis::Value>(&probe).await.map(|_| ())
+            } else {
+                l.query::<String>(&redis::cmd("PING")).await.map(|_| ())
+            };
+            match ping {
+                Ok(()) if degraded => {
+                    l.degraded.store(false, Ordering::Release);
+                    tracing::info!("redis takes writes again");
+                }
+                Ok(()) => {}
+                Err(_) => tracing::warn!("lost the connection to redis, or it takes no writes"),
             }
             drop(l);
             tokio::time::sleep(PING_EVERY).await;
@@ -139,7 +227,10 @@ async fn supervise(link: Weak<Link>) {
             Ok((conn, shas)) => {
                 let _ = l.shas.set(shas);
                 *l.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+                l.connected_at
+                    .store(channelbox_core::now_ms().max(1), Ordering::Release);
                 l.up.store(true, Ordering::Release);
+                l.came_up.notify_one();
                 tracing::info!("connected to redis");
             }
             Err(err) => {
@@ -156,14 +247,16 @@ async fn connect(client: &Client) -> redis::RedisResult<(MultiplexedConnection, 
         .set_connection_timeout(Some(COMMAND_TIMEOUT))
         .set_response_timeout(Some(COMMAND_TIMEOUT));
     let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+    let shas = load_scripts(&mut conn).await?;
+    Ok((conn, shas))
+}
+
+/// Loads every script; returns their SHA1s.
+async fn load_scripts(conn: &mut MultiplexedConnection) -> redis::RedisResult<Vec<String>> {
     let mut shas = Vec::new();
     for script in scripts::all() {
-        let sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(script)
-            .query_async(&mut conn)
-            .await?;
+        let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(script).query_async(conn).await?;
         shas.push(sha);
     }
-    Ok((conn, shas))
+    Ok(shas)
 }

@@ -3,7 +3,14 @@
 //! `scripts`). Appends go through one queue and one task that sends them as
 //! pipelines on the command connection, so a caller's appends run in the
 //! order it made them while many are in flight together.
+//!
+//! Every script is given the group's floor (`floors`): a head below what
+//! this server knows Redis handed out moves the group to a new epoch in the
+//! same script, so offsets of an epoch are never handed out twice. History
+//! figures for `/metrics` are a running count of this server's own appends
+//! (minus what they trimmed), never a scan of Redis's keys.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -15,30 +22,21 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::appends::{Appender, Job, Shared};
 use crate::broker::SubscriptionHealth;
 use crate::link::{unavailable, Link};
 use crate::{keys, scripts};
 
 /// Appends waiting for Redis before new ones are refused as `unavailable`.
-const APPEND_QUEUE: usize = 65_536;
+pub(crate) const APPEND_QUEUE: usize = 65_536;
 /// Most appends sent in one pipeline.
-const APPEND_BATCH: usize = 512;
+pub(crate) const APPEND_BATCH: usize = 512;
 /// Most messages one read returns, whatever it asks: reads are never unbounded.
 pub const MAX_READ: usize = 10_000;
 /// What a message costs beyond its payload, as counted by
 /// [`HistoryStore::message_cost`]: the stream entry, its three fields and the
 /// encoded header, roughly as Redis 7 stores them.
 pub const MESSAGE_OVERHEAD: u64 = 128;
-
-/// One append waiting for its turn.
-struct Job {
-    group: String,
-    encoded: Vec<u8>,
-    size: usize,
-    timestamp_ms: u64,
-    except: Option<Uuid>,
-    done: oneshot::Sender<Result<StreamPosition, StoreError>>,
-}
 
 /// History in Redis, shared by every server of a cluster.
 #[derive(Clone, Debug)]
@@ -54,20 +52,35 @@ struct StoreInner {
     /// Whether the broker's subscription connection is up too (a cluster
     /// without it would miss messages).
     pubsub: Arc<SubscriptionHealth>,
+    shared: Arc<Shared>,
 }
 
 impl RedisStore {
-    pub(crate) fn new(link: Arc<Link>, limits: HistoryLimits, pubsub: Arc<SubscriptionHealth>) -> Self {
+    pub(crate) fn new(
+        link: Arc<Link>,
+        limits: HistoryLimits,
+        pubsub: Arc<SubscriptionHealth>,
+        shared: Arc<Shared>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
-        tokio::spawn(run_appends(link.clone(), limits.clone(), rx));
-        RedisStore {
-            inner: Arc::new(StoreInner {
-                link,
-                limits,
-                appends: tx,
-                pubsub,
-            }),
-        }
+        let appender = Appender {
+            connection: 0,
+            run_id: None,
+            link: link.clone(),
+            limits: limits.clone(),
+            shared: shared.clone(),
+        };
+        tokio::spawn(appender.run(rx));
+        let came_up = link.came_up();
+        let inner = Arc::new(StoreInner {
+            link,
+            limits,
+            appends: tx,
+            pubsub,
+            shared,
+        });
+        tokio::spawn(check_after_reconnects(Arc::downgrade(&inner), came_up));
+        RedisStore { inner }
     }
 
     fn append_job(&self, group: &str, message: NewMessage, except: Option<Uuid>) -> Result<PendingAppend, StoreError> {
@@ -99,17 +112,44 @@ impl RedisStore {
         })))
     }
 
-    async fn script(&self, index: usize, group: &str, args: &[&[u8]]) -> Result<Value, StoreError> {
+    /// `EVALSHA` of a group script with the common arguments, the group's
+    /// floor (raised to `seen`) among them, then `args`.
+    fn script_cmd(
+        &self,
+        index: usize,
+        group: &str,
+        seen: Option<&StreamPosition>,
+        args: &[&[u8]],
+    ) -> Result<redis::Cmd, StoreError> {
+        let floor = self.inner.shared.floors.get(group, seen);
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.inner.link.sha(index)?)
             .arg(2)
             .arg(keys::head(group))
-            .arg(keys::stream(group))
-            .arg(new_epoch().as_str());
+            .arg(keys::stream(group));
+        for a in self
+            .inner
+            .shared
+            .common_args(group, &self.oldest_allowed(), floor.as_ref())
+        {
+            cmd.arg(a);
+        }
         for a in args {
             cmd.arg(*a);
         }
+        Ok(cmd)
+    }
+
+    async fn script(&self, index: usize, group: &str, args: &[&[u8]]) -> Result<Value, StoreError> {
+        let cmd = self.script_cmd(index, group, None, args)?;
         self.inner.link.query::<Value>(&cmd).await
+    }
+
+    /// A head from a script's answer, noted as this group's floor.
+    fn noted_head(&self, group: &str, value: &Value) -> Result<Head, StoreError> {
+        let head = parse_head(value).ok_or_else(|| corrupt("head"))?;
+        self.inner.shared.floors.note(group, &head.position());
+        Ok(head)
     }
 
     /// The oldest timestamp a message may have now, as a script argument.
@@ -145,8 +185,27 @@ impl RedisStore {
     }
 }
 
+/// After every reconnect, checks the head of every group this server has a
+/// floor for, pipelined: Redis may be back older than it was (a restart from
+/// a snapshot, a failover), and the sooner a server that saw the lost offsets
+/// moves such a group to a new epoch, the sooner other servers' appends go to
+/// the new epoch too. Groups with local members are checked by the box as
+/// well; this covers the rest (HTTP publishes, groups whose members left).
+async fn check_after_reconnects(store: std::sync::Weak<StoreInner>, came_up: Arc<tokio::sync::Notify>) {
+    loop {
+        came_up.notified().await;
+        let Some(inner) = store.upgrade() else { return };
+        let store = RedisStore { inner };
+        let floors = store.inner.shared.floors.all();
+        let failed = store.check_heads(&floors).await.iter().filter(|h| h.is_err()).count();
+        if failed > 0 {
+            tracing::debug!(failed, "heads not checked after a reconnect");
+        }
+    }
+}
+
 /// A fresh epoch: offered to every script, used when the group has none.
-fn new_epoch() -> String {
+pub(crate) fn new_epoch() -> String {
     Uuid::new_v4().simple().to_string()
 }
 
@@ -179,9 +238,44 @@ impl HistoryStore for RedisStore {
 
     async fn head(&self, group: &str) -> Result<Head, StoreError> {
         Self::check(group)?;
-        let oldest = self.oldest_allowed();
-        let value = self.script(scripts::HEAD_SCRIPT, group, &[oldest.as_bytes()]).await?;
-        parse_head(&value).ok_or_else(|| corrupt("head"))
+        let value = self.script(scripts::HEAD_SCRIPT, group, &[]).await?;
+        self.noted_head(group, &value)
+    }
+
+    async fn check_heads(&self, groups: &[(String, StreamPosition)]) -> Vec<Result<Head, StoreError>> {
+        let mut heads = Vec::with_capacity(groups.len());
+        for chunk in groups.chunks(APPEND_BATCH) {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            let mut built = Vec::with_capacity(chunk.len());
+            for (group, seen) in chunk {
+                let cmd =
+                    Self::check(group).and_then(|()| self.script_cmd(scripts::HEAD_SCRIPT, group, Some(seen), &[]));
+                if let Ok(cmd) = &cmd {
+                    pipe.add_command(cmd.clone());
+                }
+                built.push(cmd.map(|_| ()));
+            }
+            let mut values = match self.inner.link.pipeline(&pipe).await {
+                Ok(values) => values.into_iter(),
+                Err(err) => {
+                    let text = err.to_string();
+                    heads.extend(chunk.iter().map(|_| Err(unavailable(&text))));
+                    continue;
+                }
+            };
+            for ((group, _), built) in chunk.iter().zip(built) {
+                heads.push(built.and_then(|()| match values.next() {
+                    Some(Value::ServerError(e)) => {
+                        self.inner.link.note_error_code(e.code());
+                        Err(unavailable(format!("head check failed: {}", e.code())))
+                    }
+                    Some(v) => self.noted_head(group, &v),
+                    None => Err(corrupt("head check: too few answers")),
+                }));
+            }
+        }
+        heads
     }
 
     async fn read(&self, group: &str, query: ReadQuery) -> Result<HistoryPage, StoreError> {
@@ -194,22 +288,30 @@ impl HistoryStore for RedisStore {
             let head = self.head(group).await?;
             return Ok(HistoryPage { head, messages: vec![] });
         }
-        let (n, limit, oldest) = (n.to_string(), limit.to_string(), self.oldest_allowed());
-        let args: [&[u8]; 4] = [oldest.as_bytes(), mode.as_bytes(), n.as_bytes(), limit.as_bytes()];
+        let (n, limit) = (n.to_string(), limit.to_string());
+        let args: [&[u8]; 3] = [mode.as_bytes(), n.as_bytes(), limit.as_bytes()];
         let value = self.script(scripts::READ, group, &args).await?;
         let Value::Array(parts) = &value else {
             return Err(corrupt("read"));
         };
-        let head = parse_head(&value).ok_or_else(|| corrupt("read head"))?;
+        let head = self.noted_head(group, &value)?;
         let entries = match parts.get(3) {
             Some(Value::Array(e)) => e,
             _ => return Err(corrupt("read entries")),
         };
-        let mut messages = entries
+        // A corrupt entry is left out: the offsets around it then show a
+        // gap, which recovery reports as incomplete and a gap fill as 4002,
+        // instead of one bad entry making the whole history unreadable.
+        let mut messages: Vec<StoredMessage> = entries
             .iter()
-            .map(parse_entry)
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| corrupt("entry"))?;
+            .filter_map(|e| {
+                let parsed = parse_entry(e);
+                if parsed.is_none() {
+                    tracing::warn!(group, "a corrupt history entry in redis is skipped");
+                }
+                parsed
+            })
+            .collect();
         if mode == "last" {
             messages.reverse();
         }
@@ -218,55 +320,54 @@ impl HistoryStore for RedisStore {
 
     async fn flush_group(&self, group: &str) -> Result<Epoch, StoreError> {
         Self::check(group)?;
-        let channel = keys::channel(group);
-        let value = self.script(scripts::FLUSH, group, &[channel.as_bytes()]).await?;
+        let value = self.script(scripts::FLUSH, group, &[]).await?;
         match value {
-            Value::BulkString(b) => Ok(Epoch::from(String::from_utf8_lossy(&b).into_owned())),
+            Value::BulkString(b) => {
+                let epoch = Epoch::from(String::from_utf8_lossy(&b).into_owned());
+                self.inner
+                    .shared
+                    .floors
+                    .note(group, &StreamPosition::new(epoch.clone(), 0));
+                Ok(epoch)
+            }
             _ => Err(corrupt("flush")),
         }
     }
 
     async fn flush_all(&self) -> Result<(), StoreError> {
+        // An admin request, not a scrape: finding every group takes a scan.
         for group in self.groups().await? {
             self.flush_group(&group).await?;
         }
+        self.inner.shared.messages.store(0, Ordering::Relaxed);
+        self.inner.shared.bytes.store(0, Ordering::Relaxed);
         Ok(())
     }
 
+    /// This server's share: what its own appends saved and did not trim
+    /// themselves (summed over the servers, the cluster's history, less what
+    /// expired by age or TTL). Kept as a running count, so a scrape never
+    /// scans Redis.
     async fn stats(&self) -> Result<HistoryStats, StoreError> {
-        let mut stats = HistoryStats::default();
-        for chunk in self.groups().await?.chunks(500) {
-            let mut pipe = redis::pipe();
-            for g in chunk {
-                pipe.cmd("HMGET").arg(keys::head(g)).arg("n").arg("b");
-            }
-            let rows: Vec<(Option<u64>, Option<u64>)> = {
-                let values = self.inner.link.pipeline(&pipe).await?;
-                values
-                    .iter()
-                    .map(|v| redis::from_redis_value_ref(v).unwrap_or((None, None)))
-                    .collect()
-            };
-            for (n, b) in rows {
-                let (n, b) = (n.unwrap_or(0), b.unwrap_or(0));
-                stats.messages += n;
-                stats.bytes += b;
-                stats.cost += b + n * MESSAGE_OVERHEAD;
-            }
-        }
-        Ok(stats)
+        let messages = self.inner.shared.messages.load(Ordering::Relaxed);
+        let bytes = self.inner.shared.bytes.load(Ordering::Relaxed);
+        Ok(HistoryStats {
+            messages,
+            bytes,
+            cost: bytes + messages * MESSAGE_OVERHEAD,
+        })
     }
 
     fn healthy(&self) -> bool {
-        self.inner.link.is_up() && self.inner.pubsub.healthy()
+        self.inner.link.healthy() && self.inner.pubsub.healthy()
     }
 }
 
-fn corrupt(what: &str) -> StoreError {
+pub(crate) fn corrupt(what: &str) -> StoreError {
     StoreError::new(StoreErrorKind::Corrupt, format!("redis: unexpected answer to {what}"))
 }
 
-fn int(v: &Value) -> Option<u64> {
+pub(crate) fn int(v: &Value) -> Option<u64> {
     match v {
         Value::Int(i) => u64::try_from(*i).ok(),
         Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
@@ -274,7 +375,7 @@ fn int(v: &Value) -> Option<u64> {
     }
 }
 
-fn text(v: &Value) -> Option<String> {
+pub(crate) fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),
@@ -290,15 +391,6 @@ fn parse_head(v: &Value) -> Option<Head> {
         first: int(parts.get(1)?)?,
         last: int(parts.get(2)?)?,
     })
-}
-
-/// `{epoch, offset}` from the append script.
-fn parse_position(v: &Value) -> Option<StreamPosition> {
-    let Value::Array(parts) = v else { return None };
-    Some(StreamPosition::new(
-        Epoch::from(text(parts.first()?)?),
-        int(parts.get(1)?)?,
-    ))
 }
 
 /// A stream entry `[id, [field, value, …]]`.
@@ -318,71 +410,4 @@ fn parse_entry(v: &Value) -> Option<StoredMessage> {
         })?;
     let m = NewMessage::decode(body)?;
     Some(StoredMessage::from_new(offset, m))
-}
-
-/// The append task: takes queued appends in order and sends them as one
-/// pipeline, one pipeline at a time.
-async fn run_appends(link: Arc<Link>, limits: HistoryLimits, mut rx: mpsc::Receiver<Job>) {
-    let max_bytes = limits.max_bytes.to_string();
-    let max_count = limits.max_messages.unwrap_or(0).to_string();
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < APPEND_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let result = match link.sha(scripts::APPEND) {
-            Ok(sha) => {
-                let oldest = limits.oldest_allowed(now_ms()).unwrap_or(0).to_string();
-                let mut pipe = redis::pipe();
-                pipe.ignore_errors();
-                for job in &batch {
-                    let except = job.except.map(|id| id.to_string()).unwrap_or_default();
-                    pipe.cmd("EVALSHA")
-                        .arg(sha)
-                        .arg(2)
-                        .arg(keys::head(&job.group))
-                        .arg(keys::stream(&job.group))
-                        .arg(new_epoch())
-                        .arg(&oldest)
-                        .arg(&job.encoded[..])
-                        .arg(job.size)
-                        .arg(job.timestamp_ms)
-                        .arg(&max_bytes)
-                        .arg(&max_count)
-                        .arg(keys::channel(&job.group))
-                        .arg(except);
-                }
-                link.pipeline(&pipe).await
-            }
-            Err(err) => Err(err),
-        };
-        answer(batch, result);
-    }
-}
-
-fn answer(batch: Vec<Job>, result: Result<Vec<Value>, StoreError>) {
-    match result {
-        Ok(values) => {
-            for (job, value) in batch
-                .into_iter()
-                .zip(values.iter().map(Some).chain(std::iter::repeat(None)))
-            {
-                let answer = match value {
-                    Some(Value::ServerError(e)) => Err(unavailable(format!("append failed: {}", e.code()))),
-                    Some(v) => parse_position(v).ok_or_else(|| corrupt("append")),
-                    None => Err(corrupt("append: too few answers")),
-                };
-                let _ = job.done.send(answer);
-            }
-        }
-        Err(err) => {
-            let text = err.to_string();
-            for job in batch {
-                let _ = job.done.send(Err(unavailable(&text)));
-            }
-        }
-    }
 }

@@ -1,12 +1,20 @@
 //! A `redis-server` of a test's own, on a free port with a temporary
-//! directory and no persistence, stopped by its PID — so a test can kill,
-//! restart and cut off Redis without touching the machine's shared one.
+//! directory and no automatic persistence, stopped by its PID — so a test can
+//! kill, restart and cut off Redis without touching the machine's shared one.
+//! A test can also take a snapshot ([`RedisServer::snapshot`], `SAVE` into
+//! the temporary directory) and bring Redis back from it after a SIGKILL
+//! ([`RedisServer::restart_from_snapshot`]): the writes made since are lost,
+//! as after a restart from an older snapshot or a failover to a lagging
+//! replica.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The snapshot's file name in the server's directory.
+const SNAPSHOT: &str = "dump.rdb";
 
 /// The command that installs `redis-server` on Debian, for error messages.
 pub const INSTALL_HINT: &str = "sudo apt-get install -y redis-server";
@@ -25,7 +33,7 @@ impl RedisServer {
         let port = free_port();
         let dir = tempfile::tempdir().expect("a temporary directory for redis");
         let mut server = RedisServer { port, dir, child: None };
-        server.restart();
+        server.spawn();
         server
     }
 
@@ -55,6 +63,26 @@ impl RedisServer {
     /// Starts it again on the same port (empty), after [`RedisServer::kill`].
     pub fn restart(&mut self) {
         self.kill();
+        let _ = std::fs::remove_file(self.dir.path().join(SNAPSHOT));
+        self.spawn();
+    }
+
+    /// Writes a snapshot of everything now (`SAVE`), which
+    /// [`RedisServer::restart_from_snapshot`] brings back.
+    pub fn snapshot(&self) {
+        self.run(&["SAVE"]).expect("SAVE");
+        assert!(self.dir.path().join(SNAPSHOT).exists(), "SAVE wrote no {SNAPSHOT}");
+    }
+
+    /// Kills it with SIGKILL and starts it again on the same port from the
+    /// last [`RedisServer::snapshot`]: everything written since is lost.
+    pub fn restart_from_snapshot(&mut self) {
+        self.kill();
+        assert!(self.dir.path().join(SNAPSHOT).exists(), "no snapshot to restart from");
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
         let binary = std::env::var("CHANNELBOX_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
         let child = Command::new(&binary)
             .args([
@@ -66,6 +94,8 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
+                "--dbfilename",
+                SNAPSHOT,
             ])
             .arg("--dir")
             .arg(self.dir.path())

@@ -66,9 +66,16 @@ struct Args {
     history_bytes: u64,
     /// All groups' history together, counted as payload bytes plus the
     /// store's fixed overhead per message; the groups written least recently
-    /// are trimmed first.
-    #[arg(long, default_value_t = channelbox_core::DEFAULT_TOTAL_BYTES)]
-    history_total_bytes: u64,
+    /// are trimmed first [default: 268435456]. With `--store redis`, Redis
+    /// applies it: given explicitly, the server refuses to start unless
+    /// Redis's `maxmemory` is set and its `maxmemory-policy` evicts
+    /// (`allkeys-lru`, `allkeys-lfu`, `volatile-lru`, `volatile-lfu`).
+    #[arg(long)]
+    history_total_bytes: Option<u64>,
+    /// With `--store redis`: seconds without a saved message after which a
+    /// group's history and epoch are removed from Redis.
+    #[arg(long, default_value_t = 2_592_000, value_parser = clap::value_parser!(u64).range(1..))]
+    history_meta_ttl: u64,
     /// Per-group history limit in messages (default: unlimited).
     #[arg(long)]
     history_messages: Option<u64>,
@@ -128,13 +135,15 @@ async fn open_service(args: &Args, config: ProtocolConfig) -> anyhow::Result<Cha
         max_bytes: args.history_bytes,
         max_messages: args.history_messages,
         max_age: args.history_ttl,
-        max_total_bytes: Some(args.history_total_bytes),
+        max_total_bytes: Some(args.history_total_bytes.unwrap_or(channelbox_core::DEFAULT_TOTAL_BYTES)),
     };
     let store: Arc<dyn HistoryStore> = match args.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(MemoryConfig { limits })),
         StoreKind::Redis => {
             let redis = RedisConfig {
                 limits,
+                meta_ttl: Duration::from_secs(args.history_meta_ttl),
+                total_bytes: args.history_total_bytes,
                 ..RedisConfig::new(&args.redis_url)
             };
             let engine = RedisEngine::connect(redis)
@@ -158,19 +167,24 @@ async fn open_service(args: &Args, config: ProtocolConfig) -> anyhow::Result<Cha
     Ok(ChatService::new(store, config))
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+/// Waits for SIGINT or SIGTERM. The handlers are installed by the caller
+/// before the server announces itself, so that a signal sent right after the
+/// `listening on` line shuts down cleanly instead of killing the process.
+async fn shutdown_signal(signals: Vec<tokio::signal::unix::Signal>) {
+    if signals.is_empty() {
+        return std::future::pending().await;
     }
+    let waits = signals.into_iter().map(|mut s| Box::pin(async move { s.recv().await }));
+    futures_util::future::select_all(waits).await;
+}
+
+/// SIGINT and SIGTERM handlers (those that could be installed).
+fn install_signal_handlers() -> Vec<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{signal, SignalKind};
+    [SignalKind::interrupt(), SignalKind::terminate()]
+        .into_iter()
+        .filter_map(|kind| signal(kind).ok())
+        .collect()
 }
 
 #[tokio::main]
@@ -217,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = channelbox_warp::listen(args.addr, server.backlog)
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     let addr = listener.local_addr()?;
+    let signals = install_signal_handlers();
     let running = match args.http {
         Http::Warp => tokio::spawn(channelbox_warp::serve(listener, service.clone(), server)),
         Http::Axum => tokio::spawn(channelbox_axum::serve(listener, service.clone(), server)),
@@ -225,7 +240,7 @@ async fn main() -> anyhow::Result<()> {
     std::io::stdout().flush()?;
     tracing::info!(%addr, store = ?args.store, http = ?args.http, "chat server started");
 
-    shutdown_signal().await;
+    shutdown_signal(signals).await;
     tracing::info!("shutting down: closing connections with 1001 and flushing history");
     running.abort();
     service.shutdown(Duration::from_secs(5)).await;

@@ -9,19 +9,31 @@
 //!
 //! A message lost at the tail — nothing after it reveals the gap — is found by
 //! the head check: every [`HEAD_CHECK`] for every group with a started
-//! sequencer, and at once after the broker's connection comes back.
+//! sequencer, and at once after the broker's connection comes back. One sweep
+//! runs at a time, and it asks the store for all its heads together
+//! ([`HistoryStore::check_heads`], one pipeline on Redis), passing what each
+//! group delivered: an engine whose head went back below it moves the group
+//! to a new epoch, and the members here are closed with 4002.
+//!
+//! A gap fill that fails (the engine away) is retried with backoff, at most
+//! [`FILL_ATTEMPTS`] times; then the members are closed with 4002 rather
+//! than waiting for ever behind the gap.
+//!
+//! [`HistoryStore::check_heads`]: crate::HistoryStore::check_heads
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 use super::membership::Group;
 use super::publish::Ready;
-use super::sequencer::Gap;
+use super::sequencer::{Completion, Gap};
 use super::{lock, ChannelBox, Inner};
 use crate::broker::{Broker, BrokerEvent};
-use crate::error::BoxError;
+use crate::error::{BoxError, StoreErrorKind};
 use crate::history::{Head, NewMessage, ReadQuery, StoredMessage};
 use crate::position::StreamPosition;
 use crate::transport::CloseReason;
@@ -40,6 +52,20 @@ const IDLE_SUBSCRIPTION: Duration = Duration::from_secs(30);
 /// Most messages read from history to fill a gap at a time.
 const FILL_PAGE: usize = 256;
 
+/// How many times a failing gap fill is tried before the members are closed
+/// with 4002; the waits between tries double from [`GAP_WAIT`] up to
+/// [`FILL_BACKOFF_MAX`] (about 13 s in all).
+pub(super) const FILL_ATTEMPTS: u32 = 8;
+
+/// The longest wait between two tries of a gap fill.
+const FILL_BACKOFF_MAX: Duration = Duration::from_millis(3200);
+
+/// How soon a full head check that could not read every head is tried again.
+const FULL_SWEEP_RETRY: Duration = Duration::from_millis(250);
+
+/// Most groups whose heads one store call checks.
+const CHECK_BATCH: usize = 512;
+
 impl ChannelBox {
     /// The broker, when this box is part of a cluster.
     pub fn broker(&self) -> Option<&Arc<dyn Broker>> {
@@ -57,27 +83,39 @@ impl ChannelBox {
         if self.inner.broker.set(broker).is_err() {
             return Err(BoxError::Setup("a broker is attached already".into()));
         }
+        // A reconnect asks for a sweep of every group; the sweeper runs one
+        // sweep at a time, and a request made during one is served after it.
+        let full_sweep = Arc::new(Notify::new());
         let weak = Arc::downgrade(&self.inner);
+        let wake = full_sweep.clone();
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 let Some(channels) = upgrade(&weak) else { return };
-                channels.on_broker_event(event);
+                channels.on_broker_event(event, &wake);
             }
         });
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEAD_CHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // A full sweep whose heads could not all be read (the command
+            // connection not back yet) is done again shortly.
+            let mut all_pending = false;
             loop {
-                tick.tick().await;
+                let all = tokio::select! {
+                    _ = tick.tick() => all_pending,
+                    () = full_sweep.notified() => true,
+                    () = tokio::time::sleep(FULL_SWEEP_RETRY), if all_pending => true,
+                };
                 let Some(channels) = upgrade(&weak) else { return };
                 channels.sweep_subscriptions();
-                tokio::spawn(async move { channels.check_heads(false).await });
+                all_pending = !channels.check_heads(all).await && all;
             }
         });
         Ok(())
     }
 
-    fn on_broker_event(&self, event: BrokerEvent) {
+    fn on_broker_event(&self, event: BrokerEvent, full_sweep: &Notify) {
         match event {
             BrokerEvent::Saved {
                 group,
@@ -98,11 +136,21 @@ impl ChannelBox {
                 }
             }
             BrokerEvent::Reset { group, position } => self.reset_order(&group, Some(position.epoch)),
+            BrokerEvent::Moved { group, position } => self.epoch_moved(&group, &position),
             BrokerEvent::Lost => {}
-            BrokerEvent::Back => {
-                let channels = self.clone();
-                tokio::spawn(async move { channels.check_heads(true).await });
-            }
+            BrokerEvent::Back => full_sweep.notify_one(),
+        }
+    }
+
+    /// The group went on in a new epoch after its history went back: members
+    /// still in the old one cannot be given its messages without a gap, and
+    /// no page of the old epoch may be replayed from the cache.
+    fn epoch_moved(&self, group: &str, to: &StreamPosition) {
+        lock(&self.inner.replays).purge(group, Some(&to.epoch));
+        let Some(g) = self.group(group) else { return };
+        let moved = lock(&g.order).as_ref().is_some_and(|s| *s.epoch() != to.epoch);
+        if moved {
+            self.insufficient_state(&g);
         }
     }
 
@@ -129,8 +177,15 @@ impl ChannelBox {
         let completion = seq.complete(at.offset, Some(ready), |offset, r| {
             self.deliver_ready(&g, &epoch, offset, r)
         });
-        if let super::sequencer::Completion::Stale(Some(r)) = completion {
-            r.answer(Default::default());
+        match completion {
+            Completion::Taken => {}
+            Completion::Stale(r) => r.into_iter().for_each(|r| r.answer(Default::default())),
+            Completion::Overflow(r) => {
+                // More held back than the bound: the gap is not closing.
+                drop(order);
+                r.into_iter().for_each(|r| r.answer(Default::default()));
+                return self.insufficient_state(&g);
+            }
         }
         let gap = seq.gap().is_some();
         drop(order);
@@ -139,9 +194,11 @@ impl ChannelBox {
         }
     }
 
-    /// Closes the group's members here with 4002 and forgets its sequencer:
-    /// they cannot be given its messages without a gap.
-    fn insufficient_state(&self, g: &Arc<Group>) {
+    /// Closes the group's members here with 4002 and forgets its sequencer
+    /// and its cached replay pages: they cannot be given its messages
+    /// without a gap.
+    pub(super) fn insufficient_state(&self, g: &Arc<Group>) {
+        lock(&self.inner.replays).purge(&g.name, None);
         let mut order = lock(&g.order);
         *order = None;
         let members: Vec<_> = lock(&g.members).map.values().cloned().collect();
@@ -170,8 +227,10 @@ impl ChannelBox {
     }
 
     /// Reads what the sequencer misses from history, a page at a time, until
-    /// no gap is left; a gap history cannot fill closes the members.
+    /// no gap is left; a gap history cannot fill closes the members, and so
+    /// does a read that keeps failing ([`FILL_ATTEMPTS`]).
     async fn fill_gaps(&self, g: &Arc<Group>) {
+        let mut failures = 0;
         loop {
             let Some((epoch, gap)) = lock(&g.order)
                 .as_ref()
@@ -186,11 +245,19 @@ impl ChannelBox {
             };
             let page = match self.inner.store.read(&g.name, query).await {
                 Ok(page) => page,
+                Err(err) if err.kind() == StoreErrorKind::Corrupt => {
+                    tracing::warn!(group = %g.name, %err, "an unreadable gap");
+                    return self.insufficient_state(g);
+                }
                 Err(err) => {
-                    // The engine is away: the head check after it returns
-                    // starts again.
-                    tracing::debug!(group = %g.name, %err, "cannot fill a gap now");
-                    return;
+                    failures += 1;
+                    if failures >= FILL_ATTEMPTS {
+                        tracing::warn!(group = %g.name, %err, "a gap fill keeps failing");
+                        return self.insufficient_state(g);
+                    }
+                    tracing::debug!(group = %g.name, %err, failures, "cannot fill a gap now");
+                    tokio::time::sleep(fill_backoff(failures)).await;
+                    continue;
                 }
             };
             if page.head.epoch != epoch || !fills(&page.head, &page.messages, gap) {
@@ -218,41 +285,55 @@ impl ChannelBox {
     /// a [`HEAD_CHECK`] (in a busy group the next message reveals a loss): a
     /// different epoch, or a head below what was delivered, closes the
     /// members with 4002; a head ahead of everything received is a lost tail,
-    /// filled from history.
-    async fn check_heads(&self, all: bool) {
+    /// filled from history. The heads are asked for together, a batch at a
+    /// time, each with what its group delivered (an engine that went back
+    /// below it moves the group to a new epoch). Returns whether every head
+    /// asked for was read.
+    async fn check_heads(&self, all: bool) -> bool {
         let groups: Vec<Arc<Group>> = lock(&self.inner.state).groups.values().cloned().collect();
         let quiet_since = crate::history::now_ms().saturating_sub(HEAD_CHECK.as_millis() as u64);
-        for g in groups {
-            if !all && g.last_ingest.load(Ordering::Relaxed) > quiet_since {
-                continue;
+        // What was delivered before the heads are read: the engine had
+        // those offsets when it answered. Offsets delivered while the read
+        // was on its way may be past its answer without any loss.
+        let started: Vec<(Arc<Group>, StreamPosition)> = groups
+            .into_iter()
+            .filter(|g| all || g.last_ingest.load(Ordering::Relaxed) <= quiet_since)
+            .filter_map(|g| {
+                let at = lock(&g.order).as_ref().map(|s| s.released())?;
+                Some((g, at))
+            })
+            .collect();
+        let mut read_all = true;
+        for batch in started.chunks(CHECK_BATCH) {
+            let seen: Vec<(String, StreamPosition)> =
+                batch.iter().map(|(g, at)| (g.name.to_string(), at.clone())).collect();
+            let heads = self.inner.store.check_heads(&seen).await;
+            read_all &= heads.len() == batch.len();
+            for ((g, delivered), head) in batch.iter().zip(heads) {
+                match head {
+                    Ok(head) => self.compare_head(g, delivered, &head),
+                    Err(_) => read_all = false,
+                }
             }
-            // What was delivered before the head is read: the engine had
-            // those offsets when it answered. Offsets delivered while the
-            // read was on its way may be past its answer without any loss.
-            let Some((started, delivered)) = lock(&g.order)
-                .as_ref()
-                .map(|s| (s.epoch().clone(), s.released().offset))
-            else {
-                continue;
-            };
-            let Ok(head) = self.inner.store.head(&g.name).await else {
-                return;
-            };
-            let mut order = lock(&g.order);
-            let Some(seq) = order.as_mut().filter(|s| *s.epoch() == started) else {
-                continue;
-            };
-            if head.epoch != started || head.last < delivered {
-                drop(order);
-                self.insufficient_state(&g);
-                continue;
-            }
-            seq.note_known(head.last);
-            let gap = seq.gap().is_some();
+        }
+        read_all
+    }
+
+    /// One group's part of [`ChannelBox::check_heads`].
+    fn compare_head(&self, g: &Arc<Group>, delivered: &StreamPosition, head: &Head) {
+        let mut order = lock(&g.order);
+        let Some(seq) = order.as_mut().filter(|s| *s.epoch() == delivered.epoch) else {
+            return;
+        };
+        if head.epoch != delivered.epoch || head.last < delivered.offset {
             drop(order);
-            if gap {
-                self.fill_later(g);
-            }
+            return self.insufficient_state(g);
+        }
+        seq.note_known(head.last);
+        let gap = seq.gap().is_some();
+        drop(order);
+        if gap {
+            self.fill_later(g.clone());
         }
     }
 
@@ -295,6 +376,11 @@ fn fills(head: &Head, messages: &[StoredMessage], gap: Gap) -> bool {
     let continuous = (gap.after + 1..).zip(messages).all(|(next, m)| m.offset == next);
     // An empty page with offsets missing: expired by age, or lost.
     continuous && !messages.is_empty()
+}
+
+/// The wait after the `failures`th failed try of a gap fill.
+fn fill_backoff(failures: u32) -> Duration {
+    (GAP_WAIT * 2u32.saturating_pow(failures.saturating_sub(1))).min(FILL_BACKOFF_MAX)
 }
 
 fn stored_to_new(m: StoredMessage) -> NewMessage {

@@ -286,9 +286,19 @@ impl ChannelBox {
         };
         let epoch = seq.epoch().clone();
         let completion = seq.complete(offset, ready, |offset, r| self.deliver_ready(g, &epoch, offset, r));
-        if let Completion::Stale(Some(r)) = completion {
+        match completion {
+            Completion::Taken => {}
             // Already covered: a subscriber that arrived since read it from history.
-            r.answer(DeliveryReport::default());
+            Completion::Stale(r) => r.into_iter().for_each(|r| r.answer(DeliveryReport::default())),
+            Completion::Overflow(r) => {
+                // Too much held back behind one offset: the members cannot
+                // be given the group's messages in order any more.
+                drop(order);
+                r.into_iter().for_each(|r| r.answer(DeliveryReport::default()));
+                if let Some(g) = self.group(&g.name) {
+                    self.insufficient_state(&g);
+                }
+            }
         }
     }
 

@@ -8,6 +8,11 @@
 //! epoch even after trimming or new messages; a page is served for any read of
 //! the same group, epoch and start that wants no more than it holds. The cache
 //! is bounded by pages and by payload bytes, oldest out first.
+//!
+//! A page stays true only while its epoch is not rolled back: when a group's
+//! history went back under its epoch and the group moved to a new one, the
+//! pages of the group are purged (`purge`), so that a recovery from the old
+//! epoch reads the store and is told `complete:false`.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
@@ -75,6 +80,21 @@ impl ReplayCache {
             .iter()
             .find(|e| e.after == after && e.page.messages.len() >= wanted && *e.group == *group && e.epoch == *epoch)
             .map(|e| e.page.clone())
+    }
+
+    /// Drops the group's pages of every epoch but `keep` (all of them for
+    /// `None`): after the group's epoch changed, no page of the old one may
+    /// be replayed.
+    pub(super) fn purge(&mut self, group: &str, keep: Option<&Epoch>) {
+        let mut freed = 0;
+        self.entries.retain(|e| {
+            let stays = *e.group != *group || keep == Some(&e.epoch);
+            if !stays {
+                freed += e.page.bytes;
+            }
+            stays
+        });
+        self.bytes -= freed;
     }
 
     /// Keeps a complete page (every offset after `after`, consecutively).

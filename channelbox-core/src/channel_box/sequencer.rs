@@ -11,6 +11,11 @@ use std::collections::BTreeMap;
 
 use crate::position::{Epoch, StreamPosition};
 
+/// Most completed offsets held back behind a gap: past it the gap is not
+/// closing, and the group's members are closed with 4002 instead of holding
+/// ever more messages in memory.
+pub(super) const MAX_PENDING: usize = 65_536;
+
 /// Delivery in offset order for one epoch of one group. `T` is what waits for
 /// its turn (a message with its publisher's report channel, in the box).
 pub(super) struct Sequencer<T> {
@@ -23,6 +28,8 @@ pub(super) struct Sequencer<T> {
     /// The newest offset known to exist (completed here, or seen in the
     /// store's head): everything from `next` up to it must come.
     known: u64,
+    /// Most offsets `pending` may hold ([`MAX_PENDING`]).
+    bound: usize,
 }
 
 /// Offsets a sequencer waits for that nothing may bring: after `after`, up to
@@ -43,6 +50,9 @@ pub(super) enum Completion<T> {
     Taken,
     /// The offset was released before: the item is handed back undelivered.
     Stale(Option<T>),
+    /// Held back behind a gap while [`MAX_PENDING`] offsets are held back
+    /// already: refused, the item handed back. The gap is not closing.
+    Overflow(Option<T>),
 }
 
 impl<T> Sequencer<T> {
@@ -53,6 +63,16 @@ impl<T> Sequencer<T> {
             next,
             pending: BTreeMap::new(),
             known: next.saturating_sub(1),
+            bound: MAX_PENDING,
+        }
+    }
+
+    /// A sequencer that holds at most `bound` offsets back behind a gap.
+    #[cfg(test)]
+    fn bounded(epoch: Epoch, next: u64, bound: usize) -> Self {
+        Sequencer {
+            bound,
+            ..Sequencer::new(epoch, next)
         }
     }
 
@@ -90,6 +110,9 @@ impl<T> Sequencer<T> {
     pub(super) fn complete(&mut self, offset: u64, item: Option<T>, mut release: impl FnMut(u64, T)) -> Completion<T> {
         if offset < self.next {
             return Completion::Stale(item);
+        }
+        if offset > self.next && self.pending.len() >= self.bound && !self.pending.contains_key(&offset) {
+            return Completion::Overflow(item);
         }
         self.pending.insert(offset, item);
         self.known = self.known.max(offset);
@@ -169,6 +192,21 @@ mod tests {
         assert_eq!(seq.gap(), Some(Gap { after: 4, last: 6 }), "a lost tail");
         seq.note_known(2);
         assert_eq!(seq.gap(), Some(Gap { after: 4, last: 6 }), "known never goes back");
+    }
+
+    #[test]
+    fn offsets_held_back_behind_a_gap_are_bounded() {
+        let mut seq = Sequencer::bounded(Epoch::new("e"), 1, 3);
+        for offset in 2..=4 {
+            assert_eq!(released(&mut seq, offset, Some("x")), []);
+        }
+        assert_eq!(seq.complete(5, Some("y"), |_, _| {}), Completion::Overflow(Some("y")));
+        assert_eq!(
+            released(&mut seq, 1, Some("a")).len(),
+            4,
+            "the next offset is always taken"
+        );
+        assert_eq!(released(&mut seq, 5, Some("y")), [(5, "y")]);
     }
 
     #[test]

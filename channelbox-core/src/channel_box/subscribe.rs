@@ -184,6 +184,12 @@ impl ChannelBox {
             if !self.is_current(&g) {
                 continue;
             }
+            if order.is_none() {
+                // Starting from the store's head: cached pages of any other
+                // epoch of the group (one that went back and moved on) must
+                // not be replayed.
+                lock(&self.inner.replays).purge(group, Some(&head.epoch));
+            }
             let start = order
                 .get_or_insert_with(|| Sequencer::new(head.epoch.clone(), head.last + 1))
                 .released();

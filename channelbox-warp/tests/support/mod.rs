@@ -2,6 +2,7 @@
 //! client, and a minimal HTTP/1.1 client.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod ledger;
 pub mod raw;
 
 use std::io::{BufRead, BufReader};
