@@ -30,7 +30,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
-use channelbox_protocol::page::{CHAT_PAGE, CLIENT_JS, CLIENT_JS_PATH};
+use channelbox_protocol::page::{ADMIN_PATH, CHAT_PAGE, CLIENT_JS, CLIENT_JS_PATH};
 use channelbox_protocol::{ChatService, HttpAnswer};
 use channelbox_ws::server::{self as shared, ServerConfig};
 
@@ -54,6 +54,7 @@ pub fn routes(service: ChatService) -> Router {
         .route("/api/admin/history", delete(flush))
         .route("/", get(|| async { axum::response::Html(CHAT_PAGE) }))
         .route(CLIENT_JS_PATH, get(client_js))
+        .route(ADMIN_PATH, get(admin_page))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { answer(HttpAnswer::error(404, "not_found", "no such endpoint")) })
@@ -89,6 +90,14 @@ async fn websocket(State(service): State<ChatService>, req: Request) -> Response
     }
     let group = segment(&req, 2).to_owned();
     shared::upgrade(req, &group, None, &service).map(Body::new)
+}
+
+/// `GET /admin`: the admin page, or 404 without an admin token.
+async fn admin_page(State(s): State<ChatService>) -> Response {
+    match channelbox_protocol::page::admin_page(s.config()) {
+        Some(page) => axum::response::Html(page).into_response(),
+        None => answer(HttpAnswer::error(404, "not_found", "no such endpoint")),
+    }
 }
 
 async fn groups(State(s): State<ChatService>, headers: HeaderMap) -> Response {

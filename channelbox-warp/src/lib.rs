@@ -221,7 +221,8 @@ pub fn api_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::R
         .unify()
 }
 
-/// `GET /healthz`, `GET /metrics` and the page at `GET /`.
+/// `GET /healthz`, `GET /metrics`, the page at `GET /` and the admin page at
+/// `GET /admin`.
 pub fn site_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
     let page = warp::path::end()
         .and(warp::get())
@@ -231,6 +232,16 @@ pub fn site_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::
             warp::reply::with_header(js, "content-type", "text/javascript; charset=utf-8").into_response()
         }))
         .unify();
+    let admin = warp::path!("admin")
+        .and(warp::get())
+        .and(with_service(service.clone()))
+        .and_then(|s: ChatService| async move {
+            match channelbox_protocol::page::admin_page(s.config()) {
+                Some(page) => Ok(warp::reply::html(page).into_response()),
+                None => Err(warp::reject::not_found()),
+            }
+        });
+    let page = page.or(admin).unify();
     let health = warp::path!("healthz")
         .and(warp::get())
         .and(with_service(service.clone()))

@@ -10,7 +10,8 @@
 //!   with arbitrary input (default 50,000 cases; CI runs 128 with the tests).
 //! - `cargo xtask soak [--connections N] [--seconds S]`: the chat server under
 //!   connect/publish/recover/disconnect churn; checks nothing leaked.
-//! - `cargo xtask e2e`: the browser test of the chat page in headless Chromium
+//! - `cargo xtask e2e`: the browser tests of the chat page and the admin page
+//!   in headless Chromium
 //!   (needs Debian's `chromium` and Node.js; `.ci/run` installs them).
 
 use std::path::{Path, PathBuf};
@@ -286,6 +287,12 @@ fn e2e() -> Result<(), String> {
     run(
         "node",
         &["e2e/browser.mjs", "target/browser/chat.png"],
+        &[("CHAT_BIN", &bin)],
+        &root,
+    )?;
+    run(
+        "node",
+        &["e2e/admin.mjs", "target/browser/admin.png"],
         &[("CHAT_BIN", &bin)],
         &root,
     )
