@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use channelbox_protocol::hooks::{Hooks, DEFAULT_TIMEOUT as DEFAULT_HOOK_TIMEOUT};
 use channelbox_protocol::{ProtocolConfig, TokenVerifier};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
@@ -133,6 +134,19 @@ pub struct Config {
     /// closed with 4003 `no pong`.
     #[arg(long, default_value_t = defaults().pong_timeout.as_secs())]
     pub pong_timeout: u64,
+    /// The backend's join hook: POSTed before a `join` is answered
+    /// (an http:// URL; default: none).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_hook: Option<String>,
+    /// The backend's publish hook: POSTed before a publish is accepted
+    /// (an http:// URL; default: none).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_hook: Option<String>,
+    /// Seconds a backend hook may take; then it fails closed.
+    #[arg(long, value_parser = positive_seconds, default_value_t = DEFAULT_HOOK_TIMEOUT.as_secs_f64())]
+    pub hook_timeout: f64,
 }
 
 fn positive_seconds(s: &str) -> Result<f64, String> {
@@ -240,7 +254,17 @@ impl Config {
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(value_error(key, "must be at least 1"));
         }
-        for (key, seconds) in [("history_ttl", self.history_ttl), ("expiry", self.expiry)] {
+        for (key, url) in [("join_hook", &self.join_hook), ("publish_hook", &self.publish_hook)] {
+            if let Some(url) = url {
+                crate::hooks::check_url(url).map_err(|e| value_error(key, &e))?;
+            }
+        }
+        let seconds = [
+            ("history_ttl", self.history_ttl),
+            ("expiry", self.expiry),
+            ("hook_timeout", Some(self.hook_timeout)),
+        ];
+        for (key, seconds) in seconds {
             if let Some(s) = seconds {
                 positive_seconds(&s.to_string()).map_err(|e| value_error(key, &e))?;
             }
@@ -282,6 +306,19 @@ impl Config {
             ping_interval: (self.ping_interval > 0).then(|| Duration::from_secs(self.ping_interval)),
             pong_timeout: Duration::from_secs(self.pong_timeout),
         })
+    }
+
+    /// The backend hooks over HTTP, when any is configured.
+    pub fn hooks(&self) -> Option<Hooks> {
+        if self.join_hook.is_none() && self.publish_hook.is_none() {
+            return None;
+        }
+        let timeout = Duration::from_secs_f64(self.hook_timeout);
+        let mut hooks = Hooks::new(std::sync::Arc::new(crate::hooks::HttpHooks::new(timeout)));
+        hooks.join = self.join_hook.clone();
+        hooks.publish = self.publish_hook.clone();
+        hooks.timeout = timeout;
+        Some(hooks)
     }
 
     /// The history limits of every group.

@@ -13,6 +13,7 @@
 //! (`--http warp`, the default, or `--http axum`) over one hyper accept loop.
 
 pub mod config;
+pub mod hooks;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -77,6 +78,9 @@ pub fn main() -> ExitCode {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let protocol = config.protocol()?;
     let service = open_service(&config, protocol).await?;
+    if let Some(hooks) = config.hooks() {
+        service.set_hooks(hooks);
+    }
     // One descriptor per connection: take all the system allows.
     let open_files = match channelbox_warp::raise_open_file_limit() {
         Ok(limit) => {

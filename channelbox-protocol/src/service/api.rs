@@ -231,6 +231,15 @@ impl ChatService {
             Ok(v) => v,
             Err(e) => return HttpAnswer::error(400, "bad_request", format!("the body is not valid JSON: {e}")),
         };
+        // A user token's publish asks the publish hook; the backend's own
+        // (admin token, or no tokens at all) does not.
+        let data = match &ticket.user {
+            Some(user) => match self.publish_hook(None, Some(user), &ticket.group, data).await {
+                Ok(data) => data,
+                Err(e) => return super::hooks::hook_answer(&e),
+            },
+            None => data,
+        };
         let sender = Sender {
             from: None,
             user: ticket.user,

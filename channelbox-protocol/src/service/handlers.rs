@@ -29,7 +29,7 @@ impl ChatService {
         request: Request,
     ) -> Result<Handled, ProtocolError> {
         match request {
-            Request::Publish(p) => self.on_publish(s, reference, p),
+            Request::Publish(p) => self.on_publish(s, reference, p).await,
             Request::Join(j) => self.on_join(s, reference, j).await,
             Request::Leave(l) => self.on_leave(s, reference, l).map(Handled::Reply),
             Request::History(h) => self.on_history(s, reference, h).await.map(Handled::Reply),
@@ -59,7 +59,7 @@ impl ChatService {
         }
     }
 
-    fn on_publish(
+    async fn on_publish(
         &self,
         s: &Session,
         reference: Option<&Value>,
@@ -74,13 +74,19 @@ impl ChatService {
                 format!("you are not a member of group {:?}", group.as_str()),
             ));
         }
+        let user = s.user.as_ref().map(|u| u.id.clone());
+        // Awaited here, before the offset is taken: this connection's next
+        // frame waits for it, so its publishes keep their send order.
+        let data = self
+            .publish_hook(Some(s.channel.id()), user.as_deref(), &group, p.data)
+            .await?;
         let sender = Sender {
             from: Some(s.channel.id()),
-            user: s.user.as_ref().map(|u| u.id.clone()),
+            user,
         };
         let message = NewMessage {
             kind: PayloadKind::Json,
-            payload: Bytes::from(p.data.to_string()),
+            payload: Bytes::from(data.to_string()),
             meta: sender.to_meta(),
             timestamp_ms: channelbox_core::now_ms(),
         };
@@ -122,6 +128,8 @@ impl ChatService {
                 format!("a connection may be in at most {max} groups"),
             ));
         }
+        let user = s.user.as_ref().map(|u| u.id.as_str());
+        self.join_hook(id, user, &group).await?;
         // `joined` goes out before the replay, `recovered` after it, both with
         // the request's `ref`: the subscription queues them in their place.
         let framing = Framing {

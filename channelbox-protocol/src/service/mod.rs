@@ -30,6 +30,7 @@ pub use api::PublishTicket;
 pub use cluster::{Change, ClusterEvent, Directory, Member};
 mod handlers;
 mod heartbeat;
+mod hooks;
 mod peers;
 mod session;
 
@@ -123,6 +124,8 @@ struct Inner {
     peers: peers::Peers,
     /// The cluster's records and control messages, in a cluster.
     directory: std::sync::OnceLock<Arc<dyn Directory>>,
+    /// The backend hooks, when the server has any.
+    hooks: std::sync::OnceLock<crate::hooks::Hooks>,
 }
 
 /// The chat protocol over a `ChannelBox`; cheap to clone.
@@ -145,6 +148,7 @@ impl ChatService {
                 heartbeats: AtomicBool::new(false),
                 peers: peers::Peers::default(),
                 directory: std::sync::OnceLock::new(),
+                hooks: std::sync::OnceLock::new(),
             }),
         };
         let events = peers::Events(Arc::downgrade(&service.inner));
