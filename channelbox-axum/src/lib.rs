@@ -89,7 +89,7 @@ async fn websocket(State(service): State<ChatService>, req: Request) -> Response
         return answer(HttpAnswer::error(400, "bad_request", "expected a WebSocket upgrade"));
     }
     let group = segment(&req, 2).to_owned();
-    shared::upgrade(req, &group, None, &service).map(Body::new)
+    shared::upgrade(req, &group, None, &service).await.map(Body::new)
 }
 
 /// `GET /admin`: the admin page, or 404 without an admin token.

@@ -40,4 +40,6 @@ pub use fields::{decode_group, query_param, too_deep, valid_group, GroupName, Li
 pub use frames::{render_history, render_message, ChatEnvelope, ErrorCode, ProtocolError, Sender};
 pub use metrics::{HookMetrics, Metrics, WriteCounter};
 pub use request::{parse as parse_request, Direct, History, Join, Leave, Presence, Publish, Ref, Request};
-pub use service::{Admission, Change, ChatService, ClusterEvent, Directory, HttpAnswer, Member, PublishTicket};
+pub use service::{
+    Admission, Change, ChatService, ClusterEvent, Directory, HttpAnswer, Member, PublishTicket, UpgradeRequest,
+};

@@ -134,6 +134,11 @@ pub struct Config {
     /// closed with 4003 `no pong`.
     #[arg(long, default_value_t = defaults().pong_timeout.as_secs())]
     pub pong_timeout: u64,
+    /// The backend's connect hook: POSTed before a WebSocket upgrade is
+    /// answered (an http:// URL; default: none).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_hook: Option<String>,
     /// The backend's join hook: POSTed before a `join` is answered
     /// (an http:// URL; default: none).
     #[arg(long)]
@@ -254,7 +259,12 @@ impl Config {
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(value_error(key, "must be at least 1"));
         }
-        for (key, url) in [("join_hook", &self.join_hook), ("publish_hook", &self.publish_hook)] {
+        let hooks = [
+            ("connect_hook", &self.connect_hook),
+            ("join_hook", &self.join_hook),
+            ("publish_hook", &self.publish_hook),
+        ];
+        for (key, url) in hooks {
             if let Some(url) = url {
                 crate::hooks::check_url(url).map_err(|e| value_error(key, &e))?;
             }
@@ -310,11 +320,12 @@ impl Config {
 
     /// The backend hooks over HTTP, when any is configured.
     pub fn hooks(&self) -> Option<Hooks> {
-        if self.join_hook.is_none() && self.publish_hook.is_none() {
+        if self.connect_hook.is_none() && self.join_hook.is_none() && self.publish_hook.is_none() {
             return None;
         }
         let timeout = Duration::from_secs_f64(self.hook_timeout);
         let mut hooks = Hooks::new(std::sync::Arc::new(crate::hooks::HttpHooks::new(timeout)));
+        hooks.connect = self.connect_hook.clone();
         hooks.join = self.join_hook.clone();
         hooks.publish = self.publish_hook.clone();
         hooks.timeout = timeout;

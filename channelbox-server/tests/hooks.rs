@@ -76,6 +76,12 @@ fn answer(status: u16, body: Value) -> Answer {
     Box::pin(async move { (status, body) })
 }
 
+/// The status and JSON body of a refused upgrade.
+async fn refused_upgrade(server: &Server, path: &str) -> (u16, Value) {
+    let r = http(&server.addr, "GET", path, &support::UPGRADE, b"").await;
+    (r.status, r.json())
+}
+
 fn start_with(backend: &Backend, extra: &[&str]) -> Server {
     let join = format!("{}/join", backend.url);
     let publish = format!("{}/publish", backend.url);
@@ -243,4 +249,61 @@ async fn publishes_waiting_for_their_hook_keep_their_send_order() {
             (Some(n), Some(n))
         );
     }
+}
+
+#[tokio::test]
+async fn the_connect_hook_names_the_user_joins_groups_and_sends_data() {
+    let backend = Backend::start(|_, body| match body["group"].as_str() {
+        Some("banned") => answer(200, json!({"allow": false, "code": "not_found", "message": "go away"})),
+        Some("broken") => answer(502, json!({})),
+        _ => answer(
+            200,
+            json!({"allow": true, "user": "u-42", "groups": ["extra-1", "extra-2"], "data": {"plan": "gold"}}),
+        ),
+    });
+    let hook = format!("{}/connect", backend.url);
+    let server = Server::start(&["--store", "memory", "--connect-hook", &hook]);
+    let (mut c, welcome) = Client::join(&server.ws_url("/ws/lobby?history=5&x=a%20b&token=hidden")).await;
+    assert_eq!(welcome["hook_data"], json!({"plan": "gold"}), "{welcome}");
+    let asked = backend.requests("/connect");
+    assert_eq!(
+        asked[0]["channel_id"], welcome["channel_id"],
+        "the hook names the channel it gets"
+    );
+    assert_eq!(asked[0]["group"], "lobby");
+    assert_eq!(
+        asked[0]["query"],
+        json!({"history": "5", "x": "a b"}),
+        "every parameter but the token"
+    );
+    assert!(
+        asked[0]["remote_addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{}",
+        asked[0]
+    );
+    let groups = get(&server.addr, "/api/groups").await.json();
+    assert_eq!(
+        groups,
+        json!({"lobby": 1, "extra-1": 1, "extra-2": 1}),
+        "joined before welcome"
+    );
+    let (_, message) = c.publish(json!({"group": "extra-1", "data": "hi"}), "p").await;
+    assert_eq!(
+        message["user"], "u-42",
+        "the hook's user is the channel's user: {message}"
+    );
+
+    let (status, body) = refused_upgrade(&server, "/ws/banned").await;
+    assert_eq!(
+        (status, body["code"].as_str(), body["message"].as_str()),
+        (403, Some("not_found"), Some("go away"))
+    );
+    let (status, body) = refused_upgrade(&server, "/ws/broken").await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("unavailable")));
+    assert_eq!(
+        server.metric("channelbox_hook_failures_total{hook=\"connect\"}").await,
+        1.0
+    );
 }

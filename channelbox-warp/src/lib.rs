@@ -125,20 +125,27 @@ fn authorization() -> impl Filter<Extract = (Option<String>,), Error = Rejection
     warp::header::optional::<String>("authorization")
 }
 
-/// `GET /ws/{group}`: checks the group, token and query before the upgrade,
-/// then runs the protocol on the socket.
+/// `GET /ws/{group}`: checks the group, origin, token and query, then asks
+/// the connect hook (when there is one), before the upgrade; then runs the
+/// protocol on the socket.
 pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
     warp::path("ws")
         .and(warp::path::param::<String>())
         .and(warp::path::end())
         .and(warp::get())
         .and(optional_query())
-        .and(warp::header::optional::<String>("origin"))
+        .and(warp::header::headers_cloned())
+        .and(warp::addr::remote())
         .and(warp::ws())
         .and(with_service(service))
-        .map(
-            |group: String, query: Option<String>, origin: Option<String>, ws: warp::ws::Ws, service: ChatService| {
-                let admission = match service.admit_from(&group, query.as_deref(), origin.as_deref()) {
+        .then(
+            |group: String,
+             query: Option<String>,
+             headers: warp::http::HeaderMap,
+             peer: Option<std::net::SocketAddr>,
+             ws: warp::ws::Ws,
+             service: ChatService| async move {
+                let admission = match admit(&service, &group, query.as_deref(), &headers, peer).await {
                     Ok(a) => a,
                     Err(refusal) => return answer(refusal),
                 };
@@ -147,12 +154,37 @@ pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Res
                     .max_frame_size(max)
                     .on_upgrade(move |socket| async move {
                         let (sink, stream) = socket.split();
-                        let channel = Channel::open(service.channel_config(), WarpSink { sink });
+                        let channel =
+                            Channel::open_with_id(admission.channel_id(), service.channel_config(), WarpSink { sink });
                         service.run(admission, channel, incoming(stream)).await;
                     })
                     .into_response()
             },
         )
+}
+
+/// The upgrade's admission: the protocol's checks, then the connect hook.
+async fn admit(
+    service: &ChatService,
+    group: &str,
+    query: Option<&str>,
+    headers: &warp::http::HeaderMap,
+    peer: Option<std::net::SocketAddr>,
+) -> Result<channelbox_protocol::Admission, HttpAnswer> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let admission = service.admit_from(group, query, text("origin"))?;
+    let admission = match peer {
+        Some(peer) => admission.with_peer(peer),
+        None => admission,
+    };
+    let request = channelbox_protocol::UpgradeRequest {
+        query,
+        origin: text("origin"),
+        user_agent: text("user-agent"),
+        cookie: text("cookie"),
+        authorization: text("authorization"),
+    };
+    service.connect_hook(admission, request).await
 }
 
 /// The HTTP API: `/api/groups`, history, backend publish and the admin endpoints.

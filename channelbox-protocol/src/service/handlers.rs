@@ -136,6 +136,7 @@ impl ChatService {
             group: group.as_str(),
             join: Some(reference),
             id,
+            hook_data: None,
         };
         let replay = replay_from(j.since, j.epoch, j.history);
         if j.events {

@@ -31,6 +31,7 @@ pub use cluster::{Change, ClusterEvent, Directory, Member};
 mod handlers;
 mod heartbeat;
 mod hooks;
+pub use hooks::UpgradeRequest;
 mod peers;
 mod session;
 
@@ -83,6 +84,13 @@ struct Admitted {
     peer: Option<SocketAddr>,
     /// `?events=1`: member events of the URL group.
     events: bool,
+    /// The connection's channel id, known before the upgrade so that the
+    /// connect hook can name it; transports open the channel with it.
+    id: uuid::Uuid,
+    /// Groups the connect hook joins before `welcome`.
+    hook_groups: Vec<GroupName>,
+    /// The connect hook's `data`, sent in `welcome` as `hook_data`.
+    hook_data: Option<Value>,
     _slot: Slot,
 }
 
@@ -90,6 +98,12 @@ impl Admission {
     /// The URL group.
     pub fn group(&self) -> &str {
         self.0.group.as_str()
+    }
+
+    /// The id the connection's channel must be opened with
+    /// (`Channel::open_with_id`): the id the connect hook was told.
+    pub fn channel_id(&self) -> uuid::Uuid {
+        self.0.id
     }
 
     /// Records the peer's address, so that the connection's log lines name it.
@@ -244,6 +258,9 @@ impl ChatService {
             user,
             peer: None,
             events: query_param(query, "events").is_some_and(|v| v == "1" || v == "true"),
+            id: uuid::Uuid::new_v4(),
+            hook_groups: Vec::new(),
+            hook_data: None,
             _slot: Slot(self.inner.clone()),
         })))
     }
