@@ -47,6 +47,7 @@ pub fn routes(service: ChatService) -> Router {
     Router::new()
         .route("/ws/{group}", get(websocket))
         .route("/api/groups", get(groups))
+        .route("/api/namespaces", get(namespaces))
         .route("/api/groups/{group}/history", get(history))
         .route("/api/groups/{group}/presence", get(presence))
         .route("/api/groups/{group}/messages", post(publish))
@@ -98,6 +99,10 @@ async fn admin_page(State(s): State<ChatService>) -> Response {
         Some(page) => axum::response::Html(page).into_response(),
         None => answer(HttpAnswer::error(404, "not_found", "no such endpoint")),
     }
+}
+
+async fn namespaces(State(s): State<ChatService>, headers: HeaderMap) -> Response {
+    answer(s.api_namespaces(authorization(&headers)))
 }
 
 async fn groups(State(s): State<ChatService>, headers: HeaderMap) -> Response {

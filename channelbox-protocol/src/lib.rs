@@ -29,6 +29,7 @@ mod fields;
 mod frames;
 pub mod hooks;
 mod metrics;
+pub mod namespaces;
 pub mod page;
 mod request;
 mod service;

@@ -2,11 +2,13 @@
 //! in the TOML file of `--config`, and the order in which they win (a flag on
 //! the command line, then the environment, then the file, then the default).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use channelbox_protocol::hooks::{Hooks, DEFAULT_TIMEOUT as DEFAULT_HOOK_TIMEOUT};
+use channelbox_protocol::namespaces::Namespace;
 use channelbox_protocol::{ProtocolConfig, TokenVerifier};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
@@ -149,6 +151,11 @@ pub struct Config {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish_hook: Option<String>,
+    /// `[namespaces.NAME]` tables of the configuration file: the options of
+    /// groups named `NAME:…` (file only, no flag).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespaces: BTreeMap<String, Namespace>,
     /// Seconds a backend hook may take; then it fails closed.
     #[arg(long, value_parser = positive_seconds, default_value_t = DEFAULT_HOOK_TIMEOUT.as_secs_f64())]
     pub hook_timeout: f64,
@@ -233,10 +240,12 @@ impl Config {
             let mut probe = merged.clone();
             probe.insert(key.clone(), value.clone());
             probe.try_into::<Config>().map_err(|e| value_error(&key, e.message()))?;
-            let from_user = matches!(
-                matches.value_source(&key),
-                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-            );
+            // `namespaces` is the file's alone: no flag or variable sets it.
+            let from_user = key != NAMESPACES
+                && matches!(
+                    matches.value_source(&key),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                );
             if !from_user {
                 merged.insert(key, value);
             }
@@ -267,6 +276,17 @@ impl Config {
         for (key, url) in hooks {
             if let Some(url) = url {
                 crate::hooks::check_url(url).map_err(|e| value_error(key, &e))?;
+            }
+        }
+        for (name, namespace) in &self.namespaces {
+            for (option, url) in [
+                ("join_hook", &namespace.join_hook),
+                ("publish_hook", &namespace.publish_hook),
+            ] {
+                if let Some(url) = url.as_deref().filter(|u| !u.is_empty()) {
+                    let key = format!("namespaces.{name}.{option}");
+                    crate::hooks::check_url(url).map_err(|e| value_error(&key, &e))?;
+                }
             }
         }
         let seconds = [
@@ -318,9 +338,15 @@ impl Config {
         })
     }
 
-    /// The backend hooks over HTTP, when any is configured.
+    /// The backend hooks over HTTP, when any is configured (at the top
+    /// level or in a namespace).
     pub fn hooks(&self) -> Option<Hooks> {
-        if self.connect_hook.is_none() && self.join_hook.is_none() && self.publish_hook.is_none() {
+        let in_namespaces = self
+            .namespaces
+            .values()
+            .any(|n| n.join_hook.is_some() || n.publish_hook.is_some());
+        let top = self.connect_hook.is_some() || self.join_hook.is_some() || self.publish_hook.is_some();
+        if !top && !in_namespaces {
             return None;
         }
         let timeout = Duration::from_secs_f64(self.hook_timeout);
@@ -350,9 +376,13 @@ fn file_keys() -> impl Iterator<Item = String> {
         .get_arguments()
         .map(|a| a.get_id().to_string())
         .filter(|id| !["config", "print_config", "help", "version"].contains(&id.as_str()))
+        .chain([NAMESPACES.to_owned()])
         .collect::<Vec<_>>()
         .into_iter()
 }
+
+/// The file's table of namespaces.
+const NAMESPACES: &str = "namespaces";
 
 fn value_error(key: &str, message: &str) -> ConfigError {
     ConfigError::Value {

@@ -236,11 +236,18 @@ pub fn api_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::R
         .and(warp::delete())
         .and(optional_query())
         .and(authorization())
-        .and(with_service(service))
+        .and(with_service(service.clone()))
         .then(|q: Option<String>, auth: Option<String>, s: ChatService| async move {
             answer(s.api_flush_history(q.as_deref(), auth.as_deref()).await)
         });
+    let namespaces = warp::path!("api" / "namespaces")
+        .and(warp::get())
+        .and(authorization())
+        .and(with_service(service))
+        .map(|auth: Option<String>, s: ChatService| answer(s.api_namespaces(auth.as_deref())));
     groups
+        .or(namespaces)
+        .unify()
         .or(history)
         .unify()
         .or(presence)

@@ -13,6 +13,7 @@ use super::session::{store_error, Framing, Handled, Session};
 use super::{replay_from, ChatService};
 use crate::fields::{GroupName, Limit};
 use crate::frames::{render_history, reply, ErrorCode, ProtocolError, Sender};
+use crate::namespaces::PublishRule;
 use crate::request::{self, Request};
 
 /// Parses a hyphenated UUID in any letter case.
@@ -68,7 +69,12 @@ impl ChatService {
         let channels = &self.inner.channels;
         let group = Self::group_or_url(s, p.group)?;
         self.allowed(s, &group)?;
-        if !channels.is_member(s.channel.id(), group.as_str()) {
+        let namespace = self.namespace(group.as_str());
+        if namespace.publish == PublishRule::Backend {
+            return Err(Self::namespace_forbids(group.as_str(), "publishing over WebSocket"));
+        }
+        let save = p.history && namespace.history;
+        if namespace.publish == PublishRule::Members && !channels.is_member(s.channel.id(), group.as_str()) {
             return Err(ProtocolError::new(
                 ErrorCode::Forbidden,
                 format!("you are not a member of group {:?}", group.as_str()),
@@ -93,13 +99,13 @@ impl ChatService {
         // The offset is assigned here, in this connection's order; the wait for
         // the disk and the delivery run alongside later frames.
         let options = PublishOptions {
-            save_history: p.history,
+            save_history: save,
             except: (!p.echo).then(|| s.channel.id()),
         };
         let pending = channels
             .start_publish_with(group.as_str(), message, options)
             .map_err(|e| store_error(&e))?;
-        let (reference, service, save) = (reference.cloned(), self.clone(), p.history);
+        let (reference, service) = (reference.cloned(), self.clone());
         Ok(Handled::Publish(Box::pin(async move {
             let started = Instant::now();
             let result = pending.finish().await;
@@ -120,6 +126,9 @@ impl ChatService {
         let channels = &self.inner.channels;
         let group = GroupName::parse(&j.group)?;
         self.allowed(s, &group)?;
+        if j.events && !self.namespace(group.as_str()).events {
+            return Err(Self::namespace_forbids(group.as_str(), "events"));
+        }
         let id = s.channel.id();
         let max = self.inner.config.max_groups_per_connection;
         if !channels.is_member(id, group.as_str()) && channels.groups_of(id).map_or(0, |g| g.len()) >= max {
@@ -216,6 +225,9 @@ impl ChatService {
     ) -> Result<Frame, ProtocolError> {
         let group = Self::group_or_url(s, p.group)?;
         self.allowed(s, &group)?;
+        if !self.namespace(group.as_str()).presence {
+            return Err(Self::namespace_forbids(group.as_str(), "presence"));
+        }
         let mut body = self.presence_of(&group).await?;
         body["type"] = json!("presence");
         Ok(reply(body, reference))

@@ -130,7 +130,7 @@ impl ChatService {
         let Some(hooks) = self.inner.hooks.get() else {
             return Ok(None);
         };
-        let Some(url) = hooks.url(hook) else {
+        let Some(url) = self.hook_url(hooks, hook, body["group"].as_str()) else {
             return Ok(None);
         };
         let started = Instant::now();
@@ -150,6 +150,22 @@ impl ChatService {
                     format!("the {} hook did not answer; try again later", hook.as_str()),
                 ))
             }
+        }
+    }
+
+    /// The URL of `hook` for `group`: its namespace's when it sets one (`""`
+    /// turns the hook off there), else the server's.
+    fn hook_url<'a>(&'a self, hooks: &'a Hooks, hook: Hook, group: Option<&str>) -> Option<&'a str> {
+        let namespace = group.map(|g| self.namespace(g));
+        let own = match hook {
+            Hook::Join => namespace.and_then(|n| n.join_hook.as_deref()),
+            Hook::Publish => namespace.and_then(|n| n.publish_hook.as_deref()),
+            Hook::Connect => None,
+        };
+        match own {
+            Some("") => None,
+            Some(url) => Some(url),
+            None => hooks.url(hook),
         }
     }
 
@@ -177,7 +193,11 @@ impl ChatService {
         group: &GroupName,
         data: Value,
     ) -> Result<Value, ProtocolError> {
-        if self.inner.hooks.get().and_then(|h| h.url(Hook::Publish)).is_none() {
+        let configured = self.inner.hooks.get();
+        if configured
+            .and_then(|h| self.hook_url(h, Hook::Publish, Some(group.as_str())))
+            .is_none()
+        {
             return Ok(data);
         }
         let mut body = json!({"group": group.as_str(), "data": data});

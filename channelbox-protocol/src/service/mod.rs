@@ -31,6 +31,7 @@ pub use cluster::{Change, ClusterEvent, Directory, Member};
 mod handlers;
 mod heartbeat;
 mod hooks;
+mod namespaces;
 pub use hooks::UpgradeRequest;
 mod peers;
 mod session;
@@ -140,6 +141,8 @@ struct Inner {
     directory: std::sync::OnceLock<Arc<dyn Directory>>,
     /// The backend hooks, when the server has any.
     hooks: std::sync::OnceLock<crate::hooks::Hooks>,
+    /// The configured namespaces, when the server has any.
+    namespaces: std::sync::OnceLock<crate::namespaces::Namespaces>,
 }
 
 /// The chat protocol over a `ChannelBox`; cheap to clone.
@@ -163,6 +166,7 @@ impl ChatService {
                 peers: peers::Peers::default(),
                 directory: std::sync::OnceLock::new(),
                 hooks: std::sync::OnceLock::new(),
+                namespaces: std::sync::OnceLock::new(),
             }),
         };
         let events = peers::Events(Arc::downgrade(&service.inner));
@@ -236,6 +240,13 @@ impl ChatService {
         self.check_origin(origin)?;
         let user = self.upgrade_user(&group, query)?;
         let replay = replay_of(query).map_err(|e| HttpAnswer::refusal(400, &e))?;
+        let events = query_param(query, "events").is_some_and(|v| v == "1" || v == "true");
+        if events && !self.namespace(group.as_str()).events {
+            return Err(HttpAnswer::refusal(
+                403,
+                &Self::namespace_forbids(group.as_str(), "events"),
+            ));
+        }
         if self.cluster_down() {
             return Err(HttpAnswer::error(
                 503,
@@ -257,7 +268,7 @@ impl ChatService {
             replay,
             user,
             peer: None,
-            events: query_param(query, "events").is_some_and(|v| v == "1" || v == "true"),
+            events,
             id: uuid::Uuid::new_v4(),
             hook_groups: Vec::new(),
             hook_data: None,
