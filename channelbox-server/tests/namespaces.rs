@@ -45,6 +45,11 @@ async fn a_namespace_without_history_presence_or_events_refuses_them() {
     assert_eq!(message["data"], "not kept", "still delivered");
     let history = get(&server.addr, "/api/groups/quiet:room/history").await.json();
     assert_eq!(history["messages"], json!([]));
+    let (epoch, since) = (history["epoch"].as_str().expect("epoch").to_owned(), 0);
+    let url = server.ws_url(&format!("/ws/quiet:room?since={since}&epoch={epoch}"));
+    let (mut again, _) = Client::join(&url).await;
+    let recovered = again.recv_type("recovered").await;
+    assert_eq!(recovered["complete"], false, "nothing is saved to recover: {recovered}");
     let presence = c.request(json!({"type": "presence"}), "pr").await;
     assert_eq!(presence["code"], "forbidden", "{presence}");
     assert_eq!(get(&server.addr, "/api/groups/quiet:room/presence").await.status, 403);

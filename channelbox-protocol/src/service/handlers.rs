@@ -146,6 +146,7 @@ impl ChatService {
             join: Some(reference),
             id,
             hook_data: None,
+            unsaved: !self.namespace(group.as_str()).history,
         };
         let replay = replay_from(j.since, j.epoch, j.history);
         if j.events {

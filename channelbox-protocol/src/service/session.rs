@@ -43,6 +43,8 @@ pub(super) struct Framing<'a> {
     pub(super) id: Uuid,
     /// The connect hook's `data`, for `welcome`.
     pub(super) hook_data: Option<&'a Value>,
+    /// The group's namespace saves nothing: a recovery is never complete.
+    pub(super) unsaved: bool,
 }
 
 impl SubscribeFraming for Framing<'_> {
@@ -62,7 +64,7 @@ impl SubscribeFraming for Framing<'_> {
     fn after_recovery(&self, r: &Recovery) -> Option<Frame> {
         let reference = self.join.flatten();
         Some(reply(
-            json!({"type": "recovered", "group": self.group, "from": r.from, "to": r.to, "complete": r.complete}),
+            json!({"type": "recovered", "group": self.group, "from": r.from, "to": r.to, "complete": r.complete && !self.unsaved}),
             reference,
         ))
     }
@@ -187,6 +189,7 @@ impl ChatService {
             join: None,
             id: channel.id(),
             hook_data,
+            unsaved: !self.namespace(group).history,
         };
         let joined = match self.inner.directory.get() {
             Some(directory) => directory.connected(channel.id()).await.map_err(Into::into),
