@@ -30,7 +30,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
-use channelbox_protocol::page::{CHAT_PAGE, CLIENT_JS, CLIENT_JS_PATH};
+use channelbox_protocol::page::{ADMIN_PATH, CHAT_PAGE, CLIENT_JS, CLIENT_JS_PATH};
 use channelbox_protocol::{ChatService, HttpAnswer};
 use channelbox_ws::server::{self as shared, ServerConfig};
 
@@ -47,6 +47,7 @@ pub fn routes(service: ChatService) -> Router {
     Router::new()
         .route("/ws/{group}", get(websocket))
         .route("/api/groups", get(groups))
+        .route("/api/namespaces", get(namespaces))
         .route("/api/groups/{group}/history", get(history))
         .route("/api/groups/{group}/presence", get(presence))
         .route("/api/groups/{group}/messages", post(publish))
@@ -54,6 +55,7 @@ pub fn routes(service: ChatService) -> Router {
         .route("/api/admin/history", delete(flush))
         .route("/", get(|| async { axum::response::Html(CHAT_PAGE) }))
         .route(CLIENT_JS_PATH, get(client_js))
+        .route(ADMIN_PATH, get(admin_page))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { answer(HttpAnswer::error(404, "not_found", "no such endpoint")) })
@@ -88,7 +90,19 @@ async fn websocket(State(service): State<ChatService>, req: Request) -> Response
         return answer(HttpAnswer::error(400, "bad_request", "expected a WebSocket upgrade"));
     }
     let group = segment(&req, 2).to_owned();
-    shared::upgrade(req, &group, None, &service).map(Body::new)
+    shared::upgrade(req, &group, None, &service).await.map(Body::new)
+}
+
+/// `GET /admin`: the admin page, or 404 without an admin token.
+async fn admin_page(State(s): State<ChatService>) -> Response {
+    match channelbox_protocol::page::admin_page(s.config()) {
+        Some(page) => axum::response::Html(page).into_response(),
+        None => answer(HttpAnswer::error(404, "not_found", "no such endpoint")),
+    }
+}
+
+async fn namespaces(State(s): State<ChatService>, headers: HeaderMap) -> Response {
+    answer(s.api_namespaces(authorization(&headers)))
 }
 
 async fn groups(State(s): State<ChatService>, headers: HeaderMap) -> Response {

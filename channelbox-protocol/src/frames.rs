@@ -142,6 +142,21 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code of its wire name (a backend hook's refusal names one).
+    pub fn parse(code: &str) -> Option<ErrorCode> {
+        [
+            ErrorCode::BadRequest,
+            ErrorCode::InvalidGroup,
+            ErrorCode::Forbidden,
+            ErrorCode::NotFound,
+            ErrorCode::TooLarge,
+            ErrorCode::RateLimited,
+            ErrorCode::Unavailable,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == code)
+    }
+
     /// The code as it appears on the wire.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -27,7 +27,9 @@ mod body;
 mod config;
 mod fields;
 mod frames;
+pub mod hooks;
 mod metrics;
+pub mod namespaces;
 pub mod page;
 mod request;
 mod service;
@@ -37,6 +39,8 @@ pub use channelbox_core::Incoming;
 pub use config::{ProtocolConfig, DEFAULT_HISTORY_LIMIT, MAX_GROUP_BYTES, MAX_HISTORY_LIMIT, MAX_JSON_DEPTH};
 pub use fields::{decode_group, query_param, too_deep, valid_group, GroupName, Limit, ReplayCount, Since};
 pub use frames::{render_history, render_message, ChatEnvelope, ErrorCode, ProtocolError, Sender};
-pub use metrics::{Metrics, WriteCounter};
+pub use metrics::{HookMetrics, Metrics, WriteCounter};
 pub use request::{parse as parse_request, Direct, History, Join, Leave, Presence, Publish, Ref, Request};
-pub use service::{Admission, Change, ChatService, ClusterEvent, Directory, HttpAnswer, Member, PublishTicket};
+pub use service::{
+    Admission, Change, ChatService, ClusterEvent, Directory, HttpAnswer, Member, PublishTicket, UpgradeRequest,
+};

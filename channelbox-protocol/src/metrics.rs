@@ -10,6 +10,7 @@ use channelbox_core::ChannelBox;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -31,6 +32,55 @@ pub struct Metrics {
     /// each): with `channelbox_messages_delivered_total` it tells how many
     /// frames a `send` carries.
     pub socket_writes: Counter,
+    /// Calls, failures and latency of each backend hook.
+    pub hooks: HookMetrics,
+}
+
+/// A hook's label set: `{hook="join"}`.
+type HookLabel = Vec<(&'static str, &'static str)>;
+
+/// The series of the backend hooks, each labelled with the hook's name.
+#[derive(Debug)]
+pub struct HookMetrics {
+    calls: Family<HookLabel, Counter>,
+    failures: Family<HookLabel, Counter>,
+    seconds: Family<HookLabel, Histogram, fn() -> Histogram>,
+}
+
+impl HookMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let calls = Family::<HookLabel, Counter>::default();
+        let failures = Family::<HookLabel, Counter>::default();
+        // 1 ms to about 16 s: past the longest hook timeout anyone sets.
+        let seconds: Family<HookLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 15)));
+        registry.register("channelbox_hook_calls", "Backend hook calls.", calls.clone());
+        registry.register(
+            "channelbox_hook_failures",
+            "Backend hook calls that failed closed: no answer in time, or not 200 with `allow`.",
+            failures.clone(),
+        );
+        registry.register(
+            "channelbox_hook_seconds",
+            "Time a backend hook took to answer or fail.",
+            seconds.clone(),
+        );
+        HookMetrics {
+            calls,
+            failures,
+            seconds,
+        }
+    }
+
+    /// Counts one call of `hook` that took `seconds` and `failed` or not.
+    pub fn observe(&self, hook: &'static str, seconds: f64, failed: bool) {
+        let label = vec![("hook", hook)];
+        self.calls.get_or_create(&label).inc();
+        if failed {
+            self.failures.get_or_create(&label).inc();
+        }
+        self.seconds.get_or_create(&label).observe(seconds);
+    }
 }
 
 /// Counts socket writes into `channelbox_socket_writes_total`; cheap to clone.
@@ -127,6 +177,7 @@ impl Metrics {
             socket_writes.clone(),
         );
         registry.register_collector(Box::new(BoxCounters(channels.clone())));
+        let hooks = HookMetrics::register(&mut registry);
         Metrics {
             registry,
             connections,
@@ -137,6 +188,7 @@ impl Metrics {
             store_failing,
             publish_durable_seconds,
             socket_writes,
+            hooks,
         }
     }
 

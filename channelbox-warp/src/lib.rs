@@ -125,20 +125,27 @@ fn authorization() -> impl Filter<Extract = (Option<String>,), Error = Rejection
     warp::header::optional::<String>("authorization")
 }
 
-/// `GET /ws/{group}`: checks the group, token and query before the upgrade,
-/// then runs the protocol on the socket.
+/// `GET /ws/{group}`: checks the group, origin, token and query, then asks
+/// the connect hook (when there is one), before the upgrade; then runs the
+/// protocol on the socket.
 pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
     warp::path("ws")
         .and(warp::path::param::<String>())
         .and(warp::path::end())
         .and(warp::get())
         .and(optional_query())
-        .and(warp::header::optional::<String>("origin"))
+        .and(warp::header::headers_cloned())
+        .and(warp::addr::remote())
         .and(warp::ws())
         .and(with_service(service))
-        .map(
-            |group: String, query: Option<String>, origin: Option<String>, ws: warp::ws::Ws, service: ChatService| {
-                let admission = match service.admit_from(&group, query.as_deref(), origin.as_deref()) {
+        .then(
+            |group: String,
+             query: Option<String>,
+             headers: warp::http::HeaderMap,
+             peer: Option<std::net::SocketAddr>,
+             ws: warp::ws::Ws,
+             service: ChatService| async move {
+                let admission = match admit(&service, &group, query.as_deref(), &headers, peer).await {
                     Ok(a) => a,
                     Err(refusal) => return answer(refusal),
                 };
@@ -147,12 +154,37 @@ pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Res
                     .max_frame_size(max)
                     .on_upgrade(move |socket| async move {
                         let (sink, stream) = socket.split();
-                        let channel = Channel::open(service.channel_config(), WarpSink { sink });
+                        let channel =
+                            Channel::open_with_id(admission.channel_id(), service.channel_config(), WarpSink { sink });
                         service.run(admission, channel, incoming(stream)).await;
                     })
                     .into_response()
             },
         )
+}
+
+/// The upgrade's admission: the protocol's checks, then the connect hook.
+async fn admit(
+    service: &ChatService,
+    group: &str,
+    query: Option<&str>,
+    headers: &warp::http::HeaderMap,
+    peer: Option<std::net::SocketAddr>,
+) -> Result<channelbox_protocol::Admission, HttpAnswer> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let admission = service.admit_from(group, query, text("origin"))?;
+    let admission = match peer {
+        Some(peer) => admission.with_peer(peer),
+        None => admission,
+    };
+    let request = channelbox_protocol::UpgradeRequest {
+        query,
+        origin: text("origin"),
+        user_agent: text("user-agent"),
+        cookie: text("cookie"),
+        authorization: text("authorization"),
+    };
+    service.connect_hook(admission, request).await
 }
 
 /// The HTTP API: `/api/groups`, history, backend publish and the admin endpoints.
@@ -204,11 +236,18 @@ pub fn api_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::R
         .and(warp::delete())
         .and(optional_query())
         .and(authorization())
-        .and(with_service(service))
+        .and(with_service(service.clone()))
         .then(|q: Option<String>, auth: Option<String>, s: ChatService| async move {
             answer(s.api_flush_history(q.as_deref(), auth.as_deref()).await)
         });
+    let namespaces = warp::path!("api" / "namespaces")
+        .and(warp::get())
+        .and(authorization())
+        .and(with_service(service))
+        .map(|auth: Option<String>, s: ChatService| answer(s.api_namespaces(auth.as_deref())));
     groups
+        .or(namespaces)
+        .unify()
         .or(history)
         .unify()
         .or(presence)
@@ -221,7 +260,8 @@ pub fn api_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::R
         .unify()
 }
 
-/// `GET /healthz`, `GET /metrics` and the page at `GET /`.
+/// `GET /healthz`, `GET /metrics`, the page at `GET /` and the admin page at
+/// `GET /admin`.
 pub fn site_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
     let page = warp::path::end()
         .and(warp::get())
@@ -231,6 +271,16 @@ pub fn site_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::
             warp::reply::with_header(js, "content-type", "text/javascript; charset=utf-8").into_response()
         }))
         .unify();
+    let admin = warp::path!("admin")
+        .and(warp::get())
+        .and(with_service(service.clone()))
+        .and_then(|s: ChatService| async move {
+            match channelbox_protocol::page::admin_page(s.config()) {
+                Some(page) => Ok(warp::reply::html(page).into_response()),
+                None => Err(warp::reject::not_found()),
+            }
+        });
+    let page = page.or(admin).unify();
     let health = warp::path!("healthz")
         .and(warp::get())
         .and(with_service(service.clone()))

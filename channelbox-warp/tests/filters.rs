@@ -2,6 +2,9 @@
 //! protocol (the chat example upgrades through tokio-tungstenite instead), and
 //! oversized messages are recognised through warp's error type.
 
+// The test support of channelbox-server's suites (a WebSocket client and an
+// HTTP client), shared rather than copied.
+#[path = "../../channelbox-server/tests/support/mod.rs"]
 mod support;
 
 use std::sync::Arc;

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::{accept, attach, websocket_config, Error};
+use crate::{accept, attach_with_id, websocket_config, Error};
 
 /// Serves the chat protocol on one raw connection: `GET /ws/{group}` upgrades,
 /// anything else is refused with 404.
@@ -28,6 +28,14 @@ where
         let Some(group) = path.strip_prefix("/ws/").filter(|g| !g.is_empty() && !g.contains('/')) else {
             return Err((404, r#"{"code":"not_found","message":"no such endpoint"}"#.to_owned()));
         };
+        // The handshake answers before anything could be awaited: with a
+        // connect hook, upgrades go through `serve` (hyper) or an adapter.
+        if service.has_connect_hook() {
+            return Err((
+                503,
+                r#"{"code":"unavailable","message":"this transport cannot ask the connect hook"}"#.to_owned(),
+            ));
+        }
         match service.admit_from(group, handshake.query(), handshake.origin()) {
             Ok(a) => {
                 admitted = Some(a);
@@ -40,7 +48,7 @@ where
     let Some(admission) = admitted else {
         return Err(Error::Handshake("the upgrade was not admitted".into()));
     };
-    let (channel, incoming) = attach(ws, service.channel_config());
+    let (channel, incoming) = attach_with_id(ws, service.channel_config(), admission.channel_id());
     service.run(admission, channel, incoming).await;
     Ok(())
 }
@@ -65,7 +73,7 @@ where
         Some(config_for(service)),
     ))
     .await;
-    let (channel, incoming) = attach(ws, service.channel_config());
+    let (channel, incoming) = attach_with_id(ws, service.channel_config(), admission.channel_id());
     service.run(admission, channel, incoming).await;
 }
 

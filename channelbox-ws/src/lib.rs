@@ -51,7 +51,7 @@ mod socket;
 
 #[cfg(feature = "chat")]
 pub use chat::{serve_chat, serve_upgraded};
-pub use socket::{accept, attach, connect, incoming_from, Handshake, IncomingFrames};
+pub use socket::{accept, attach, attach_with_id, connect, incoming_from, Handshake, IncomingFrames};
 
 /// Why a connection could not be set up.
 #[derive(Debug, thiserror::Error)]

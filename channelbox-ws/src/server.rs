@@ -223,7 +223,7 @@ async fn serve_connection<W, B>(
         let (service, web) = (service.clone(), web.clone());
         async move {
             if let Some(group) = websocket_group(req.method(), req.uri().path(), req.headers()) {
-                return Ok::<_, Infallible>(upgrade(req, &group, Some(peer), &service));
+                return Ok::<_, Infallible>(upgrade(req, &group, Some(peer), &service).await);
             }
             let wanted_upgrade = req.headers().contains_key(header::UPGRADE);
             let mut response = web.call(req).await?.map(|b| b.map_err(Into::into).boxed_unsync());
@@ -276,18 +276,14 @@ pub fn is_websocket_upgrade(method: &Method, headers: &HeaderMap) -> bool {
 /// `axum::serve` put it): refused before the upgrade as
 /// [`ChatService::admit_from`] says, or 101 and the protocol on the
 /// upgraded socket. The caller checked [`is_websocket_upgrade`].
-pub fn upgrade<T>(
+pub async fn upgrade<T>(
     mut req: Request<T>,
     group: &str,
     peer: Option<SocketAddr>,
     service: &ChatService,
 ) -> Response<HttpBody> {
-    let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
-    let admission = match service.admit_from(group, req.uri().query(), origin) {
-        Ok(a) => match peer {
-            Some(peer) => a.with_peer(peer),
-            None => a,
-        },
+    let admission = match admit(Shown::of(&req), group, peer, service).await {
+        Ok(a) => a,
         Err(refusal) => {
             let mut response = answer(refusal);
             close_after(&mut response);
@@ -314,6 +310,55 @@ pub fn upgrade<T>(
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
     }
     response
+}
+
+/// What an upgrade request shows the admission and the connect hook, copied
+/// out of the request so that no borrow of it is held across the hook's wait
+/// (some frameworks' bodies are not `Sync`).
+#[derive(Default)]
+struct Shown {
+    query: Option<String>,
+    origin: Option<String>,
+    user_agent: Option<String>,
+    cookie: Option<String>,
+    authorization: Option<String>,
+}
+
+impl Shown {
+    fn of<T>(req: &Request<T>) -> Shown {
+        let headers = req.headers();
+        let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Shown {
+            query: req.uri().query().map(str::to_owned),
+            origin: text(header::ORIGIN),
+            user_agent: text(header::USER_AGENT),
+            cookie: text(header::COOKIE),
+            authorization: text(header::AUTHORIZATION),
+        }
+    }
+}
+
+/// The upgrade's admission: [`ChatService::admit_from`], then the connect
+/// hook (when there is one) with the request's query and headers.
+async fn admit(
+    shown: Shown,
+    group: &str,
+    peer: Option<SocketAddr>,
+    service: &ChatService,
+) -> Result<channelbox_protocol::Admission, HttpAnswer> {
+    let admission = service.admit_from(group, shown.query.as_deref(), shown.origin.as_deref())?;
+    let admission = match peer {
+        Some(peer) => admission.with_peer(peer),
+        None => admission,
+    };
+    let request = channelbox_protocol::UpgradeRequest {
+        query: shown.query.as_deref(),
+        origin: shown.origin.as_deref(),
+        user_agent: shown.user_agent.as_deref(),
+        cookie: shown.cookie.as_deref(),
+        authorization: shown.authorization.as_deref(),
+    };
+    service.connect_hook(admission, request).await
 }
 
 /// Ends the connection after this response. A client that asked for another

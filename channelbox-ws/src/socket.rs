@@ -283,12 +283,26 @@ pub fn attach<S>(ws: WebSocketStream<S>, config: ChannelConfig) -> (Channel, Inc
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    attach_as(ws, config, Role::Server)
+    attach_as(ws, config, Role::Server, uuid::Uuid::new_v4())
+}
+
+/// [`attach`] with the channel id given: the id an admission was told
+/// (`Admission::channel_id`), so that the connect hook and the channel agree.
+pub fn attach_with_id<S>(ws: WebSocketStream<S>, config: ChannelConfig, id: uuid::Uuid) -> (Channel, IncomingFrames<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    attach_as(ws, config, Role::Server, id)
 }
 
 /// [`attach`] for either side: a client's frames are masked, so they go
 /// through tungstenite one by one instead of being encoded here.
-fn attach_as<S>(ws: WebSocketStream<S>, config: ChannelConfig, role: Role) -> (Channel, IncomingFrames<S>)
+fn attach_as<S>(
+    ws: WebSocketStream<S>,
+    config: ChannelConfig,
+    role: Role,
+    id: uuid::Uuid,
+) -> (Channel, IncomingFrames<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -301,7 +315,7 @@ where
         ended: false,
         through_tungstenite: (role == Role::Client).then_some(0),
     }));
-    let channel = Channel::open(config, WsSink { conn: conn.clone() });
+    let channel = Channel::open_with_id(id, config, WsSink { conn: conn.clone() });
     (channel, IncomingFrames { conn, done: false })
 }
 
@@ -372,7 +386,7 @@ pub async fn connect(
     let (ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .map_err(|e| Error::Handshake(e.to_string()))?;
-    Ok(attach_as(ws, config, Role::Client))
+    Ok(attach_as(ws, config, Role::Client, uuid::Uuid::new_v4()))
 }
 
 #[cfg(test)]

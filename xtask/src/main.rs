@@ -10,7 +10,8 @@
 //!   with arbitrary input (default 50,000 cases; CI runs 128 with the tests).
 //! - `cargo xtask soak [--connections N] [--seconds S]`: the chat server under
 //!   connect/publish/recover/disconnect churn; checks nothing leaked.
-//! - `cargo xtask e2e`: the browser test of the chat page in headless Chromium
+//! - `cargo xtask e2e`: the browser tests of the chat page and the admin page
+//!   in headless Chromium
 //!   (needs Debian's `chromium` and Node.js; `.ci/run` installs them).
 
 use std::path::{Path, PathBuf};
@@ -23,8 +24,8 @@ mod storm_bench;
 mod targets;
 mod tidy;
 
-/// channelbox-warp's test suites that hold for every web framework adapter
-/// (its `filters` suite tests warp's own filters).
+/// channelbox-server's test suites that hold for every web framework adapter
+/// (channelbox-warp's `filters` suite tests warp's own filters).
 const TRANSPORT_SUITES: [&str; 8] = [
     "protocol",
     "http_api",
@@ -148,13 +149,14 @@ fn ci() -> Result<(), String> {
     cargo(&["test", "--workspace", "-j2"], &[("RUSTDOCFLAGS", "-D warnings")])?;
     // The suites that hold for every transport, once more through axum: the
     // same tests against the same binary, `--http axum`.
-    let mut suites = vec!["test", "-j2", "-p", "channelbox-warp"];
+    let mut suites = vec!["test", "-j2", "-p", "channelbox-server"];
     for suite in TRANSPORT_SUITES {
         suites.extend(["--test", suite]);
     }
     cargo(&suites, &[("CHANNELBOX_HTTP", "axum")])?;
-    // The hostile-client suite against the release server (built first:
-    // `cargo test --test hostile` does not build examples).
+    // The hostile-client suite against the release server, which cargo
+    // builds for it (the suite is `test = false`, so named explicitly, and
+    // refuses to run without CHANNELBOX_HOSTILE=1).
     build_server_tools()?;
     cargo(
         &[
@@ -162,13 +164,11 @@ fn ci() -> Result<(), String> {
             "--release",
             "-j2",
             "-p",
-            "channelbox-warp",
-            "--features",
-            "hostile",
+            "channelbox-server",
             "--test",
             "hostile",
         ],
-        &[],
+        &[("CHANNELBOX_HOSTILE", "1")],
     )?;
     // The property tests once more, with a moderate case count.
     cargo(
@@ -287,6 +287,12 @@ fn e2e() -> Result<(), String> {
     run(
         "node",
         &["e2e/browser.mjs", "target/browser/chat.png"],
+        &[("CHAT_BIN", &bin)],
+        &root,
+    )?;
+    run(
+        "node",
+        &["e2e/admin.mjs", "target/browser/admin.png"],
         &[("CHAT_BIN", &bin)],
         &root,
     )

@@ -80,7 +80,7 @@ impl ChatService {
             .map_err(|e| unauthorized(&e.to_string()))
     }
 
-    fn admin(&self, authorization: Option<&str>) -> Result<(), HttpAnswer> {
+    pub(super) fn admin(&self, authorization: Option<&str>) -> Result<(), HttpAnswer> {
         let Some(admin) = &self.inner.config.admin_token else {
             return Err(HttpAnswer::error(404, "not_found", "the admin API is disabled"));
         };
@@ -142,6 +142,9 @@ impl ChatService {
     /// permission `history` needs.
     pub async fn api_presence(&self, raw_group: &str, authorization: Option<&str>) -> HttpAnswer {
         match self.api_group(raw_group, authorization) {
+            Ok(group) if !self.namespace(group.as_str()).presence => {
+                HttpAnswer::refusal(403, &Self::namespace_forbids(group.as_str(), "presence"))
+            }
             Ok(group) => match self.presence_of(&group).await {
                 Ok(body) => HttpAnswer::ok(body),
                 Err(e) => HttpAnswer::refusal(503, &e),
@@ -231,6 +234,15 @@ impl ChatService {
             Ok(v) => v,
             Err(e) => return HttpAnswer::error(400, "bad_request", format!("the body is not valid JSON: {e}")),
         };
+        // A user token's publish asks the publish hook; the backend's own
+        // (admin token, or no tokens at all) does not.
+        let data = match &ticket.user {
+            Some(user) => match self.publish_hook(None, Some(user), &ticket.group, data).await {
+                Ok(data) => data,
+                Err(e) => return super::hooks::hook_answer(&e),
+            },
+            None => data,
+        };
         let sender = Sender {
             from: None,
             user: ticket.user,
@@ -242,7 +254,8 @@ impl ChatService {
             timestamp_ms: channelbox_core::now_ms(),
         };
         let started = std::time::Instant::now();
-        match self.inner.channels.publish(ticket.group.as_str(), message, true).await {
+        let save = self.namespace(ticket.group.as_str()).history;
+        match self.inner.channels.publish(ticket.group.as_str(), message, save).await {
             Ok(report) => {
                 self.inner
                     .metrics

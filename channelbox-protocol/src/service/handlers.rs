@@ -13,6 +13,7 @@ use super::session::{store_error, Framing, Handled, Session};
 use super::{replay_from, ChatService};
 use crate::fields::{GroupName, Limit};
 use crate::frames::{render_history, reply, ErrorCode, ProtocolError, Sender};
+use crate::namespaces::PublishRule;
 use crate::request::{self, Request};
 
 /// Parses a hyphenated UUID in any letter case.
@@ -29,7 +30,7 @@ impl ChatService {
         request: Request,
     ) -> Result<Handled, ProtocolError> {
         match request {
-            Request::Publish(p) => self.on_publish(s, reference, p),
+            Request::Publish(p) => self.on_publish(s, reference, p).await,
             Request::Join(j) => self.on_join(s, reference, j).await,
             Request::Leave(l) => self.on_leave(s, reference, l).map(Handled::Reply),
             Request::History(h) => self.on_history(s, reference, h).await.map(Handled::Reply),
@@ -59,7 +60,7 @@ impl ChatService {
         }
     }
 
-    fn on_publish(
+    async fn on_publish(
         &self,
         s: &Session,
         reference: Option<&Value>,
@@ -68,32 +69,43 @@ impl ChatService {
         let channels = &self.inner.channels;
         let group = Self::group_or_url(s, p.group)?;
         self.allowed(s, &group)?;
-        if !channels.is_member(s.channel.id(), group.as_str()) {
+        let namespace = self.namespace(group.as_str());
+        if namespace.publish == PublishRule::Backend {
+            return Err(Self::namespace_forbids(group.as_str(), "publishing over WebSocket"));
+        }
+        let save = p.history && namespace.history;
+        if namespace.publish == PublishRule::Members && !channels.is_member(s.channel.id(), group.as_str()) {
             return Err(ProtocolError::new(
                 ErrorCode::Forbidden,
                 format!("you are not a member of group {:?}", group.as_str()),
             ));
         }
+        let user = s.user.as_ref().map(|u| u.id.clone());
+        // Awaited here, before the offset is taken: this connection's next
+        // frame waits for it, so its publishes keep their send order.
+        let data = self
+            .publish_hook(Some(s.channel.id()), user.as_deref(), &group, p.data)
+            .await?;
         let sender = Sender {
             from: Some(s.channel.id()),
-            user: s.user.as_ref().map(|u| u.id.clone()),
+            user,
         };
         let message = NewMessage {
             kind: PayloadKind::Json,
-            payload: Bytes::from(p.data.to_string()),
+            payload: Bytes::from(data.to_string()),
             meta: sender.to_meta(),
             timestamp_ms: channelbox_core::now_ms(),
         };
         // The offset is assigned here, in this connection's order; the wait for
         // the disk and the delivery run alongside later frames.
         let options = PublishOptions {
-            save_history: p.history,
+            save_history: save,
             except: (!p.echo).then(|| s.channel.id()),
         };
         let pending = channels
             .start_publish_with(group.as_str(), message, options)
             .map_err(|e| store_error(&e))?;
-        let (reference, service, save) = (reference.cloned(), self.clone(), p.history);
+        let (reference, service) = (reference.cloned(), self.clone());
         Ok(Handled::Publish(Box::pin(async move {
             let started = Instant::now();
             let result = pending.finish().await;
@@ -114,6 +126,9 @@ impl ChatService {
         let channels = &self.inner.channels;
         let group = GroupName::parse(&j.group)?;
         self.allowed(s, &group)?;
+        if j.events && !self.namespace(group.as_str()).events {
+            return Err(Self::namespace_forbids(group.as_str(), "events"));
+        }
         let id = s.channel.id();
         let max = self.inner.config.max_groups_per_connection;
         if !channels.is_member(id, group.as_str()) && channels.groups_of(id).map_or(0, |g| g.len()) >= max {
@@ -122,12 +137,16 @@ impl ChatService {
                 format!("a connection may be in at most {max} groups"),
             ));
         }
+        let user = s.user.as_ref().map(|u| u.id.as_str());
+        self.join_hook(id, user, &group).await?;
         // `joined` goes out before the replay, `recovered` after it, both with
         // the request's `ref`: the subscription queues them in their place.
         let framing = Framing {
             group: group.as_str(),
             join: Some(reference),
             id,
+            hook_data: None,
+            unsaved: !self.namespace(group.as_str()).history,
         };
         let replay = replay_from(j.since, j.epoch, j.history);
         if j.events {
@@ -207,6 +226,9 @@ impl ChatService {
     ) -> Result<Frame, ProtocolError> {
         let group = Self::group_or_url(s, p.group)?;
         self.allowed(s, &group)?;
+        if !self.namespace(group.as_str()).presence {
+            return Err(Self::namespace_forbids(group.as_str(), "presence"));
+        }
         let mut body = self.presence_of(&group).await?;
         body["type"] = json!("presence");
         Ok(reply(body, reference))

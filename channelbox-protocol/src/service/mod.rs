@@ -30,6 +30,9 @@ pub use api::PublishTicket;
 pub use cluster::{Change, ClusterEvent, Directory, Member};
 mod handlers;
 mod heartbeat;
+mod hooks;
+mod namespaces;
+pub use hooks::UpgradeRequest;
 mod peers;
 mod session;
 
@@ -82,6 +85,13 @@ struct Admitted {
     peer: Option<SocketAddr>,
     /// `?events=1`: member events of the URL group.
     events: bool,
+    /// The connection's channel id, known before the upgrade so that the
+    /// connect hook can name it; transports open the channel with it.
+    id: uuid::Uuid,
+    /// Groups the connect hook joins before `welcome`.
+    hook_groups: Vec<GroupName>,
+    /// The connect hook's `data`, sent in `welcome` as `hook_data`.
+    hook_data: Option<Value>,
     _slot: Slot,
 }
 
@@ -89,6 +99,12 @@ impl Admission {
     /// The URL group.
     pub fn group(&self) -> &str {
         self.0.group.as_str()
+    }
+
+    /// The id the connection's channel must be opened with
+    /// (`Channel::open_with_id`): the id the connect hook was told.
+    pub fn channel_id(&self) -> uuid::Uuid {
+        self.0.id
     }
 
     /// Records the peer's address, so that the connection's log lines name it.
@@ -123,6 +139,10 @@ struct Inner {
     peers: peers::Peers,
     /// The cluster's records and control messages, in a cluster.
     directory: std::sync::OnceLock<Arc<dyn Directory>>,
+    /// The backend hooks, when the server has any.
+    hooks: std::sync::OnceLock<crate::hooks::Hooks>,
+    /// The configured namespaces, when the server has any.
+    namespaces: std::sync::OnceLock<crate::namespaces::Namespaces>,
 }
 
 /// The chat protocol over a `ChannelBox`; cheap to clone.
@@ -145,6 +165,8 @@ impl ChatService {
                 heartbeats: AtomicBool::new(false),
                 peers: peers::Peers::default(),
                 directory: std::sync::OnceLock::new(),
+                hooks: std::sync::OnceLock::new(),
+                namespaces: std::sync::OnceLock::new(),
             }),
         };
         let events = peers::Events(Arc::downgrade(&service.inner));
@@ -218,6 +240,13 @@ impl ChatService {
         self.check_origin(origin)?;
         let user = self.upgrade_user(&group, query)?;
         let replay = replay_of(query).map_err(|e| HttpAnswer::refusal(400, &e))?;
+        let events = query_param(query, "events").is_some_and(|v| v == "1" || v == "true");
+        if events && !self.namespace(group.as_str()).events {
+            return Err(HttpAnswer::refusal(
+                403,
+                &Self::namespace_forbids(group.as_str(), "events"),
+            ));
+        }
         if self.cluster_down() {
             return Err(HttpAnswer::error(
                 503,
@@ -239,7 +268,10 @@ impl ChatService {
             replay,
             user,
             peer: None,
-            events: query_param(query, "events").is_some_and(|v| v == "1" || v == "true"),
+            events,
+            id: uuid::Uuid::new_v4(),
+            hook_groups: Vec::new(),
+            hook_data: None,
             _slot: Slot(self.inner.clone()),
         })))
     }

@@ -43,15 +43,22 @@ pub(super) struct Framing<'a> {
     /// `None` for the URL group's `welcome`; a `join`'s `ref` otherwise.
     pub(super) join: Option<Option<&'a Value>>,
     pub(super) id: Uuid,
+    /// The connect hook's `data`, for `welcome`.
+    pub(super) hook_data: Option<&'a Value>,
+    /// The group's namespace saves nothing: a recovery is never complete.
+    pub(super) unsaved: bool,
 }
 
 impl SubscribeFraming for Framing<'_> {
     fn before(&self, start: &StreamPosition) -> Option<Frame> {
         Some(match self.join {
-            None => reply(
-                json!({"type": "welcome", "channel_id": self.id, "group": self.group, "epoch": start.epoch, "offset": start.offset}),
-                None,
-            ),
+            None => {
+                let mut welcome = json!({"type": "welcome", "channel_id": self.id, "group": self.group, "epoch": start.epoch, "offset": start.offset});
+                if let Some(data) = self.hook_data {
+                    welcome["hook_data"] = data.clone();
+                }
+                reply(welcome, None)
+            }
             Some(reference) => reply(
                 json!({"type": "joined", "group": self.group, "epoch": start.epoch, "offset": start.offset}),
                 reference,
@@ -62,7 +69,7 @@ impl SubscribeFraming for Framing<'_> {
     fn after_recovery(&self, r: &Recovery) -> Option<Frame> {
         let reference = self.join.flatten();
         Some(reply(
-            json!({"type": "recovered", "group": self.group, "from": r.from, "to": r.to, "complete": r.complete}),
+            json!({"type": "recovered", "group": self.group, "from": r.from, "to": r.to, "complete": r.complete && !self.unsaved}),
             reference,
         ))
     }
@@ -163,7 +170,10 @@ impl ChatService {
         // The join is boxed: a connection's future keeps the largest state it
         // ever had for as long as it lives, and the join's is only needed once.
         let group = admitted.group.as_str();
-        if Box::pin(self.join_url_group(group, admitted.replay.clone(), &channel)).await {
+        let hook_data = admitted.hook_data.as_ref();
+        if self.join_hook_groups(&admitted.hook_groups, &channel).await
+            && Box::pin(self.join_url_group(group, admitted.replay.clone(), &channel, hook_data)).await
+        {
             let session = Session {
                 channel: channel.clone(),
                 url_group: group.to_owned(),
@@ -178,11 +188,13 @@ impl ChatService {
 
     /// Joins the URL group (welcome, replay, recovery); `false` (and the
     /// channel closed with 1011) when it could not.
-    async fn join_url_group(&self, group: &str, replay: Replay, channel: &Channel) -> bool {
+    async fn join_url_group(&self, group: &str, replay: Replay, channel: &Channel, hook_data: Option<&Value>) -> bool {
         let framing = Framing {
             group,
             join: None,
             id: channel.id(),
+            hook_data,
+            unsaved: !self.namespace(group).history,
         };
         let joined = match self.inner.directory.get() {
             Some(directory) => directory.connected(channel.id()).await.map_err(Into::into),
@@ -196,6 +208,25 @@ impl ChatService {
             tracing::warn!(error = %err, "could not join the URL group");
             channel.close(CloseReason::new(1011, "server error"));
             return false;
+        }
+        true
+    }
+
+    /// Joins the groups the connect hook gave, before `welcome` and without
+    /// frames of their own; `false` (and the channel closed with 1011) when
+    /// one could not be joined.
+    async fn join_hook_groups(&self, groups: &[crate::fields::GroupName], channel: &Channel) -> bool {
+        for group in groups {
+            let joined = self
+                .inner
+                .channels
+                .subscribe(channel, group.as_str(), Replay::None, &channelbox_core::NoFraming)
+                .await;
+            if let Err(err) = joined {
+                tracing::warn!(error = %err, group = group.as_str(), "could not join a group the connect hook gave");
+                channel.close(CloseReason::new(1011, "server error"));
+                return false;
+            }
         }
         true
     }

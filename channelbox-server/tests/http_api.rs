@@ -124,3 +124,27 @@ async fn admin_api() {
     assert_eq!((r.status, r.json()), (200, json!({"closed": 1})));
     assert_eq!(a.closed().await, Some(1001));
 }
+
+/// `/admin` is the admin page only when the server has an admin token, and
+/// the login check the page makes (a flush of a group name too long to
+/// exist) tells a wrong token from the right one without flushing anything.
+#[tokio::test]
+async fn the_admin_page_exists_only_with_an_admin_token() {
+    let without = Server::memory();
+    let r = get(&without.addr, "/admin").await;
+    assert_eq!((r.status, r.json()["code"].as_str()), (404, Some("not_found")));
+
+    let server = Server::start(&["--store", "memory", "--admin-token", "adm"]);
+    let page = get(&server.addr, "/admin").await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("channelbox admin"), "{}", page.body);
+    let (mut c, _) = Client::join(&server.ws_url("/ws/kept")).await;
+    c.publish(json!({"data": 1}), "1").await;
+    let probe = format!("/api/admin/history?group={}", "x".repeat(200));
+    let wrong = http(&server.addr, "DELETE", &probe, &[("Authorization", "Bearer nope")], b"").await;
+    assert_eq!(wrong.status, 401);
+    let right = http(&server.addr, "DELETE", &probe, &[("Authorization", "Bearer adm")], b"").await;
+    assert_eq!(right.status, 400);
+    let history = get(&server.addr, "/api/groups/kept/history").await.json();
+    assert_eq!(history["messages"].as_array().map(Vec::len), Some(1), "nothing flushed");
+}

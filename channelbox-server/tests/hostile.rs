@@ -2,10 +2,10 @@
 //! server, tried again as described, then a well-behaved client that must
 //! still connect, publish and receive in normal time, and the server's
 //! memory within a stated bound. Run against the release server by
-//! `cargo xtask ci` (it builds `target/release/examples/chat`, then runs
-//! `cargo test --release -p channelbox-warp --features hostile --test
-//! hostile`, which does not build examples itself); the attacks take seconds
-//! each, so the suite is kept out of the debug test run.
+//! `cargo xtask ci`: `CHANNELBOX_HOSTILE=1 cargo test --release -p
+//! channelbox-server --test hostile`; the attacks take seconds each, so
+//! `cargo test` leaves the suite out (`test = false`) and each test refuses
+//! to run without that variable.
 
 mod support;
 
@@ -48,6 +48,7 @@ fn assert_rss_below(server: &Server, bound: u64, what: &str) {
 /// descriptor. Under a 256-file limit, 300 sockets that send nothing.
 #[tokio::test]
 async fn idle_sockets_under_a_256_file_limit_starve_nobody() {
+    support::hostile_suite_requested();
     let server = Server::start_under(&["prlimit", "--nofile=256:256", "--"], &["--store", "memory"], &[]);
     let mut idle = Vec::new();
     for _ in 0..300 {
@@ -70,6 +71,7 @@ async fn idle_sockets_under_a_256_file_limit_starve_nobody() {
 /// Hole 2: a ping flood from a client that never reads piled up pongs.
 #[tokio::test]
 async fn a_ping_flood_from_a_client_that_never_reads_stays_bounded() {
+    support::hostile_suite_requested();
     let server = Server::memory();
     let before = server.rss();
     let (mut s, status) = upgrade(&server.addr, "/ws/flood", &[]).await;
@@ -96,6 +98,7 @@ async fn a_ping_flood_from_a_client_that_never_reads_stays_bounded() {
 /// Hole 3: request bodies buffered up to 64 MiB before authorization.
 #[tokio::test]
 async fn request_bodies_are_judged_before_they_are_read() {
+    support::hostile_suite_requested();
     let secret = "a-secret-of-at-least-32-bytes-xyz";
     let server = Server::start(&["--store", "memory", "--token-secret", secret, "--admin-token", "adm"]);
     let before = server.rss();
@@ -147,6 +150,7 @@ async fn request_bodies_are_judged_before_they_are_read() {
 /// the kernel's socket buffers take in for a client that never reads).
 #[tokio::test]
 async fn recoveries_to_clients_that_never_read_are_closed_not_held() {
+    support::hostile_suite_requested();
     let server = Server::start(&[
         "--store",
         "memory",
@@ -199,6 +203,7 @@ async fn recoveries_to_clients_that_never_read_are_closed_not_held() {
 /// written once each against a 2 MiB total budget.
 #[tokio::test]
 async fn histories_of_many_groups_stay_within_the_total_budget() {
+    support::hostile_suite_requested();
     let server = Server::start(&["--store", "memory", "--history-total-bytes", "2097152"]);
     let (mut c, _) = Client::join(&server.ws_url("/ws/home")).await;
     for i in 0..5_000 {
@@ -227,6 +232,7 @@ async fn histories_of_many_groups_stay_within_the_total_budget() {
 /// Hole 7: any web page could open WebSockets to a local server.
 #[tokio::test]
 async fn pages_from_origins_not_allowed_are_refused() {
+    support::hostile_suite_requested();
     let server = Server::start(&["--store", "memory", "--allowed-origin", "https://chat.example.com"]);
     let (_, status) = upgrade(&server.addr, "/ws/o", &[("Origin", "https://evil.example")]).await;
     assert_eq!(status, 403);
@@ -241,6 +247,7 @@ async fn pages_from_origins_not_allowed_are_refused() {
 /// pings is closed with 4003 and leaves its group; one that answers stays.
 #[tokio::test]
 async fn a_silent_peer_is_closed_by_heartbeats_and_a_live_one_stays() {
+    support::hostile_suite_requested();
     let server = Server::start(&["--store", "memory", "--ping-interval", "1", "--pong-timeout", "1"]);
     let (mut dead, status) = upgrade(&server.addr, "/ws/hb", &[]).await;
     assert_eq!(status, 101);
@@ -265,6 +272,7 @@ async fn a_silent_peer_is_closed_by_heartbeats_and_a_live_one_stays() {
 /// every acknowledged message is in history under its offset.
 #[tokio::test]
 async fn a_full_disk_answers_unavailable_and_publishes_resume_when_space_returns() {
+    support::hostile_suite_requested();
     let parent = tempfile::tempdir().unwrap();
     let disk = parent.path().join("disk");
     std::fs::create_dir(&disk).unwrap();

@@ -27,15 +27,32 @@ pub const UPGRADE: [(&str, &str); 4] = [
     ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
 ];
 
-/// The chat example built next to this test binary (or the one named by
+/// The `channelbox` binary of this crate (or the one named by
 /// `CHANNELBOX_CHAT_BIN`, to measure another build with the same tests).
+/// Suites of other crates that share this module (channelbox-warp's
+/// `filters`) get the chat example built next to their test binary.
 pub fn chat_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("CHANNELBOX_CHAT_BIN") {
+        return PathBuf::from(bin);
+    }
+    if let Some(bin) = option_env!("CARGO_BIN_EXE_channelbox") {
         return PathBuf::from(bin);
     }
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     dir.join("examples").join("chat")
+}
+
+/// The hostile suite runs only when asked (`CHANNELBOX_HOSTILE=1`, set by
+/// `cargo xtask ci` for a release build): its attacks take seconds each and
+/// its memory bounds are the release server's. Without the variable the test
+/// fails with the command to run, rather than passing without testing.
+pub fn hostile_suite_requested() {
+    assert!(
+        std::env::var_os("CHANNELBOX_HOSTILE").is_some_and(|v| v == "1"),
+        "the hostile suite runs with CHANNELBOX_HOSTILE=1 in release: \
+         CHANNELBOX_HOSTILE=1 cargo test --release -p channelbox-server --test hostile"
+    );
 }
 
 /// Resident memory of a process, from /proc.

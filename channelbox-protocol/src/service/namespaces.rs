@@ -1,0 +1,47 @@
+//! The service's namespaces: set once before serving, looked up by group at
+//! every entry point (upgrade, requests, HTTP), and listed by
+//! `GET /api/namespaces`.
+
+use serde_json::Value;
+
+use super::{ChatService, HttpAnswer};
+use crate::frames::{ErrorCode, ProtocolError};
+use crate::namespaces::{Namespace, Namespaces};
+
+/// The options of groups when no namespace is configured.
+static DEFAULTS: std::sync::LazyLock<Namespace> = std::sync::LazyLock::new(Namespace::default);
+
+impl ChatService {
+    /// Sets the namespaces, once, before serving; `false` (and nothing
+    /// changed) when they were set already.
+    pub fn set_namespaces(&self, namespaces: Namespaces) -> bool {
+        self.inner.namespaces.set(namespaces).is_ok()
+    }
+
+    /// The options in effect for `group`.
+    pub fn namespace(&self, group: &str) -> &Namespace {
+        match self.inner.namespaces.get() {
+            Some(namespaces) => namespaces.of(group),
+            None => &DEFAULTS,
+        }
+    }
+
+    /// `forbidden`, naming the namespace option that refuses.
+    pub(super) fn namespace_forbids(group: &str, what: &str) -> ProtocolError {
+        ProtocolError::new(ErrorCode::Forbidden, format!("{what} is off for group {group:?}"))
+    }
+
+    /// `GET /api/namespaces` (admin token): every namespace with every
+    /// option in effect.
+    pub fn api_namespaces(&self, authorization: Option<&str>) -> HttpAnswer {
+        if let Err(e) = self.admin(authorization) {
+            return e;
+        }
+        let described = self
+            .inner
+            .namespaces
+            .get()
+            .map_or_else(|| Value::Object(Default::default()), Namespaces::describe);
+        HttpAnswer::ok(described)
+    }
+}

@@ -1,0 +1,178 @@
+//! The configuration file and its precedence, through the `channelbox`
+//! binary: a flag wins over the environment, which wins over the file, which
+//! wins over the default; unknown keys and wrong types are refused by name;
+//! `--print-config` masks secrets; the shipped example file loads.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::json;
+use support::{chat_binary, Client, Server};
+
+/// Environment variables of the server that the test process may carry
+/// (`cargo xtask ci` sets CHANNELBOX_HTTP); each run starts without them.
+const SERVER_VARIABLES: [&str; 10] = [
+    "CHANNELBOX_ADDR",
+    "CHANNELBOX_STORE",
+    "CHANNELBOX_DATA",
+    "CHANNELBOX_REDIS_URL",
+    "CHANNELBOX_CONFIG",
+    "CHANNELBOX_ADMIN_TOKEN",
+    "CHANNELBOX_TOKEN_SECRET",
+    "CHANNELBOX_ALLOWED_ORIGINS",
+    "CHANNEL_BOX_HISTORY_SIZE",
+    "CHANNELBOX_HTTP",
+];
+
+/// Runs `channelbox ARGS` with exactly these server variables.
+fn channelbox(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(chat_binary());
+    for name in SERVER_VARIABLES {
+        command.env_remove(name);
+    }
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run channelbox")
+}
+
+/// The effective configuration, as `--print-config` prints it.
+fn effective(args: &[&str], env: &[(&str, &str)]) -> toml::Table {
+    let mut all = args.to_vec();
+    all.push("--print-config");
+    let out = channelbox(&all, env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).parse().expect("TOML output")
+}
+
+/// The error a refused configuration exits with.
+fn refusal(args: &[&str]) -> String {
+    let out = channelbox(args, &[]);
+    assert!(
+        !out.status.success(),
+        "accepted: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn file(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("channelbox.toml");
+    std::fs::write(&path, text).expect("write the file");
+    path
+}
+
+#[test]
+fn a_flag_wins_over_the_environment_which_wins_over_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = file(
+        dir.path(),
+        "addr = \"127.0.0.1:1111\"\nqueue = 7\nhistory_bytes = 500\n",
+    );
+    let path = path.to_str().expect("utf-8 path");
+    let from_file = effective(&["--config", path], &[]);
+    assert_eq!(from_file["addr"].as_str(), Some("127.0.0.1:1111"));
+    assert_eq!(from_file["queue"].as_integer(), Some(7));
+    assert_eq!(from_file["history_bytes"].as_integer(), Some(500));
+    // Keys the file leaves out keep their defaults.
+    assert_eq!(from_file["queue_bytes"].as_integer(), Some(1_048_576));
+
+    let env = [
+        ("CHANNELBOX_ADDR", "127.0.0.1:2222"),
+        ("CHANNEL_BOX_HISTORY_SIZE", "600"),
+    ];
+    let from_env = effective(&["--config", path], &env);
+    assert_eq!(from_env["addr"].as_str(), Some("127.0.0.1:2222"));
+    assert_eq!(from_env["history_bytes"].as_integer(), Some(600));
+    assert_eq!(from_env["queue"].as_integer(), Some(7));
+
+    let from_flags = effective(&["--config", path, "--addr", "127.0.0.1:3333", "--queue", "9"], &env);
+    assert_eq!(from_flags["addr"].as_str(), Some("127.0.0.1:3333"));
+    assert_eq!(from_flags["queue"].as_integer(), Some(9));
+    assert_eq!(from_flags["history_bytes"].as_integer(), Some(600));
+}
+
+#[test]
+fn the_file_may_be_named_by_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = file(
+        dir.path(),
+        "store = \"memory\"\nallowed_origin = [\"https://a.example\"]\n",
+    );
+    let config = effective(&[], &[("CHANNELBOX_CONFIG", path.to_str().expect("utf-8"))]);
+    assert_eq!(config["store"].as_str(), Some("memory"));
+    assert_eq!(config["allowed_origin"].as_array().map(Vec::len), Some(1), "{config}");
+}
+
+#[test]
+fn unknown_keys_wrong_types_and_bad_values_are_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (text, named) in [
+        ("qeue = 10\n", "`qeue`"),
+        ("queue = \"many\"\n", "`queue`"),
+        ("store = \"floppy\"\n", "`store`"),
+        ("allowed_origin = \"https://a.example\"\n", "`allowed_origin`"),
+        ("queue = 0\n", "`queue`"),
+        ("history_ttl = -5\n", "`history_ttl`"),
+        ("config = \"other.toml\"\n", "`config`"),
+    ] {
+        let path = file(dir.path(), text);
+        let error = refusal(&["--config", path.to_str().expect("utf-8")]);
+        assert!(
+            error.contains(named),
+            "{text:?} refused without naming {named}: {error}"
+        );
+    }
+    let broken = file(dir.path(), "queue = [\n");
+    assert!(refusal(&["--config", broken.to_str().expect("utf-8")]).contains("channelbox.toml"));
+    let missing = dir.path().join("missing.toml");
+    assert!(refusal(&["--config", missing.to_str().expect("utf-8")]).contains("missing.toml"));
+}
+
+#[test]
+fn print_config_masks_secrets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = "a-token-secret-of-at-least-thirty-two-bytes";
+    let path = file(
+        dir.path(),
+        &format!("token_secret = \"{secret}\"\nredis_url = \"redis://app:hunter2@127.0.0.1:6379/\"\n"),
+    );
+    let out = channelbox(
+        &[
+            "--config",
+            path.to_str().expect("utf-8"),
+            "--admin-token",
+            "admin-secret",
+            "--print-config",
+        ],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for hidden in [secret, "admin-secret", "hunter2"] {
+        assert!(!text.contains(hidden), "{hidden} printed: {text}");
+    }
+    assert!(text.contains("token_secret = \"********\""), "{text}");
+    assert!(text.contains("admin_token = \"********\""), "{text}");
+}
+
+#[test]
+fn the_shipped_example_file_loads() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/channelbox.toml");
+    let config = effective(&["--config", example.to_str().expect("utf-8")], &[]);
+    assert_eq!(config["addr"].as_str(), Some("127.0.0.1:8080"));
+    assert_eq!(config["admin_token"].as_str(), Some("********"));
+}
+
+#[tokio::test]
+async fn the_server_runs_with_the_files_values() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = file(dir.path(), "store = \"memory\"\nmax_message_bytes = 200\n");
+    let server = Server::start(&["--config", path.to_str().expect("utf-8")]);
+    let (mut c, _) = Client::join(&server.ws_url("/ws/config")).await;
+    c.send(json!({"type": "publish", "data": "x".repeat(400)})).await;
+    assert_eq!(c.recv().await["code"], "too_large");
+}
