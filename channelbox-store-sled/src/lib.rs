@@ -57,6 +57,7 @@ mod config;
 mod error;
 mod group;
 mod layout;
+mod marker;
 mod open;
 mod recover;
 mod store;

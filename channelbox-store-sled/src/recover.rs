@@ -22,16 +22,36 @@ use std::sync::PoisonError;
 
 use crate::error::SledError;
 use crate::group::State;
-use crate::layout::{group_key, group_value, message_key, u64_at, KEY_EVICTIONS, KEY_FLUSHES};
+use crate::layout::{group_key, group_value, message_key, u64_at, KEY_EVICTIONS, KEY_FLUSHES, KEY_UNDO};
+use crate::marker::{clear_marks, encode, mark_failed, Record};
 use crate::open::{check_format, load_evictions, load_groups, open_db};
 use crate::store::{lock, Inner};
 use crate::undo::Rollback;
-use crate::writer::Disk;
+use crate::writer::{Disk, Op};
 
 impl Disk for Inner {
     fn with_db<R>(&self, f: impl FnOnce(&sled::Db) -> R) -> Option<R> {
         let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
         db.as_ref().map(f)
+    }
+
+    fn record(&self, batch: u64, durable: u64, upto: u64) -> Op {
+        let mut state = lock(&self.state);
+        state.undo.forget_durable(durable);
+        let plan = state
+            .undo
+            .plan(durable, upto, |g| state.groups.get(g).map(|g| g.generation));
+        let record = Record {
+            batch,
+            flushes: state.flushes,
+            evictions: state.budget.evictions(),
+            plan,
+        };
+        Op::Insert(KEY_UNDO.to_vec(), encode(&record))
+    }
+
+    fn mark_failed(&self, batch: u64) -> std::io::Result<()> {
+        mark_failed(&self.path, batch)
     }
 
     fn reopen(&self, durable: u64) -> Result<u64, SledError> {
@@ -43,7 +63,9 @@ impl Disk for Inner {
         if state.closed {
             return Err(SledError::Closed(self.path.clone()));
         }
-        let plan = state.undo.plan(durable, |g| state.groups.get(g).map(|g| g.generation));
+        let plan = state
+            .undo
+            .plan(durable, u64::MAX, |g| state.groups.get(g).map(|g| g.generation));
         // The counters never go back either: epochs handed out under a flush
         // count or eviction count that failed must stay unused.
         let counters = [(KEY_FLUSHES, state.flushes), (KEY_EVICTIONS, state.budget.evictions())];
@@ -63,6 +85,11 @@ impl Disk for Inner {
         state.store_seq = 0;
         let discarded = self.writer.discard_queued();
         *slot = Some(db);
+        // The rollback is durable: a restart need not repeat it. A mark left
+        // behind only costs a new instance id at the next opening.
+        if let Err(err) = clear_marks(&self.path) {
+            tracing::warn!(error = %err, "history store: cannot remove its failure mark");
+        }
         Ok(discarded)
     }
 }
@@ -94,7 +121,11 @@ fn probe_space(dir: &std::path::Path) -> std::io::Result<()> {
 /// failed flush or eviction reached the disk, and they remove a generation's
 /// messages before its head: nothing of the durable generation is left, and
 /// what is there belongs to a generation that never became durable.
-fn roll_back(db: &sled::Db, plan: &BTreeMap<String, Rollback>, counters: &[(&[u8], u64)]) -> sled::Result<()> {
+pub(crate) fn roll_back(
+    db: &sled::Db,
+    plan: &BTreeMap<String, Rollback>,
+    counters: &[(&[u8], u64)],
+) -> sled::Result<()> {
     let mut batch = sled::Batch::default();
     for (name, r) in plan {
         let on_disk = db.get(group_key(name))?.and_then(|v| u64_at(&v, 0));

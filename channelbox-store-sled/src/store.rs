@@ -29,6 +29,7 @@ use crate::config::SledConfig;
 use crate::error::SledError;
 use crate::group::{GroupState, State, MESSAGE_OVERHEAD};
 use crate::layout::*;
+use crate::marker::{settle, stored_batch};
 use crate::open::{check_format, load_evictions, load_groups, open_db, write_missing_heads};
 use crate::undo::{Shown, Undo};
 use crate::writer::{Disk, Op, Writer};
@@ -58,7 +59,12 @@ impl SledStore {
     /// holds: same epochs, offsets continue, limits apply as before.
     pub fn open(config: SledConfig) -> Result<SledStore, StoreError> {
         let db = open_db(&config)?;
+        check_format(&db, &config.path)?;
+        // A store that was failing when it stopped rolls back first (it may
+        // take a new instance id).
+        settle(&db, &config.path)?;
         let (instance, flushes) = check_format(&db, &config.path)?;
+        let next_batch = stored_batch(&db, &config.path)? + 1;
         let mut groups = load_groups(&db, &config.path)?;
         let evictions = load_evictions(&db, &config.path)?;
         let budget = State::budget_of(&groups, &config.limits, evictions);
@@ -77,7 +83,7 @@ impl SledStore {
                 undo: Undo::default(),
                 store_seq: 0,
             }),
-            writer: Writer::new(config.commit),
+            writer: Writer::new(config.commit, next_batch),
         });
         let writer = {
             let inner = inner.clone();
@@ -119,6 +125,13 @@ impl SledStore {
         self.inner.writer.hold_recovery(held);
     }
 
+    /// While `failing`, the failure mark of a failed batch cannot be written
+    /// (as if even an empty file could not be created): the failed writes
+    /// stay unanswered and new ones are refused until it can.
+    pub fn fail_marks(&self, failing: bool) {
+        self.inner.writer.fail_marks(failing);
+    }
+
     /// The writer's next batch applies at most `ops` of its sled operations
     /// and then fails as a full disk would: every write of it fails, and the
     /// store recovers as after real disk trouble.
@@ -137,7 +150,14 @@ impl Drop for SledStore {
             // opened again at once.
             let _ = handle.join();
         }
-        self.inner.with_db(|db| db.flush());
+        // While failing, the database holds operations of the failed batch
+        // that must never become durable as they are: the failure mark makes
+        // the next opening roll them back, and a flush here would only give
+        // it more to undo. (sled flushes what it can when the last handle
+        // goes; the mark covers that too.)
+        if self.inner.writer.failure().is_none() {
+            self.inner.with_db(|db| db.flush());
+        }
     }
 }
 

@@ -105,11 +105,17 @@ impl Undo {
             .map(|e| e.before))
     }
 
-    /// Every group a write after `durable` changed, with what its rollback
-    /// needs. `current` gives a group's generation in memory now.
-    pub(crate) fn plan(&self, durable: u64, current: impl Fn(&str) -> Option<u64>) -> BTreeMap<String, Rollback> {
+    /// Every group a write after `durable` (and up to `upto`) changed, with
+    /// what its rollback needs. `current` gives a group's generation in
+    /// memory now.
+    pub(crate) fn plan(
+        &self,
+        durable: u64,
+        upto: u64,
+        current: impl Fn(&str) -> Option<u64>,
+    ) -> BTreeMap<String, Rollback> {
         let mut plan: BTreeMap<String, Rollback> = BTreeMap::new();
-        for e in self.entries.iter().filter(|e| e.seq > durable) {
+        for e in self.entries.iter().filter(|e| e.seq > durable && e.seq <= upto) {
             let Some(group) = &e.group else { continue };
             let r = plan.entry(group.clone()).or_insert(Rollback {
                 durable: e.before,
@@ -156,7 +162,7 @@ mod tests {
         undo.record(3, "g", shown(1, 10)); // then flushed to generation 2
         undo.record(4, "g", shown(2, 0));
         undo.record(5, "new", Shown::default());
-        let plan = undo.plan(2, |g| (g == "g").then_some(2));
+        let plan = undo.plan(2, u64::MAX, |g| (g == "g").then_some(2));
         assert_eq!(
             plan["g"],
             Rollback {
