@@ -82,7 +82,8 @@ impl Disk for Inner {
         state.budget = State::budget_of(&groups, &self.limits, evictions);
         state.groups = groups;
         state.undo.clear();
-        state.store_seq = 0;
+        state.flushed_all_seq = 0;
+        state.evicted_seq = 0;
         let discarded = self.writer.discard_queued();
         *slot = Some(db);
         // The rollback is durable: a restart need not repeat it. A mark left

@@ -81,7 +81,8 @@ impl SledStore {
                 groups,
                 closed: false,
                 undo: Undo::default(),
-                store_seq: 0,
+                flushed_all_seq: 0,
+                evicted_seq: 0,
             }),
             writer: Writer::new(config.commit, next_batch),
         });
@@ -308,8 +309,8 @@ impl HistoryStore for SledStore {
                 ReadQuery::Since { offset, limit } => (offset.saturating_add(1).max(head.first), limit),
             };
             let messages = inner.read_range(group, from, head.last, limit)?;
-            let state = inner.state()?;
-            if state.flushes != before || Inner::head_of(&state, group).epoch != head.epoch {
+            let mut state = inner.state()?;
+            if state.flushes != before || inner.epoch_now(&mut state, group).as_ref() != Some(&head.epoch) {
                 // The group was flushed while we read: its offsets start over,
                 // so what we read may mix generations. Read again.
                 continue;
@@ -398,8 +399,9 @@ impl HistoryStore for SledStore {
             }
             let seq = inner.writer.push(ops);
             state.undo.forget_durable(inner.writer.durable_mark());
-            state.undo.record_store(seq);
-            state.store_seq = seq;
+            let (flushes, evictions) = (state.flushes - 1, state.budget.evictions());
+            state.undo.record_store(seq, flushes, evictions);
+            state.flushed_all_seq = seq;
             for (name, was) in drained {
                 state.undo.record(seq, &name, was);
             }

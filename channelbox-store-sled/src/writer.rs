@@ -467,3 +467,23 @@ impl Writer {
         disk.mark_failed(unit)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_writes_stay_lost_in_a_bounded_record() {
+        let mut p = Progress::default();
+        // A flapping disk: many recoveries, each losing two writes after one
+        // that became durable.
+        for r in 0..1_000u64 {
+            p.lose(r * 3 + 2, r * 3 + 3);
+        }
+        assert!(p.lost.len() <= KEEP_LOST, "{} ranges kept", p.lost.len());
+        assert!(p.lost(2) && p.lost(3), "the oldest failure is still a failure");
+        assert!(p.lost(2_999) && p.lost(3_000));
+        assert!(!p.lost(2_998), "a durable write between recent failures");
+        assert!(!p.lost(0) && !p.lost(3_001));
+    }
+}
