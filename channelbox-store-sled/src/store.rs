@@ -133,6 +133,12 @@ impl SledStore {
         self.inner.writer.fail_marks(failing);
     }
 
+    /// While `failing`, a failing store's attempts to reopen sled fail after
+    /// sled opened, before the rollback.
+    pub fn fail_reopens(&self, failing: bool) {
+        self.inner.writer.fail_reopens(failing);
+    }
+
     /// The writer's next batch applies at most `ops` of its sled operations
     /// and then fails as a full disk would: every write of it fails, and the
     /// store recovers as after real disk trouble.

@@ -12,7 +12,6 @@ use crate::group::State;
 use crate::layout::{decode_message, message_key, u64_at};
 use crate::store::Inner;
 use crate::undo::View;
-use crate::writer::Disk;
 
 impl Inner {
     /// The head of `group` as readers may see it, and the flush count it was
@@ -99,8 +98,20 @@ impl Inner {
         if limit == 0 || from > to {
             return Ok(Vec::new());
         }
-        self.with_db(|db| self.scan(db, group, from, to, limit))
-            .unwrap_or_else(|| Err(SledError::Closed(self.path.clone())))
+        // A failing store reopening sled holds this lock for as long as
+        // sled's recovery takes: a reader answers at once instead of blocking
+        // its async worker, and is told to come back.
+        let db = match self.db.try_read() {
+            Ok(db) => db,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(SledError::Flush(self.path.clone(), "the store is reopening".into()))
+            }
+        };
+        match db.as_ref() {
+            Some(db) => self.scan(db, group, from, to, limit),
+            None => Err(SledError::Closed(self.path.clone())),
+        }
     }
 
     fn scan(

@@ -161,6 +161,8 @@ struct Faults {
     recovery_held: bool,
     /// The failure mark cannot be written while set.
     marks_fail: bool,
+    /// Reopening fails after sled opened while set.
+    reopens_fail: bool,
 }
 
 impl Queue {
@@ -305,6 +307,20 @@ impl Writer {
     #[cfg(feature = "failpoints")]
     pub(crate) fn fail_marks(&self, failing: bool) {
         self.lock().faults.marks_fail = failing;
+    }
+
+    /// Test only: reopening fails after sled opened while `failing`.
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn fail_reopens(&self, failing: bool) {
+        self.lock().faults.reopens_fail = failing;
+    }
+
+    /// Whether a reopening must fail now (a test's injected fault).
+    pub(crate) fn reopen_fault(&self) -> bool {
+        #[cfg(feature = "failpoints")]
+        return self.lock().faults.reopens_fail;
+        #[cfg(not(feature = "failpoints"))]
+        false
     }
 
     /// Test only: the next batch applies at most `ops` operations and fails.

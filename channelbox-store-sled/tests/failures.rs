@@ -215,3 +215,28 @@ async fn a_failing_eviction_leaves_other_groups_readable() {
     assert_eq!(texts(&store, "g").await.len(), 3, "the eviction was rolled back");
     assert_eq!(store.head("o").await.unwrap(), o, "untouched: same epoch");
 }
+
+#[tokio::test]
+async fn reads_go_on_while_attempts_to_reopen_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, HistoryLimits::default());
+    for text in ["a", "b", "c"] {
+        acked(&store, "g", text).await;
+    }
+    store.fail_reopens(true);
+    store.fail_next_batch(usize::MAX);
+    assert!(store.append("g", message("failed")).unwrap().wait().await.is_err());
+    // Attempts come once a second; let a few of them fail.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!store.healthy(), "still failing");
+    assert_eq!(
+        texts(&store, "g").await,
+        numbered(&["a", "b", "c"]),
+        "history while failing"
+    );
+    assert_eq!(store.head("g").await.unwrap().last, 3);
+    store.fail_reopens(false);
+    recovered(&store).await;
+    assert_eq!(acked(&store, "g", "d").await, 4);
+    assert_eq!(texts(&store, "g").await, numbered(&["a", "b", "c", "d"]));
+}
