@@ -323,6 +323,9 @@ impl Writer {
         loop {
             let failing = self.failure().is_some();
             let Some((last, fault)) = self.take(&mut batch, failing) else {
+                // Shut down: a failure not yet marked gets a last attempt,
+                // since its writers are about to be told the store closed.
+                self.remark(disk);
                 return;
             };
             if failing {
@@ -382,10 +385,7 @@ impl Writer {
     /// Tries to reopen sled and resume. A failure not yet marked on disk is
     /// marked first: until then nobody is told.
     fn recover(&self, disk: &impl Disk) {
-        let unmarked = self.progress.borrow().unmarked.clone();
-        if let Some((unit, why)) = unmarked {
-            self.fail(disk, unit, &why);
-        }
+        self.remark(disk);
         #[cfg(feature = "failpoints")]
         if self.lock().faults.recovery_held {
             return;
@@ -402,6 +402,14 @@ impl Writer {
                 tracing::warn!("history writes resumed");
             }
             Err(err) => tracing::debug!(error = %err, "history store still failing"),
+        }
+    }
+
+    /// Tries again to mark a failure whose mark could not be written.
+    fn remark(&self, disk: &impl Disk) {
+        let unmarked = self.progress.borrow().unmarked.clone();
+        if let Some((unit, why)) = unmarked {
+            self.fail(disk, unit, &why);
         }
     }
 

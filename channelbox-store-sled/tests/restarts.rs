@@ -178,3 +178,30 @@ async fn a_failure_that_cannot_be_marked_is_told_to_nobody_until_it_is() {
     let store = SledStore::open(config(&dir)).unwrap();
     check_rolled_back(&store, &before).await;
 }
+
+#[tokio::test]
+async fn a_store_dropped_before_its_failure_was_marked_marks_it_on_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(config(&dir)).unwrap();
+    for text in ["a", "b", "c"] {
+        acked(&store, "g", text).await;
+    }
+    acked(&store, "other", "kept").await;
+    let before = store.head("g").await.unwrap().epoch;
+    store.hold_recovery(true);
+    store.fail_marks(true);
+    store.fail_next_batch(0);
+    let failing = store.append("g", message("failed")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.healthy() {
+        assert!(Instant::now() < deadline, "the batch fails");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The disk takes the mark again just as the store is stopped: its
+    // writers are told the store closed, so the mark must be there.
+    store.fail_marks(false);
+    drop(store);
+    assert!(failing.wait().await.is_err());
+    let store = SledStore::open(config(&dir)).unwrap();
+    check_rolled_back(&store, &before).await;
+}
