@@ -435,6 +435,10 @@ impl HistoryStore for SledStore {
     async fn sync(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
         inner.healthy()?;
-        inner.writer.durable(inner.writer.written(), &inner.path).await
+        // Waits as a reader does: a failure not yet marked on disk fails it
+        // at once (it names no offset), so a shutdown never hangs on a disk
+        // that takes not even the mark.
+        let written = inner.writer.written();
+        Ok(inner.writer.durable_wait(written, &inner.path).await?)
     }
 }
