@@ -90,7 +90,12 @@ impl SledStore {
             let inner = inner.clone();
             std::thread::Builder::new()
                 .name("channelbox-sled-writer".into())
-                .spawn(move || inner.writer.run(&*inner))
+                .spawn(move || {
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.writer.run(&*inner)));
+                    if ran.is_err() {
+                        inner.writer.ended(&*inner);
+                    }
+                })
                 .map_err(|e| SledError::Unusable(config.path.clone(), format!("cannot start the writer thread: {e}")))?
         };
         Ok(SledStore {
@@ -131,6 +136,12 @@ impl SledStore {
     /// stay unanswered and new ones are refused until it can.
     pub fn fail_marks(&self, failing: bool) {
         self.inner.writer.fail_marks(failing);
+    }
+
+    /// The writer thread panics at its next batch, as a bug in it (or in
+    /// sled) would.
+    pub fn panic_next_batch(&self) {
+        self.inner.writer.panic_next_batch();
     }
 
     /// While `failing`, a failing store's attempts to reopen sled fail after

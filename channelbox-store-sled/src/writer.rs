@@ -113,6 +113,8 @@ struct Faults {
     marks_fail: bool,
     /// Reopening fails after sled opened while set.
     reopens_fail: bool,
+    /// The thread panics at its next batch.
+    panic: bool,
 }
 
 impl Queue {
@@ -167,6 +169,8 @@ pub(crate) struct Writer {
     /// The number of the next batch (see `marker.rs`); numbers keep rising
     /// across restarts.
     batches: AtomicU64,
+    /// The batch being applied and not yet durable (0: none).
+    in_flight: AtomicU64,
 }
 
 impl Writer {
@@ -178,6 +182,7 @@ impl Writer {
             progress: watch::channel(Progress::default()).0,
             mode,
             batches: AtomicU64::new(first_batch),
+            in_flight: AtomicU64::new(0),
         }
     }
 
@@ -257,6 +262,12 @@ impl Writer {
     #[cfg(feature = "failpoints")]
     pub(crate) fn fail_marks(&self, failing: bool) {
         self.lock().faults.marks_fail = failing;
+    }
+
+    /// Test only: the thread panics at its next batch.
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn panic_next_batch(&self) {
+        self.lock().faults.panic = true;
     }
 
     /// Test only: reopening fails after sled opened while `failing`.
@@ -356,6 +367,8 @@ impl Writer {
                 last
             };
             let unit = self.batches.fetch_add(1, Ordering::Relaxed);
+            self.in_flight.store(unit, Ordering::Relaxed);
+            self.injected_panic();
             let record = disk.record(unit, self.durable_mark(), upto);
             let applied = std::iter::once((0, record))
                 .chain(std::iter::from_fn(|| ops.next_if(|(seq, _)| *seq <= upto)))
@@ -378,6 +391,7 @@ impl Writer {
             if let Err(why) = db.flush() {
                 return self.fail(disk, unit, &why.to_string());
             }
+            self.in_flight.store(0, Ordering::Relaxed);
             self.progress.send_modify(|p| p.durable = upto);
         }
     }
@@ -402,6 +416,32 @@ impl Writer {
                 tracing::warn!("history writes resumed");
             }
             Err(err) => tracing::debug!(error = %err, "history store still failing"),
+        }
+    }
+
+    /// The thread panicked: the batch it was applying (or, with none, a
+    /// number no record has, which only gives every group a new epoch at the
+    /// next opening) counts as failed, and the store stays failing, so that
+    /// no reader or writer waits forever. If even the mark cannot be written
+    /// now, writers are told all the same: no thread is left to retry.
+    pub(crate) fn ended(&self, disk: &impl Disk) {
+        let unit = match self.in_flight.load(Ordering::Relaxed) {
+            0 => self.batches.load(Ordering::Relaxed),
+            unit => unit,
+        };
+        self.fail(disk, unit, "the history writer thread ended");
+        self.progress.send_modify(|p| {
+            if let Some((_, why)) = p.unmarked.take() {
+                p.error = Some(why);
+            }
+        });
+    }
+
+    /// Test only: panics here if a test asked for it.
+    fn injected_panic(&self) {
+        #[cfg(feature = "failpoints")]
+        if std::mem::take(&mut self.lock().faults.panic) {
+            panic!("injected panic of the writer thread");
         }
     }
 

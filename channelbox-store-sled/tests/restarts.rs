@@ -205,3 +205,23 @@ async fn a_store_dropped_before_its_failure_was_marked_marks_it_on_the_way_out()
     let store = SledStore::open(config(&dir)).unwrap();
     check_rolled_back(&store, &before).await;
 }
+
+#[tokio::test]
+async fn a_writer_thread_that_panics_leaves_nobody_waiting_and_a_restart_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(config(&dir)).unwrap();
+    for text in ["a", "b", "c"] {
+        acked(&store, "g", text).await;
+    }
+    acked(&store, "other", "kept").await;
+    let before = store.head("g").await.unwrap().epoch;
+    store.panic_next_batch();
+    let failing = store.append("g", message("failed")).unwrap();
+    assert!(failing.wait().await.is_err(), "the append is answered");
+    assert!(!store.healthy(), "and the store stays failing");
+    assert_eq!(store.head("g").await.unwrap().last, 3, "reads go on");
+    assert!(store.append("g", message("refused")).is_err());
+    drop(store);
+    let store = SledStore::open(config(&dir)).unwrap();
+    check_rolled_back(&store, &before).await;
+}
