@@ -19,10 +19,15 @@ const GROUPS: u8 = 7;
 
 #[derive(Clone, Debug)]
 enum Step {
-    Append { group: u8, size: u16 },
+    Append {
+        group: u8,
+        size: u16,
+    },
     Read(u8),
     Reopen,
-    FailingBatch(Vec<(u8, u16)>),
+    /// Appends that fail; with `true`, the store is then dropped while
+    /// failing and opened again.
+    FailingBatch(Vec<(u8, u16)>, bool),
 }
 
 fn steps() -> impl Strategy<Value = Vec<Step>> {
@@ -31,7 +36,8 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
         8 => append.clone().prop_map(|(group, size)| Step::Append { group, size }),
         2 => (0..GROUPS).prop_map(Step::Read),
         1 => Just(Step::Reopen),
-        1 => proptest::collection::vec(append, 1..4).prop_map(Step::FailingBatch),
+        1 => (proptest::collection::vec(append, 1..4), proptest::bool::weighted(0.3))
+            .prop_map(|(writes, restart)| Step::FailingBatch(writes, restart)),
     ];
     proptest::collection::vec(step, 0..40)
 }
@@ -152,7 +158,7 @@ impl Run {
                 drop(self.store.take());
                 self.store = Some(SledStore::open(self.config.clone()).expect("reopen"));
             }
-            Step::FailingBatch(writes) => self.fail(step, writes).await,
+            Step::FailingBatch(writes, restart) => self.fail(step, writes, *restart).await,
         }
         for g in (0..GROUPS).map(name) {
             self.check_head(&g, step).await;
@@ -161,8 +167,10 @@ impl Run {
 
     /// A batch of appends that fails before reaching sled: each fails, the
     /// store recovers by itself, and the model is as before, with a new
-    /// epoch for every group an append touched or would have evicted.
-    async fn fail(&mut self, step: usize, writes: &[(u8, u16)]) {
+    /// epoch for every group an append touched or would have evicted. With
+    /// `restart`, the store is dropped while failing: then every group is in
+    /// a new epoch.
+    async fn fail(&mut self, step: usize, writes: &[(u8, u16)], restart: bool) {
         let mut after = self.model.clone();
         let mut touched = Vec::new();
         let messages: Vec<_> = writes
@@ -175,6 +183,7 @@ impl Run {
         }
         let s = self.store();
         s.pause_writer();
+        s.hold_recovery(restart);
         s.fail_next_batch(0);
         let mut waiting = Vec::new();
         for (g, m) in messages {
@@ -187,9 +196,14 @@ impl Run {
             assert!(f.await.is_err(), "step {step}: an append of the failing batch fails");
         }
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !s.healthy() {
+        while !restart && !s.healthy() {
             assert!(Instant::now() < deadline, "step {step}: the store recovers");
             tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if restart {
+            drop(self.store.take());
+            self.store = Some(SledStore::open(self.config.clone()).expect("reopen"));
+            touched = self.model.groups.keys().cloned().collect();
         }
         for g in touched {
             *self.model.epochs.entry(g).or_default() += 1;
