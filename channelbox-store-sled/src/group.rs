@@ -114,9 +114,11 @@ pub(crate) struct State {
     pub(crate) closed: bool,
     /// What the writes not yet durable changed, for readers and rollbacks.
     pub(crate) undo: Undo,
-    /// The newest write that changed the epoch of groups without an entry
-    /// (a flush of every group, an eviction).
-    pub(crate) store_seq: u64,
+    /// The newest flush of every group: it changes every group's epoch.
+    pub(crate) flushed_all_seq: u64,
+    /// The newest write that evicted a group: it changes the epoch of groups
+    /// without an entry, and of none other.
+    pub(crate) evicted_seq: u64,
 }
 
 impl State {
@@ -159,8 +161,9 @@ impl State {
             g.seq = seq;
         }
         if !evicted.is_empty() {
-            self.undo.record_store(seq);
-            self.store_seq = seq;
+            let evictions = self.budget.evictions() - evicted.len() as u64;
+            self.undo.record_store(seq, self.flushes, evictions);
+            self.evicted_seq = seq;
         }
         for (name, was) in evicted {
             self.undo.record(seq, &name, was);
@@ -168,9 +171,15 @@ impl State {
     }
 
     /// The write a reader of `group` waits for: the newest that changed the
-    /// group, or the epoch it has without an entry.
+    /// group, or the epoch it has without an entry, or every epoch. A group
+    /// with an entry does not wait for other groups' evictions: its epoch
+    /// and messages do not depend on them.
     pub(crate) fn wait_seq(&self, group: &str) -> u64 {
-        self.groups.get(group).map_or(0, |g| g.seq).max(self.store_seq)
+        let own = match self.groups.get(group) {
+            Some(g) => g.seq,
+            None => self.evicted_seq,
+        };
+        own.max(self.flushed_all_seq)
     }
 }
 

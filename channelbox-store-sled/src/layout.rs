@@ -13,6 +13,8 @@ pub(crate) const KEY_FLUSHES: &[u8] = b"\x00flushes";
 /// How many groups the total budget evicted (see `channelbox_core::TotalBudget`);
 /// absent in stores written before it existed, where it counts as 0.
 pub(crate) const KEY_EVICTIONS: &[u8] = b"\x00evictions";
+/// The record of the newest batch the writer started (see `marker.rs`).
+pub(crate) const KEY_UNDO: &[u8] = b"\x00undo";
 pub(crate) const GROUP_PREFIX: u8 = 1;
 pub(crate) const MESSAGE_PREFIX: u8 = 2;
 

@@ -19,7 +19,10 @@
 //! - **Disk trouble.** When a write fails (a full disk), appends are refused
 //!   until the store has reopened sled by itself. Reads and heads only ever
 //!   show what is durable, and the rollback gives every group a failed write
-//!   touched a new epoch, so no (epoch, offset) names two messages.
+//!   touched a new epoch, so no (epoch, offset) names two messages. A store
+//!   stopped or killed while failing rolls back when it is next opened, and
+//!   then every group is in a new epoch; one that was not failing keeps its
+//!   epochs and offsets.
 //! - **Clear errors.** A directory of another format, a file where a directory is
 //!   expected, an unwritable or locked directory each give a typed
 //!   [`StoreError`](channelbox_core::StoreError) naming the path.
@@ -57,7 +60,9 @@ mod config;
 mod error;
 mod group;
 mod layout;
+mod marker;
 mod open;
+mod progress;
 mod recover;
 mod store;
 mod undo;

@@ -17,16 +17,17 @@
 //! as before it. Nothing acknowledged is lost: an acknowledged message was
 //! durable before the failure.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::PoisonError;
 
 use crate::error::SledError;
-use crate::group::State;
-use crate::layout::{group_key, group_value, message_key, u64_at, KEY_EVICTIONS, KEY_FLUSHES};
+use crate::group::{GroupState, State};
+use crate::layout::{group_key, group_value, message_key, u64_at, KEY_EVICTIONS, KEY_FLUSHES, KEY_UNDO};
+use crate::marker::{clear_marks, encode, mark_failed, Record};
 use crate::open::{check_format, load_evictions, load_groups, open_db};
 use crate::store::{lock, Inner};
 use crate::undo::Rollback;
-use crate::writer::Disk;
+use crate::writer::{Disk, Op};
 
 impl Disk for Inner {
     fn with_db<R>(&self, f: impl FnOnce(&sled::Db) -> R) -> Option<R> {
@@ -34,36 +35,100 @@ impl Disk for Inner {
         db.as_ref().map(f)
     }
 
+    fn record(&self, batch: u64, durable: u64, upto: u64) -> Op {
+        let mut state = lock(&self.state);
+        state.undo.forget_durable(durable);
+        let plan = state
+            .undo
+            .plan(durable, upto, |g| state.groups.get(g).map(|g| g.generation));
+        let record = Record {
+            batch,
+            flushes: state.flushes,
+            evictions: state.budget.evictions(),
+            plan,
+        };
+        Op::Insert(KEY_UNDO.to_vec(), encode(&record))
+    }
+
+    fn mark_failed(&self, batch: u64) -> std::io::Result<()> {
+        mark_failed(&self.path, batch)
+    }
+
     fn reopen(&self, durable: u64) -> Result<u64, SledError> {
         // The old database serves reads meanwhile: let it go only once the
         // disk takes writes again.
         probe_space(&self.path).map_err(|e| SledError::Unusable(self.path.clone(), e.to_string()))?;
-        // The store's lock first, as appends take it before the writer's.
-        let mut state = lock(&self.state);
-        if state.closed {
-            return Err(SledError::Closed(self.path.clone()));
-        }
-        let plan = state.undo.plan(durable, |g| state.groups.get(g).map(|g| g.generation));
-        // The counters never go back either: epochs handed out under a flush
-        // count or eviction count that failed must stay unused.
-        let counters = [(KEY_FLUSHES, state.flushes), (KEY_EVICTIONS, state.budget.evictions())];
+        // What to roll back is taken under the store's lock, and the disk
+        // work done without it, so that readers (on async workers) never wait
+        // for sled's recovery: while failing, no write changes the undo log
+        // or the counters.
+        let (plan, counters) = {
+            let state = lock(&self.state);
+            if state.closed {
+                return Err(SledError::Closed(self.path.clone()));
+            }
+            let plan = state
+                .undo
+                .plan(durable, u64::MAX, |g| state.groups.get(g).map(|g| g.generation));
+            // The counters never go back either: epochs handed out under a
+            // flush count or eviction count that failed must stay unused.
+            let counters = [(KEY_FLUSHES, state.flushes), (KEY_EVICTIONS, state.budget.evictions())];
+            (plan, counters)
+        };
         let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
         drop(slot.take());
         let db = open_db(&self.config)?;
-        roll_back(&db, &plan, &counters).map_err(|e| SledError::sled(&self.path, e))?;
-        db.flush().map_err(|e| SledError::sled(&self.path, e))?;
-        let (instance, flushes) = check_format(&db, &self.path)?;
-        let groups = load_groups(&db, &self.path)?;
-        let evictions = load_evictions(&db, &self.path)?;
+        let loaded = self.settle(&db, &plan, &counters);
+        // Reads go on from the reopened database even if this attempt
+        // failed: what readers see comes from the undo log, which holds until
+        // a rollback succeeds, and sled holds the durable messages under it.
+        *slot = Some(db);
+        drop(slot);
+        let (instance, flushes, groups, evictions) = loaded?;
+        let mut state = lock(&self.state);
         state.instance = instance;
         state.flushes = flushes;
         state.budget = State::budget_of(&groups, &self.limits, evictions);
         state.groups = groups;
         state.undo.clear();
-        state.store_seq = 0;
+        state.flushed_all_seq = 0;
+        state.evicted_seq = 0;
+        // Under the store's lock, as appends push under it.
         let discarded = self.writer.discard_queued();
-        *slot = Some(db);
+        drop(state);
+        // The rollback is durable: a restart need not repeat it. A mark left
+        // behind only costs a new instance id at the next opening.
+        if let Err(err) = clear_marks(&self.path) {
+            tracing::warn!(error = %err, "history store: cannot remove its failure mark");
+        }
         Ok(discarded)
+    }
+}
+
+/// What a reopened database holds once rolled back: instance id, flush
+/// count, groups, eviction count.
+type Loaded = (String, u64, HashMap<String, GroupState>, u64);
+
+impl Inner {
+    /// Rolls back on the reopened database, makes it durable, and loads it.
+    fn settle(
+        &self,
+        db: &sled::Db,
+        plan: &BTreeMap<String, Rollback>,
+        counters: &[(&[u8], u64)],
+    ) -> Result<Loaded, SledError> {
+        if self.writer.reopen_fault() {
+            return Err(SledError::Unusable(
+                self.path.clone(),
+                "injected failure of the rollback".into(),
+            ));
+        }
+        roll_back(db, plan, counters).map_err(|e| SledError::sled(&self.path, e))?;
+        db.flush().map_err(|e| SledError::sled(&self.path, e))?;
+        let (instance, flushes) = check_format(db, &self.path)?;
+        let groups = load_groups(db, &self.path)?;
+        let evictions = load_evictions(db, &self.path)?;
+        Ok((instance, flushes, groups, evictions))
     }
 }
 
@@ -94,7 +159,11 @@ fn probe_space(dir: &std::path::Path) -> std::io::Result<()> {
 /// failed flush or eviction reached the disk, and they remove a generation's
 /// messages before its head: nothing of the durable generation is left, and
 /// what is there belongs to a generation that never became durable.
-fn roll_back(db: &sled::Db, plan: &BTreeMap<String, Rollback>, counters: &[(&[u8], u64)]) -> sled::Result<()> {
+pub(crate) fn roll_back(
+    db: &sled::Db,
+    plan: &BTreeMap<String, Rollback>,
+    counters: &[(&[u8], u64)],
+) -> sled::Result<()> {
     let mut batch = sled::Batch::default();
     for (name, r) in plan {
         let on_disk = db.get(group_key(name))?.and_then(|v| u64_at(&v, 0));

@@ -29,6 +29,7 @@ use crate::config::SledConfig;
 use crate::error::SledError;
 use crate::group::{GroupState, State, MESSAGE_OVERHEAD};
 use crate::layout::*;
+use crate::marker::{settle, stored_batch};
 use crate::open::{check_format, load_evictions, load_groups, open_db, write_missing_heads};
 use crate::undo::{Shown, Undo};
 use crate::writer::{Disk, Op, Writer};
@@ -58,7 +59,12 @@ impl SledStore {
     /// holds: same epochs, offsets continue, limits apply as before.
     pub fn open(config: SledConfig) -> Result<SledStore, StoreError> {
         let db = open_db(&config)?;
+        check_format(&db, &config.path)?;
+        // A store that was failing when it stopped rolls back first (it may
+        // take a new instance id).
+        settle(&db, &config.path)?;
         let (instance, flushes) = check_format(&db, &config.path)?;
+        let next_batch = stored_batch(&db, &config.path)? + 1;
         let mut groups = load_groups(&db, &config.path)?;
         let evictions = load_evictions(&db, &config.path)?;
         let budget = State::budget_of(&groups, &config.limits, evictions);
@@ -75,15 +81,21 @@ impl SledStore {
                 groups,
                 closed: false,
                 undo: Undo::default(),
-                store_seq: 0,
+                flushed_all_seq: 0,
+                evicted_seq: 0,
             }),
-            writer: Writer::new(config.commit),
+            writer: Writer::new(config.commit, next_batch),
         });
         let writer = {
             let inner = inner.clone();
             std::thread::Builder::new()
                 .name("channelbox-sled-writer".into())
-                .spawn(move || inner.writer.run(&*inner))
+                .spawn(move || {
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.writer.run(&*inner)));
+                    if ran.is_err() {
+                        inner.writer.ended(&*inner);
+                    }
+                })
                 .map_err(|e| SledError::Unusable(config.path.clone(), format!("cannot start the writer thread: {e}")))?
         };
         Ok(SledStore {
@@ -119,6 +131,25 @@ impl SledStore {
         self.inner.writer.hold_recovery(held);
     }
 
+    /// While `failing`, the failure mark of a failed batch cannot be written
+    /// (as if even an empty file could not be created): the failed writes
+    /// stay unanswered and new ones are refused until it can.
+    pub fn fail_marks(&self, failing: bool) {
+        self.inner.writer.fail_marks(failing);
+    }
+
+    /// The writer thread panics at its next batch, as a bug in it (or in
+    /// sled) would.
+    pub fn panic_next_batch(&self) {
+        self.inner.writer.panic_next_batch();
+    }
+
+    /// While `failing`, a failing store's attempts to reopen sled fail after
+    /// sled opened, before the rollback.
+    pub fn fail_reopens(&self, failing: bool) {
+        self.inner.writer.fail_reopens(failing);
+    }
+
     /// The writer's next batch applies at most `ops` of its sled operations
     /// and then fails as a full disk would: every write of it fails, and the
     /// store recovers as after real disk trouble.
@@ -137,7 +168,14 @@ impl Drop for SledStore {
             // opened again at once.
             let _ = handle.join();
         }
-        self.inner.with_db(|db| db.flush());
+        // While failing, the database holds operations of the failed batch
+        // that must never become durable as they are: the failure mark makes
+        // the next opening roll them back, and a flush here would only give
+        // it more to undo. (sled flushes what it can when the last handle
+        // goes; the mark covers that too.)
+        if self.inner.writer.failure().is_none() {
+            self.inner.with_db(|db| db.flush());
+        }
     }
 }
 
@@ -288,8 +326,8 @@ impl HistoryStore for SledStore {
                 ReadQuery::Since { offset, limit } => (offset.saturating_add(1).max(head.first), limit),
             };
             let messages = inner.read_range(group, from, head.last, limit)?;
-            let state = inner.state()?;
-            if state.flushes != before || Inner::head_of(&state, group).epoch != head.epoch {
+            let mut state = inner.state()?;
+            if state.flushes != before || inner.epoch_now(&mut state, group).as_ref() != Some(&head.epoch) {
                 // The group was flushed while we read: its offsets start over,
                 // so what we read may mix generations. Read again.
                 continue;
@@ -378,8 +416,9 @@ impl HistoryStore for SledStore {
             }
             let seq = inner.writer.push(ops);
             state.undo.forget_durable(inner.writer.durable_mark());
-            state.undo.record_store(seq);
-            state.store_seq = seq;
+            let (flushes, evictions) = (state.flushes - 1, state.budget.evictions());
+            state.undo.record_store(seq, flushes, evictions);
+            state.flushed_all_seq = seq;
             for (name, was) in drained {
                 state.undo.record(seq, &name, was);
             }
@@ -407,6 +446,10 @@ impl HistoryStore for SledStore {
     async fn sync(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
         inner.healthy()?;
-        inner.writer.durable(inner.writer.written(), &inner.path).await
+        // Waits as a reader does: a failure not yet marked on disk fails it
+        // at once (it names no offset), so a shutdown never hangs on a disk
+        // that takes not even the mark.
+        let written = inner.writer.written();
+        Ok(inner.writer.durable_wait(written, &inner.path).await?)
     }
 }

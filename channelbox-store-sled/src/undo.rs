@@ -40,6 +40,23 @@ struct Entry {
     seq: u64,
     group: Option<String>,
     before: Shown,
+    /// For a change of the whole store: the flush and eviction counts before.
+    counters: (u64, u64),
+}
+
+/// How readers may see a group while writes fail; see [`Undo::durable_view`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum View {
+    /// No write that is not durable changed it: memory is the disk.
+    Memory,
+    /// It had no entry before the oldest such write: empty.
+    Absent,
+    /// It is as it was before the oldest such write, in the same generation.
+    Was(Shown),
+    /// Such a write changed its generation (a flush, an eviction, a
+    /// re-creation): sled may hold another generation's messages under its
+    /// offsets, so it cannot be read until the store has recovered.
+    Unsettled,
 }
 
 /// What a rollback must do for one group.
@@ -65,16 +82,25 @@ impl Undo {
             seq,
             group: Some(group.to_owned()),
             before,
+            counters: (0, 0),
         });
     }
 
-    /// Records that write `seq` changes the epoch of groups without an entry.
-    pub(crate) fn record_store(&mut self, seq: u64) {
+    /// Records that write `seq` changes the epoch of groups without an entry
+    /// (or of every group), with the flush and eviction counts before it.
+    pub(crate) fn record_store(&mut self, seq: u64, flushes: u64, evictions: u64) {
         self.entries.push_back(Entry {
             seq,
             group: None,
             before: Shown::default(),
+            counters: (flushes, evictions),
         });
+    }
+
+    /// The flush and eviction counts as the disk holds them, when a change
+    /// of the whole store is not durable.
+    pub(crate) fn durable_counters(&self) -> Option<(u64, u64)> {
+        self.entries.iter().find(|e| e.group.is_none()).map(|e| e.counters)
     }
 
     /// Forgets the writes up to `durable`: they can no longer be rolled back.
@@ -90,26 +116,42 @@ impl Undo {
     }
 
     /// How `group` stands on disk as far as readers may know, given that
-    /// every write recorded here is not durable: `Ok(None)` when no such write
-    /// changed it (memory is the disk), `Ok(Some(before))` for its state before
-    /// the oldest one that did, and `Err(())` while a change of the whole store
-    /// is not durable (the epoch of every group is uncertain then).
-    pub(crate) fn durable_view(&self, group: &str) -> Result<Option<Shown>, ()> {
-        if self.entries.iter().any(|e| e.group.is_none()) {
-            return Err(());
-        }
-        Ok(self
+    /// every write recorded here is not durable, and that the group has
+    /// generation `current` in memory (`None`: no entry). Only the group's
+    /// own writes count: a change of the whole store changes its epoch
+    /// through the counters (see [`Undo::durable_counters`]), not what sled
+    /// holds for it.
+    pub(crate) fn durable_view(&self, group: &str, current: Option<u64>) -> View {
+        let mut own = self
             .entries
             .iter()
-            .find(|e| e.group.as_deref() == Some(group))
-            .map(|e| e.before))
+            .filter(|e| e.group.as_deref() == Some(group))
+            .map(|e| e.before);
+        let Some(first) = own.next() else {
+            return View::Memory;
+        };
+        if !first.exists {
+            return View::Absent;
+        }
+        let same = |s: Shown| s.exists && s.generation == first.generation;
+        if own.all(same) && current == Some(first.generation) {
+            View::Was(first)
+        } else {
+            View::Unsettled
+        }
     }
 
-    /// Every group a write after `durable` changed, with what its rollback
-    /// needs. `current` gives a group's generation in memory now.
-    pub(crate) fn plan(&self, durable: u64, current: impl Fn(&str) -> Option<u64>) -> BTreeMap<String, Rollback> {
+    /// Every group a write after `durable` (and up to `upto`) changed, with
+    /// what its rollback needs. `current` gives a group's generation in
+    /// memory now.
+    pub(crate) fn plan(
+        &self,
+        durable: u64,
+        upto: u64,
+        current: impl Fn(&str) -> Option<u64>,
+    ) -> BTreeMap<String, Rollback> {
         let mut plan: BTreeMap<String, Rollback> = BTreeMap::new();
-        for e in self.entries.iter().filter(|e| e.seq > durable) {
+        for e in self.entries.iter().filter(|e| e.seq > durable && e.seq <= upto) {
             let Some(group) = &e.group else { continue };
             let r = plan.entry(group.clone()).or_insert(Rollback {
                 durable: e.before,
@@ -139,14 +181,26 @@ mod tests {
         undo.record(3, "g", shown(1, 5));
         undo.record(4, "g", shown(1, 6));
         undo.record(5, "h", Shown::default());
-        assert_eq!(undo.durable_view("g"), Ok(Some(shown(1, 5))));
-        assert_eq!(undo.durable_view("other"), Ok(None));
+        assert_eq!(undo.durable_view("g", Some(1)), View::Was(shown(1, 5)));
+        assert_eq!(undo.durable_view("g", Some(2)), View::Unsettled, "flushed since");
+        assert_eq!(undo.durable_view("h", Some(0)), View::Absent);
+        assert_eq!(undo.durable_view("other", Some(1)), View::Memory);
         undo.forget_durable(3);
-        assert_eq!(undo.durable_view("g"), Ok(Some(shown(1, 6))));
-        undo.record_store(6);
-        assert_eq!(undo.durable_view("other"), Err(()), "a flush of all is pending");
-        undo.forget_durable(6);
-        assert_eq!(undo.durable_view("g"), Ok(None));
+        assert_eq!(undo.durable_view("g", Some(1)), View::Was(shown(1, 6)));
+        // An eviction of "e" and its re-creation.
+        undo.record_store(6, 0, 4);
+        undo.record(6, "e", shown(0, 1));
+        undo.record(7, "e", Shown::default());
+        assert_eq!(undo.durable_counters(), Some((0, 4)));
+        assert_eq!(
+            undo.durable_view("other", Some(1)),
+            View::Memory,
+            "other groups stay readable"
+        );
+        assert_eq!(undo.durable_view("e", Some(5 << 32)), View::Unsettled);
+        undo.forget_durable(7);
+        assert_eq!(undo.durable_view("g", Some(1)), View::Memory);
+        assert_eq!(undo.durable_counters(), None);
     }
 
     #[test]
@@ -156,7 +210,7 @@ mod tests {
         undo.record(3, "g", shown(1, 10)); // then flushed to generation 2
         undo.record(4, "g", shown(2, 0));
         undo.record(5, "new", Shown::default());
-        let plan = undo.plan(2, |g| (g == "g").then_some(2));
+        let plan = undo.plan(2, u64::MAX, |g| (g == "g").then_some(2));
         assert_eq!(
             plan["g"],
             Rollback {

@@ -5,13 +5,13 @@
 //! in a `welcome`, a message in `history` — can be rolled back after disk
 //! trouble: an append answered `unavailable` is never read.
 
-use channelbox_core::{Head, StoredMessage};
+use channelbox_core::{Epoch, Head, StoredMessage};
 
 use crate::error::SledError;
 use crate::group::State;
 use crate::layout::{decode_message, message_key, u64_at};
 use crate::store::Inner;
-use crate::writer::Disk;
+use crate::undo::View;
 
 impl Inner {
     /// The head of `group` as readers may see it, and the flush count it was
@@ -37,41 +37,51 @@ impl Inner {
         }
     }
 
-    /// The group as the disk holds it while writes fail. A group whose epoch a
-    /// failed write changed (a flush, an eviction) cannot be read from sled,
+    /// The group as the disk holds it while writes fail (`undo.rs`). Only a
+    /// group whose generation a failed write changed cannot be read from sled,
     /// which may hold the new generation's messages under the old one's
-    /// offsets: it answers an error until the store has recovered.
-    fn durable_view(&self, state: &mut State, group: &str) -> Result<Head, SledError> {
+    /// offsets: it answers an error until the store has recovered. Epochs use
+    /// the counters as the disk holds them.
+    pub(crate) fn durable_view(&self, state: &mut State, group: &str) -> Result<Head, SledError> {
         state.undo.forget_durable(self.writer.durable_mark());
-        let unsettled = || {
-            SledError::Flush(
+        let (flushes, evictions) = state
+            .undo
+            .durable_counters()
+            .unwrap_or((state.flushes, state.budget.evictions()));
+        let epoch = |generation| Epoch::from_parts(&state.instance, flushes, generation);
+        let absent = Head {
+            epoch: epoch(evictions << 32),
+            first: 1,
+            last: 0,
+        };
+        let current = state.groups.get(group);
+        match state.undo.durable_view(group, current.map(|g| g.generation)) {
+            View::Memory => Ok(current.map_or(absent, |g| Head {
+                epoch: epoch(g.generation),
+                first: g.first(),
+                last: g.last,
+            })),
+            View::Absent => Ok(absent),
+            View::Was(before) => Ok(Head {
+                epoch: epoch(before.generation),
+                first: current.map_or(1, |g| g.first()).min(before.last + 1),
+                last: before.last,
+            }),
+            View::Unsettled => Err(SledError::Flush(
                 self.path.clone(),
                 format!("group {group:?} changed in a write that failed; it can be read once the store recovers"),
-            )
-        };
-        let before = state.undo.durable_view(group).map_err(|()| unsettled())?;
-        let current = state.groups.get(group);
-        match before {
-            None => Ok(Inner::head_of(state, group)),
-            Some(before) if !before.exists => {
-                let fresh = state.budget.fresh_generation();
-                if current.is_some_and(|g| g.generation != fresh) {
-                    return Err(unsettled());
-                }
-                Ok(Head {
-                    epoch: Inner::epoch(state, fresh),
-                    first: 1,
-                    last: 0,
-                })
-            }
-            Some(before) => match current {
-                Some(g) if g.generation == before.generation => Ok(Head {
-                    epoch: Inner::epoch(state, before.generation),
-                    first: g.first().min(before.last + 1),
-                    last: before.last,
-                }),
-                _ => Err(unsettled()),
-            },
+            )),
+        }
+    }
+
+    /// The epoch a reader of `group` would see now, without waiting (`None`
+    /// if it could not read the group): a read compares it with the head it
+    /// read under, to notice a flush meanwhile.
+    pub(crate) fn epoch_now(&self, state: &mut State, group: &str) -> Option<Epoch> {
+        if self.writer.failure().is_some() {
+            self.durable_view(state, group).ok().map(|h| h.epoch)
+        } else {
+            Some(Inner::head_of(state, group).epoch)
         }
     }
 
@@ -88,8 +98,20 @@ impl Inner {
         if limit == 0 || from > to {
             return Ok(Vec::new());
         }
-        self.with_db(|db| self.scan(db, group, from, to, limit))
-            .unwrap_or_else(|| Err(SledError::Closed(self.path.clone())))
+        // A failing store reopening sled holds this lock for as long as
+        // sled's recovery takes: a reader answers at once instead of blocking
+        // its async worker, and is told to come back.
+        let db = match self.db.try_read() {
+            Ok(db) => db,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(SledError::Flush(self.path.clone(), "the store is reopening".into()))
+            }
+        };
+        match db.as_ref() {
+            Some(db) => self.scan(db, group, from, to, limit),
+            None => Err(SledError::Closed(self.path.clone())),
+        }
     }
 
     fn scan(

@@ -16,6 +16,7 @@
 //! what sled recovers after a crash, leaves a consistent history (see the
 //! callers in `store.rs`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::config::CommitMode;
 use crate::error::SledError;
+use crate::progress::Progress;
 
 /// How often a failing store tries to reopen sled and resume.
 const RETRY: Duration = Duration::from_secs(1);
@@ -38,6 +40,13 @@ pub(crate) trait Disk: Sync {
     /// what is still queued. Returns the sequence number of the newest write
     /// discarded.
     fn reopen(&self, durable: u64) -> Result<u64, SledError>;
+
+    /// The record of batch `batch`, which holds the writes after `durable`
+    /// up to `upto`: the operation that writes it (see `marker.rs`).
+    fn record(&self, batch: u64, durable: u64, upto: u64) -> Op;
+
+    /// Makes durable that batch `batch` failed (see `marker.rs`).
+    fn mark_failed(&self, batch: u64) -> std::io::Result<()>;
 }
 
 /// At most this many operations wait for the writer before appends are refused
@@ -76,20 +85,6 @@ fn apply(db: &sled::Db, op: Op) -> sled::Result<()> {
 /// one large flush does not keep its memory.
 const KEEP_CAPACITY: usize = 4096;
 
-/// Where the writer stands.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Progress {
-    /// Every write up to this sequence number is on disk.
-    pub(crate) durable: u64,
-    /// Set while writes fail. Writes not durable by then fail with it, and
-    /// the store refuses new ones until it has reopened sled and rolled the
-    /// unacknowledged ones back.
-    pub(crate) error: Option<Arc<str>>,
-    /// Ranges of sequence numbers (inclusive) whose writes failed: they
-    /// never become durable, even once the marks have passed them.
-    pub(crate) lost: Vec<(u64, u64)>,
-}
-
 #[derive(Debug, Default)]
 struct Queue {
     /// Operations with the sequence number of the write they belong to.
@@ -114,6 +109,12 @@ struct Faults {
     fail_after: Option<usize>,
     /// A failing store does not recover while set, as if the disk stayed full.
     recovery_held: bool,
+    /// The failure mark cannot be written while set.
+    marks_fail: bool,
+    /// Reopening fails after sled opened while set.
+    reopens_fail: bool,
+    /// The thread panics at its next batch.
+    panic: bool,
 }
 
 impl Queue {
@@ -140,19 +141,20 @@ impl Queue {
 async fn reach(
     mut rx: watch::Receiver<Progress>,
     seq: u64,
-    mark: fn(&Progress) -> u64,
+    reader: bool,
     path: &std::path::Path,
 ) -> Result<(), SledError> {
     let p = rx
-        .wait_for(|p| mark(p) >= seq || p.error.is_some())
+        .wait_for(|p| p.durable >= seq || p.error.is_some() || reader && p.unmarked.is_some())
         .await
-        .map_err(|_| SledError::Closed(path.to_owned()))?
-        .clone();
-    if p.lost.iter().any(|&(from, to)| (from..=to).contains(&seq)) {
+        .map_err(|_| SledError::Closed(path.to_owned()))?;
+    // Judged on the borrowed progress: no copy of its ranges per wait.
+    if p.lost(seq) {
         return Err(SledError::Flush(path.to_owned(), "the write failed".into()));
     }
-    match p.error {
-        Some(why) if mark(&p) < seq => Err(SledError::Flush(path.to_owned(), why.to_string())),
+    let why = p.error.as_ref().or(p.unmarked.as_ref().map(|(_, why)| why));
+    match why {
+        Some(why) if p.durable < seq => Err(SledError::Flush(path.to_owned(), why.to_string())),
         _ => Ok(()),
     }
 }
@@ -164,15 +166,23 @@ pub(crate) struct Writer {
     wake: Condvar,
     progress: watch::Sender<Progress>,
     mode: CommitMode,
+    /// The number of the next batch (see `marker.rs`); numbers keep rising
+    /// across restarts.
+    batches: AtomicU64,
+    /// The batch being applied and not yet durable (0: none).
+    in_flight: AtomicU64,
 }
 
 impl Writer {
-    pub(crate) fn new(mode: CommitMode) -> Self {
+    /// A writer whose first batch has number `first_batch`.
+    pub(crate) fn new(mode: CommitMode, first_batch: u64) -> Self {
         Writer {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             progress: watch::channel(Progress::default()).0,
             mode,
+            batches: AtomicU64::new(first_batch),
+            in_flight: AtomicU64::new(0),
         }
     }
 
@@ -184,7 +194,10 @@ impl Writer {
 
     /// Why the store refuses writes, if it does.
     pub(crate) fn failure(&self) -> Option<Arc<str>> {
-        self.progress.borrow().error.clone()
+        let p = self.progress.borrow();
+        p.error
+            .clone()
+            .or_else(|| p.unmarked.as_ref().map(|(_, why)| why.clone()))
     }
 
     /// Whether an append may queue now.
@@ -217,13 +230,13 @@ impl Writer {
     pub(crate) fn durable(&self, seq: u64, path: &std::path::Path) -> DurableFuture {
         let rx = self.progress.subscribe();
         let path = path.to_owned();
-        Box::pin(async move { Ok(reach(rx, seq, |p| p.durable, &path).await?) })
+        Box::pin(async move { Ok(reach(rx, seq, false, &path).await?) })
     }
 
-    /// Waits until write `seq` is on disk; fails if it failed, or the writer is
-    /// gone.
+    /// Waits until write `seq` is on disk; fails if it failed, the store is
+    /// failing, or the writer is gone.
     pub(crate) async fn durable_wait(&self, seq: u64, path: &std::path::Path) -> Result<(), SledError> {
-        reach(self.progress.subscribe(), seq, |p| p.durable, path).await
+        reach(self.progress.subscribe(), seq, true, path).await
     }
 
     /// Every write up to this sequence number is on disk.
@@ -243,6 +256,32 @@ impl Writer {
     #[cfg(feature = "failpoints")]
     pub(crate) fn hold_recovery(&self, held: bool) {
         self.lock().faults.recovery_held = held;
+    }
+
+    /// Test only: failure marks cannot be written while `failing`.
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn fail_marks(&self, failing: bool) {
+        self.lock().faults.marks_fail = failing;
+    }
+
+    /// Test only: the thread panics at its next batch.
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn panic_next_batch(&self) {
+        self.lock().faults.panic = true;
+    }
+
+    /// Test only: reopening fails after sled opened while `failing`.
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn fail_reopens(&self, failing: bool) {
+        self.lock().faults.reopens_fail = failing;
+    }
+
+    /// Whether a reopening must fail now (a test's injected fault).
+    pub(crate) fn reopen_fault(&self) -> bool {
+        #[cfg(feature = "failpoints")]
+        return self.lock().faults.reopens_fail;
+        #[cfg(not(feature = "failpoints"))]
+        false
     }
 
     /// Test only: the next batch applies at most `ops` operations and fails.
@@ -293,51 +332,74 @@ impl Writer {
     pub(crate) fn run(&self, disk: &impl Disk) {
         let mut batch = Vec::new();
         loop {
-            let failing = self.progress.borrow().error.is_some();
+            let failing = self.failure().is_some();
             let Some((last, fault)) = self.take(&mut batch, failing) else {
+                // Shut down: a failure not yet marked gets a last attempt,
+                // since its writers are about to be told the store closed.
+                self.remark(disk);
                 return;
             };
             if failing {
                 batch.clear();
             } else {
-                disk.with_db(|db| self.apply(db, &mut batch, last, fault));
+                disk.with_db(|db| self.apply(disk, db, &mut batch, last, fault));
             }
             batch.shrink_to(KEEP_CAPACITY);
-            if self.progress.borrow().error.is_some() {
+            if self.failure().is_some() {
                 self.recover(disk);
             }
         }
     }
 
-    /// Applies a batch in order and flushes (once, or per write). `fault`:
-    /// fail, as a full disk would, before the operation of this index.
-    fn apply(&self, db: &sled::Db, batch: &mut Vec<(u64, Op)>, last: u64, fault: Option<usize>) {
+    /// Applies a batch in order, each unit (the batch, or with
+    /// [`CommitMode::PerAppend`] each write) after its record, and flushes
+    /// after each unit. `fault`: fail, as a full disk would, once this many
+    /// operations are applied (the records not counted), and at the end.
+    fn apply(&self, disk: &impl Disk, db: &sled::Db, batch: &mut Vec<(u64, Op)>, last: u64, fault: Option<usize>) {
         // Readers see only what is durable: nothing here is readable before
-        // the flush below succeeds.
-        let mut current = batch.first().map_or(last, |(seq, _)| *seq);
-        for (i, (seq, op)) in batch.drain(..).enumerate() {
-            if fault.is_some_and(|n| i >= n) && self.progress.borrow().error.is_none() {
-                self.fail("injected failure");
+        // the flush of its unit succeeds.
+        let mut left = fault;
+        let mut ops = batch.drain(..).peekable();
+        while let Some(&(first, _)) = ops.peek() {
+            let upto = if self.mode == CommitMode::PerAppend {
+                first
+            } else {
+                last
+            };
+            let unit = self.batches.fetch_add(1, Ordering::Relaxed);
+            self.in_flight.store(unit, Ordering::Relaxed);
+            self.injected_panic();
+            let record = disk.record(unit, self.durable_mark(), upto);
+            let applied = std::iter::once((0, record))
+                .chain(std::iter::from_fn(|| ops.next_if(|(seq, _)| *seq <= upto)))
+                .enumerate()
+                .try_for_each(|(i, (_, op))| {
+                    if left == Some(0) {
+                        return Err("injected failure".to_owned());
+                    }
+                    if i > 0 {
+                        left = left.map(|n| n - 1);
+                    }
+                    apply(db, op).map_err(|e| e.to_string())
+                });
+            let upto = if ops.peek().is_none() { last } else { upto };
+            match applied {
+                Err(why) => return self.fail(disk, unit, &why),
+                Ok(()) if fault.is_some() && upto == last => return self.fail(disk, unit, "injected failure"),
+                Ok(()) => {}
             }
-            if self.mode == CommitMode::PerAppend && seq != current {
-                self.flush(db, current);
-                current = seq;
+            if let Err(why) = db.flush() {
+                return self.fail(disk, unit, &why.to_string());
             }
-            if self.progress.borrow().error.is_some() {
-                continue;
-            }
-            if let Err(err) = apply(db, op) {
-                self.fail(&err.to_string());
-            }
+            self.in_flight.store(0, Ordering::Relaxed);
+            self.progress.send_modify(|p| p.durable = upto);
         }
-        if fault.is_some() && self.progress.borrow().error.is_none() {
-            self.fail("injected failure");
-        }
-        self.flush(db, last);
     }
 
-    /// Tries to reopen sled and resume.
+    /// Tries to reopen sled and resume. A failure not yet marked on disk is
+    /// marked first: until then nobody is told.
     fn recover(&self, disk: &impl Disk) {
+        self.remark(disk);
         #[cfg(feature = "failpoints")]
         if self.lock().faults.recovery_held {
             return;
@@ -346,10 +408,9 @@ impl Writer {
         match disk.reopen(durable) {
             Ok(last) => {
                 self.progress.send_modify(|p| {
-                    if p.durable < last {
-                        p.lost.push((p.durable + 1, last));
-                    }
+                    p.lose(p.durable + 1, last);
                     p.error = None;
+                    p.unmarked = None;
                     p.durable = last;
                 });
                 tracing::warn!("history writes resumed");
@@ -358,22 +419,65 @@ impl Writer {
         }
     }
 
-    /// Flushes sled; on success every write up to `seq` is durable.
-    fn flush(&self, db: &sled::Db, seq: u64) {
-        if self.progress.borrow().error.is_some() {
-            return;
-        }
-        match db.flush() {
-            Ok(_) => self.progress.send_modify(|p| p.durable = seq),
-            Err(err) => self.fail(&err.to_string()),
+    /// The thread panicked: the batch it was applying (or, with none, a
+    /// number no record has, which only gives every group a new epoch at the
+    /// next opening) counts as failed, and the store stays failing, so that
+    /// no reader or writer waits forever. If even the mark cannot be written
+    /// now, writers are told all the same: no thread is left to retry.
+    pub(crate) fn ended(&self, disk: &impl Disk) {
+        let unit = match self.in_flight.load(Ordering::Relaxed) {
+            0 => self.batches.load(Ordering::Relaxed),
+            unit => unit,
+        };
+        self.fail(disk, unit, "the history writer thread ended");
+        self.progress.send_modify(|p| {
+            if let Some((_, why)) = p.unmarked.take() {
+                p.error = Some(why);
+            }
+        });
+    }
+
+    /// Test only: panics here if a test asked for it.
+    fn injected_panic(&self) {
+        #[cfg(feature = "failpoints")]
+        if std::mem::take(&mut self.lock().faults.panic) {
+            panic!("injected panic of the writer thread");
         }
     }
 
-    fn fail(&self, why: &str) {
+    /// Tries again to mark a failure whose mark could not be written.
+    fn remark(&self, disk: &impl Disk) {
+        let unmarked = self.progress.borrow().unmarked.clone();
+        if let Some((unit, why)) = unmarked {
+            self.fail(disk, unit, &why);
+        }
+    }
+
+    /// Batch `unit` failed: marks it on disk (`marker.rs`), then tells its
+    /// writers; if the mark cannot be written, only refuses new writes.
+    fn fail(&self, disk: &impl Disk, unit: u64, why: &str) {
         tracing::error!(
             error = why,
             "history write failed; writes are refused until the store recovers"
         );
-        self.progress.send_modify(|p| p.error = Some(Arc::from(why)));
+        let why: Arc<str> = Arc::from(why);
+        match self.mark_failed(disk, unit) {
+            Ok(()) => self.progress.send_modify(|p| {
+                p.error = Some(why);
+                p.unmarked = None;
+            }),
+            Err(err) => {
+                tracing::error!(error = %err, "history store cannot mark its failure on disk; failed writes wait");
+                self.progress.send_modify(|p| p.unmarked = Some((unit, why)));
+            }
+        }
+    }
+
+    fn mark_failed(&self, disk: &impl Disk, unit: u64) -> std::io::Result<()> {
+        #[cfg(feature = "failpoints")]
+        if self.lock().faults.marks_fail {
+            return Err(std::io::Error::other("injected failure of the mark"));
+        }
+        disk.mark_failed(unit)
     }
 }

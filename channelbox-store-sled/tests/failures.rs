@@ -177,3 +177,66 @@ async fn an_eviction_and_re_creation_in_a_failing_batch_roll_back_nothing_acknow
     assert_eq!(store.head("g").await.unwrap().epoch, epoch);
     assert_eq!(texts(&store, "g").await.len(), 4);
 }
+
+#[tokio::test]
+async fn a_failing_eviction_leaves_other_groups_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    // "g" costs 625 and "o" 373; a 1,000-byte message of "h" (1,369) puts
+    // the store over 1,800 and evicts "g", the least recently written
+    // group, and no more.
+    let limits = HistoryLimits {
+        max_total_bytes: Some(1800),
+        ..HistoryLimits::default()
+    };
+    let store = open(&dir, limits);
+    for text in ["aaaaaaaaaa", "bbbbbbbbbb", "cccccccccc"] {
+        acked(&store, "g", text).await;
+    }
+    acked(&store, "o", "kept").await;
+    let o = store.head("o").await.unwrap();
+    let fresh = store.head("never-written").await.unwrap();
+    store.hold_recovery(true);
+    store.fail_next_batch(0);
+    let evicting = store.append("h", message(&"x".repeat(1000))).unwrap();
+    assert!(evicting.wait().await.is_err());
+    assert!(!store.healthy(), "still failing, the eviction not durable");
+
+    assert_eq!(store.head("o").await.unwrap(), o, "a group the eviction did not touch");
+    assert_eq!(texts(&store, "o").await, numbered(&["kept"]));
+    assert_eq!(
+        store.head("never-written").await.unwrap(),
+        fresh,
+        "a group without an entry, in the epoch the disk gives it"
+    );
+    assert_eq!(store.head("h").await.unwrap().last, 0, "the failed append is not seen");
+
+    store.hold_recovery(false);
+    recovered(&store).await;
+    assert_eq!(texts(&store, "g").await.len(), 3, "the eviction was rolled back");
+    assert_eq!(store.head("o").await.unwrap(), o, "untouched: same epoch");
+}
+
+#[tokio::test]
+async fn reads_go_on_while_attempts_to_reopen_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, HistoryLimits::default());
+    for text in ["a", "b", "c"] {
+        acked(&store, "g", text).await;
+    }
+    store.fail_reopens(true);
+    store.fail_next_batch(usize::MAX);
+    assert!(store.append("g", message("failed")).unwrap().wait().await.is_err());
+    // Attempts come once a second; let a few of them fail.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!store.healthy(), "still failing");
+    assert_eq!(
+        texts(&store, "g").await,
+        numbered(&["a", "b", "c"]),
+        "history while failing"
+    );
+    assert_eq!(store.head("g").await.unwrap().last, 3);
+    store.fail_reopens(false);
+    recovered(&store).await;
+    assert_eq!(acked(&store, "g", "d").await, 4);
+    assert_eq!(texts(&store, "g").await, numbered(&["a", "b", "c", "d"]));
+}

@@ -31,12 +31,18 @@ proptest! {
 }
 
 /// One step of the model test with failures: a few ordinary operations, or a
-/// batch of writes that the writer takes at once and fails before any of it
-/// reaches sled.
+/// batch of writes that the writer takes at once and fails after `applied`
+/// of its sled operations (when the model can predict the outcome: see
+/// `failures::applied`), then recovers by itself or, with `restart`, is
+/// dropped while failing and opened again.
 #[derive(Clone, Debug)]
 enum Step {
     Ops(Vec<HistoryOp>),
-    FailingBatch(Vec<Write>),
+    FailingBatch {
+        writes: Vec<Write>,
+        applied: usize,
+        restart: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -54,7 +60,12 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
     ];
     let step = prop_oneof![
         4 => history_ops(4, true).prop_map(Step::Ops),
-        1 => proptest::collection::vec(write, 1..5).prop_map(Step::FailingBatch),
+        1 => (
+            proptest::collection::vec(write, 1..5),
+            prop_oneof![Just(0usize), Just(1), Just(3), Just(usize::MAX)],
+            proptest::bool::weighted(0.3),
+        )
+            .prop_map(|(writes, applied, restart)| Step::FailingBatch { writes, applied, restart }),
     ];
     proptest::collection::vec(step, 0..16)
 }
@@ -157,7 +168,22 @@ mod failures {
                         }
                     }
                 }
-                Step::FailingBatch(writes) => fail(store.as_ref().unwrap(), &mut expected, writes, step).await,
+                Step::FailingBatch {
+                    writes,
+                    applied,
+                    restart,
+                } => {
+                    let s = store.as_ref().unwrap();
+                    let applied = self::applied(&expected.model, writes, *applied);
+                    fail(s, &mut expected, writes, applied, *restart, step).await;
+                    if *restart {
+                        // Dropped while failing: the next opening rolls back,
+                        // and every group is in a new epoch.
+                        drop(store.take());
+                        store = Some(SledStore::open(config.clone()).unwrap());
+                        expected.bumps_all += 1;
+                    }
+                }
             }
             for g in (0..3).map(name) {
                 expected.check_head(store.as_ref().unwrap(), &g, step).await;
@@ -211,11 +237,47 @@ mod failures {
         );
     }
 
-    /// Queues `writes` into one batch that fails before reaching sled; every
-    /// one of them must fail, and the store recover by itself.
-    async fn fail(s: &SledStore, expected: &mut Expected, writes: &[Write], step: usize) {
+    /// How many operations of a failing batch may reach sled with an outcome
+    /// the model predicts: any number when the batch only appends and its
+    /// appends trim nothing that was there before (a failed write's trims
+    /// that reach the disk stay, as trims may), else none.
+    pub(super) fn applied(model: &HistoryModel, writes: &[Write], wanted: usize) -> usize {
+        let now = channelbox_core::now_ms();
+        let mut after = model.clone();
+        let mut before = model.clone();
+        for w in writes {
+            let Write::Append { group, size } = w else {
+                return 0;
+            };
+            after.append(&name(*group), message(0, *size, false), now);
+        }
+        let kept = (0..3).map(name).all(|g| {
+            let old = before.read(&g, ReadQuery::Last(usize::MAX), now);
+            let new = after.read(&g, ReadQuery::Last(usize::MAX), now);
+            old.first()
+                .is_none_or(|m| new.first().is_some_and(|n| n.offset <= m.offset))
+        });
+        if kept {
+            wanted
+        } else {
+            0
+        }
+    }
+
+    /// Queues `writes` into one batch that fails after `applied` of its
+    /// operations; every one of them must fail, and the store recover by
+    /// itself (unless it is to be `restarted` while failing).
+    async fn fail(
+        s: &SledStore,
+        expected: &mut Expected,
+        writes: &[Write],
+        applied: usize,
+        restart: bool,
+        step: usize,
+    ) {
         s.pause_writer();
-        s.fail_next_batch(0);
+        s.hold_recovery(restart);
+        s.fail_next_batch(applied);
         let mut waiting: Vec<Waiting<'_>> = Vec::new();
         for w in writes {
             let mut f: Waiting<'_> = match w {
@@ -240,7 +302,7 @@ mod failures {
             assert!(f.await.is_err(), "step {step}: {w:?} in a failing batch fails");
         }
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !s.healthy() {
+        while !restart && !s.healthy() {
             assert!(Instant::now() < deadline, "step {step}: the store recovers");
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
