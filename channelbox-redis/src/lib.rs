@@ -40,12 +40,15 @@
 
 mod broker;
 mod directory;
+mod durability;
 mod keys;
 mod link;
 mod scripts;
+mod sentinel;
 mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+mod url;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,9 +56,13 @@ use std::time::Duration;
 use channelbox_core::{HistoryLimits, StoreError, StoreErrorKind};
 use uuid::Uuid;
 
+use sentinel::Target;
+
 pub use broker::RedisBroker;
 pub use directory::{RedisDirectory, FLUSH_EVERY, RECORD_TTL};
+pub use durability::MAX_WAIT;
 pub use store::{RedisStore, MAX_READ, MESSAGE_OVERHEAD};
+pub use url::{RedisAddress, UrlError};
 
 /// Control messages from the subscription task to the directory before the
 /// newest are dropped.
@@ -64,7 +71,8 @@ const CONTROL_QUEUE: usize = 16_384;
 /// How to reach Redis and what history to keep there.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`.
+    /// `redis://host:port/db`, `redis+sentinel://host:port[,…]/master` (see
+    /// [`RedisAddress`]).
     pub url: String,
     /// History limits. `max_total_bytes` is not applied: Redis's own
     /// `maxmemory` bounds the whole (a group it evicts comes back in a new
@@ -72,6 +80,11 @@ pub struct RedisConfig {
     pub limits: HistoryLimits,
     /// How long [`RedisEngine::connect`] waits for Redis.
     pub connect_timeout: Duration,
+    /// Replicas that must have a saved append before it is acknowledged
+    /// (Redis `WAIT`); 0 waits for none.
+    pub replicas: u32,
+    /// How long to wait for them, at most [`MAX_WAIT`].
+    pub replica_wait: Duration,
 }
 
 impl RedisConfig {
@@ -81,6 +94,8 @@ impl RedisConfig {
             url: url.into(),
             limits: HistoryLimits::default(),
             connect_timeout: Duration::from_secs(5),
+            replicas: 0,
+            replica_wait: MAX_WAIT,
         }
     }
 }
@@ -89,6 +104,7 @@ impl RedisConfig {
 /// directory share them.
 #[derive(Clone, Debug)]
 pub struct RedisEngine {
+    link: Arc<link::Link>,
     store: Arc<RedisStore>,
     broker: Arc<RedisBroker>,
     directory: Arc<RedisDirectory>,
@@ -100,24 +116,52 @@ impl RedisEngine {
     /// `connect_timeout`. Afterwards, losing Redis makes requests fail with
     /// an `unavailable` error until it is back, which is noticed by itself.
     pub async fn connect(config: RedisConfig) -> Result<RedisEngine, StoreError> {
-        let client = redis::Client::open(config.url.as_str())
+        let address = RedisAddress::parse(&config.url)
             .map_err(|e| StoreError::new(StoreErrorKind::InvalidInput, format!("redis url {:?}: {e}", config.url)))?;
-        let node = Uuid::new_v4();
-        let link = link::Link::start(client.clone());
-        let (control_tx, control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
-        let broker = RedisBroker::start(client, link.clone(), node, control_tx);
-        let store = RedisStore::new(link.clone(), config.limits, broker.health());
-        let directory = RedisDirectory::start(node, link.clone(), control_rx);
-        if !link.wait_up(config.connect_timeout).await {
+        let engine = RedisEngine::start(&address, &config)?;
+        if !engine.link.wait_up(config.connect_timeout).await {
             return Err(StoreError::new(
                 StoreErrorKind::Unusable,
-                format!(
-                    "redis at {} did not answer within {:?}",
-                    config.url, config.connect_timeout
-                ),
+                format!("redis at {address} did not answer within {:?}", config.connect_timeout),
             ));
         }
+        Ok(engine)
+    }
+
+    /// Starts the connections and tasks for `address` without waiting for
+    /// Redis to answer.
+    pub(crate) fn start(address: &RedisAddress, config: &RedisConfig) -> Result<RedisEngine, StoreError> {
+        let invalid = |text: String| StoreError::new(StoreErrorKind::InvalidInput, text);
+        if config.replica_wait > MAX_WAIT || (config.replicas > 0 && config.replica_wait.is_zero()) {
+            return Err(invalid(format!(
+                "the replica wait is {:?}: it must be 1 ms to {MAX_WAIT:?}",
+                config.replica_wait
+            )));
+        }
+        let target = Arc::new(match address {
+            RedisAddress::Single { url, .. } => Target::Single(
+                redis::Client::open(url.as_str()).map_err(|e| invalid(format!("redis url {url:?}: {e}")))?,
+            ),
+            RedisAddress::Sentinel { sentinels, master } => {
+                Target::Sentinel(sentinel::Sentinels::start(sentinels.clone(), master.clone()))
+            }
+            RedisAddress::Cluster { .. } => {
+                return Err(invalid(format!("{address}: Redis Cluster is not supported yet")));
+            }
+        });
+        let node = Uuid::new_v4();
+        let link = link::Link::start(target.clone());
+        let wait = durability::ReplicaWait::new(
+            config.replicas,
+            config.replica_wait,
+            (config.replicas > 0).then(|| link::Link::start(target.clone())),
+        );
+        let (control_tx, control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
+        let broker = RedisBroker::start(target, link.clone(), node, control_tx);
+        let store = RedisStore::new(link.clone(), config.limits.clone(), broker.health(), wait);
+        let directory = RedisDirectory::start(node, link.clone(), control_rx);
         Ok(RedisEngine {
+            link,
             store: Arc::new(store),
             broker: Arc::new(broker),
             directory: Arc::new(directory),

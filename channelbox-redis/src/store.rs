@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::broker::SubscriptionHealth;
+use crate::durability::{self, ReplicaWait};
 use crate::link::{unavailable, Link};
 use crate::{keys, scripts};
 
@@ -57,9 +58,14 @@ struct StoreInner {
 }
 
 impl RedisStore {
-    pub(crate) fn new(link: Arc<Link>, limits: HistoryLimits, pubsub: Arc<SubscriptionHealth>) -> Self {
+    pub(crate) fn new(
+        link: Arc<Link>,
+        limits: HistoryLimits,
+        pubsub: Arc<SubscriptionHealth>,
+        wait: Option<ReplicaWait>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
-        tokio::spawn(run_appends(link.clone(), limits.clone(), rx));
+        tokio::spawn(run_appends(link.clone(), limits.clone(), rx, wait));
         RedisStore {
             inner: Arc::new(StoreInner {
                 link,
@@ -322,7 +328,7 @@ fn parse_entry(v: &Value) -> Option<StoredMessage> {
 
 /// The append task: takes queued appends in order and sends them as one
 /// pipeline, one pipeline at a time.
-async fn run_appends(link: Arc<Link>, limits: HistoryLimits, mut rx: mpsc::Receiver<Job>) {
+async fn run_appends(link: Arc<Link>, limits: HistoryLimits, mut rx: mpsc::Receiver<Job>, wait: Option<ReplicaWait>) {
     let max_bytes = limits.max_bytes.to_string();
     let max_count = limits.max_messages.unwrap_or(0).to_string();
     while let Some(first) = rx.recv().await {
@@ -355,7 +361,7 @@ async fn run_appends(link: Arc<Link>, limits: HistoryLimits, mut rx: mpsc::Recei
                         .arg(keys::channel(&job.group))
                         .arg(except);
                 }
-                link.pipeline(&pipe).await
+                durability::send(&link, pipe, &wait).await
             }
             Err(err) => Err(err),
         };

@@ -58,9 +58,24 @@ struct Args {
     /// sled directory.
     #[arg(long, env = "CHANNELBOX_DATA", default_value = "./channelbox-data")]
     data: PathBuf,
-    /// The Redis of a cluster (with `--store redis`).
-    #[arg(long, env = "CHANNELBOX_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    redis_url: String,
+    /// The Redis of a cluster (with `--store redis`): `redis://HOST:PORT/`,
+    /// `redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER` or
+    /// `redis+cluster://HOST:PORT[,…]`; repeated (the variable is
+    /// comma-separated), independent shards.
+    #[arg(
+        long = "redis-url",
+        env = "CHANNELBOX_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    redis_url: Vec<String>,
+    /// Replicas that must have a saved message before it is acknowledged
+    /// (Redis `WAIT`).
+    #[arg(long, env = "CHANNELBOX_REDIS_REPLICAS", default_value_t = 0)]
+    redis_replicas: u32,
+    /// How long to wait for those replicas, in milliseconds (1-1000).
+    #[arg(long, env = "CHANNELBOX_REDIS_WAIT_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    redis_wait_ms: u64,
     /// Per-group history limit in payload bytes.
     #[arg(long, env = "CHANNEL_BOX_HISTORY_SIZE", default_value_t = 1_048_576)]
     history_bytes: u64,
@@ -122,6 +137,25 @@ fn positive_seconds(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The `--redis-url`s: each flag once, and the variable split at commas
+/// between URLs (a Sentinel or Cluster URL has commas of its own, between
+/// `HOST:PORT`s, which are not split).
+fn redis_urls(given: &[String]) -> Vec<String> {
+    let mut urls: Vec<String> = Vec::new();
+    for part in given.iter().flat_map(|g| g.split(',')) {
+        let part = part.trim();
+        match urls.last_mut() {
+            Some(last) if !part.contains("://") && !part.is_empty() => {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ if !part.is_empty() => urls.push(part.to_owned()),
+            _ => {}
+        }
+    }
+    urls
+}
+
 /// The service over the chosen store: a single server, or one of a cluster.
 async fn open_service(args: &Args, config: ProtocolConfig) -> anyhow::Result<ChatService> {
     let limits = HistoryLimits {
@@ -133,13 +167,19 @@ async fn open_service(args: &Args, config: ProtocolConfig) -> anyhow::Result<Cha
     let store: Arc<dyn HistoryStore> = match args.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(MemoryConfig { limits })),
         StoreKind::Redis => {
+            let urls = redis_urls(&args.redis_url);
+            let [url] = urls.as_slice() else {
+                anyhow::bail!("several --redis-url (shards) are not supported yet: {urls:?}");
+            };
             let redis = RedisConfig {
                 limits,
-                ..RedisConfig::new(&args.redis_url)
+                replicas: args.redis_replicas,
+                replica_wait: Duration::from_millis(args.redis_wait_ms),
+                ..RedisConfig::new(url)
             };
             let engine = RedisEngine::connect(redis)
                 .await
-                .with_context(|| format!("cannot use redis at {}", args.redis_url))?;
+                .with_context(|| format!("cannot use redis at {url}"))?;
             return Ok(ChatService::clustered(
                 engine.store(),
                 config,
