@@ -48,6 +48,8 @@ mod sentinel;
 mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+#[cfg(feature = "testkit")]
+pub mod testkit_forms;
 mod url;
 
 use std::sync::Arc;
