@@ -235,12 +235,9 @@ async fn run(target: Arc<Target>, mut commands: mpsc::UnboundedReceiver<Command>
                     }
                 },
                 _ = ping.tick() => {
-                    if target.generation() != generation {
-                        // The master changed (Sentinel): subscribe on the new one.
-                        break;
-                    }
                     let pong = tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<redis::Value>()).await;
-                    if !matches!(pong, Ok(Ok(_))) {
+                    // A new master (Sentinel) counts as a loss: subscribe there.
+                    if !matches!(pong, Ok(Ok(_))) || target.generation() != generation {
                         break;
                     }
                 }

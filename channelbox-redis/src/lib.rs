@@ -43,8 +43,10 @@ mod directory;
 mod durability;
 mod keys;
 mod link;
+mod router;
 mod scripts;
 mod sentinel;
+mod shards;
 mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -63,6 +65,8 @@ use sentinel::Target;
 pub use broker::RedisBroker;
 pub use directory::{RedisDirectory, FLUSH_EVERY, RECORD_TTL};
 pub use durability::MAX_WAIT;
+pub use router::{ShardedBroker, ShardedDirectory, ShardedStore};
+pub use shards::{fnv1a64, jump, shard_of, ShardedEngine, SHARDS_KEY};
 pub use store::{RedisStore, MAX_READ, MESSAGE_OVERHEAD};
 pub use url::{RedisAddress, UrlError};
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use channelbox_core::{HistoryLimits, HistoryStore};
 use channelbox_protocol::{ChatService, ProtocolConfig, TokenVerifier};
-use channelbox_redis::{RedisConfig, RedisEngine};
+use channelbox_redis::{RedisConfig, RedisEngine, ShardedEngine};
 use channelbox_store_memory::{MemoryConfig, MemoryStore};
 use channelbox_store_sled::{SledConfig, SledStore};
 use channelbox_warp::ServerConfig;
@@ -156,6 +156,41 @@ fn redis_urls(given: &[String]) -> Vec<String> {
     urls
 }
 
+/// A service on Redis: one URL (single, Sentinel or Cluster), or several
+/// shards. A shard that answers only later and records another shard list
+/// stops the process (exit code 2), as it would have at start.
+async fn open_redis(args: &Args, config: ProtocolConfig, limits: HistoryLimits) -> anyhow::Result<ChatService> {
+    let urls = redis_urls(&args.redis_url);
+    let redis = RedisConfig {
+        limits,
+        replicas: args.redis_replicas,
+        replica_wait: Duration::from_millis(args.redis_wait_ms),
+        ..RedisConfig::new(urls.first().cloned().unwrap_or_default())
+    };
+    if urls.len() == 1 {
+        let engine = RedisEngine::connect(redis)
+            .await
+            .with_context(|| format!("cannot use redis at {}", urls[0]))?;
+        return Ok(ChatService::clustered(
+            engine.store(),
+            config,
+            engine.broker(),
+            engine.directory(),
+        )?);
+    }
+    let engine = ShardedEngine::connect(&urls, &redis)
+        .await
+        .with_context(|| format!("cannot use the redis shards {urls:?}"))?;
+    let service = ChatService::clustered(engine.store(), config, engine.broker(), engine.directory())?;
+    tokio::spawn(async move {
+        let err = engine.failed().await;
+        tracing::error!(error = %err, "stopping: a redis shard disagrees");
+        eprintln!("error: {err}");
+        std::process::exit(2);
+    });
+    Ok(service)
+}
+
 /// The service over the chosen store: a single server, or one of a cluster.
 async fn open_service(args: &Args, config: ProtocolConfig) -> anyhow::Result<ChatService> {
     let limits = HistoryLimits {
@@ -166,27 +201,7 @@ async fn open_service(args: &Args, config: ProtocolConfig) -> anyhow::Result<Cha
     };
     let store: Arc<dyn HistoryStore> = match args.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(MemoryConfig { limits })),
-        StoreKind::Redis => {
-            let urls = redis_urls(&args.redis_url);
-            let [url] = urls.as_slice() else {
-                anyhow::bail!("several --redis-url (shards) are not supported yet: {urls:?}");
-            };
-            let redis = RedisConfig {
-                limits,
-                replicas: args.redis_replicas,
-                replica_wait: Duration::from_millis(args.redis_wait_ms),
-                ..RedisConfig::new(url)
-            };
-            let engine = RedisEngine::connect(redis)
-                .await
-                .with_context(|| format!("cannot use redis at {url}"))?;
-            return Ok(ChatService::clustered(
-                engine.store(),
-                config,
-                engine.broker(),
-                engine.directory(),
-            )?);
-        }
+        StoreKind::Redis => return open_redis(args, config, limits).await,
         StoreKind::Sled => Arc::new(
             SledStore::open(SledConfig {
                 limits,
