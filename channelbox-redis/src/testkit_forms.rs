@@ -141,10 +141,18 @@ impl SentinelSet {
     /// Starts the five processes and waits until the replica is in sync and
     /// every sentinel knows it.
     pub fn start() -> SentinelSet {
+        SentinelSet::start_via(|port| port)
+    }
+
+    /// As [`SentinelSet::start`], but the master is reached (by the replica
+    /// and the sentinels) through the port `via` returns for the master's: a
+    /// proxy the test controls, say.
+    pub fn start_via(via: impl FnOnce(u16) -> u16) -> SentinelSet {
         let master = RedisProcess::start(&[]);
-        let master_port = master.port().to_string();
+        let via_port = via(master.port());
+        let master_port = via_port.to_string();
         let replica = RedisProcess::start(&["--replicaof", "127.0.0.1", &master_port]);
-        let sentinels = (0..3).map(|_| RedisProcess::sentinel(master.port())).collect();
+        let sentinels = (0..3).map(|_| RedisProcess::sentinel(via_port)).collect();
         let set = SentinelSet {
             nodes: [master, replica],
             sentinels,

@@ -41,6 +41,8 @@ async fn under_sentinel(set: &SentinelSet, limits: HistoryLimits) -> Arc<dyn His
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_master_with_a_replica_passes_the_conformance_suite() {
-    let set = tokio::task::spawn_blocking(SentinelSet::start).await.expect("sentinels");
+    let set = tokio::task::spawn_blocking(SentinelSet::start)
+        .await
+        .expect("sentinels");
     channelbox_core::testkit::conformance::run_all(|limits| under_sentinel(&set, limits)).await;
 }

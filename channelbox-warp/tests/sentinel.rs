@@ -113,10 +113,113 @@ fn first_ack_after(acks: &Acks, at: Instant) -> Option<Instant> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_is_followed_and_nothing_acknowledged_is_lost() {
+    failover(false).await;
+}
+
+/// The replica lags when the master dies: the promoted one lacks the newest
+/// writes. None of those was acknowledged (their WAIT failed), so history
+/// still has everything that was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_lagging_replica_loses_nothing_acknowledged() {
+    failover(true).await;
+}
+
+/// A TCP proxy in front of the master: while `frozen`, what the master sends
+/// on a replication connection (one whose client sent `PSYNC`) is dropped, so
+/// the replica falls behind while its acknowledgements still flow back. (The
+/// sentinels reach the master through it too: a replica whose master address
+/// differs from theirs would be reconfigured by them.)
+struct Proxy {
+    port: u16,
+    target: Arc<std::sync::atomic::AtomicU16>,
+    frozen: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let target = Arc::new(std::sync::atomic::AtomicU16::new(0));
+        let frozen = Arc::new(AtomicBool::new(false));
+        let (t, f) = (target.clone(), frozen.clone());
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let to = t.load(Ordering::Acquire);
+                let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                    continue;
+                };
+                let (down_r, down_w) = down.into_split();
+                let (up_r, up_w) = up.into_split();
+                let replication = Arc::new(AtomicBool::new(false));
+                tokio::spawn(forward(down_r, up_w, None, replication.clone()));
+                tokio::spawn(forward(up_r, down_w, Some(f.clone()), replication));
+            }
+        });
+        Proxy { port, target, frozen }
+    }
+}
+
+/// Copies one direction: towards the master (`frozen` is `None`) it marks a
+/// replication connection; from it, it drops what a frozen one carries.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Option<Arc<AtomicBool>>,
+    replication: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16_384];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+        let chunk = &buf[..n];
+        if frozen.is_none() && chunk.windows(5).any(|w| w.eq_ignore_ascii_case(b"PSYNC")) {
+            replication.store(true, Ordering::Release);
+        }
+        let drop = frozen.as_ref().is_some_and(|f| f.load(Ordering::Acquire)) && replication.load(Ordering::Acquire);
+        if !drop && to.write_all(chunk).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Freezes the proxy for 1.5 s of publishing and checks the replica lags.
+async fn lag(set: &Arc<Mutex<SentinelSet>>, proxy: &Proxy) {
+    proxy.frozen.store(true, Ordering::Release);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = set.clone();
+    let (master, replica) = tokio::task::spawn_blocking(move || {
+        let set = s.lock().expect("set");
+        (repl_offset(&set.nodes[0]), repl_offset(&set.nodes[1]))
+    })
+    .await
+    .expect("offsets");
+    assert!(replica < master, "the replica lags: {replica} < {master}");
+}
+
+/// `master_repl_offset` from `INFO replication`: how much of the
+/// replication stream a node has.
+fn repl_offset(node: &channelbox_redis::testkit_forms::RedisProcess) -> u64 {
+    let info: String = redis::from_redis_value(node.run(&["INFO", "replication"]).expect("info")).expect("text");
+    info.lines()
+        .find_map(|l| l.strip_prefix("master_repl_offset:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("master_repl_offset")
+}
+
+async fn failover(lagging: bool) {
+    let proxy = Proxy::start().await;
+    let (target, proxy_port) = (proxy.target.clone(), proxy.port);
     let set = Arc::new(Mutex::new(
-        tokio::task::spawn_blocking(SentinelSet::start)
-            .await
-            .expect("sentinels"),
+        tokio::task::spawn_blocking(move || {
+            SentinelSet::start_via(|master| {
+                target.store(master, Ordering::Release);
+                proxy_port
+            })
+        })
+        .await
+        .expect("sentinels"),
     ));
     let url = set.lock().expect("set").url();
     let args = ["--store", "redis", "--redis-url", &url, "--redis-replicas", "1"];
@@ -135,6 +238,9 @@ async fn a_failover_is_followed_and_nothing_acknowledged_is_lost() {
         publishers.iter().all(|(a, _)| !a.lock().expect("acks").is_empty()),
         "publishing works"
     );
+    if lagging {
+        lag(&set, &proxy).await;
+    }
 
     // SIGKILL the master; wait for the promotion, then bring the old master
     // back as a replica of the new one (so WAIT 1 can succeed again).
