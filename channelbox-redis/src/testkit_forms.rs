@@ -41,6 +41,8 @@ impl RedisProcess {
     pub fn start_node(&mut self, extra: &[&str]) {
         self.kill();
         let port = self.port.to_string();
+        // A replica's full sync starts at once (Redis waits 5 s by default
+        // for more replicas to share a diskless transfer).
         let mut args = vec![
             "--port",
             &port,
@@ -50,6 +52,8 @@ impl RedisProcess {
             "",
             "--appendonly",
             "no",
+            "--repl-diskless-sync-delay",
+            "0",
         ];
         args.extend_from_slice(extra);
         let dir = self.dir.path().to_str().expect("a UTF-8 temporary path").to_owned();

@@ -264,6 +264,8 @@ async fn failover(lagging: bool) {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let after = first_ack_after(acks, promoted).map(|t| t - promoted);
+        eprintln!("publisher {p}: publishing again {after:?} after the promotion was seen");
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Release);
