@@ -68,7 +68,7 @@ pub use durability::MAX_WAIT;
 pub use router::{ShardedBroker, ShardedDirectory, ShardedStore};
 pub use shards::{fnv1a64, jump, shard_of, ShardedEngine, SHARDS_KEY};
 pub use store::{RedisStore, MAX_READ, MESSAGE_OVERHEAD};
-pub use url::{RedisAddress, UrlError};
+pub use url::{split_url_list, RedisAddress, UrlError};
 
 /// Control messages from the subscription task to the directory before the
 /// newest are dropped.

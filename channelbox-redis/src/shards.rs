@@ -68,10 +68,13 @@ pub struct ShardedEngine {
 impl ShardedEngine {
     /// Starts an engine per URL (each with `template`'s settings), waits up
     /// to `template.connect_timeout` for each, and checks the shard list in
-    /// those that answered; fails on a bad URL, two URLs naming one shard, or
-    /// a shard that records another list.
+    /// those that answered; fails on no URL, a bad one, two naming one shard,
+    /// or a shard that records another list.
     pub async fn connect(urls: &[String], template: &RedisConfig) -> Result<ShardedEngine, StoreError> {
         let invalid = |text: String| StoreError::new(StoreErrorKind::InvalidInput, text);
+        if urls.is_empty() {
+            return Err(invalid("no redis url given".to_owned()));
+        }
         let mut addresses = Vec::new();
         for url in urls {
             let address = RedisAddress::parse(url).map_err(|e| invalid(format!("redis url {url:?}: {e}")))?;
@@ -230,6 +233,25 @@ mod tests {
         for (key, buckets, want) in cases {
             assert_eq!(jump(key, buckets), want, "jump({key}, {buckets})");
         }
+    }
+
+    #[tokio::test]
+    async fn bad_shard_lists_are_refused_before_connecting() {
+        let config = RedisConfig::new("unused");
+        let err = |urls: &[&str]| {
+            let urls: Vec<String> = urls.iter().map(|u| (*u).to_owned()).collect();
+            let config = config.clone();
+            async move {
+                ShardedEngine::connect(&urls, &config)
+                    .await
+                    .expect_err("refused")
+                    .to_string()
+            }
+        };
+        assert!(err(&[]).await.contains("no redis url"));
+        assert!(err(&["redis://h:1/", "redis://h:1/"]).await.contains("listed twice"));
+        assert!(err(&["redis://h:1/", "redis+cluster://h:2"]).await.contains("Cluster"));
+        assert!(err(&["redis://h:1/", "nope"]).await.contains("unknown scheme"));
     }
 
     #[test]

@@ -133,6 +133,26 @@ impl fmt::Display for RedisAddress {
     }
 }
 
+/// The URLs of `--redis-url` flags, each of which may hold several URLs
+/// separated by commas (`CHANNELBOX_REDIS_URL=redis://a:1/,redis://b:2/`).
+/// A part without `://` continues the URL before it: the `HOST:PORT` list of
+/// a Sentinel or Cluster URL has commas of its own. Empty parts are skipped.
+pub fn split_url_list<S: AsRef<str>>(given: &[S]) -> Vec<String> {
+    let mut urls: Vec<String> = Vec::new();
+    for part in given.iter().flat_map(|g| g.as_ref().split(',')) {
+        let part = part.trim();
+        match urls.last_mut() {
+            _ if part.is_empty() => {}
+            Some(last) if !part.contains("://") => {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ => urls.push(part.to_owned()),
+        }
+    }
+    urls
+}
+
 fn join(hosts: &[(String, u16)]) -> String {
     hosts
         .iter()
@@ -223,6 +243,19 @@ mod tests {
         let sentinel = RedisAddress::parse("redis+sentinel://a:1/m1").expect("sentinel");
         assert_eq!(sentinel.shard_name(), "m1");
         assert_eq!(sentinel.to_string(), "redis+sentinel://a:1/m1");
+    }
+
+    #[test]
+    fn url_lists_split_between_urls_only() {
+        assert_eq!(
+            split_url_list(&["redis://a:1/,redis+sentinel://s:1,s:2/m, redis://b:2/"]),
+            vec!["redis://a:1/", "redis+sentinel://s:1,s:2/m", "redis://b:2/"]
+        );
+        assert_eq!(
+            split_url_list(&["redis+cluster://n:1,n:2", "redis://c:3/"]),
+            vec!["redis+cluster://n:1,n:2", "redis://c:3/"]
+        );
+        assert_eq!(split_url_list(&[",,"]), Vec::<String>::new());
     }
 
     #[test]

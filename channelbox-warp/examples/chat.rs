@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use channelbox_core::{HistoryLimits, HistoryStore};
 use channelbox_protocol::{ChatService, ProtocolConfig, TokenVerifier};
-use channelbox_redis::{RedisConfig, RedisEngine, ShardedEngine};
+use channelbox_redis::{split_url_list, RedisConfig, RedisEngine, ShardedEngine};
 use channelbox_store_memory::{MemoryConfig, MemoryStore};
 use channelbox_store_sled::{SledConfig, SledStore};
 use channelbox_warp::ServerConfig;
@@ -137,30 +137,11 @@ fn positive_seconds(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// The `--redis-url`s: each flag once, and the variable split at commas
-/// between URLs (a Sentinel or Cluster URL has commas of its own, between
-/// `HOST:PORT`s, which are not split).
-fn redis_urls(given: &[String]) -> Vec<String> {
-    let mut urls: Vec<String> = Vec::new();
-    for part in given.iter().flat_map(|g| g.split(',')) {
-        let part = part.trim();
-        match urls.last_mut() {
-            Some(last) if !part.contains("://") && !part.is_empty() => {
-                last.push(',');
-                last.push_str(part);
-            }
-            _ if !part.is_empty() => urls.push(part.to_owned()),
-            _ => {}
-        }
-    }
-    urls
-}
-
 /// A service on Redis: one URL (single, Sentinel or Cluster), or several
 /// shards. A shard that answers only later and records another shard list
 /// stops the process (exit code 2), as it would have at start.
 async fn open_redis(args: &Args, config: ProtocolConfig, limits: HistoryLimits) -> anyhow::Result<ChatService> {
-    let urls = redis_urls(&args.redis_url);
+    let urls = split_url_list(&args.redis_url);
     let redis = RedisConfig {
         limits,
         replicas: args.redis_replicas,
