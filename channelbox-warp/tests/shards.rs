@@ -106,6 +106,9 @@ async fn a_shard_down_at_start_up_does_not_stop_the_server() {
     let up = RedisServer::start();
     let mut down = RedisServer::start();
     down.kill();
+    // Hold the dead shard's port (never accepting), so that no redis-server
+    // of a test running alongside takes it meanwhile.
+    let hold = std::net::TcpListener::bind(("127.0.0.1", down.port())).expect("hold the port");
     let urls = vec![up.url(), down.url()];
     let server = Server::start(&redis_args(&urls));
     let groups = groups_on_both(1);
@@ -119,6 +122,7 @@ async fn a_shard_down_at_start_up_does_not_stop_the_server() {
         503,
         "the one that is down answers unavailable"
     );
+    drop(hold);
     down.restart();
     let deadline = Instant::now() + Duration::from_secs(10);
     while publish(&groups[1]).await != 200 {
