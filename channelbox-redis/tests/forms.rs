@@ -1,6 +1,7 @@
 //! The core HistoryStore conformance suite on the other Redis forms: two
-//! shards (redis-servers of this test's own), and a Sentinel-watched master
-//! with one replica that every append waits for (`replicas: 1`).
+//! shards (redis-servers of this test's own), a Sentinel-watched master with
+//! one replica that every append waits for (`replicas: 1`), and a Sentinel
+//! shard next to a plain one.
 
 use std::sync::Arc;
 
@@ -45,4 +46,29 @@ async fn a_sentinel_master_with_a_replica_passes_the_conformance_suite() {
         .await
         .expect("sentinels");
     channelbox_core::testkit::conformance::run_all(|limits| under_sentinel(&set, limits)).await;
+}
+
+async fn sentinel_and_plain(set: &SentinelSet, plain: &RedisServer, limits: HistoryLimits) -> Arc<dyn HistoryStore> {
+    let master = set.master_index().expect("a master");
+    set.nodes[master].run(&["FLUSHALL"]).expect("flushall");
+    plain.run(&["FLUSHALL"]).expect("flushall");
+    let urls = [set.url(), plain.url()];
+    let config = RedisConfig {
+        limits,
+        ..RedisConfig::new(urls[0].clone())
+    };
+    ShardedEngine::connect(&urls, &config).await.expect("connect").store()
+}
+
+/// A Sentinel URL is a shard like any other (named by its master name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_shard_and_a_plain_one_pass_the_conformance_suite() {
+    let set = tokio::task::spawn_blocking(SentinelSet::start)
+        .await
+        .expect("sentinels");
+    let plain = RedisServer::start();
+    channelbox_core::testkit::conformance::run_all(|limits| sentinel_and_plain(&set, &plain, limits)).await;
+    let recorded = plain.run(&["GET", "cb:shards"]).expect("the shard list");
+    let recorded: String = redis::from_redis_value(recorded).expect("a string");
+    assert_eq!(recorded, format!("cbmaster\n127.0.0.1:{}", plain.port()));
 }
