@@ -1,8 +1,9 @@
 //! Two Redis shards for real (`--redis-url` twice, redis-servers of this
 //! test's own): groups land on both by the jump hash of their name, delivery
 //! across servers is exact on both, a server listing the shards in another
-//! order refuses to start naming both lists, and a shard that is down at
-//! start-up does not stop a server.
+//! order refuses to start naming both lists, a shard that is down at
+//! start-up does not stop a server, and one that answers later with another
+//! list stops it (exit code 2).
 
 mod support;
 
@@ -132,4 +133,44 @@ async fn a_shard_down_at_start_up_does_not_stop_the_server() {
     let recorded = down.run(&["GET", "cb:shards"]).expect("the list");
     let recorded: String = redis::from_redis_value(recorded).expect("a string");
     assert_eq!(recorded, format!("127.0.0.1:{}\n127.0.0.1:{}", up.port(), down.port()));
+}
+
+/// A TCP proxy to `to` that closes every connection until `open` is set.
+async fn gate(to: u16, open: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u16 {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            if !open.load(Ordering::Acquire) {
+                continue;
+            }
+            let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                continue;
+            };
+            tokio::spawn(async move { tokio::io::copy_bidirectional(&mut down, &mut up).await });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_answers_late_with_another_list_stops_the_server() {
+    let up = RedisServer::start();
+    let late = RedisServer::start();
+    late.run(&["SET", "cb:shards", "someone\nelse"]).expect("set");
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate_port = gate(late.port(), open.clone()).await;
+    let urls = vec![up.url(), format!("redis://127.0.0.1:{gate_port}/")];
+    let mut server = Server::start(&redis_args(&urls));
+    open.store(true, std::sync::atomic::Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server stops once the shard answers");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(2), "exit code 2: a shard disagrees");
 }
