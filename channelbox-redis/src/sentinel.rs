@@ -7,7 +7,8 @@
 //! A failover is followed by itself: a task per sentinel subscribes to
 //! `+switch-master`, and one task asks the sentinels every second (a missed
 //! pub/sub message, or a demoted master that still answers, is found that
-//! way). When the master they name differs from the one in use, the
+//! way; what most of the answering sentinels name is followed, so one stale
+//! sentinel cannot make the servers flip between masters). When the master they name differs from the one in use, the
 //! [`Target::generation`] moves on; the command link and the broker compare
 //! it on every ping and reconnect, so requests answer `unavailable` only
 //! until the new master answers.
@@ -82,43 +83,54 @@ impl Sentinels {
         s
     }
 
-    /// The master's address, from the first sentinel that knows it.
-    async fn ask(&self) -> Option<(String, u16)> {
-        for (host, port) in &self.sentinels {
-            let Ok(client) = Client::open((host.as_str(), *port)) else {
-                continue;
-            };
-            let mut cmd = redis::cmd("SENTINEL");
-            cmd.arg("get-master-addr-by-name").arg(&self.master);
-            let answer = async {
-                let mut conn = client.get_multiplexed_async_connection_with_config(&config()).await?;
-                cmd.query_async::<Option<(String, u16)>>(&mut conn).await
-            };
-            if let Ok(Ok(Some(addr))) = tokio::time::timeout(ASK_TIMEOUT, answer).await {
-                return Some(addr);
+    /// What the sentinels that answer name as the master, each address with
+    /// how many name it, the most named first (ties in the order written).
+    /// They are asked together, each within [`ASK_TIMEOUT`].
+    async fn ask(&self) -> Vec<((String, u16), usize)> {
+        let asks = self.sentinels.iter().map(|(h, p)| self.ask_one(h, *p));
+        let mut counted: Vec<((String, u16), usize)> = Vec::new();
+        for addr in futures_util::future::join_all(asks).await.into_iter().flatten() {
+            match counted.iter_mut().find(|(a, _)| *a == addr) {
+                Some((_, n)) => *n += 1,
+                None => counted.push((addr, 1)),
             }
         }
-        None
+        counted.sort_by_key(|c| std::cmp::Reverse(c.1));
+        counted
     }
 
-    /// A client for the master, checked to be one.
-    async fn master_client(&self) -> RedisResult<Client> {
-        let Some(addr) = self.ask().await else {
-            return Err(failure(format!("no sentinel names a master {:?}", self.master)));
-        };
-        let client = Client::open((addr.0.as_str(), addr.1))?;
-        let role = async {
+    async fn ask_one(&self, host: &str, port: u16) -> Option<(String, u16)> {
+        let client = Client::open((host, port)).ok()?;
+        let mut cmd = redis::cmd("SENTINEL");
+        cmd.arg("get-master-addr-by-name").arg(&self.master);
+        let answer = async {
             let mut conn = client.get_multiplexed_async_connection_with_config(&config()).await?;
-            redis::cmd("ROLE").query_async::<Vec<Value>>(&mut conn).await
+            cmd.query_async::<Option<(String, u16)>>(&mut conn).await
         };
-        let role = tokio::time::timeout(ASK_TIMEOUT, role)
-            .await
-            .map_err(|_| failure(format!("the master {}:{} did not answer", addr.0, addr.1)))??;
-        if !matches!(role.first(), Some(Value::BulkString(r)) if r == b"master") {
-            return Err(failure(format!("{}:{} is not a master (yet)", addr.0, addr.1)));
+        tokio::time::timeout(ASK_TIMEOUT, answer).await.ok()?.ok()?
+    }
+
+    /// A client for the master, checked to be one: the address most
+    /// sentinels name when most do (a stale minority is not followed), or
+    /// else the first of theirs that is a master.
+    async fn master_client(&self) -> RedisResult<Client> {
+        let named = self.ask().await;
+        let candidates = if majority(&named).is_some() {
+            &named[..1]
+        } else {
+            &named[..]
+        };
+        let mut last = failure(format!("no sentinel names a master {:?}", self.master));
+        for (addr, _) in candidates {
+            match is_master(addr).await {
+                Ok(client) => {
+                    *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr.clone());
+                    return Ok(client);
+                }
+                Err(err) => last = err,
+            }
         }
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
-        Ok(client)
+        Err(last)
     }
 
     /// The sentinels name `addr`: a change of master when it is not the one
@@ -133,6 +145,29 @@ impl Sentinels {
     }
 }
 
+/// The address more than half of the answers name, if any (`named` is
+/// sorted most named first).
+fn majority(named: &[((String, u16), usize)]) -> Option<&(String, u16)> {
+    let total: usize = named.iter().map(|(_, n)| n).sum();
+    named.first().filter(|(_, n)| n * 2 > total).map(|(a, _)| a)
+}
+
+/// A client for `addr` if `ROLE` says it is a master.
+async fn is_master(addr: &(String, u16)) -> RedisResult<Client> {
+    let client = Client::open((addr.0.as_str(), addr.1))?;
+    let role = async {
+        let mut conn = client.get_multiplexed_async_connection_with_config(&config()).await?;
+        redis::cmd("ROLE").query_async::<Vec<Value>>(&mut conn).await
+    };
+    let role = tokio::time::timeout(ASK_TIMEOUT, role)
+        .await
+        .map_err(|_| failure(format!("the master {}:{} did not answer", addr.0, addr.1)))??;
+    if !matches!(role.first(), Some(Value::BulkString(r)) if r == b"master") {
+        return Err(failure(format!("{}:{} is not a master (yet)", addr.0, addr.1)));
+    }
+    Ok(client)
+}
+
 fn config() -> AsyncConnectionConfig {
     AsyncConnectionConfig::new()
         .set_connection_timeout(Some(ASK_TIMEOUT))
@@ -143,13 +178,14 @@ fn failure(text: String) -> RedisError {
     RedisError::from((ErrorKind::Io, "sentinel", text))
 }
 
-/// Asks the sentinels every second.
+/// Asks the sentinels every second; follows what most of those that answer
+/// name.
 async fn poll(sentinels: Weak<Sentinels>) {
     loop {
         tokio::time::sleep(POLL_EVERY).await;
         let Some(s) = sentinels.upgrade() else { return };
-        if let Some(addr) = s.ask().await {
-            s.noticed(addr);
+        if let Some(addr) = majority(&s.ask().await) {
+            s.noticed(addr.clone());
         }
     }
 }
@@ -205,7 +241,17 @@ fn parse_switch(master: &str, payload: &[u8]) -> Option<(String, u16)> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_switch;
+    use super::{majority, parse_switch};
+
+    #[test]
+    fn a_stale_minority_is_not_followed() {
+        let a = ("a".to_owned(), 1);
+        let b = ("b".to_owned(), 2);
+        assert_eq!(majority(&[(a.clone(), 2), (b.clone(), 1)]), Some(&a));
+        assert_eq!(majority(&[(a.clone(), 1), (b.clone(), 1)]), None);
+        assert_eq!(majority(&[(b.clone(), 1)]), Some(&b));
+        assert_eq!(majority(&[]), None);
+    }
 
     #[test]
     fn switch_messages_name_the_new_master() {
