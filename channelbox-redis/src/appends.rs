@@ -20,6 +20,7 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::durability::{self, ReplicaWait};
 use crate::floors::Floors;
 
 /// How long appends wait after reconnecting to a restarted Redis.
@@ -113,6 +114,8 @@ pub(crate) struct Appender {
     pub(crate) link: Arc<Link>,
     pub(crate) limits: HistoryLimits,
     pub(crate) shared: Arc<Shared>,
+    /// `--redis-replicas`: each pipeline ends with a `WAIT` (see `durability`).
+    pub(crate) wait: Option<ReplicaWait>,
 }
 
 impl Appender {
@@ -202,7 +205,7 @@ impl Appender {
                 .arg(&max_count)
                 .arg(except);
         }
-        self.link.pipeline(&pipe).await
+        durability::send(&self.link, pipe, &self.wait).await
     }
 
     fn answer(&self, batch: Vec<Job>, answers: Vec<Result<Value, StoreError>>) {

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use channelbox_core::{now_ms, Broker, BrokerEvent, BrokerFuture, Epoch, NewMessage, StoreError, StreamPosition};
 use futures_util::StreamExt;
-use redis::Client;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -27,6 +26,7 @@ use crate::directory::{member_event, parse_control, Control};
 use crate::floors::Floors;
 use crate::keys;
 use crate::link::{unavailable, Link, COMMAND_TIMEOUT};
+use crate::sentinel::Target;
 
 /// Events waiting for the box before the subscription task waits for it
 /// (and Redis buffers for us, up to its own output limit).
@@ -105,7 +105,7 @@ impl RedisBroker {
     /// Starts the subscription task; `control` receives what arrives on the
     /// control channels.
     pub(crate) fn start(
-        client: Client,
+        target: Arc<Target>,
         link: Arc<Link>,
         node: Uuid,
         control: mpsc::Sender<Control>,
@@ -121,7 +121,7 @@ impl RedisBroker {
             up: up.clone(),
             floors,
         };
-        tokio::spawn(run(client, rx, routes));
+        tokio::spawn(run(target, rx, routes));
         RedisBroker {
             node,
             link,
@@ -183,10 +183,11 @@ impl Broker for RedisBroker {
 
 /// The subscription task: connected, it serves commands, messages and pings
 /// until something fails; then it reports the loss and connects again.
-async fn run(client: Client, mut commands: mpsc::UnboundedReceiver<Command>, routes: Routes) {
+async fn run(target: Arc<Target>, mut commands: mpsc::UnboundedReceiver<Command>, routes: Routes) {
     let mut wanted: HashSet<String> = [keys::node_channel(routes.node), keys::ALL_CHANNEL.to_owned()].into();
     loop {
-        let Some((mut sink, mut stream)) = connect(&client, &wanted).await else {
+        let generation = target.generation();
+        let Some((mut sink, mut stream)) = connect(&target, &wanted).await else {
             // Down: subscriptions cannot be confirmed; unsubscriptions just
             // leave the wanted set.
             let wait = tokio::time::sleep(RECONNECT_WAIT);
@@ -246,7 +247,8 @@ async fn run(client: Client, mut commands: mpsc::UnboundedReceiver<Command>, rou
                 },
                 _ = ping.tick() => {
                     let pong = tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<redis::Value>()).await;
-                    if !matches!(pong, Ok(Ok(_))) {
+                    // A new master (Sentinel) counts as a loss: subscribe there.
+                    if !matches!(pong, Ok(Ok(_))) || target.generation() != generation {
                         break;
                     }
                 }
@@ -261,9 +263,10 @@ async fn run(client: Client, mut commands: mpsc::UnboundedReceiver<Command>, rou
 }
 
 async fn connect(
-    client: &Client,
+    target: &Target,
     wanted: &HashSet<String>,
 ) -> Option<(redis::aio::PubSubSink, redis::aio::PubSubStream)> {
+    let client = target.client().await.ok()?;
     let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub())
         .await
         .ok()?

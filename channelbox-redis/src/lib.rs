@@ -41,13 +41,20 @@
 mod appends;
 mod broker;
 mod directory;
+mod durability;
 mod floors;
 mod keys;
 mod link;
+mod router;
 mod scripts;
+mod sentinel;
+mod shards;
 mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+#[cfg(feature = "testkit")]
+pub mod testkit_forms;
+mod url;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,9 +62,15 @@ use std::time::Duration;
 use channelbox_core::{HistoryLimits, StoreError, StoreErrorKind};
 use uuid::Uuid;
 
+use sentinel::Target;
+
 pub use broker::RedisBroker;
 pub use directory::{RedisDirectory, FLUSH_EVERY, RECORD_TTL};
+pub use durability::MAX_WAIT;
+pub use router::{ShardedBroker, ShardedDirectory, ShardedStore};
+pub use shards::{fnv1a64, jump, shard_of, ShardedEngine, SHARDS_KEY};
 pub use store::{RedisStore, MAX_READ, MESSAGE_OVERHEAD};
+pub use url::{split_url_list, RedisAddress, UrlError};
 
 /// Control messages from the subscription task to the directory before the
 /// newest are dropped.
@@ -66,7 +79,8 @@ const CONTROL_QUEUE: usize = 16_384;
 /// How to reach Redis and what history to keep there.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`.
+    /// `redis://host:port/db`, `redis+sentinel://host:port[,…]/master` (see
+    /// [`RedisAddress`]).
     pub url: String,
     /// History limits, per group. `max_total_bytes` is not counted here:
     /// see [`RedisConfig::total_bytes`].
@@ -77,10 +91,16 @@ pub struct RedisConfig {
     /// starts it again); an epoch created by a read alone lives at most 600 s.
     pub meta_ttl: Duration,
     /// A bound on all groups' history together, applied by Redis itself:
-    /// with `Some`, [`RedisEngine::connect`] refuses a Redis whose
-    /// `maxmemory` is 0 or whose `maxmemory-policy` cannot evict groups
-    /// (`allkeys-lru`, `allkeys-lfu`, `volatile-lru` or `volatile-lfu`).
+    /// with `Some`, [`RedisEngine::connect`] (and, for each shard,
+    /// [`ShardedEngine::connect`]) refuses a Redis whose `maxmemory` is 0 or
+    /// whose `maxmemory-policy` cannot evict groups (`allkeys-lru`,
+    /// `allkeys-lfu`, `volatile-lru` or `volatile-lfu`).
     pub total_bytes: Option<u64>,
+    /// Replicas that must have a saved append before it is acknowledged
+    /// (Redis `WAIT`); 0 waits for none.
+    pub replicas: u32,
+    /// How long to wait for them, at most [`MAX_WAIT`].
+    pub replica_wait: Duration,
 }
 
 /// The default [`RedisConfig::meta_ttl`]: 30 days.
@@ -95,6 +115,8 @@ impl RedisConfig {
             connect_timeout: Duration::from_secs(5),
             meta_ttl: DEFAULT_META_TTL,
             total_bytes: None,
+            replicas: 0,
+            replica_wait: MAX_WAIT,
         }
     }
 }
@@ -103,6 +125,7 @@ impl RedisConfig {
 /// directory share them.
 #[derive(Clone, Debug)]
 pub struct RedisEngine {
+    link: Arc<link::Link>,
     store: Arc<RedisStore>,
     broker: Arc<RedisBroker>,
     directory: Arc<RedisDirectory>,
@@ -114,29 +137,64 @@ impl RedisEngine {
     /// `connect_timeout`. Afterwards, losing Redis makes requests fail with
     /// an `unavailable` error until it is back, which is noticed by itself.
     pub async fn connect(config: RedisConfig) -> Result<RedisEngine, StoreError> {
-        let client = redis::Client::open(config.url.as_str())
+        let address = RedisAddress::parse(&config.url)
             .map_err(|e| StoreError::new(StoreErrorKind::InvalidInput, format!("redis url {:?}: {e}", config.url)))?;
-        let node = Uuid::new_v4();
-        let link = link::Link::start(client.clone());
-        let (control_tx, control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
-        let floors = Arc::new(floors::Floors::default());
-        let broker = RedisBroker::start(client, link.clone(), node, control_tx, floors.clone());
-        let shared = Arc::new(appends::Shared::new(floors, config.meta_ttl));
-        let store = RedisStore::new(link.clone(), config.limits, broker.health(), shared);
-        let directory = RedisDirectory::start(node, link.clone(), control_rx);
-        if !link.wait_up(config.connect_timeout).await {
+        let engine = RedisEngine::start(&address, &config)?;
+        if !engine.link.wait_up(config.connect_timeout).await {
             return Err(StoreError::new(
                 StoreErrorKind::Unusable,
-                format!(
-                    "redis at {} did not answer within {:?}",
-                    config.url, config.connect_timeout
-                ),
+                format!("redis at {address} did not answer within {:?}", config.connect_timeout),
             ));
         }
-        if let Some(total) = config.total_bytes {
-            check_total_bytes(&link, total, &config.url).await?;
+        engine.check_total_bytes(config.total_bytes, &address).await?;
+        Ok(engine)
+    }
+
+    /// Refuses a Redis that does not bound its memory itself when `total`
+    /// is set (see [`RedisConfig::total_bytes`]).
+    pub(crate) async fn check_total_bytes(&self, total: Option<u64>, address: &RedisAddress) -> Result<(), StoreError> {
+        match total {
+            Some(total) => check_total_bytes(&self.link, total, &address.to_string()).await,
+            None => Ok(()),
         }
+    }
+
+    /// Starts the connections and tasks for `address` without waiting for
+    /// Redis to answer.
+    pub(crate) fn start(address: &RedisAddress, config: &RedisConfig) -> Result<RedisEngine, StoreError> {
+        let invalid = |text: String| StoreError::new(StoreErrorKind::InvalidInput, text);
+        if config.replica_wait > MAX_WAIT || (config.replicas > 0 && config.replica_wait.is_zero()) {
+            return Err(invalid(format!(
+                "the replica wait is {:?}: it must be 1 ms to {MAX_WAIT:?}",
+                config.replica_wait
+            )));
+        }
+        let target = Arc::new(match address {
+            RedisAddress::Single { url, .. } => Target::Single(
+                redis::Client::open(url.as_str()).map_err(|e| invalid(format!("redis url {url:?}: {e}")))?,
+            ),
+            RedisAddress::Sentinel { sentinels, master } => {
+                Target::Sentinel(sentinel::Sentinels::start(sentinels.clone(), master.clone()))
+            }
+            RedisAddress::Cluster { .. } => {
+                return Err(invalid(format!("{address}: Redis Cluster is not supported yet")));
+            }
+        });
+        let node = Uuid::new_v4();
+        let link = link::Link::start(target.clone());
+        let wait = durability::ReplicaWait::new(
+            config.replicas,
+            config.replica_wait,
+            (config.replicas > 0).then(|| link::Link::start(target.clone())),
+        );
+        let (control_tx, control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
+        let floors = Arc::new(floors::Floors::default());
+        let broker = RedisBroker::start(target, link.clone(), node, control_tx, floors.clone());
+        let shared = Arc::new(appends::Shared::new(floors, config.meta_ttl));
+        let store = RedisStore::new(link.clone(), config.limits.clone(), broker.health(), shared, wait);
+        let directory = RedisDirectory::start(node, link.clone(), control_rx);
         Ok(RedisEngine {
+            link,
             store: Arc::new(store),
             broker: Arc::new(broker),
             directory: Arc::new(directory),

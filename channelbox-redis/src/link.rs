@@ -20,9 +20,10 @@ use std::time::Duration;
 
 use channelbox_core::{StoreError, StoreErrorKind};
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, Value};
+use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, Value};
 
 use crate::scripts;
+use crate::sentinel::Target;
 
 /// How long a command may take before Redis counts as unreachable.
 pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -42,7 +43,9 @@ pub(crate) fn unavailable(what: impl std::fmt::Display) -> StoreError {
 /// The command connection and its health.
 #[derive(Debug)]
 pub(crate) struct Link {
-    client: Client,
+    target: Arc<Target>,
+    /// The [`Target::generation`] the connection was made under.
+    generation: std::sync::atomic::AtomicU64,
     conn: Mutex<Option<MultiplexedConnection>>,
     up: AtomicBool,
     /// An error reply (`READONLY`, `LOADING`, `OOM`) said Redis takes no
@@ -58,10 +61,11 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// A link to `client`'s Redis, connecting in the background.
-    pub(crate) fn start(client: Client) -> Arc<Link> {
+    /// A link to `target`'s Redis, connecting in the background.
+    pub(crate) fn start(target: Arc<Target>) -> Arc<Link> {
         let link = Arc::new(Link {
-            client,
+            target,
+            generation: std::sync::atomic::AtomicU64::new(0),
             conn: Mutex::new(None),
             up: AtomicBool::new(false),
             degraded: AtomicBool::new(false),
@@ -172,8 +176,14 @@ impl Link {
     /// Runs a pipeline; with `ignore_errors` set on it, per-command errors
     /// come back as [`Value::ServerError`] items.
     pub(crate) async fn pipeline(&self, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
+        self.pipeline_within(pipe, Duration::ZERO).await
+    }
+
+    /// Runs a pipeline that may take `extra` longer than a command (one that
+    /// ends with a `WAIT`).
+    pub(crate) async fn pipeline_within(&self, pipe: &Pipeline, extra: Duration) -> Result<Vec<Value>, StoreError> {
         let mut conn = self.connection()?;
-        let result = tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<Vec<Value>>(&mut conn)).await;
+        let result = tokio::time::timeout(COMMAND_TIMEOUT + extra, pipe.query_async::<Vec<Value>>(&mut conn)).await;
         self.settle(result)
     }
 
@@ -200,6 +210,11 @@ impl Link {
 async fn supervise(link: Weak<Link>) {
     loop {
         let Some(l) = link.upgrade() else { return };
+        if l.is_up() && l.generation.load(Ordering::Acquire) != l.target.generation() {
+            // The master changed (Sentinel): connect to the new one.
+            l.up.store(false, Ordering::Release);
+            *l.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         if l.is_up() {
             // While an error reply said Redis takes no writes, the ping is
             // a write: its success ends the degraded state.
@@ -223,8 +238,10 @@ async fn supervise(link: Weak<Link>) {
             tokio::time::sleep(PING_EVERY).await;
             continue;
         }
-        match connect(&l.client).await {
+        let generation = l.target.generation();
+        match connect(&l.target).await {
             Ok((conn, shas)) => {
+                l.generation.store(generation, Ordering::Release);
                 let _ = l.shas.set(shas);
                 *l.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
                 l.connected_at
@@ -242,7 +259,8 @@ async fn supervise(link: Weak<Link>) {
     }
 }
 
-async fn connect(client: &Client) -> redis::RedisResult<(MultiplexedConnection, Vec<String>)> {
+async fn connect(target: &Target) -> redis::RedisResult<(MultiplexedConnection, Vec<String>)> {
+    let client = target.client().await?;
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(COMMAND_TIMEOUT))
         .set_response_timeout(Some(COMMAND_TIMEOUT));

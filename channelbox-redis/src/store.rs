@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use crate::appends::{Appender, Job, Shared};
 use crate::broker::SubscriptionHealth;
+use crate::durability::ReplicaWait;
 use crate::link::{unavailable, Link};
 use crate::{keys, scripts};
 
@@ -47,6 +48,9 @@ pub struct RedisStore {
 #[derive(Debug)]
 struct StoreInner {
     link: Arc<Link>,
+    /// The connection appends go through: `link`, or with `WAIT` one of
+    /// their own (see `durability`).
+    append_link: Arc<Link>,
     limits: HistoryLimits,
     appends: mpsc::Sender<Job>,
     /// Whether the broker's subscription connection is up too (a cluster
@@ -61,19 +65,29 @@ impl RedisStore {
         limits: HistoryLimits,
         pubsub: Arc<SubscriptionHealth>,
         shared: Arc<Shared>,
+        wait: Option<ReplicaWait>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
+        // With `WAIT`, appends have a connection of their own (see
+        // `durability`); the restart hold and the script reload then follow
+        // that connection, the one the appends actually go through.
+        let append_link = wait
+            .as_ref()
+            .and_then(ReplicaWait::link)
+            .unwrap_or_else(|| link.clone());
         let appender = Appender {
             connection: 0,
             run_id: None,
-            link: link.clone(),
+            link: append_link.clone(),
             limits: limits.clone(),
             shared: shared.clone(),
+            wait,
         };
         tokio::spawn(appender.run(rx));
         let came_up = link.came_up();
         let inner = Arc::new(StoreInner {
             link,
+            append_link,
             limits,
             appends: tx,
             pubsub,
@@ -359,7 +373,7 @@ impl HistoryStore for RedisStore {
     }
 
     fn healthy(&self) -> bool {
-        self.inner.link.healthy() && self.inner.pubsub.healthy()
+        self.inner.link.healthy() && self.inner.append_link.healthy() && self.inner.pubsub.healthy()
     }
 }
 

@@ -21,6 +21,28 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
 /// (`--history-meta-ttl`): 30 days.
 pub const DEFAULT_META_TTL_SECS: u64 = 2_592_000;
 
+/// `--redis-wait-ms` by default, the most it takes.
+pub const DEFAULT_REDIS_WAIT_MS: u64 = 1000;
+
+fn default_redis_wait_ms() -> u64 {
+    DEFAULT_REDIS_WAIT_MS
+}
+
+/// `redis_url` in a file: one string (comma-separated, like the variable)
+/// or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 /// What a masked secret prints as in `--print-config`.
 const MASK: &str = "********";
 
@@ -79,9 +101,28 @@ pub struct Config {
     /// sled directory.
     #[arg(long, env = "CHANNELBOX_DATA", default_value = "./channelbox-data")]
     pub data: PathBuf,
-    /// The Redis of a cluster (with `--store redis`).
-    #[arg(long, env = "CHANNELBOX_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    pub redis_url: String,
+    /// The Redis of a cluster (with `--store redis`): `redis://HOST:PORT/`,
+    /// `redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER` or
+    /// `redis+cluster://…` (refused). Repeated: shards; the variable (or a
+    /// file's string) is comma-separated, a part without `://` continuing.
+    #[arg(
+        long,
+        env = "CHANNELBOX_REDIS_URL",
+        value_delimiter = ',',
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub redis_url: Vec<String>,
+    /// With `--store redis`: replicas that must have a saved message before
+    /// it is acknowledged (Redis `WAIT`); 0 waits for none.
+    #[arg(long, env = "CHANNELBOX_REDIS_REPLICAS", default_value_t = 0)]
+    #[serde(default)]
+    pub redis_replicas: u32,
+    /// How long to wait for those replicas, in milliseconds (1-1000).
+    #[arg(long, env = "CHANNELBOX_REDIS_WAIT_MS", default_value_t = DEFAULT_REDIS_WAIT_MS,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    #[serde(default = "default_redis_wait_ms")]
+    pub redis_wait_ms: u64,
     /// Per-group history limit in payload bytes.
     #[arg(long, env = channelbox_core::HISTORY_SIZE_ENV, default_value_t = channelbox_core::DEFAULT_HISTORY_BYTES)]
     pub history_bytes: u64,
@@ -280,6 +321,9 @@ impl Config {
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(value_error(key, "must be at least 1"));
         }
+        if !(1..=DEFAULT_REDIS_WAIT_MS).contains(&self.redis_wait_ms) {
+            return Err(value_error("redis_wait_ms", "must be 1 to 1000"));
+        }
         let hooks = [
             ("connect_hook", &self.connect_hook),
             ("join_hook", &self.join_hook),
@@ -323,7 +367,10 @@ impl Config {
                 *secret = Some(MASK.to_owned());
             }
         }
-        shown.redis_url = mask_url_password(&shown.redis_url);
+        shown.redis_url = channelbox_redis::split_url_list(&shown.redis_url)
+            .iter()
+            .map(|u| mask_url_password(u))
+            .collect();
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 

@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::Context;
 use channelbox_core::HistoryStore;
 use channelbox_protocol::{ChatService, ProtocolConfig};
-use channelbox_redis::{RedisConfig, RedisEngine};
+use channelbox_redis::{split_url_list, RedisAddress, RedisConfig, RedisEngine, ShardedEngine};
 use channelbox_store_memory::{MemoryConfig, MemoryStore};
 use channelbox_store_sled::{SledConfig, SledStore};
 use channelbox_warp::ServerConfig;
@@ -115,28 +115,65 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A service on Redis: one URL (single, Sentinel; Cluster is refused), or
+/// several shards. A shard that answers only later and records another
+/// shard list stops the process (exit code 2), as it would have at start.
+/// Every shard gets the same settings (limits, key TTL, total-bytes check,
+/// replicas to wait for).
+async fn open_redis(
+    config: &Config,
+    protocol: ProtocolConfig,
+    limits: channelbox_core::HistoryLimits,
+) -> anyhow::Result<ChatService> {
+    let urls = split_url_list(&config.redis_url);
+    let redis = RedisConfig {
+        limits,
+        meta_ttl: Duration::from_secs(config.history_meta_ttl),
+        total_bytes: config.history_total_bytes,
+        replicas: config.redis_replicas,
+        replica_wait: Duration::from_millis(config.redis_wait_ms),
+        ..RedisConfig::new(urls.first().cloned().unwrap_or_default())
+    };
+    if let [url] = urls.as_slice() {
+        let engine = RedisEngine::connect(redis)
+            .await
+            .with_context(|| format!("cannot use redis at {}", shown(url)))?;
+        return Ok(ChatService::clustered(
+            engine.store(),
+            protocol,
+            engine.broker(),
+            engine.directory(),
+        )?);
+    }
+    let engine = ShardedEngine::connect(&urls, &redis)
+        .await
+        .with_context(|| format!("cannot use the redis shards [{}]", engine_names(&urls)))?;
+    let service = ChatService::clustered(engine.store(), protocol, engine.broker(), engine.directory())?;
+    tokio::spawn(async move {
+        let err = engine.failed().await;
+        tracing::error!(error = %err, "stopping: a redis shard disagrees");
+        eprintln!("error: {err}");
+        std::process::exit(2);
+    });
+    Ok(service)
+}
+
+/// A URL as errors show it: without its password.
+fn shown(url: &str) -> String {
+    RedisAddress::parse(url).map_or_else(|_| url.to_owned(), |a| a.to_string())
+}
+
+/// The shards' URLs as errors show them.
+fn engine_names(urls: &[String]) -> String {
+    urls.iter().map(|u| shown(u)).collect::<Vec<_>>().join(", ")
+}
+
 /// The service over the chosen store: a single server, or one of a cluster.
 async fn open_service(config: &Config, protocol: ProtocolConfig) -> anyhow::Result<ChatService> {
     let limits = config.history_limits();
     let store: Arc<dyn HistoryStore> = match config.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(MemoryConfig { limits })),
-        StoreKind::Redis => {
-            let redis = RedisConfig {
-                limits,
-                meta_ttl: Duration::from_secs(config.history_meta_ttl),
-                total_bytes: config.history_total_bytes,
-                ..RedisConfig::new(&config.redis_url)
-            };
-            let engine = RedisEngine::connect(redis)
-                .await
-                .with_context(|| format!("cannot use redis at {}", config.redis_url))?;
-            return Ok(ChatService::clustered(
-                engine.store(),
-                protocol,
-                engine.broker(),
-                engine.directory(),
-            )?);
-        }
+        StoreKind::Redis => return open_redis(config, protocol, limits).await,
         StoreKind::Sled => Arc::new(
             SledStore::open(SledConfig {
                 limits,

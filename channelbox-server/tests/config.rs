@@ -13,11 +13,13 @@ use support::{chat_binary, Client, Server};
 
 /// Environment variables of the server that the test process may carry
 /// (`cargo xtask ci` sets CHANNELBOX_HTTP); each run starts without them.
-const SERVER_VARIABLES: [&str; 10] = [
+const SERVER_VARIABLES: [&str; 12] = [
     "CHANNELBOX_ADDR",
     "CHANNELBOX_STORE",
     "CHANNELBOX_DATA",
     "CHANNELBOX_REDIS_URL",
+    "CHANNELBOX_REDIS_REPLICAS",
+    "CHANNELBOX_REDIS_WAIT_MS",
     "CHANNELBOX_CONFIG",
     "CHANNELBOX_ADMIN_TOKEN",
     "CHANNELBOX_TOKEN_SECRET",
@@ -157,6 +159,38 @@ fn print_config_masks_secrets() {
     }
     assert!(text.contains("token_secret = \"********\""), "{text}");
     assert!(text.contains("admin_token = \"********\""), "{text}");
+}
+
+/// `redis_url` is a list: the variable is comma-separated (a Sentinel
+/// host list stays one URL), a file may give one string holding several,
+/// and every URL's password is masked.
+#[test]
+fn redis_urls_split_into_shards_and_each_password_is_masked() {
+    let urls = |config: &toml::Table| -> Vec<String> {
+        let list = config["redis_url"].as_array().expect("a list");
+        list.iter().map(|u| u.as_str().expect("a string").to_owned()).collect()
+    };
+    let from_env = effective(
+        &[],
+        &[("CHANNELBOX_REDIS_URL", "redis://:pw1@a:1/,redis+sentinel://s1:1,s2:2/m")],
+    );
+    assert_eq!(
+        urls(&from_env),
+        ["redis://:********@a:1/", "redis+sentinel://s1:1,s2:2/m"]
+    );
+    assert_eq!(from_env["redis_replicas"].as_integer(), Some(0));
+    assert_eq!(from_env["redis_wait_ms"].as_integer(), Some(1000));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = file(
+        dir.path(),
+        "redis_url = \"redis://u:pw2@b:2/,redis://u:pw3@c:3/\"\nredis_replicas = 1\n",
+    );
+    let from_file = effective(&["--config", path.to_str().expect("utf-8")], &[]);
+    assert_eq!(urls(&from_file), ["redis://u:********@b:2/", "redis://u:********@c:3/"]);
+    assert_eq!(from_file["redis_replicas"].as_integer(), Some(1));
+    let zero = file(dir.path(), "redis_wait_ms = 0\n");
+    assert!(refusal(&["--config", zero.to_str().expect("utf-8")]).contains("redis_wait_ms"));
+    assert!(refusal(&["--redis-wait-ms", "1001"]).contains("--redis-wait-ms"));
 }
 
 #[test]

@@ -1,0 +1,224 @@
+//! Redis as it is deployed, for tests: a master with a replica watched by
+//! three sentinels ([`SentinelSet`]), every process a `redis-server` of the
+//! test's own on a free port, killed by its PID.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::testkit::INSTALL_HINT;
+
+/// The master name the sentinels of a [`SentinelSet`] monitor.
+pub const MASTER_NAME: &str = "cbmaster";
+
+/// One `redis-server` (or `redis-server --sentinel`) process this test owns.
+#[derive(Debug)]
+pub struct RedisProcess {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisProcess {
+    /// A data node on a free port: no persistence, `extra` arguments after
+    /// the defaults (`--replicaof …`, say).
+    pub fn start(extra: &[&str]) -> RedisProcess {
+        let mut p = RedisProcess::unstarted();
+        p.start_node(extra);
+        p
+    }
+
+    fn unstarted() -> RedisProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let dir = tempfile::tempdir().expect("a temporary directory for redis");
+        RedisProcess { port, dir, child: None }
+    }
+
+    /// Starts the data node again on the same port (empty), with `extra`.
+    pub fn start_node(&mut self, extra: &[&str]) {
+        self.kill();
+        let port = self.port.to_string();
+        // A replica's full sync starts at once (Redis waits 5 s by default
+        // for more replicas to share a diskless transfer).
+        let mut args = vec![
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--repl-diskless-sync-delay",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        let dir = self.dir.path().to_str().expect("a UTF-8 temporary path").to_owned();
+        args.extend_from_slice(&["--dir", &dir]);
+        self.spawn(&args);
+    }
+
+    /// A sentinel monitoring `master_port` as [`MASTER_NAME`] (quorum 2,
+    /// down after 1 s).
+    fn sentinel(master_port: u16) -> RedisProcess {
+        let mut p = RedisProcess::unstarted();
+        let config = format!(
+            "port {}\nbind 127.0.0.1\ndir {dir}\n\
+             sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+             sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+             sentinel failover-timeout {MASTER_NAME} 4000\n\
+             sentinel parallel-syncs {MASTER_NAME} 1\n",
+            p.port,
+            dir = p.dir.path().display(),
+        );
+        let path = p.dir.path().join("sentinel.conf");
+        std::fs::write(&path, config).expect("write sentinel.conf");
+        p.spawn(&[path.to_str().expect("a UTF-8 path"), "--sentinel"]);
+        p
+    }
+
+    fn spawn(&mut self, args: &[&str]) {
+        let binary = std::env::var("CHANNELBOX_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+        let child = Command::new(&binary)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary} ({e}); install it with: {INSTALL_HINT}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.run(&["PING"]).is_err() {
+            assert!(Instant::now() < deadline, "redis on port {} did not answer", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills it with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs one command and returns its answer.
+    pub fn run(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let client = redis::Client::open(self.url())?;
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut conn)
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A master, one replica of it and three sentinels.
+#[derive(Debug)]
+pub struct SentinelSet {
+    /// The data nodes: index 0 starts as the master, 1 as its replica.
+    pub nodes: [RedisProcess; 2],
+    /// The sentinels.
+    pub sentinels: Vec<RedisProcess>,
+}
+
+impl SentinelSet {
+    /// Starts the five processes and waits until the replica is in sync and
+    /// every sentinel knows it.
+    pub fn start() -> SentinelSet {
+        SentinelSet::start_via(|port| port)
+    }
+
+    /// As [`SentinelSet::start`], but the master is reached (by the replica
+    /// and the sentinels) through the port `via` returns for the master's: a
+    /// proxy the test controls, say.
+    pub fn start_via(via: impl FnOnce(u16) -> u16) -> SentinelSet {
+        let master = RedisProcess::start(&[]);
+        let via_port = via(master.port());
+        let master_port = via_port.to_string();
+        let replica = RedisProcess::start(&["--replicaof", "127.0.0.1", &master_port]);
+        let sentinels = (0..3).map(|_| RedisProcess::sentinel(via_port)).collect();
+        let set = SentinelSet {
+            nodes: [master, replica],
+            sentinels,
+        };
+        set.wait_until(Duration::from_secs(20), "the replica in sync and known", |s| {
+            s.replica_known()
+        });
+        set
+    }
+
+    /// `redis+sentinel://…/cbmaster`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port()))
+            .collect();
+        format!("redis+sentinel://{}/{MASTER_NAME}", hosts.join(","))
+    }
+
+    /// The master's port as the first sentinel that answers names it.
+    pub fn master_port(&self) -> Option<u16> {
+        self.sentinels.iter().find_map(|s| {
+            let v = s.run(&["SENTINEL", "get-master-addr-by-name", MASTER_NAME]).ok()?;
+            let (_, port): (String, u16) = redis::from_redis_value(v).ok()?;
+            Some(port)
+        })
+    }
+
+    /// The index in [`SentinelSet::nodes`] of the master the sentinels name.
+    pub fn master_index(&self) -> Option<usize> {
+        let port = self.master_port()?;
+        self.nodes.iter().position(|n| n.port() == port)
+    }
+
+    fn replica_known(&self) -> bool {
+        let Ok(v) = self.nodes[1].run(&["INFO", "replication"]) else {
+            return false;
+        };
+        let info: String = redis::from_redis_value(v).unwrap_or_default();
+        let synced = info.contains("master_link_status:up");
+        // A failover needs the replica known and the sentinels known to
+        // each other (a majority authorizes it).
+        let count = |s: &RedisProcess, what: &str| {
+            s.run(&["SENTINEL", what, MASTER_NAME])
+                .ok()
+                .and_then(|v| redis::from_redis_value::<Vec<redis::Value>>(v).ok())
+                .map_or(0, |r| r.len())
+        };
+        synced
+            && self
+                .sentinels
+                .iter()
+                .all(|s| count(s, "replicas") >= 1 && count(s, "sentinels") >= 2)
+    }
+
+    /// Polls `check` until it holds; panics naming `what` after `within`.
+    pub fn wait_until(&self, within: Duration, what: &str, check: impl Fn(&SentinelSet) -> bool) {
+        let deadline = Instant::now() + within;
+        while !check(self) {
+            assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
