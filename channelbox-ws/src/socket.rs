@@ -215,6 +215,9 @@ where
 /// an oversized message, invalid UTF-8 or a transport failure.
 pub struct IncomingFrames<S> {
     conn: SharedConn<S>,
+    /// The channel whose liveness every frame read records, pongs included,
+    /// here where they are read: heartbeats judge by it.
+    channel: Channel,
     done: bool,
 }
 
@@ -267,6 +270,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for IncomingFrames<S> {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(item)) => {
+                if item.is_ok() {
+                    self.channel.heard();
+                }
                 let incoming = incoming_from(item);
                 if incoming.is_final() {
                     self.done = true;
@@ -302,7 +308,12 @@ where
         through_tungstenite: (role == Role::Client).then_some(0),
     }));
     let channel = Channel::open(config, WsSink { conn: conn.clone() });
-    (channel, IncomingFrames { conn, done: false })
+    let incoming = IncomingFrames {
+        conn,
+        channel: channel.clone(),
+        done: false,
+    };
+    (channel, incoming)
 }
 
 /// What [`accept`]'s check sees of an upgrade request.

@@ -32,6 +32,8 @@ mod handlers;
 mod heartbeat;
 mod peers;
 mod session;
+#[cfg(test)]
+mod tests;
 
 /// An HTTP answer: status and JSON body.
 #[derive(Clone, Debug, PartialEq, Eq)]
