@@ -9,15 +9,18 @@
 //! nothing until hyper has a complete request head, and one that does not
 //! send it within the header timeout is closed. Connections that have not
 //! upgraded count toward a bound of their own (`max_pending`); past it the
-//! oldest of them is closed, so idle sockets cannot take every descriptor
-//! and starve WebSocket clients or `/healthz`.
+//! oldest of them that has been idle longer than a handshake takes is
+//! closed, so idle sockets cannot take every descriptor and starve
+//! WebSocket clients or `/healthz` — and when every pending connection is
+//! young (a crowd connecting at once), the server stops accepting for a
+//! moment instead, and the kernel's backlog holds the rest.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use channelbox_protocol::{ChatService, HttpAnswer};
@@ -70,9 +73,13 @@ pub struct ServerConfig {
     /// Connections the kernel queues before they are accepted.
     pub backlog: u32,
     /// Connections that have not upgraded to WebSocket (plain HTTP, or not
-    /// yet a complete request) the server keeps open at once; past this the
-    /// oldest of them is closed.
+    /// yet a complete request) the server keeps open at once. Past this the
+    /// oldest of them idle for longer than `pending_grace` is closed; when
+    /// none is, the server stops accepting until one upgrades or ages.
     pub max_pending: usize,
+    /// How long a legitimate handshake may take from accept to upgrade:
+    /// younger connections are never closed to make room.
+    pub pending_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +88,7 @@ impl Default for ServerConfig {
             header_timeout: Duration::from_secs(10),
             backlog: 4096,
             max_pending: 1024,
+            pending_grace: Duration::from_millis(500),
         }
     }
 }
@@ -104,43 +112,110 @@ pub fn raise_open_file_limit() -> std::io::Result<u64> {
     rlimit::increase_nofile_limit(u64::MAX)
 }
 
-/// The connections that have not upgraded, oldest first, each with the
-/// signal that closes it.
+/// One connection that has not upgraded.
+#[derive(Debug)]
+struct Waiting {
+    id: u64,
+    since: Instant,
+    /// Tells the connection to close.
+    evict: Arc<Notify>,
+    /// A request of it is being answered (its head arrived whole): it is
+    /// no idle socket, and its own deadlines bound it.
+    busy: Arc<AtomicBool>,
+}
+
+/// The connections that have not upgraded, oldest first.
+///
+/// Past the cap, the oldest one pending longer than a legitimate handshake
+/// takes (`grace`) and not in the middle of a request is closed: that is an
+/// idle socket. When every pending connection is younger, nobody is closed:
+/// the accept loop stops accepting until one upgrades or ages, and the
+/// kernel's backlog holds the crowd meanwhile. Closing the oldest at once,
+/// as before, closed legitimate handshakes whenever clients connected
+/// faster than the server upgraded them (10,000 clients after a restart).
 #[derive(Debug, Default)]
 struct Pending {
     cap: usize,
+    grace: Duration,
     next: AtomicU64,
-    open: Mutex<VecDeque<(u64, Arc<Notify>)>>,
+    open: Mutex<VecDeque<Waiting>>,
+    /// Woken when a connection leaves: room for the accept loop.
+    freed: Notify,
 }
 
 impl Pending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Arc<Notify>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiting>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a new connection; past the cap the oldest one is told to
-    /// close. Returns its id and its close signal.
-    fn enter(&self) -> (u64, Arc<Notify>) {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let evict = Arc::new(Notify::new());
-        let mut open = self.lock();
-        open.push_back((id, evict.clone()));
-        while open.len() > self.cap {
-            if let Some((_, oldest)) = open.pop_front() {
-                // A stored permit: the connection sees it at its next poll.
-                oldest.notify_one();
-            }
+    /// Waits until there is room for one more connection: below the cap, or
+    /// after closing the oldest idle one past its grace.
+    async fn room(&self) {
+        loop {
+            let wait = {
+                let mut open = self.lock();
+                if open.len() < self.cap {
+                    return;
+                }
+                let now = Instant::now();
+                let idle = open.iter().position(|w| !w.busy.load(Ordering::Acquire));
+                match idle.map(|at| (at, open[at].since)) {
+                    Some((at, since)) if now.duration_since(since) >= self.grace => {
+                        if let Some(old) = open.remove(at) {
+                            // A stored permit: the connection sees it at its next poll.
+                            old.evict.notify_one();
+                        }
+                        return;
+                    }
+                    // The oldest idle one is old enough at this moment.
+                    Some((_, since)) => (since + self.grace).saturating_duration_since(now),
+                    // All in a request: one finishes soon, or its deadline ends it.
+                    None => self.grace,
+                }
+            };
+            let _ = tokio::time::timeout(wait.max(Duration::from_millis(1)), self.freed.notified()).await;
         }
-        (id, evict)
+    }
+
+    /// Registers a new connection; returns its id, its close signal and its
+    /// busy flag.
+    fn enter(&self) -> (u64, Arc<Notify>, Arc<AtomicBool>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (evict, busy) = (Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)));
+        self.lock().push_back(Waiting {
+            id,
+            since: Instant::now(),
+            evict: evict.clone(),
+            busy: busy.clone(),
+        });
+        (id, evict, busy)
     }
 
     /// The connection ended or upgraded.
     fn leave(&self, id: u64) {
         let mut open = self.lock();
         // Ids only grow, so the list is sorted by them.
-        if let Ok(at) = open.binary_search_by_key(&id, |(i, _)| *i) {
+        if let Ok(at) = open.binary_search_by_key(&id, |w| w.id) {
             open.remove(at);
         }
+        drop(open);
+        self.freed.notify_one();
+    }
+}
+
+/// Marks a connection busy while one of its requests is answered.
+struct Busy(Arc<AtomicBool>);
+
+impl Busy {
+    fn start(flag: &Arc<AtomicBool>) -> Busy {
+        flag.store(true, Ordering::Release);
+        Busy(flag.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -176,9 +251,13 @@ where
     let web = TowerToHyperService::new(web);
     let pending = Arc::new(Pending {
         cap: config.max_pending.max(1),
+        grace: config.pending_grace,
         ..Pending::default()
     });
     loop {
+        // Not accepting while full of young connections: the kernel's
+        // backlog holds the next ones.
+        pending.room().await;
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(err) => {
@@ -189,8 +268,14 @@ where
                 continue;
             }
         };
-        let (id, evicted) = pending.enter();
-        let connection = serve_connection(stream, peer, service.clone(), web.clone(), config.header_timeout);
+        let (id, evicted, busy) = pending.enter();
+        let connection = serve_connection(
+            stream,
+            peer,
+            (service.clone(), web.clone()),
+            busy,
+            config.header_timeout,
+        );
         let pending = pending.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -208,8 +293,8 @@ where
 async fn serve_connection<W, B>(
     stream: TcpStream,
     peer: SocketAddr,
-    service: ChatService,
-    web: W,
+    (service, web): (ChatService, W),
+    busy: Arc<AtomicBool>,
     header_timeout: Duration,
 ) where
     W: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone + Send + Sync + 'static,
@@ -221,7 +306,9 @@ async fn serve_connection<W, B>(
     let _ = stream.set_nodelay(true);
     let handler = service_fn(move |req: Request<Body>| {
         let (service, web) = (service.clone(), web.clone());
+        let busy = Busy::start(&busy);
         async move {
+            let _busy = busy;
             if let Some(group) = websocket_group(req.method(), req.uri().path(), req.headers()) {
                 return Ok::<_, Infallible>(upgrade(req, &group, Some(peer), &service));
             }

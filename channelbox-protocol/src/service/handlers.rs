@@ -28,6 +28,12 @@ impl ChatService {
         reference: Option<&Value>,
         request: Request,
     ) -> Result<Handled, ProtocolError> {
+        if matches!(request, Request::Join(_) | Request::Leave(_)) {
+            let wait = s.membership.take();
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
         match request {
             Request::Publish(p) => self.on_publish(s, reference, p),
             Request::Join(j) => self.on_join(s, reference, j).await,

@@ -30,6 +30,7 @@ pub use api::PublishTicket;
 pub use cluster::{Change, ClusterEvent, Directory, Member};
 mod handlers;
 mod heartbeat;
+mod pacing;
 mod peers;
 mod session;
 #[cfg(test)]

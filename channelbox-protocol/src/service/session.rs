@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Instant;
 
 use channelbox_core::SubscribeFraming;
 use channelbox_core::{
@@ -19,6 +18,7 @@ use serde_json::{json, Value};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::pacing::{MembershipPacer, RateLimiter};
 use super::{Admission, ChatService};
 use crate::auth::User;
 use crate::frames::{reply, ErrorCode, ProtocolError};
@@ -32,6 +32,8 @@ pub(super) struct Session {
     pub(super) channel: Channel,
     pub(super) url_group: String,
     pub(super) user: Option<User>,
+    /// Paces the connection's joins and leaves.
+    pub(super) membership: MembershipPacer,
 }
 
 /// The frames around a subscription: `welcome` (URL group) or `joined`
@@ -60,38 +62,6 @@ impl SubscribeFraming for Framing<'_> {
             json!({"type": "recovered", "group": self.group, "from": r.from, "to": r.to, "complete": r.complete}),
             reference,
         ))
-    }
-}
-
-/// A token bucket: `rate` frames per second, burst `rate`.
-struct RateLimiter {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimiter {
-    fn new(rate: u32) -> Self {
-        RateLimiter {
-            rate: f64::from(rate),
-            tokens: f64::from(rate),
-            last: Instant::now(),
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        if self.rate == 0.0 {
-            return true;
-        }
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 }
 
@@ -173,6 +143,7 @@ impl ChatService {
                 channel: channel.clone(),
                 url_group: group.to_owned(),
                 user: admitted.user.clone(),
+                membership: MembershipPacer::default(),
             };
             self.session(&session, incoming, stash).await;
         }
