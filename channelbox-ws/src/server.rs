@@ -411,3 +411,63 @@ fn close_after(response: &mut Response<HttpBody>) {
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(cap: usize, grace: Duration) -> Pending {
+        Pending {
+            cap,
+            grace,
+            ..Pending::default()
+        }
+    }
+
+    /// Whether `evict` holds a close signal, without waiting.
+    async fn told_to_close(evict: &Notify) -> bool {
+        tokio::time::timeout(Duration::from_millis(1), evict.notified())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn young_connections_are_not_closed_to_make_room() {
+        let p = Arc::new(pending(2, Duration::from_secs(60)));
+        let (first, first_evict, _) = p.enter();
+        let (_, second_evict, _) = p.enter();
+        // Full of young connections: no room, and nobody is told to close.
+        let waiting = tokio::time::timeout(Duration::from_millis(100), p.room()).await;
+        assert!(
+            waiting.is_err(),
+            "room was made while every pending connection was young"
+        );
+        assert!(!told_to_close(&first_evict).await && !told_to_close(&second_evict).await);
+        // One upgrades: room at once.
+        let room = tokio::spawn({
+            let p = p.clone();
+            async move { p.room().await }
+        });
+        p.leave(first);
+        tokio::time::timeout(Duration::from_secs(5), room)
+            .await
+            .expect("room once one left")
+            .expect("ran");
+    }
+
+    #[tokio::test]
+    async fn the_oldest_idle_connection_past_its_grace_is_closed_and_busy_ones_are_not() {
+        let p = pending(2, Duration::from_millis(20));
+        let (_, oldest_evict, oldest_busy) = p.enter();
+        let (_, idle_evict, _) = p.enter();
+        // The oldest is answering a request: the next oldest goes instead.
+        oldest_busy.store(true, Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        tokio::time::timeout(Duration::from_secs(5), p.room())
+            .await
+            .expect("an idle socket past its grace makes room");
+        assert!(told_to_close(&idle_evict).await, "the idle one is closed");
+        assert!(!told_to_close(&oldest_evict).await, "the busy one is kept");
+        assert_eq!(p.lock().len(), 1);
+    }
+}
