@@ -18,11 +18,13 @@ use tokio::sync::mpsc;
 use super::ChatService;
 use crate::config::ProtocolConfig;
 
-/// A memory store whose reads fail while `failing` is set.
-#[derive(Debug)]
+/// A memory store whose reads fail while `failing` is set, and whose
+/// appends never become durable while `stalled` is set.
+#[derive(Debug, Default)]
 struct FlakyReads {
     inner: MemoryStore,
     failing: AtomicBool,
+    stalled: AtomicBool,
 }
 
 impl FlakyReads {
@@ -46,7 +48,15 @@ impl HistoryStore for FlakyReads {
         self.inner.message_cost(group, payload_bytes)
     }
     fn append(&self, group: &str, message: NewMessage) -> Result<PendingAppend, StoreError> {
-        self.inner.append(group, message)
+        let pending = self.inner.append(group, message)?;
+        match pending.position() {
+            Some(at) if self.stalled.load(Ordering::SeqCst) => Ok(PendingAppend::assigned(
+                at.offset,
+                at.epoch.clone(),
+                Box::pin(std::future::pending()),
+            )),
+            _ => Ok(pending),
+        }
     }
     async fn head(&self, group: &str) -> Result<Head, StoreError> {
         self.check()?;
@@ -133,10 +143,7 @@ fn memory() -> MemoryStore {
 
 #[tokio::test]
 async fn a_join_that_fails_leaves_no_member_event_listener() {
-    let store = Arc::new(FlakyReads {
-        inner: memory(),
-        failing: AtomicBool::new(false),
-    });
+    let store = Arc::new(FlakyReads::default());
     let service = ChatService::new(store.clone(), ProtocolConfig::default());
     let a = Conn::open(&service, "lobby", None).await;
     store.failing.store(true, Ordering::SeqCst);
@@ -252,4 +259,32 @@ fn groups_are_capped_largest_first_and_within_the_budget() {
     let many = (0..5_000).map(|i| (format!("{i:0>100}"), i));
     let (listed, truncated) = super::handlers::largest_groups(many, 64 * 1024);
     assert!(truncated && listed.len() < 1000 && listed.contains_key(&format!("{:0>100}", 4999)));
+}
+
+#[tokio::test]
+async fn past_its_publishes_in_flight_a_connection_is_not_read() {
+    let store = Arc::new(FlakyReads::default());
+    let service = ChatService::new(store.clone(), ProtocolConfig::default());
+    let c = Conn::open(&service, "lobby", None).await;
+    store.stalled.store(true, Ordering::SeqCst);
+    let tx = c.tx.clone();
+    let sending = tokio::spawn(async move {
+        for i in 0..super::session::MAX_PUBLISHES_IN_FLIGHT {
+            let frame = json!({"type": "publish", "data": i, "ref": i});
+            tx.send(Incoming::Text(frame.to_string())).await.expect("session runs");
+        }
+        let ping = json!({"type": "ping", "ref": "after"});
+        tx.send(Incoming::Text(ping.to_string())).await.expect("session runs");
+    });
+    tokio::time::timeout(Duration::from_secs(5), sending)
+        .await
+        .expect("the frames fit in the stream's buffer")
+        .expect("sent");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let frames = c.frames();
+    assert!(
+        !frames.iter().any(|f| f["ref"] == "after"),
+        "a frame past the bound was read while every publish waited"
+    );
+    assert!(!c.channel.is_closed());
 }
