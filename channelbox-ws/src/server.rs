@@ -15,12 +15,10 @@
 //! young (a crowd connecting at once), the server stops accepting for a
 //! moment instead, and the kernel's backlog holds the rest.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use channelbox_protocol::{ChatService, HttpAnswer};
@@ -33,8 +31,10 @@ use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+mod pending;
+use pending::{Busy, Pending, Watch, Watched};
 
 /// An error of a response body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -94,14 +94,17 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    /// The defaults, with `max_pending` at most a quarter of the process's
-    /// open-file limit, so that pending connections always leave room for
-    /// WebSocket clients and the store.
+    /// The defaults, with `max_pending` a quarter of the process's
+    /// open-file limit (at least 16, at most 16,384): pending connections
+    /// always leave room for WebSocket clients and the store, and a crowd
+    /// connecting at once (10,000 after a restart) fits when the limit
+    /// allows it, instead of waiting on a bound of 1,024.
     pub fn for_open_files(limit: u64) -> Self {
         let quarter = usize::try_from(limit / 4).unwrap_or(usize::MAX);
-        let mut config = ServerConfig::default();
-        config.max_pending = config.max_pending.min(quarter).max(16);
-        config
+        ServerConfig {
+            max_pending: quarter.clamp(16, 16_384),
+            ..ServerConfig::default()
+        }
     }
 }
 
@@ -110,113 +113,6 @@ impl ServerConfig {
 /// limit is often 1,024 where the hard one allows far more.
 pub fn raise_open_file_limit() -> std::io::Result<u64> {
     rlimit::increase_nofile_limit(u64::MAX)
-}
-
-/// One connection that has not upgraded.
-#[derive(Debug)]
-struct Waiting {
-    id: u64,
-    since: Instant,
-    /// Tells the connection to close.
-    evict: Arc<Notify>,
-    /// A request of it is being answered (its head arrived whole): it is
-    /// no idle socket, and its own deadlines bound it.
-    busy: Arc<AtomicBool>,
-}
-
-/// The connections that have not upgraded, oldest first.
-///
-/// Past the cap, the oldest one pending longer than a legitimate handshake
-/// takes (`grace`) and not in the middle of a request is closed: that is an
-/// idle socket. When every pending connection is younger, nobody is closed:
-/// the accept loop stops accepting until one upgrades or ages, and the
-/// kernel's backlog holds the crowd meanwhile. Closing the oldest at once,
-/// as before, closed legitimate handshakes whenever clients connected
-/// faster than the server upgraded them (10,000 clients after a restart).
-#[derive(Debug, Default)]
-struct Pending {
-    cap: usize,
-    grace: Duration,
-    next: AtomicU64,
-    open: Mutex<VecDeque<Waiting>>,
-    /// Woken when a connection leaves: room for the accept loop.
-    freed: Notify,
-}
-
-impl Pending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Waiting>> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Waits until there is room for one more connection: below the cap, or
-    /// after closing the oldest idle one past its grace.
-    async fn room(&self) {
-        loop {
-            let wait = {
-                let mut open = self.lock();
-                if open.len() < self.cap {
-                    return;
-                }
-                let now = Instant::now();
-                let idle = open.iter().position(|w| !w.busy.load(Ordering::Acquire));
-                match idle.map(|at| (at, open[at].since)) {
-                    Some((at, since)) if now.duration_since(since) >= self.grace => {
-                        if let Some(old) = open.remove(at) {
-                            // A stored permit: the connection sees it at its next poll.
-                            old.evict.notify_one();
-                        }
-                        return;
-                    }
-                    // The oldest idle one is old enough at this moment.
-                    Some((_, since)) => (since + self.grace).saturating_duration_since(now),
-                    // All in a request: one finishes soon, or its deadline ends it.
-                    None => self.grace,
-                }
-            };
-            let _ = tokio::time::timeout(wait.max(Duration::from_millis(1)), self.freed.notified()).await;
-        }
-    }
-
-    /// Registers a new connection; returns its id, its close signal and its
-    /// busy flag.
-    fn enter(&self) -> (u64, Arc<Notify>, Arc<AtomicBool>) {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (evict, busy) = (Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)));
-        self.lock().push_back(Waiting {
-            id,
-            since: Instant::now(),
-            evict: evict.clone(),
-            busy: busy.clone(),
-        });
-        (id, evict, busy)
-    }
-
-    /// The connection ended or upgraded.
-    fn leave(&self, id: u64) {
-        let mut open = self.lock();
-        // Ids only grow, so the list is sorted by them.
-        if let Ok(at) = open.binary_search_by_key(&id, |w| w.id) {
-            open.remove(at);
-        }
-        drop(open);
-        self.freed.notify_one();
-    }
-}
-
-/// Marks a connection busy while one of its requests is answered.
-struct Busy(Arc<AtomicBool>);
-
-impl Busy {
-    fn start(flag: &Arc<AtomicBool>) -> Busy {
-        flag.store(true, Ordering::Release);
-        Busy(flag.clone())
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
 }
 
 /// Binds the listening socket, with `SO_REUSEADDR` and `backlog` connections
@@ -249,11 +145,7 @@ where
     B::Error: Into<BoxError>,
 {
     let web = TowerToHyperService::new(web);
-    let pending = Arc::new(Pending {
-        cap: config.max_pending.max(1),
-        grace: config.pending_grace,
-        ..Pending::default()
-    });
+    let pending = Arc::new(Pending::new(config.max_pending.max(1), config.pending_grace));
     loop {
         // Not accepting while full of young connections: the kernel's
         // backlog holds the next ones.
@@ -268,12 +160,12 @@ where
                 continue;
             }
         };
-        let (id, evicted, busy) = pending.enter();
+        let (id, evicted, watch) = pending.enter();
         let connection = serve_connection(
             stream,
             peer,
             (service.clone(), web.clone()),
-            busy,
+            watch,
             config.header_timeout,
         );
         let pending = pending.clone();
@@ -294,7 +186,7 @@ async fn serve_connection<W, B>(
     stream: TcpStream,
     peer: SocketAddr,
     (service, web): (ChatService, W),
-    busy: Arc<AtomicBool>,
+    watch: Arc<Watch>,
     header_timeout: Duration,
 ) where
     W: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone + Send + Sync + 'static,
@@ -304,9 +196,13 @@ async fn serve_connection<W, B>(
 {
     // A broadcast frame should leave at once, not wait for Nagle's algorithm.
     let _ = stream.set_nodelay(true);
+    let stream = Watched {
+        stream,
+        watch: Some(watch.clone()),
+    };
     let handler = service_fn(move |req: Request<Body>| {
         let (service, web) = (service.clone(), web.clone());
-        let busy = Busy::start(&busy);
+        let busy = Busy::start(&watch);
         async move {
             let _busy = busy;
             if let Some(group) = websocket_group(req.method(), req.uri().path(), req.headers()) {
@@ -410,64 +306,4 @@ fn close_after(response: &mut Response<HttpBody>) {
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pending(cap: usize, grace: Duration) -> Pending {
-        Pending {
-            cap,
-            grace,
-            ..Pending::default()
-        }
-    }
-
-    /// Whether `evict` holds a close signal, without waiting.
-    async fn told_to_close(evict: &Notify) -> bool {
-        tokio::time::timeout(Duration::from_millis(1), evict.notified())
-            .await
-            .is_ok()
-    }
-
-    #[tokio::test]
-    async fn young_connections_are_not_closed_to_make_room() {
-        let p = Arc::new(pending(2, Duration::from_secs(60)));
-        let (first, first_evict, _) = p.enter();
-        let (_, second_evict, _) = p.enter();
-        // Full of young connections: no room, and nobody is told to close.
-        let waiting = tokio::time::timeout(Duration::from_millis(100), p.room()).await;
-        assert!(
-            waiting.is_err(),
-            "room was made while every pending connection was young"
-        );
-        assert!(!told_to_close(&first_evict).await && !told_to_close(&second_evict).await);
-        // One upgrades: room at once.
-        let room = tokio::spawn({
-            let p = p.clone();
-            async move { p.room().await }
-        });
-        p.leave(first);
-        tokio::time::timeout(Duration::from_secs(5), room)
-            .await
-            .expect("room once one left")
-            .expect("ran");
-    }
-
-    #[tokio::test]
-    async fn the_oldest_idle_connection_past_its_grace_is_closed_and_busy_ones_are_not() {
-        let p = pending(2, Duration::from_millis(20));
-        let (_, oldest_evict, oldest_busy) = p.enter();
-        let (_, idle_evict, _) = p.enter();
-        // The oldest is answering a request: the next oldest goes instead.
-        oldest_busy.store(true, Ordering::Release);
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        tokio::time::timeout(Duration::from_secs(5), p.room())
-            .await
-            .expect("an idle socket past its grace makes room");
-        assert!(told_to_close(&idle_evict).await, "the idle one is closed");
-        assert!(!told_to_close(&oldest_evict).await, "the busy one is kept");
-        assert_eq!(p.lock().len(), 1);
-    }
 }

@@ -27,6 +27,9 @@ struct Args {
     timeout_seconds: u64,
 }
 
+/// What the welcome frame holds, wherever its fields are.
+const WELCOME: &[u8] = br#""type":"welcome""#;
+
 /// How one client fared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -51,14 +54,15 @@ async fn one(addr: &str, path: &str) -> (Outcome, Option<raw::RawSubscriber>, St
         }
     };
     let mut welcomed = false;
-    let read = sub
-        .read_frames(|text| welcomed |= text.starts_with(br#"{"type":"welcome""#))
-        .await;
-    match read {
-        Ok(true) if welcomed => (Outcome::Upgraded, Some(sub), String::new()),
-        Ok(_) => (Outcome::Reset, None, "closed before its welcome".to_owned()),
-        Err(e) => (Outcome::Reset, None, e.to_string()),
+    let is_welcome = |text: &[u8]| text.windows(WELCOME.len()).any(|w| w == WELCOME);
+    while !welcomed {
+        match sub.read_frames(|text| welcomed |= is_welcome(text)).await {
+            Ok(true) => {}
+            Ok(false) => return (Outcome::Reset, None, "closed before its welcome".to_owned()),
+            Err(e) => return (Outcome::Reset, None, e.to_string()),
+        }
     }
+    (Outcome::Upgraded, Some(sub), String::new())
 }
 
 #[tokio::main]
