@@ -64,3 +64,6 @@ pub const DEFAULT_HISTORY_LIMIT: usize = 100;
 pub const MAX_GROUP_BYTES: usize = 128;
 /// Deepest JSON nesting a client frame may have.
 pub const MAX_JSON_DEPTH: usize = 128;
+/// The most bytes (about) one HTTP history answer holds; past it the answer
+/// pages with `"more":true`, as the WebSocket reply does.
+pub(crate) const HTTP_HISTORY_BYTES: usize = 4 << 20;

@@ -76,7 +76,26 @@ fn json_string(s: &str) -> String {
 /// message as a `message` frame without `type`). As a WebSocket reply,
 /// `reply_to` gives the frame's `type` (first) and the request's `ref` (last).
 pub fn render_history(group: &str, page: &HistoryPage, reply_to: Option<(&str, Option<&Value>)>) -> String {
-    let mut out = String::with_capacity(96 + page.messages.len() * 128);
+    render_history_within(group, page, reply_to, usize::MAX)
+}
+
+/// [`render_history`] within about `max_bytes`: the oldest messages of the
+/// page that fit (at least one, even alone above the bound), then
+/// `"more":true` when some were left out, so that the client asks again
+/// with `since` set to the last offset it got.
+pub fn render_history_within(
+    group: &str,
+    page: &HistoryPage,
+    reply_to: Option<(&str, Option<&Value>)>,
+    max_bytes: usize,
+) -> String {
+    let reference = match reply_to {
+        Some((_, Some(r))) => r.to_string(),
+        _ => String::new(),
+    };
+    // What follows the messages: `]`, `,"more":true`, `,"ref":…` and `}`.
+    let tail = 24 + reference.len();
+    let mut out = String::with_capacity((96 + page.messages.len() * 128).min(max_bytes.saturating_add(tail)));
     out.push('{');
     if let Some((kind, _)) = reply_to {
         out.push_str(r#""type":"#);
@@ -88,17 +107,25 @@ pub fn render_history(group: &str, page: &HistoryPage, reply_to: Option<(&str, O
     out.push_str(r#","epoch":"#);
     out.push_str(&json_string(page.head.epoch.as_str()));
     out.push_str(r#","messages":["#);
+    let mut more = false;
     for (i, m) in page.messages.iter().enumerate() {
+        let msg = render_message(&MessageRef::stored(group, page.head.epoch.as_str(), m), false);
+        if i > 0 && out.len() + 1 + msg.len() + tail > max_bytes {
+            more = true;
+            break;
+        }
         if i > 0 {
             out.push(',');
         }
-        let msg = MessageRef::stored(group, page.head.epoch.as_str(), m);
-        out.push_str(&render_message(&msg, false));
+        out.push_str(&msg);
     }
     out.push(']');
-    if let Some((_, Some(r))) = reply_to {
+    if more {
+        out.push_str(r#","more":true"#);
+    }
+    if !reference.is_empty() {
         out.push_str(r#","ref":"#);
-        out.push_str(&r.to_string());
+        out.push_str(&reference);
     }
     out.push('}');
     out

@@ -38,7 +38,9 @@ pub use auth::{now_secs, same_secret, Permissions, TokenError, TokenVerifier, Us
 pub use channelbox_core::Incoming;
 pub use config::{ProtocolConfig, DEFAULT_HISTORY_LIMIT, MAX_GROUP_BYTES, MAX_HISTORY_LIMIT, MAX_JSON_DEPTH};
 pub use fields::{decode_group, query_param, too_deep, valid_group, GroupName, Limit, ReplayCount, Since};
-pub use frames::{render_history, render_message, ChatEnvelope, ErrorCode, ProtocolError, Sender};
+pub use frames::{
+    render_history, render_history_within, render_message, ChatEnvelope, ErrorCode, ProtocolError, Sender,
+};
 pub use metrics::{HookMetrics, Metrics, WriteCounter};
 pub use request::{parse as parse_request, Direct, History, Join, Leave, Presence, Publish, Ref, Request};
 pub use service::{

@@ -8,7 +8,8 @@
 //! - `cb:{<group>}:p:<id>`, a server's members of a group with their users;
 //! - `cb:ch:<channel>`, the server that runs a channel (for `direct`).
 //!
-//! Changes are written within [`FLUSH_EVERY`]; TTLs are [`RECORD_TTL`].
+//! Changes are written at most once every [`FLUSH_EVERY`], only the groups
+//! whose members changed, in bounded pipelines; TTLs are [`RECORD_TTL`].
 //! Control messages: `D<channel>\n<frame>` on a server's own channel (a
 //! `direct`), `C<server>` on the channel of all (admin close-all), and member
 //! events `E<server>\n<J|L>\n<channel>\n<+user|->` on the group's channel.
@@ -36,6 +37,11 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 const REFRESH_EVERY: u32 = 4;
 /// Fields or keys per command when writing many.
 const CHUNK: usize = 1000;
+/// Commands per pipeline: a round of many groups goes in several.
+const PIPELINE_COMMANDS: usize = 512;
+/// How often waiting member events are published (well within the
+/// protocol's 5 seconds), so that a burst of changes costs one pipeline.
+const EVENTS_EVERY: Duration = Duration::from_millis(100);
 
 /// What the subscription task hands the directory.
 pub(crate) type Control = ClusterEvent;
@@ -255,7 +261,7 @@ fn member_event_body(node: Uuid, change: Change, member: &Member) -> Vec<u8> {
         Change::Joined => 'J',
         Change::Left => 'L',
     };
-    let user = member.user.as_deref().map_or("-".to_owned(), |u| format!("+{u}"));
+    let user = user_field(member.user.as_deref());
     format!("E{node}\n{kind}\n{}\n{user}", member.channel_id).into_bytes()
 }
 
@@ -299,86 +305,165 @@ pub(crate) fn parse_control(node: Uuid, kind: u8, body: &[u8]) -> Option<Control
     }
 }
 
-/// Writes changed records every [`FLUSH_EVERY`] (member events at once) and
-/// refreshes every record's TTL every few flushes.
+/// Writes changed records at most once every [`FLUSH_EVERY`], and publishes
+/// member events at most every [`EVENTS_EVERY`] (batched in one pipeline).
+///
+/// The pace is set by the clock, never by how often members change: a
+/// client toggling join and leave as fast as it can used to wake this task
+/// on every change, and each wake rewrote every group's record (and every
+/// fourth one refreshed them all), so that one client could saturate Redis
+/// for the whole cluster.
 async fn write_records(weak: Weak<DirectoryInner>) {
-    let mut round: u32 = 0;
+    let mut flushes: u32 = 0;
+    let mut next_flush = tokio::time::Instant::now() + FLUSH_EVERY;
     loop {
         let Some(inner) = weak.upgrade() else { return };
-        let _ = tokio::time::timeout(FLUSH_EVERY, inner.wake.notified()).await;
-        let outbox = std::mem::take(&mut lock(&inner.local).outbox);
-        if !outbox.is_empty() {
-            let mut pipe = redis::pipe();
-            for (channel, body) in &outbox {
-                pipe.cmd("PUBLISH").arg(channel).arg(&body[..]);
-            }
-            // Lost while Redis is away, like every pub/sub message then.
-            let _ = inner.link.pipeline(&pipe).await;
+        let _ = tokio::time::timeout_at(next_flush, inner.wake.notified()).await;
+        publish_events(&inner).await;
+        if tokio::time::Instant::now() < next_flush {
+            // Woken by member events: let more of them gather first.
+            drop(inner);
+            tokio::time::sleep(EVENTS_EVERY).await;
+            continue;
         }
-        round = round.wrapping_add(1);
-        if let Err(err) = write_changes(&inner, round % REFRESH_EVERY == 0).await {
+        flushes = flushes.wrapping_add(1);
+        if let Err(err) = write_changes(&inner, flushes % REFRESH_EVERY == 0).await {
             tracing::debug!(%err, "cluster records not written now");
         }
+        next_flush = tokio::time::Instant::now() + FLUSH_EVERY;
     }
 }
 
+/// Publishes the member events waiting, in bounded pipelines.
+async fn publish_events(inner: &DirectoryInner) {
+    let outbox = std::mem::take(&mut lock(&inner.local).outbox);
+    for batch in outbox.chunks(PIPELINE_COMMANDS) {
+        let mut pipe = redis::pipe();
+        for (channel, body) in batch {
+            pipe.cmd("PUBLISH").arg(channel).arg(&body[..]);
+        }
+        // Lost while Redis is away, like every pub/sub message then.
+        let _ = inner.link.pipeline(&pipe).await;
+    }
+}
+
+/// Commands split into pipelines of at most [`PIPELINE_COMMANDS`], so that
+/// no single round trip outlasts the link's command timeout, however many
+/// groups a server has.
+#[derive(Default)]
+struct Batches {
+    pipes: Vec<redis::Pipeline>,
+    in_last: usize,
+}
+
+impl Batches {
+    /// The pipeline the next command goes into.
+    fn next(&mut self) -> &mut redis::Pipeline {
+        if self.pipes.is_empty() || self.in_last >= PIPELINE_COMMANDS {
+            self.pipes.push(redis::pipe());
+            self.in_last = 0;
+        }
+        self.in_last += 1;
+        let at = self.pipes.len() - 1;
+        &mut self.pipes[at]
+    }
+
+    /// Runs every pipeline in order; their results, concatenated.
+    async fn run(self, link: &Link) -> Result<Vec<Value>, StoreError> {
+        let mut results = Vec::new();
+        for pipe in &self.pipes {
+            results.extend(link.pipeline(pipe).await?);
+        }
+        Ok(results)
+    }
+}
+
+/// A member's field in a presence record: `+user`, or `-` without one.
+fn user_field(user: Option<&str>) -> String {
+    user.map_or("-".to_owned(), |u| format!("+{u}"))
+}
+
+/// Writes this server's changed records: the groups whose members changed
+/// (their presence record and their count), the channels gone; with
+/// `refresh`, every record's TTL too, and every count again. A presence
+/// record found missing on refresh (Redis lost it) is rewritten next round.
 async fn write_changes(inner: &DirectoryInner, refresh: bool) -> Result<(), StoreError> {
     let ttl = RECORD_TTL.as_millis() as u64;
     let node = inner.node;
-    let (dirty, gone, pipe) = {
+    let counts_key = keys::node_groups(node);
+    let (dirty, gone, batches, refreshed) = {
         let local = lock(&inner.local);
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZADD")
+        let mut b = Batches::default();
+        b.next()
+            .cmd("ZADD")
             .arg(keys::NODES)
             .arg(now_ms() + ttl)
             .arg(node.to_string());
-        pipe.cmd("ZREMRANGEBYSCORE").arg(keys::NODES).arg("-inf").arg(now_ms());
-        let groups: Vec<&String> = if refresh {
-            local.groups.keys().collect()
-        } else {
-            local.dirty.iter().collect()
-        };
-        for group in &groups {
-            let key = keys::presence(group, node);
-            pipe.cmd("DEL").arg(&key);
-            let Some(members) = local.groups.get(*group) else {
-                continue;
-            };
-            let fields: Vec<(String, String)> = members
-                .iter()
-                .map(|(id, user)| {
-                    (
-                        id.to_string(),
-                        user.as_deref().map_or("-".to_owned(), |u| format!("+{u}")),
-                    )
-                })
-                .collect();
-            for chunk in fields.chunks(CHUNK) {
-                pipe.cmd("HSET").arg(&key).arg(chunk);
-            }
-            pipe.cmd("PEXPIRE").arg(&key).arg(ttl);
-        }
-        let counts_key = keys::node_groups(node);
-        pipe.cmd("DEL").arg(&counts_key);
-        let counts: Vec<(&String, usize)> = local.groups.iter().map(|(g, m)| (g, m.len())).collect();
-        for chunk in counts.chunks(CHUNK) {
-            pipe.cmd("HSET").arg(&counts_key).arg(chunk);
-        }
-        pipe.cmd("PEXPIRE").arg(&counts_key).arg(ttl);
-        for id in &local.gone {
-            pipe.cmd("DEL").arg(keys::channel_home(*id));
+        b.next()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(keys::NODES)
+            .arg("-inf")
+            .arg(now_ms());
+        for group in &local.dirty {
+            write_group(&mut b, &local, group, node, ttl);
         }
         if refresh {
+            let counts: Vec<(&String, usize)> = local.groups.iter().map(|(g, m)| (g, m.len())).collect();
+            for chunk in counts.chunks(CHUNK) {
+                b.next().cmd("HSET").arg(&counts_key).arg(chunk);
+            }
             for id in &local.channels {
-                pipe.cmd("PEXPIRE").arg(keys::channel_home(*id)).arg(ttl);
+                b.next().cmd("PEXPIRE").arg(keys::channel_home(*id)).arg(ttl);
             }
         }
-        (local.dirty.clone(), local.gone.len(), pipe)
+        b.next().cmd("PEXPIRE").arg(&counts_key).arg(ttl);
+        for id in &local.gone {
+            b.next().cmd("DEL").arg(keys::channel_home(*id));
+        }
+        // Last, so that their answers are the last results.
+        let refreshed: Vec<String> = if refresh {
+            let clean = local.groups.keys().filter(|g| !local.dirty.contains(*g));
+            clean.cloned().collect()
+        } else {
+            Vec::new()
+        };
+        for group in &refreshed {
+            b.next().cmd("PEXPIRE").arg(keys::presence(group, node)).arg(ttl);
+        }
+        (local.dirty.clone(), local.gone.len(), b, refreshed)
     };
-    inner.link.pipeline(&pipe).await?;
+    let results = batches.run(&inner.link).await?;
     let mut local = lock(&inner.local);
     local.dirty.retain(|g| !dirty.contains(g));
     let done = gone.min(local.gone.len());
     local.gone.drain(..done);
+    // A record that no longer exists (PEXPIRE answered 0) is written again.
+    let answers = &results[results.len().saturating_sub(refreshed.len())..];
+    for (group, answer) in refreshed.iter().zip(answers) {
+        if matches!(answer, Value::Int(0)) && local.groups.contains_key(group) {
+            local.dirty.insert(group.clone());
+        }
+    }
     Ok(())
+}
+
+/// Queues the writes of one changed group: its presence record rewritten
+/// and its count set (or removed, when it has no member here any more).
+fn write_group(b: &mut Batches, local: &Local, group: &str, node: Uuid, ttl: u64) {
+    let key = keys::presence(group, node);
+    b.next().cmd("DEL").arg(&key);
+    let counts_key = keys::node_groups(node);
+    let Some(members) = local.groups.get(group) else {
+        b.next().cmd("HDEL").arg(&counts_key).arg(group);
+        return;
+    };
+    let fields: Vec<(String, String)> = members
+        .iter()
+        .map(|(id, user)| (id.to_string(), user_field(user.as_deref())))
+        .collect();
+    for chunk in fields.chunks(CHUNK) {
+        b.next().cmd("HSET").arg(&key).arg(chunk);
+    }
+    b.next().cmd("PEXPIRE").arg(&key).arg(ttl);
+    b.next().cmd("HSET").arg(&counts_key).arg(group).arg(members.len());
 }

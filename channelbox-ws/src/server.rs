@@ -9,14 +9,15 @@
 //! nothing until hyper has a complete request head, and one that does not
 //! send it within the header timeout is closed. Connections that have not
 //! upgraded count toward a bound of their own (`max_pending`); past it the
-//! oldest of them is closed, so idle sockets cannot take every descriptor
-//! and starve WebSocket clients or `/healthz`.
+//! oldest of them that has been idle longer than a handshake takes is
+//! closed, so idle sockets cannot take every descriptor and starve
+//! WebSocket clients or `/healthz` — and when every pending connection is
+//! young (a crowd connecting at once), the server stops accepting for a
+//! moment instead, and the kernel's backlog holds the rest.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,8 +31,10 @@ use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+mod pending;
+use pending::{Busy, Pending, Watch, Watched};
 
 /// An error of a response body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -70,9 +73,13 @@ pub struct ServerConfig {
     /// Connections the kernel queues before they are accepted.
     pub backlog: u32,
     /// Connections that have not upgraded to WebSocket (plain HTTP, or not
-    /// yet a complete request) the server keeps open at once; past this the
-    /// oldest of them is closed.
+    /// yet a complete request) the server keeps open at once. Past this the
+    /// oldest of them idle for longer than `pending_grace` is closed; when
+    /// none is, the server stops accepting until one upgrades or ages.
     pub max_pending: usize,
+    /// How long a legitimate handshake may take from accept to upgrade:
+    /// younger connections are never closed to make room.
+    pub pending_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -81,19 +88,23 @@ impl Default for ServerConfig {
             header_timeout: Duration::from_secs(10),
             backlog: 4096,
             max_pending: 1024,
+            pending_grace: Duration::from_millis(500),
         }
     }
 }
 
 impl ServerConfig {
-    /// The defaults, with `max_pending` at most a quarter of the process's
-    /// open-file limit, so that pending connections always leave room for
-    /// WebSocket clients and the store.
+    /// The defaults, with `max_pending` a quarter of the process's
+    /// open-file limit (at least 16, at most 16,384): pending connections
+    /// always leave room for WebSocket clients and the store, and a crowd
+    /// connecting at once (10,000 after a restart) fits when the limit
+    /// allows it, instead of waiting on a bound of 1,024.
     pub fn for_open_files(limit: u64) -> Self {
         let quarter = usize::try_from(limit / 4).unwrap_or(usize::MAX);
-        let mut config = ServerConfig::default();
-        config.max_pending = config.max_pending.min(quarter).max(16);
-        config
+        ServerConfig {
+            max_pending: quarter.clamp(16, 16_384),
+            ..ServerConfig::default()
+        }
     }
 }
 
@@ -102,46 +113,6 @@ impl ServerConfig {
 /// limit is often 1,024 where the hard one allows far more.
 pub fn raise_open_file_limit() -> std::io::Result<u64> {
     rlimit::increase_nofile_limit(u64::MAX)
-}
-
-/// The connections that have not upgraded, oldest first, each with the
-/// signal that closes it.
-#[derive(Debug, Default)]
-struct Pending {
-    cap: usize,
-    next: AtomicU64,
-    open: Mutex<VecDeque<(u64, Arc<Notify>)>>,
-}
-
-impl Pending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Arc<Notify>)>> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Registers a new connection; past the cap the oldest one is told to
-    /// close. Returns its id and its close signal.
-    fn enter(&self) -> (u64, Arc<Notify>) {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let evict = Arc::new(Notify::new());
-        let mut open = self.lock();
-        open.push_back((id, evict.clone()));
-        while open.len() > self.cap {
-            if let Some((_, oldest)) = open.pop_front() {
-                // A stored permit: the connection sees it at its next poll.
-                oldest.notify_one();
-            }
-        }
-        (id, evict)
-    }
-
-    /// The connection ended or upgraded.
-    fn leave(&self, id: u64) {
-        let mut open = self.lock();
-        // Ids only grow, so the list is sorted by them.
-        if let Ok(at) = open.binary_search_by_key(&id, |(i, _)| *i) {
-            open.remove(at);
-        }
-    }
 }
 
 /// Binds the listening socket, with `SO_REUSEADDR` and `backlog` connections
@@ -174,11 +145,11 @@ where
     B::Error: Into<BoxError>,
 {
     let web = TowerToHyperService::new(web);
-    let pending = Arc::new(Pending {
-        cap: config.max_pending.max(1),
-        ..Pending::default()
-    });
+    let pending = Arc::new(Pending::new(config.max_pending.max(1), config.pending_grace));
     loop {
+        // Not accepting while full of young connections: the kernel's
+        // backlog holds the next ones.
+        pending.room().await;
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(err) => {
@@ -189,8 +160,14 @@ where
                 continue;
             }
         };
-        let (id, evicted) = pending.enter();
-        let connection = serve_connection(stream, peer, service.clone(), web.clone(), config.header_timeout);
+        let (id, evicted, watch) = pending.enter();
+        let connection = serve_connection(
+            stream,
+            peer,
+            (service.clone(), web.clone()),
+            watch,
+            config.header_timeout,
+        );
         let pending = pending.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -208,8 +185,8 @@ where
 async fn serve_connection<W, B>(
     stream: TcpStream,
     peer: SocketAddr,
-    service: ChatService,
-    web: W,
+    (service, web): (ChatService, W),
+    watch: Arc<Watch>,
     header_timeout: Duration,
 ) where
     W: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone + Send + Sync + 'static,
@@ -219,9 +196,15 @@ async fn serve_connection<W, B>(
 {
     // A broadcast frame should leave at once, not wait for Nagle's algorithm.
     let _ = stream.set_nodelay(true);
+    let stream = Watched {
+        stream,
+        watch: Some(watch.clone()),
+    };
     let handler = service_fn(move |req: Request<Body>| {
         let (service, web) = (service.clone(), web.clone());
+        let busy = Busy::start(&watch);
         async move {
+            let _busy = busy;
             if let Some(group) = websocket_group(req.method(), req.uri().path(), req.headers()) {
                 return Ok::<_, Infallible>(upgrade(req, &group, Some(peer), &service).await);
             }

@@ -41,6 +41,17 @@ struct Conn<S> {
     /// Frames go through tungstenite instead (the client side, whose frames
     /// must be masked with a random key each); how many of the batch went.
     through_tungstenite: Option<usize>,
+    /// The channel, whose liveness the socket records. A socket whose send
+    /// buffer was full and takes bytes again was drained by the peer's
+    /// acknowledgements: the peer is alive, as surely as when a pong
+    /// arrives. (Only a full buffer counts: a dead peer's buffer never
+    /// drains, and small writes such as pings go into a buffer with room.)
+    /// A slow reader behind a long replay keeps a batch half written most
+    /// of the time, and the reader waits meanwhile, so its pongs are read
+    /// late.
+    channel: Option<Channel>,
+    /// The last write found the send buffer full.
+    blocked: bool,
 }
 
 type SharedConn<S> = Arc<Mutex<Conn<S>>>;
@@ -106,12 +117,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             self.written = 0;
         }
         while self.written < self.out.len() {
-            let n = ready!(Pin::new(self.ws.get_mut()).poll_write(cx, &self.out[self.written..]))
-                .map_err(SinkError::new)?;
+            let n = match Pin::new(self.ws.get_mut()).poll_write(cx, &self.out[self.written..]) {
+                Poll::Pending => {
+                    self.blocked = true;
+                    return Poll::Pending;
+                }
+                Poll::Ready(result) => result.map_err(SinkError::new)?,
+            };
             if n == 0 {
                 return Poll::Ready(Err(SinkError::new(std::io::Error::from(std::io::ErrorKind::WriteZero))));
             }
             self.written += n;
+            if std::mem::take(&mut self.blocked) {
+                if let Some(channel) = &self.channel {
+                    channel.heard();
+                }
+            }
         }
         ready!(Pin::new(self.ws.get_mut()).poll_flush(cx)).map_err(SinkError::new)?;
         // Kept for the next batch only while batches are large (a burst);
@@ -215,6 +236,9 @@ where
 /// an oversized message, invalid UTF-8 or a transport failure.
 pub struct IncomingFrames<S> {
     conn: SharedConn<S>,
+    /// The channel whose liveness every frame read records, pongs included,
+    /// here where they are read: heartbeats judge by it.
+    channel: Channel,
     done: bool,
 }
 
@@ -267,6 +291,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for IncomingFrames<S> {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(item)) => {
+                if item.is_ok() {
+                    self.channel.heard();
+                }
                 let incoming = incoming_from(item);
                 if incoming.is_final() {
                     self.done = true;
@@ -314,9 +341,17 @@ where
         broken: false,
         ended: false,
         through_tungstenite: (role == Role::Client).then_some(0),
+        channel: None,
+        blocked: false,
     }));
     let channel = Channel::open_with_id(id, config, WsSink { conn: conn.clone() });
-    (channel, IncomingFrames { conn, done: false })
+    lock(&conn).channel = Some(channel.clone());
+    let incoming = IncomingFrames {
+        conn,
+        channel: channel.clone(),
+        done: false,
+    };
+    (channel, incoming)
 }
 
 /// What [`accept`]'s check sees of an upgrade request.

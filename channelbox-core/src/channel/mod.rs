@@ -23,6 +23,7 @@ use writer::run_writer;
 
 #[cfg(test)]
 mod layout;
+mod polite;
 mod signal;
 mod writer;
 

@@ -3,10 +3,11 @@
 
 use bytes::Bytes;
 use channelbox_core::{NewMessage, PayloadKind};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::{ChatService, HttpAnswer};
 use crate::auth::{now_secs, same_secret, User};
+use crate::config::HTTP_HISTORY_BYTES;
 use crate::fields::{query_param, GroupName, Limit, Since};
 use crate::frames::Sender;
 
@@ -107,13 +108,11 @@ impl ChatService {
             Ok(a) => a,
             Err(e) => return e,
         };
-        let groups: Map<String, Value> = self
-            .member_counts()
-            .await
-            .into_iter()
-            .filter(|(g, _)| access.allows(g))
-            .map(|(g, n)| (g, json!(n)))
-            .collect();
+        let counts = self.member_counts().await;
+        // At most the largest 10,000, without a field saying so: the answer
+        // is the bare map.
+        let (groups, _) =
+            super::handlers::largest_groups(counts.into_iter().filter(|(g, _)| access.allows(g)), usize::MAX);
         HttpAnswer::ok(Value::Object(groups))
     }
 
@@ -132,7 +131,10 @@ impl ChatService {
             Ok(p) => p,
             Err(e) => return HttpAnswer::refusal(400, &e),
         };
-        match self.history_text(&group, limit, since, None).await {
+        match self
+            .history_text(&group, (limit, since), None, HTTP_HISTORY_BYTES)
+            .await
+        {
             Ok(body) => HttpAnswer { status: 200, body },
             Err(e) => failed(&e),
         }

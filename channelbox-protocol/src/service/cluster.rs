@@ -117,8 +117,12 @@ pub(super) fn follow(inner: &Arc<Inner>, directory: &Arc<dyn Directory>) {
             let Some(inner) = weak.upgrade() else { return };
             match event {
                 ClusterEvent::Direct { to, frame } => {
-                    // Gone meanwhile: as for a `direct` to a channel that just closed.
-                    let _ = inner.channels.send_frame_to(to, Frame::text(frame));
+                    // Gone meanwhile: as for a `direct` to a channel that just
+                    // closed. A queue half full drops it: directs never make
+                    // their target a slow consumer (the sender got `sent`).
+                    if let Some(target) = inner.channels.channel(to) {
+                        let _ = target.try_send_polite(Frame::text(frame));
+                    }
                 }
                 ClusterEvent::CloseAll => {
                     inner.channels.close_all(CloseReason::GOING_AWAY);

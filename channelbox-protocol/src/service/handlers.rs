@@ -5,14 +5,14 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use channelbox_core::{Frame, NewMessage, PayloadKind, PublishOptions, ReadQuery};
+use channelbox_core::{Frame, NewMessage, PayloadKind, PublishOptions, ReadQuery, SendError};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use super::session::{store_error, Framing, Handled, Session};
 use super::{replay_from, ChatService};
 use crate::fields::{GroupName, Limit};
-use crate::frames::{render_history, reply, ErrorCode, ProtocolError, Sender};
+use crate::frames::{render_history_within, reply, ErrorCode, ProtocolError, Sender};
 use crate::namespaces::PublishRule;
 use crate::request::{self, Request};
 
@@ -29,6 +29,12 @@ impl ChatService {
         reference: Option<&Value>,
         request: Request,
     ) -> Result<Handled, ProtocolError> {
+        if matches!(request, Request::Join(_) | Request::Leave(_)) {
+            let wait = s.membership.take();
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
         match request {
             Request::Publish(p) => self.on_publish(s, reference, p).await,
             Request::Join(j) => self.on_join(s, reference, j).await,
@@ -149,13 +155,15 @@ impl ChatService {
             unsaved: !self.namespace(group.as_str()).history,
         };
         let replay = replay_from(j.since, j.epoch, j.history);
-        if j.events {
-            self.inner.peers.listen(group.as_str(), id);
+        // Listening before the join, so that no event after `joined` is
+        // missed; a join that fails (or a channel that closed during its
+        // replay) takes a listener it added away again: nothing else would.
+        let added = j.events && self.inner.peers.listen(group.as_str(), id);
+        let joined = channels.subscribe(&s.channel, group.as_str(), replay, &framing).await;
+        if added && (joined.is_err() || !channels.is_member(id, group.as_str())) {
+            self.inner.peers.unlisten(group.as_str(), id);
         }
-        channels
-            .subscribe(&s.channel, group.as_str(), replay, &framing)
-            .await
-            .map_err(|e| store_error(&e))?;
+        joined.map_err(|e| store_error(&e))?;
         Ok(Handled::Queued)
     }
 
@@ -177,9 +185,9 @@ impl ChatService {
         let body = self
             .history_text(
                 &group,
-                h.limit.unwrap_or_default(),
-                h.since.map(|s| s.0),
+                (h.limit.unwrap_or_default(), h.since.map(|s| s.0)),
                 Some(("history", reference)),
+                self.reply_budget(s),
             )
             .await
             .map_err(|e| store_error(&e))?;
@@ -201,10 +209,18 @@ impl ChatService {
         let not_found = || ProtocolError::new(ErrorCode::NotFound, format!("no channel {to}"));
         let sent = match (self.inner.channels.channel(to), self.inner.directory.get()) {
             (Some(local), _) => {
-                self.inner
-                    .channels
-                    .send_frame_to_channel(&local, Frame::text(frame.to_string()));
-                true
+                // Refused, not queued, past half the target's queue: a flood
+                // of directs must never make its target a slow consumer.
+                match local.try_send_polite(Frame::text(frame.to_string())) {
+                    Ok(_) => true,
+                    Err(SendError::Closed) => false,
+                    Err(SendError::Overflow) => {
+                        return Err(ProtocolError::new(
+                            ErrorCode::RateLimited,
+                            format!("channel {to} has too much queued; try again later"),
+                        ))
+                    }
+                }
             }
             (None, Some(directory)) => directory
                 .direct(to, frame.to_string())
@@ -231,28 +247,42 @@ impl ChatService {
         }
         let mut body = self.presence_of(&group).await?;
         body["type"] = json!("presence");
+        within_budget(&mut body, self.reply_budget(s));
         Ok(reply(body, reference))
     }
 
     async fn on_groups(&self, s: &Session, reference: Option<&Value>) -> Frame {
-        let groups: Map<String, Value> = self
-            .member_counts()
-            .await
+        let counts = self.member_counts().await;
+        let allowed = counts
             .into_iter()
-            .filter(|(g, _)| s.user.as_ref().is_none_or(|u| u.permissions.allows(g)))
-            .map(|(g, n)| (g, json!(n)))
-            .collect();
-        reply(json!({"type": "groups", "groups": groups}), reference)
+            .filter(|(g, _)| s.user.as_ref().is_none_or(|u| u.permissions.allows(g)));
+        let (groups, truncated) = largest_groups(allowed, self.reply_budget(s));
+        let mut body = json!({"type": "groups", "groups": groups});
+        if truncated {
+            body["truncated"] = json!(true);
+        }
+        reply(body, reference)
     }
 
     /// A history page as JSON text: `{"group","epoch","messages":[…]}`, with
     /// `type` and `ref` first and last when it is a WebSocket reply.
+    /// Bytes a reply may take of the requester's queue: half its budget, and
+    /// never more than what is left of it, so that a reply never makes its
+    /// requester a slow consumer.
+    pub(super) fn reply_budget(&self, s: &Session) -> usize {
+        let total = self.inner.config.queue_bytes;
+        let room = total.saturating_sub(s.channel.stats().pending_bytes);
+        (total / 2).min(room)
+    }
+
+    /// A history page as JSON text within about `max_bytes` (the oldest of
+    /// the selected messages, `"more":true` when some were left out).
     pub(super) async fn history_text(
         &self,
         group: &GroupName,
-        limit: Limit,
-        since: Option<u64>,
+        (limit, since): (Limit, Option<u64>),
         reply_to: Option<(&str, Option<&Value>)>,
+        max_bytes: usize,
     ) -> Result<String, channelbox_core::BoxError> {
         let limit = limit.get();
         let query = match since {
@@ -260,6 +290,60 @@ impl ChatService {
             None => ReadQuery::Last(limit),
         };
         let page = self.inner.channels.show_history(group.as_str(), query).await?;
-        Ok(render_history(group.as_str(), &page, reply_to))
+        Ok(render_history_within(group.as_str(), &page, reply_to, max_bytes))
+    }
+}
+
+/// The most groups one `groups` reply or `GET /api/groups` answer lists.
+pub(super) const MAX_GROUPS_LISTED: usize = 10_000;
+
+/// The largest groups by member count (ties by name), at most
+/// [`MAX_GROUPS_LISTED`] and about `max_bytes` of JSON, as a JSON object;
+/// whether some were left out.
+pub(super) fn largest_groups(
+    counts: impl Iterator<Item = (String, usize)>,
+    max_bytes: usize,
+) -> (Map<String, Value>, bool) {
+    // A listed group costs its quoted name, a colon, the count and a comma.
+    let cost = |(g, n): &(String, usize)| g.len() + 4 + n.to_string().len();
+    let mut all: Vec<(String, usize)> = counts.collect();
+    let total: usize = all.iter().map(cost).sum();
+    // Room for `{"type":"groups","groups":{…},"truncated":true,"ref":…}`.
+    let budget = max_bytes.saturating_sub(256);
+    let truncated = all.len() > MAX_GROUPS_LISTED || total > budget;
+    if truncated {
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(MAX_GROUPS_LISTED);
+        let mut used = 0;
+        let fits = all
+            .iter()
+            .take_while(|g| {
+                used += cost(g);
+                used <= budget
+            })
+            .count();
+        all.truncate(fits);
+    }
+    (all.into_iter().map(|(g, n)| (g, json!(n))).collect(), truncated)
+}
+
+/// Cuts a `presence` body's `members` to about `max_bytes` of JSON (with
+/// `"truncated":true`), so that the reply cannot overflow its requester.
+fn within_budget(body: &mut Value, max_bytes: usize) {
+    let budget = max_bytes.saturating_sub(256);
+    let Some(members) = body.get_mut("members").and_then(Value::as_array_mut) else {
+        return;
+    };
+    let mut used = 0;
+    let fits = members
+        .iter()
+        .take_while(|m| {
+            used += m.to_string().len() + 1;
+            used <= budget
+        })
+        .count();
+    if fits < members.len() {
+        members.truncate(fits);
+        body["truncated"] = json!(true);
     }
 }

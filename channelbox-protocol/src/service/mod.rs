@@ -32,9 +32,12 @@ mod handlers;
 mod heartbeat;
 mod hooks;
 mod namespaces;
+mod pacing;
 pub use hooks::UpgradeRequest;
 mod peers;
 mod session;
+#[cfg(test)]
+mod tests;
 
 /// An HTTP answer: status and JSON body.
 #[derive(Clone, Debug, PartialEq, Eq)]

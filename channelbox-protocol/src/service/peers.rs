@@ -89,12 +89,31 @@ impl Peers {
         self.send_to_listeners(group, member.channel_id, Frame::text(event.to_string()));
     }
 
-    /// `channel` wants member events of `group` from now on.
-    pub(super) fn listen(&self, group: &str, channel: Uuid) {
+    /// `channel` wants member events of `group` from now on; whether it did
+    /// not already.
+    pub(super) fn listen(&self, group: &str, channel: Uuid) -> bool {
         lock(&self.listeners)
             .entry(group.to_owned())
             .or_default()
-            .insert(channel);
+            .insert(channel)
+    }
+
+    /// How many channels listen to member events of `group` (for tests and
+    /// the leak check).
+    #[cfg(test)]
+    pub(super) fn listeners_of(&self, group: &str) -> usize {
+        lock(&self.listeners).get(group).map_or(0, HashSet::len)
+    }
+
+    /// `channel` no longer wants member events of `group`.
+    pub(super) fn unlisten(&self, group: &str, channel: Uuid) {
+        let mut listeners = lock(&self.listeners);
+        if let Some(set) = listeners.get_mut(group) {
+            set.remove(&channel);
+            if set.is_empty() {
+                listeners.remove(group);
+            }
+        }
     }
 
     /// Sends `change` about `channel` to the listeners of `group` but
@@ -143,15 +162,7 @@ impl MembershipObserver for Events {
 
     fn left(&self, group: &str, channel: Uuid) {
         let Some(inner) = self.0.upgrade() else { return };
-        {
-            let mut listeners = lock(&inner.peers.listeners);
-            if let Some(set) = listeners.get_mut(group) {
-                set.remove(&channel);
-                if set.is_empty() {
-                    listeners.remove(group);
-                }
-            }
-        }
+        inner.peers.unlisten(group, channel);
         let member = inner.peers.tell(group, channel, Change::Left);
         if let Some(directory) = inner.directory.get() {
             directory.changed(group, Change::Left, member);

@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Instant;
 
 use channelbox_core::SubscribeFraming;
 use channelbox_core::{
@@ -19,6 +18,7 @@ use serde_json::{json, Value};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::pacing::{MembershipPacer, RateLimiter};
 use super::{Admission, ChatService};
 use crate::auth::User;
 use crate::frames::{reply, ErrorCode, ProtocolError};
@@ -32,6 +32,8 @@ pub(super) struct Session {
     pub(super) channel: Channel,
     pub(super) url_group: String,
     pub(super) user: Option<User>,
+    /// Paces the connection's joins and leaves.
+    pub(super) membership: MembershipPacer,
 }
 
 /// The frames around a subscription: `welcome` (URL group) or `joined`
@@ -72,38 +74,6 @@ impl SubscribeFraming for Framing<'_> {
             json!({"type": "recovered", "group": self.group, "from": r.from, "to": r.to, "complete": r.complete && !self.unsaved}),
             reference,
         ))
-    }
-}
-
-/// A token bucket: `rate` frames per second, burst `rate`.
-struct RateLimiter {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimiter {
-    fn new(rate: u32) -> Self {
-        RateLimiter {
-            rate: f64::from(rate),
-            tokens: f64::from(rate),
-            last: Instant::now(),
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        if self.rate == 0.0 {
-            return true;
-        }
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 }
 
@@ -148,7 +118,7 @@ impl ChatService {
         self.run_connection(admission, channel, incoming).instrument(span).await;
     }
 
-    async fn run_connection<S>(&self, admission: Admission, channel: Channel, incoming: S)
+    async fn run_connection<S>(&self, admission: Admission, channel: Channel, mut incoming: S)
     where
         S: Stream<Item = Incoming> + Unpin + Send,
     {
@@ -161,6 +131,8 @@ impl ChatService {
         let user = admitted.user.as_ref().map(|u| u.id.clone());
         self.inner.peers.insert(&channel, user);
         let _running = Running(self, channel.id());
+        // Listening before the join, so that no event after `welcome` is
+        // missed; a join that fails takes the listener away again.
         if admitted.events {
             self.inner.peers.listen(admitted.group.as_str(), channel.id());
         }
@@ -171,15 +143,26 @@ impl ChatService {
         // ever had for as long as it lives, and the join's is only needed once.
         let group = admitted.group.as_str();
         let hook_data = admitted.hook_data.as_ref();
-        if self.join_hook_groups(&admitted.hook_groups, &channel).await
-            && Box::pin(self.join_url_group(group, admitted.replay.clone(), &channel, hook_data)).await
-        {
+        // The URL group's replay may take long for a slow reader: pongs are
+        // read meanwhile, so that heartbeats do not close it.
+        let mut stash = None;
+        let joined = if self.join_hook_groups(&admitted.hook_groups, &channel).await {
+            let join = Box::pin(self.join_url_group(group, admitted.replay.clone(), &channel, hook_data));
+            listening(join, &channel, &mut incoming, &mut stash).await
+        } else {
+            false
+        };
+        if !joined && admitted.events {
+            self.inner.peers.unlisten(group, channel.id());
+        }
+        if joined {
             let session = Session {
                 channel: channel.clone(),
                 url_group: group.to_owned(),
                 user: admitted.user.clone(),
+                membership: MembershipPacer::default(),
             };
-            self.session(&session, incoming).await;
+            self.session(&session, incoming, stash).await;
         }
         tracing::debug!(reason = ?channel.close_reason(), "disconnected");
         metrics.connections.dec();
@@ -231,7 +214,7 @@ impl ChatService {
         true
     }
 
-    async fn session<S>(&self, s: &Session, mut incoming: S)
+    async fn session<S>(&self, s: &Session, mut incoming: S, mut stash: Stash)
     where
         S: Stream<Item = Incoming> + Unpin + Send,
     {
@@ -241,6 +224,18 @@ impl ChatService {
         let mut pending: Option<FuturesUnordered<PublishDone>> = None;
         let mut limiter = RateLimiter::new(self.inner.config.rate_limit);
         let end = loop {
+            // A frame read while a request was being handled comes first.
+            if let Some(frame) = stash.take() {
+                match self.on_frame(s, frame, &mut limiter, &mut incoming, &mut stash).await {
+                    Read::Continue => {}
+                    Read::Publish(done) => pending.get_or_insert_with(FuturesUnordered::new).push(done),
+                    Read::End(reason) => break Some(reason),
+                }
+                continue;
+            }
+            // Past its bound of publishes in flight a connection is not read
+            // (back-pressure through TCP) until one of them is answered.
+            let room = pending.as_ref().is_none_or(|p| p.len() < MAX_PUBLISHES_IN_FLIGHT);
             tokio::select! {
                 biased;
                 Some((reference, group, result)) = async { pending.as_mut()?.next().await },
@@ -255,17 +250,10 @@ impl ChatService {
                     self.send(s, frame);
                 }
                 _ = s.channel.closed() => break None,
-                frame = incoming.next() => {
-                    let Some(frame) = frame else { break Some(CloseReason::ABNORMAL) };
-                    // Anything proves the peer alive (heartbeats); anything
-                    // but a pong is activity (expiry).
-                    s.channel.heard();
-                    if !matches!(frame, Incoming::Pong) {
-                        s.channel.touch();
-                    }
+                frame = incoming.next(), if room => {
                     // Boxed: reading a frame is rare next to waiting for one,
                     // and every idle connection would carry its largest state.
-                    match Box::pin(self.read(s, frame, &mut limiter)).await {
+                    match Box::pin(self.on_frame(s, frame, &mut limiter, &mut incoming, &mut stash)).await {
                         Read::Continue => {}
                         Read::Publish(done) => pending.get_or_insert_with(FuturesUnordered::new).push(done),
                         Read::End(reason) => break Some(reason),
@@ -283,33 +271,66 @@ impl ChatService {
         }
     }
 
-    /// Handles one frame from the client.
-    async fn read(&self, s: &Session, frame: Incoming, limiter: &mut RateLimiter) -> Read {
+    /// Handles one item of the client's stream (`None`: it ended).
+    async fn on_frame<S>(
+        &self,
+        s: &Session,
+        frame: Option<Incoming>,
+        limiter: &mut RateLimiter,
+        incoming: &mut S,
+        stash: &mut Stash,
+    ) -> Read
+    where
+        S: Stream<Item = Incoming> + Unpin + Send,
+    {
+        let Some(frame) = frame else {
+            return Read::End(CloseReason::ABNORMAL);
+        };
+        // Anything proves the peer alive (heartbeats); anything but a pong
+        // is activity (expiry).
+        s.channel.heard();
+        if !matches!(frame, Incoming::Pong) {
+            s.channel.touch();
+        }
+        match frame {
+            // A request may wait long (a join's replay to a slow reader):
+            // the client's pongs are read meanwhile.
+            Incoming::Text(_) if !limiter.allow() => self.rate_limited(s),
+            Incoming::Text(text) if text.len() > self.inner.config.max_message_bytes => self.too_large(s),
+            Incoming::Text(text) => {
+                let work = Box::pin(self.dispatch(s, &text));
+                match listening(work, &s.channel, incoming, stash).await {
+                    Some(done) => Read::Publish(done),
+                    None => Read::Continue,
+                }
+            }
+            other => self.read(s, other, limiter),
+        }
+    }
+
+    /// Handles one frame from the client that is no request to dispatch.
+    fn read(&self, s: &Session, frame: Incoming, limiter: &mut RateLimiter) -> Read {
         match frame {
             Incoming::Ping | Incoming::Pong => Read::Continue,
             Incoming::Close => Read::End(CloseReason::NORMAL),
             Incoming::Failed => Read::End(CloseReason::ABNORMAL),
             Incoming::InvalidUtf8 => Read::End(CloseReason::new(1007, "invalid utf-8")),
             Incoming::TooLarge => self.too_large(s),
-            Incoming::Binary(_) | Incoming::Text(_) if !limiter.allow() => {
-                let err = ProtocolError::new(ErrorCode::RateLimited, "too many frames: this one was dropped");
-                self.send(s, err.frame(None));
-                Read::Continue
-            }
+            // Handled by `on_frame`.
+            Incoming::Text(_) => Read::Continue,
+            Incoming::Binary(_) if !limiter.allow() => self.rate_limited(s),
             Incoming::Binary(_) => {
                 let err = ProtocolError::new(ErrorCode::BadRequest, "binary frames are not accepted; send JSON text");
                 self.send(s, err.frame(None));
                 Read::Continue
             }
-            Incoming::Text(text) if text.len() > self.inner.config.max_message_bytes => self.too_large(s),
-            // Boxed: the session waits in its loop for its whole life, and an
-            // inline `dispatch` (joins, history reads) would make every idle
-            // connection's task as large as its largest request.
-            Incoming::Text(text) => match Box::pin(self.dispatch(s, &text)).await {
-                Some(done) => Read::Publish(done),
-                None => Read::Continue,
-            },
         }
+    }
+
+    fn rate_limited(&self, s: &Session) -> Read {
+        let err = ProtocolError::new(ErrorCode::RateLimited, "too many frames: this one was dropped");
+        self.send(s, err.frame(None));
+        Read::Continue
     }
 
     fn too_large(&self, s: &Session) -> Read {
@@ -354,6 +375,42 @@ impl ChatService {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Publishes one connection may have waiting for the store; past this its
+/// frames are not read until one is answered (back-pressure through TCP, no
+/// error). Below the queue's half (docs/protocol.md: keep fewer than
+/// `queue/2` publishes unacknowledged), since each answer takes a frame.
+pub(super) const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
+
+/// A frame of the client's stream read while a request was handled, kept
+/// for the session loop (`Some(None)`: the stream ended).
+pub(super) type Stash = Option<Option<Incoming>>;
+
+/// Runs `work` while reading the client's stream for control frames, so that
+/// a long request (a replay to a slow reader) does not hide the client's
+/// pongs from heartbeats. The first other frame is stashed, and reading stops
+/// until the session loop has handled it: at most one frame waits here.
+async fn listening<F, S>(work: F, channel: &Channel, incoming: &mut S, stash: &mut Stash) -> F::Output
+where
+    F: Future + Unpin,
+    S: Stream<Item = Incoming> + Unpin + Send,
+{
+    let mut work = work;
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut work => return done,
+            frame = incoming.next(), if stash.is_none() => match frame {
+                Some(Incoming::Pong) => channel.heard(),
+                Some(Incoming::Ping) => {
+                    channel.heard();
+                    channel.touch();
+                }
+                other => *stash = Some(other),
+            },
+        }
     }
 }
 

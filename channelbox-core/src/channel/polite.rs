@@ -1,0 +1,74 @@
+//! Sends that refuse instead of closing: what one peer sends another (a
+//! `direct`) and what a reply may take of its requester's queue.
+
+use super::{Channel, Enqueued, SendError};
+use crate::payload::Frame;
+
+impl Channel {
+    /// Queues `frame` only while the queue stays polite: less than half of
+    /// its frames and bytes in use, and room for the frame in what remains.
+    /// Otherwise nothing is queued and nothing closes — the caller refuses
+    /// the frame instead. What one peer sends another (a `direct`) goes
+    /// through here, so that no peer can make another a slow consumer.
+    pub fn try_send_polite(&self, frame: Frame) -> Result<Enqueued, SendError> {
+        let mut q = self.lock();
+        if !q.is_open() {
+            return Err(SendError::Closed);
+        }
+        let len = frame.len();
+        let half_full = q.frames.len() >= q.max_frames as usize / 2 || q.bytes >= q.max_bytes / 2;
+        let fits = q.frames.len() < q.max_frames as usize && q.bytes as usize + len <= q.max_bytes as usize;
+        if half_full || !fits {
+            return Err(SendError::Overflow);
+        }
+        let was_empty = q.frames.is_empty();
+        // It fits: `bytes + len` is at most `max_bytes`, a `u32`.
+        q.bytes += len as u32;
+        q.frames.push_back(frame);
+        drop(q);
+        if was_empty {
+            self.shared.wake.notify();
+        }
+        Ok(Enqueued { dropped: 0 })
+    }
+
+    /// Bytes the queue may still take before it is half full: what a reply
+    /// may use without making its requester a slow consumer.
+    pub fn half_room_bytes(&self) -> usize {
+        let q = self.lock();
+        (q.max_bytes / 2).saturating_sub(q.bytes) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::ChannelConfig;
+    use crate::testkit::test_channel;
+
+    #[tokio::test]
+    async fn a_polite_send_refuses_past_half_and_never_closes() {
+        let config = ChannelConfig {
+            max_queue_frames: 8,
+            max_queue_bytes: 1000,
+            ..ChannelConfig::default()
+        };
+        let (ch, recorder) = test_channel(config);
+        recorder.stall();
+        // The writer takes the first frame and stalls in the sink with it.
+        assert!(ch.try_send_polite(Frame::text("x".repeat(10))).is_ok());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // Below half, a frame that fits in what remains is taken, even a
+        // large one; from half on nothing is, and nothing closes.
+        assert!(ch.try_send_polite(Frame::text("y".repeat(400))).is_ok());
+        assert_eq!(ch.half_room_bytes(), 100);
+        assert_eq!(
+            ch.try_send_polite(Frame::text("z".repeat(700))),
+            Err(SendError::Overflow)
+        );
+        assert!(ch.try_send_polite(Frame::text("w".repeat(200))).is_ok());
+        assert_eq!(ch.half_room_bytes(), 0);
+        assert_eq!(ch.try_send_polite(Frame::text("v")), Err(SendError::Overflow));
+        assert!(!ch.is_closed());
+    }
+}
