@@ -145,6 +145,7 @@ async fn client(
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
+    log.write(json!({"k": "joined", "g": url_group}));
     let mut member = vec![url_group];
     let mut sent = 0u64;
     let deadline = start + Duration::from_secs(seconds);
@@ -202,7 +203,10 @@ async fn join(client: &mut ChatClient, log: &mut Log, member: &mut Vec<String>, 
     // Logged before the request: messages of the group may come before `joined`.
     log.write(json!({"k": "join", "g": group}));
     match tokio::time::timeout(Duration::from_secs(3), client.join(&group)).await {
-        Ok(Ok(_)) => member.push(group),
+        Ok(Ok(_)) => {
+            log.write(json!({"k": "joined", "g": group}));
+            member.push(group);
+        }
         other => log.write(json!({"k": "join_failed", "g": group, "why": format!("{other:?}")})),
     }
 }

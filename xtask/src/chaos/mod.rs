@@ -239,6 +239,7 @@ fn run(o: &Options, schedule: &[Step]) -> Result<Vec<String>, String> {
     }
     drop(cluster);
     let logs = read_logs(&logs)?;
+    eprintln!("xtask chaos: checked {}", checker::summary(&logs));
     Ok(checker::check(&logs, &histories, o.store == Store::Redis))
 }
 

@@ -162,9 +162,11 @@ fn draw(rng: &mut Rng, store: Store) -> Fault {
     } else {
         Link::Clients(server)
     };
-    let kinds = if store == Store::Redis { 9 } else { 5 };
+    // Kills are drawn twice as often as any other fault: they exercise
+    // recovery, the heart of what is checked.
+    let kinds = if store == Store::Redis { 10 } else { 6 };
     match rng.range(0, kinds) {
-        0 => Fault::KillServer {
+        0 | 9 => Fault::KillServer {
             server,
             down_ms: rng.range(200, 2000),
         },
@@ -185,12 +187,16 @@ fn draw(rng: &mut Rng, store: Store) -> Fault {
             delay_ms: rng.range(5, 200),
             ms: rng.range(500, 3000),
         },
+        5 if store != Store::Redis => Fault::KillServer {
+            server,
+            down_ms: rng.range(200, 2000),
+        },
         5 => Fault::KillPubsub,
         6 => Fault::SnapshotRedis,
-        n => Fault::KillRedis {
-            data: match (n, rng.range(0, 3)) {
-                (_, 0) => RedisData::Empty,
-                (_, 1) => RedisData::Snapshot,
+        _ => Fault::KillRedis {
+            data: match rng.range(0, 3) {
+                0 => RedisData::Empty,
+                1 => RedisData::Snapshot,
                 _ => RedisData::Current,
             },
             down_ms: rng.range(200, 1500),
