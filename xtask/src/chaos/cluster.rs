@@ -55,6 +55,9 @@ impl Cluster {
             redis: None,
             redis_proxies: Vec::new(),
         };
+        if store == Store::Sled {
+            mount_tmpfs(&dir.join("disk"))?;
+        }
         if store == Store::Redis {
             let port = free_port()?;
             let rdir = dir.join("redis");
@@ -101,7 +104,10 @@ impl Cluster {
         .map(String::from)
         .to_vec();
         match self.store {
-            Store::Sled => args.extend(["--data".to_owned(), self.dir.join("sled").display().to_string()]),
+            Store::Sled => args.extend([
+                "--data".to_owned(),
+                self.dir.join("disk").join("sled").display().to_string(),
+            ]),
             Store::Redis => args.extend([
                 "--redis-url".to_owned(),
                 format!("redis://{}/", self.redis_proxies[i].addr),
@@ -147,8 +153,21 @@ impl Cluster {
             Fault::Stall { link, ms } => self.link_fault(link, LinkState::Stall, ms),
             Fault::Partition { link, ms } => self.link_fault(link, LinkState::Partition, ms),
             Fault::Delay { link, delay_ms, ms } => self.link_fault(link, LinkState::Delay(delay_ms), ms),
+            Fault::FillDisk { ms } => self.fill_disk(ms)?,
         }
         Ok(())
+    }
+
+    /// Fills the tmpfs under sled's data until a write fails, holds it
+    /// full for `ms`, and frees it.
+    fn fill_disk(&self, ms: u64) -> Result<(), String> {
+        let filler = self.dir.join("disk").join("filler");
+        let mut file = std::fs::File::create(&filler).map_err(|e| e.to_string())?;
+        let chunk = vec![0u8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        std::thread::sleep(Duration::from_millis(ms));
+        drop(file);
+        std::fs::remove_file(&filler).map_err(|e| e.to_string())
     }
 
     fn link_fault(&self, link: Link, state: LinkState, ms: u64) {
@@ -229,7 +248,31 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if self.store == Store::Sled {
+            let _ = Command::new("umount").arg(self.dir.join("disk")).status();
+        }
     }
+}
+
+/// The size of sled's disk: room for a run's history, small enough to fill
+/// in a moment.
+const DISK: &str = "size=64m";
+
+/// Mounts a small tmpfs at `dir` for sled (needs root, as the hostile suite).
+fn mount_tmpfs(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", DISK, "tmpfs"])
+        .arg(dir)
+        .status()
+        .map_err(|e| format!("cannot run mount: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "mounting a tmpfs at {} failed: the sled run needs root for its full-disk faults",
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 fn signal(sig: &str, pid: &str) -> Result<(), String> {

@@ -66,6 +66,8 @@ pub(crate) enum Fault {
     Partition { link: Link, ms: u64 },
     /// Delay every chunk by `delay_ms` for `ms`.
     Delay { link: Link, delay_ms: u64, ms: u64 },
+    /// Fill sled's disk (a small tmpfs) for `ms`, then free it.
+    FillDisk { ms: u64 },
 }
 
 impl Fault {
@@ -76,7 +78,8 @@ impl Fault {
             Fault::PauseServer { ms, .. }
             | Fault::Stall { ms, .. }
             | Fault::Partition { ms, .. }
-            | Fault::Delay { ms, .. } => ms,
+            | Fault::Delay { ms, .. }
+            | Fault::FillDisk { ms } => ms,
             Fault::SnapshotRedis | Fault::KillPubsub => 0,
         }
     }
@@ -164,7 +167,11 @@ fn draw(rng: &mut Rng, store: Store) -> Fault {
     };
     // Kills are drawn twice as often as any other fault: they exercise
     // recovery, the heart of what is checked.
-    let kinds = if store == Store::Redis { 10 } else { 6 };
+    let kinds = match store {
+        Store::Redis => 10,
+        Store::Sled => 7,
+        Store::Memory => 6,
+    };
     match rng.range(0, kinds) {
         0 | 9 => Fault::KillServer {
             server,
@@ -192,6 +199,9 @@ fn draw(rng: &mut Rng, store: Store) -> Fault {
             down_ms: rng.range(200, 2000),
         },
         5 => Fault::KillPubsub,
+        6 if store == Store::Sled => Fault::FillDisk {
+            ms: rng.range(500, 3000),
+        },
         6 => Fault::SnapshotRedis,
         _ => Fault::KillRedis {
             data: match rng.range(0, 3) {
@@ -219,6 +229,7 @@ mod tests {
         let memory = schedule(7, Store::Memory, 60_000);
         assert!(memory.iter().all(|s| match s.fault {
             Fault::KillServer { server, .. } | Fault::PauseServer { server, .. } => server == 0,
+            Fault::FillDisk { .. } => false,
             Fault::Stall { link, .. } | Fault::Partition { link, .. } | Fault::Delay { link, .. } =>
                 link == Link::Clients(0),
             _ => false,
