@@ -9,7 +9,8 @@
 //! - `drop_gap_fill` (core, `channel_box/cluster.rs`, `fill_gaps`): a server
 //!   of a cluster never fills a gap in what Redis delivered;
 //! - `recover_always_complete` (core, `channel_box/recovery.rs`,
-//!   `is_complete`): every recovery claims to be complete;
+//!   `is_complete` and `ReplayPlan::new`): every recovery claims to be
+//!   complete, across a new epoch too;
 //! - `ack_before_durable` (channelbox-store-sled, `writer.rs`, `flush`): a
 //!   write counts as durable without sled's flush.
 

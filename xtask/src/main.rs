@@ -196,9 +196,10 @@ fn ci() -> Result<(), String> {
 }
 
 /// Short chaos runs on fixed seeds, one per store (about 30 s each), so that
-/// the checker and its workload cannot rot.
+/// the checker and its workload cannot rot. Seeds whose schedules include
+/// server kills; `cargo xtask chaos --minutes N` runs longer ones.
 fn chaos_smoke() -> Result<(), String> {
-    for (store, seed) in [("memory", "1"), ("sled", "2"), ("redis", "3")] {
+    for (store, seed) in [("memory", "4"), ("sled", "1"), ("redis", "1")] {
         let args = ["--seed", seed, "--seconds", "20", "--store", store].map(String::from);
         chaos::chaos(&chaos::Options::parse(&args)?)?;
     }

@@ -41,6 +41,8 @@ pub(crate) struct Options {
     pub(crate) store: Store,
     pub(crate) mutation: Option<String>,
     pub(crate) shrink: bool,
+    /// Print the seed's schedule and stop (`--print-schedule`).
+    pub(crate) print_only: bool,
 }
 
 impl Options {
@@ -51,11 +53,13 @@ impl Options {
             store: Store::Memory,
             mutation: None,
             shrink: false,
+            print_only: false,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
-            if flag == "--shrink" {
-                o.shrink = true;
+            if flag == "--shrink" || flag == "--print-schedule" {
+                o.shrink |= flag == "--shrink";
+                o.print_only |= flag == "--print-schedule";
                 continue;
             }
             let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -74,14 +78,18 @@ impl Options {
 }
 
 /// The flags of `cargo xtask chaos`.
-pub(crate) const USAGE: &str = "usage: cargo xtask chaos [--seed S] [--minutes N | --seconds N] [--store memory|sled|redis] [--mutation NAME] [--shrink]";
+pub(crate) const USAGE: &str = "usage: cargo xtask chaos [--seed S] [--minutes N | --seconds N] [--store memory|sled|redis] [--mutation NAME] [--shrink] [--print-schedule]";
 
 /// Builds what a run needs, runs the schedule of the seed, and fails with a
 /// report when the checker finds a violation.
 pub(crate) fn chaos(o: &Options) -> Result<(), String> {
+    let schedule = nemesis::schedule(o.seed, o.store, o.seconds.saturating_sub(3) * 1000);
+    if o.print_only {
+        schedule.iter().for_each(|step| println!("{step}"));
+        return Ok(());
+    }
     std::env::set_current_dir(crate::root()).map_err(|e| e.to_string())?;
     build(o.mutation.is_some())?;
-    let schedule = nemesis::schedule(o.seed, o.store, o.seconds.saturating_sub(3) * 1000);
     let violations = run(o, &schedule)?;
     if violations.is_empty() {
         eprintln!(
