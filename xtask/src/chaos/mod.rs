@@ -146,6 +146,18 @@ fn report(o: &Options, schedule: &[Step], violations: &[String]) {
     for v in violations.iter().take(40) {
         eprintln!("  {v}");
     }
+    // All of them, with the schedule, beside the run's logs.
+    let mut text: Vec<String> = schedule.iter().map(Step::to_string).collect();
+    text.extend(violations.iter().cloned());
+    let path = run_dir(o).join("violations.txt");
+    if std::fs::write(&path, text.join("\n") + "\n").is_ok() {
+        eprintln!("xtask chaos: every violation is in {}", path.display());
+    }
+}
+
+/// Where a run keeps its logs.
+fn run_dir(o: &Options) -> PathBuf {
+    PathBuf::from("target/chaos").join(format!("{}-{}", o.store.name(), o.seed))
 }
 
 /// Drops faults one by one while the run still fails.
@@ -197,7 +209,7 @@ const MUTATION_TARGET: &str = "target/chaos-mutations";
 
 /// One run of `schedule`; the violations found.
 fn run(o: &Options, schedule: &[Step]) -> Result<Vec<String>, String> {
-    let dir = PathBuf::from("target/chaos").join(format!("{}-{}", o.store.name(), o.seed));
+    let dir = run_dir(o);
     let _ = std::fs::remove_dir_all(&dir);
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
