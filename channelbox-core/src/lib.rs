@@ -35,6 +35,8 @@
 //! ## Features
 //! - `testkit`: the [`HistoryStore`] conformance suite, a reference model for
 //!   property tests, and an in-process recording channel.
+//! - `chaos-mutations`: deliberately injected bugs for `cargo xtask chaos`
+//!   (see [`mutation`]); never in a real build.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod broker;
@@ -44,6 +46,7 @@ mod channel_box;
 mod envelope;
 mod error;
 mod history;
+pub mod mutation;
 mod payload;
 mod position;
 mod transport;

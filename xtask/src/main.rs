@@ -10,6 +10,10 @@
 //!   with arbitrary input (default 50,000 cases; CI runs 128 with the tests).
 //! - `cargo xtask soak [--connections N] [--seconds S]`: the chat server under
 //!   connect/publish/recover/disconnect churn; checks nothing leaked.
+//! - `cargo xtask chaos [--seed S] [--minutes N] [--store memory|sled|redis]
+//!   [--mutation NAME] [--shrink]`: servers, Redis and clients under a seeded
+//!   schedule of faults, then a check of every client's log and the final
+//!   histories (see `chaos`).
 //! - `cargo xtask e2e`: the browser tests of the chat page and the admin page
 //!   in headless Chromium
 //!   (needs Debian's `chromium` and Node.js; `.ci/run` installs them).
@@ -18,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod bench;
+mod chaos;
 mod cluster_bench;
 mod loopback;
 mod storm_bench;
@@ -49,6 +54,7 @@ fn main() -> ExitCode {
         Some("e2e") => e2e(),
         Some("fuzz") => fuzz(&args[1..]),
         Some("soak") => soak(&args[1..]),
+        Some("chaos") => chaos::Options::parse(&args[1..]).and_then(|o| chaos::chaos(&o)),
         _ => Err(USAGE.to_owned()),
     };
     match result {
@@ -60,7 +66,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S] [-- server flags]>";
+const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S] [-- server flags] | chaos [--seed S] [--minutes N] [--store memory|sled|redis] [--mutation NAME] [--shrink]>";
 
 /// Runs `cargo` with these arguments and environment, failing on a non-zero exit.
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
@@ -185,7 +191,19 @@ fn ci() -> Result<(), String> {
         "50".to_owned(),
         "--seconds".to_owned(),
         "5".to_owned(),
-    ])
+    ])?;
+    chaos_smoke()
+}
+
+/// Short chaos runs on fixed seeds, one per store (about 30 s each), so that
+/// the checker and its workload cannot rot. Seeds whose schedules include
+/// server kills; `cargo xtask chaos --minutes N` runs longer ones.
+fn chaos_smoke() -> Result<(), String> {
+    for (store, seed) in [("memory", "4"), ("sled", "1"), ("redis", "1")] {
+        let args = ["--seed", seed, "--seconds", "20", "--store", store].map(String::from);
+        chaos::chaos(&chaos::Options::parse(&args)?)?;
+    }
+    Ok(())
 }
 
 /// The chat server and the benchmark tools, in release mode.

@@ -1,0 +1,276 @@
+//! `cargo xtask chaos`: a fault checker in the Jepsen/FoundationDB tradition.
+//! Real processes — chat servers on one store (memory, sled, or three servers
+//! on a Redis of the run's own), clients built on the project's Rust client
+//! (`chaos_client`) — while a nemesis drawn from a seed kills, pauses and
+//! restarts them and stalls, delays and cuts the links between them through
+//! proxies. Afterwards [`checker`] reads every client's log and the final
+//! histories. A failure prints the seed and the schedule; `--seed S` replays
+//! the same schedule, `--shrink` drops faults while the run still fails.
+//!
+//! `--mutation NAME` runs servers built with the `chaos-mutations` feature
+//! and `CHANNELBOX_MUTATION=NAME`: a deliberately injected bug the run must
+//! catch (see `channelbox-core`'s `mutation` module).
+
+mod checker;
+mod cluster;
+mod nemesis;
+mod proxy;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use cluster::Cluster;
+use nemesis::{Step, Store};
+
+/// Clients and groups of every run: enough for cross traffic, few enough
+/// for two shared cores.
+const CLIENTS: usize = 6;
+const GROUPS: usize = 4;
+/// Seconds the clients only listen after publishing, so recoveries end.
+const SETTLE: u64 = 8;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub(crate) struct Options {
+    pub(crate) seed: u64,
+    pub(crate) seconds: u64,
+    pub(crate) store: Store,
+    pub(crate) mutation: Option<String>,
+    pub(crate) shrink: bool,
+    /// Print the seed's schedule and stop (`--print-schedule`).
+    pub(crate) print_only: bool,
+}
+
+impl Options {
+    pub(crate) fn parse(args: &[String]) -> Result<Options, String> {
+        let mut o = Options {
+            seed: 1,
+            seconds: 60,
+            store: Store::Memory,
+            mutation: None,
+            shrink: false,
+            print_only: false,
+        };
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            if flag == "--shrink" || flag == "--print-schedule" {
+                o.shrink |= flag == "--shrink";
+                o.print_only |= flag == "--print-schedule";
+                continue;
+            }
+            let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            let number = || value.parse::<u64>().map_err(|_| format!("bad {flag} {value:?}"));
+            match flag.as_str() {
+                "--seed" => o.seed = number()?,
+                "--minutes" => o.seconds = number()? * 60,
+                "--seconds" => o.seconds = number()?,
+                "--store" => o.store = Store::parse(value)?,
+                "--mutation" => o.mutation = Some(value.clone()),
+                other => return Err(format!("unknown chaos argument {other:?}\n{USAGE}")),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// The flags of `cargo xtask chaos`.
+pub(crate) const USAGE: &str = "usage: cargo xtask chaos [--seed S] [--minutes N | --seconds N] [--store memory|sled|redis] [--mutation NAME] [--shrink] [--print-schedule]";
+
+/// Builds what a run needs, runs the schedule of the seed, and fails with a
+/// report when the checker finds a violation.
+pub(crate) fn chaos(o: &Options) -> Result<(), String> {
+    let schedule = nemesis::schedule(o.seed, o.store, o.seconds.saturating_sub(3) * 1000);
+    if o.print_only {
+        schedule.iter().for_each(|step| println!("{step}"));
+        return Ok(());
+    }
+    std::env::set_current_dir(crate::root()).map_err(|e| e.to_string())?;
+    build(o.mutation.is_some())?;
+    let violations = run(o, &schedule)?;
+    if violations.is_empty() {
+        eprintln!(
+            "xtask chaos: seed {} store {} ({} s, {} faults): every check passed",
+            o.seed,
+            o.store.name(),
+            o.seconds,
+            schedule.len()
+        );
+        return Ok(());
+    }
+    report(o, &schedule, &violations);
+    if o.shrink {
+        let smallest = shrink(o, schedule)?;
+        eprintln!(
+            "xtask chaos: a smallest failing schedule found ({} faults):",
+            smallest.len()
+        );
+        for step in &smallest {
+            eprintln!("  {step}");
+        }
+    }
+    Err(format!(
+        "chaos seed {} store {}: {} violations (replay: cargo xtask chaos --seed {} --seconds {} --store {}{})",
+        o.seed,
+        o.store.name(),
+        violations.len(),
+        o.seed,
+        o.seconds,
+        o.store.name(),
+        o.mutation
+            .as_ref()
+            .map(|m| format!(" --mutation {m}"))
+            .unwrap_or_default()
+    ))
+}
+
+fn report(o: &Options, schedule: &[Step], violations: &[String]) {
+    eprintln!(
+        "xtask chaos: FAILED — seed {} store {} seconds {}{}",
+        o.seed,
+        o.store.name(),
+        o.seconds,
+        o.mutation
+            .as_ref()
+            .map(|m| format!(" mutation {m}"))
+            .unwrap_or_default()
+    );
+    eprintln!("xtask chaos: the schedule:");
+    for step in schedule {
+        eprintln!("  {step}");
+    }
+    eprintln!("xtask chaos: {} violations (at most 40 shown):", violations.len());
+    for v in violations.iter().take(40) {
+        eprintln!("  {v}");
+    }
+    // All of them, with the schedule, beside the run's logs.
+    let mut text: Vec<String> = schedule.iter().map(Step::to_string).collect();
+    text.extend(violations.iter().cloned());
+    let path = run_dir(o).join("violations.txt");
+    if std::fs::write(&path, text.join("\n") + "\n").is_ok() {
+        eprintln!("xtask chaos: every violation is in {}", path.display());
+    }
+}
+
+/// Where a run keeps its logs.
+fn run_dir(o: &Options) -> PathBuf {
+    PathBuf::from("target/chaos").join(format!("{}-{}", o.store.name(), o.seed))
+}
+
+/// Drops faults one by one while the run still fails.
+fn shrink(o: &Options, mut schedule: Vec<Step>) -> Result<Vec<Step>, String> {
+    let mut i = 0;
+    while i < schedule.len() {
+        let mut fewer = schedule.clone();
+        let dropped = fewer.remove(i);
+        eprintln!("xtask chaos: shrinking, without {dropped}");
+        if run(o, &fewer)?.is_empty() {
+            i += 1;
+        } else {
+            schedule = fewer;
+        }
+    }
+    Ok(schedule)
+}
+
+/// The chat server and the chaos workload, in release mode; with mutations,
+/// a server of their own in target/chaos-mutations.
+fn build(mutations: bool) -> Result<(), String> {
+    crate::build_server_tools()?;
+    if mutations {
+        crate::cargo(
+            &[
+                "build",
+                "--release",
+                "-j2",
+                "-p",
+                "channelbox-warp",
+                "--example",
+                "chat",
+                "--features",
+                MUTATION_FEATURES,
+                "--target-dir",
+                MUTATION_TARGET,
+            ],
+            &[],
+        )?;
+    }
+    Ok(())
+}
+
+/// The features that compile the injected bugs in (each stays off unless
+/// `CHANNELBOX_MUTATION` names it).
+const MUTATION_FEATURES: &str = "channelbox-core/chaos-mutations";
+/// Where the server with mutations is built, apart from the normal one.
+const MUTATION_TARGET: &str = "target/chaos-mutations";
+
+/// One run of `schedule`; the violations found.
+fn run(o: &Options, schedule: &[Step]) -> Result<Vec<String>, String> {
+    let dir = run_dir(o);
+    let _ = std::fs::remove_dir_all(&dir);
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
+    let server = match &o.mutation {
+        Some(_) => format!("{MUTATION_TARGET}/release/examples/chat"),
+        None => "target/release/examples/chat".to_owned(),
+    };
+    let mut cluster = Cluster::start(o.store, &dir, &server, o.mutation.clone())?;
+    let mut clients = Command::new("target/release/chaos_client")
+        .arg("--servers")
+        .arg(cluster.client_urls().join(","))
+        .args(["--clients", &CLIENTS.to_string(), "--groups", &GROUPS.to_string()])
+        .args(["--seconds", &o.seconds.to_string(), "--settle", &SETTLE.to_string()])
+        .args(["--seed", &o.seed.to_string()])
+        .arg("--logs")
+        .arg(&logs)
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start chaos_client: {e}"))?;
+    let start = Instant::now();
+    for step in schedule {
+        let at = Duration::from_millis(step.at_ms);
+        if let Some(wait) = at.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        eprintln!("xtask chaos: {step}");
+        cluster.apply(step.fault)?;
+    }
+    let deadline = start + Duration::from_secs(o.seconds + SETTLE + 60);
+    let status = loop {
+        if let Some(status) = clients.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = clients.kill();
+            return Err("the chaos clients did not finish in time".to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if !status.success() {
+        return Err(format!("chaos_client failed ({status})"));
+    }
+    let mut histories = BTreeMap::new();
+    for g in 0..GROUPS {
+        let name = format!("chaos-{g}");
+        histories.insert(name.clone(), cluster.history(&name)?);
+    }
+    drop(cluster);
+    let logs = read_logs(&logs)?;
+    eprintln!("xtask chaos: checked {}", checker::summary(&logs));
+    Ok(checker::check(&logs, &histories, o.store == Store::Redis))
+}
+
+fn read_logs(dir: &Path) -> Result<Vec<Vec<Value>>, String> {
+    (0..CLIENTS)
+        .map(|n| {
+            let path = dir.join(format!("client-{n}.jsonl"));
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            text.lines()
+                .map(|l| serde_json::from_str(l).map_err(|e| format!("{}: {e}", path.display())))
+                .collect()
+        })
+        .collect()
+}
