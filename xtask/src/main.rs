@@ -25,6 +25,7 @@ mod bench;
 mod chaos;
 mod cluster_bench;
 mod loopback;
+mod redis_setups;
 mod storm_bench;
 mod targets;
 mod tidy;

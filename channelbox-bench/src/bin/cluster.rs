@@ -19,9 +19,11 @@ struct Args {
     /// The servers, `host:port=pid`, comma-separated.
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
-    /// The Redis server's pid (0: none), for its CPU time.
-    #[arg(long, default_value_t = 0)]
-    redis_pid: u32,
+    /// The pids of every Redis process of the run (data nodes, replicas,
+    /// sentinels, all shards), comma-separated, for their CPU time added up;
+    /// 0 or none: no Redis.
+    #[arg(long, value_delimiter = ',')]
+    redis_pid: Vec<u32>,
     /// Subscribers, spread evenly over the servers (publishers not included).
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
@@ -137,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let server_pids: Vec<u32> = nodes.iter().map(|n| n.pid).collect();
-    let (cpu_before, redis_before) = (cpu_of(&server_pids), cpu_of(&[args.redis_pid]));
+    let (cpu_before, redis_before) = (cpu_of(&server_pids), cpu_of(&args.redis_pid));
     let started = Instant::now();
     let start_us = now_us();
     let acked = Arc::new(AtomicU64::new(0));
@@ -188,7 +190,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let timed_out = tokio::time::timeout(Duration::from_secs(60), all_read).await.is_err();
     let cpu = cpu_of(&server_pids) - cpu_before;
-    let redis_cpu = cpu_of(&[args.redis_pid]) - redis_before;
+    let redis_cpu = cpu_of(&args.redis_pid) - redis_before;
     let wall = started.elapsed().as_secs_f64();
     for t in tasks {
         t.abort();
