@@ -9,7 +9,9 @@
 //! - `redis, 3 servers, publish-heavy`: few subscribers and several
 //!   publishers per server, for publishes per second through one Redis;
 //! - the same two 3-server loads on Sentinel (a master, one replica, three
-//!   sentinels; with and without `--redis-replicas 1`) and on two shards.
+//!   sentinels; with and without `--redis-replicas 1`);
+//! - the same two loads spread over two groups, on one Redis and on two
+//!   shards (one group on each).
 //!
 //! Redis Cluster is not measured: the server refuses `redis+cluster://` at
 //! start, so its row says so instead of showing figures.
@@ -44,7 +46,17 @@ struct Config {
     publishers: usize,
     /// Messages, and the in-flight window, as multiples of the plan's.
     heavy: bool,
+    /// The groups, messages and subscribers spread over them.
+    groups: &'static str,
 }
+
+/// One group, as every row before sharding had.
+const ONE_GROUP: &str = "bench";
+
+/// Two groups on different shards of two: `jump(fnv1a64(name), 2)` (the
+/// placement PROTOCOL.md fixes) is 1 for `bench-2` and 0 for `bench-3`, so
+/// that both shards work (the run records each master's key count).
+const TWO_GROUPS: &str = "bench-2,bench-3";
 
 const fn config(name: &'static str, backend: Backend, servers: usize, heavy: bool) -> Config {
     let (subscribers, publishers) = if heavy { (3, 4) } else { (1000, 1) };
@@ -55,6 +67,15 @@ const fn config(name: &'static str, backend: Backend, servers: usize, heavy: boo
         subscribers,
         publishers,
         heavy,
+        groups: ONE_GROUP,
+    }
+}
+
+/// `config`, with the messages spread over two groups.
+const fn two_groups(config: Config) -> Config {
+    Config {
+        groups: TWO_GROUPS,
+        ..config
     }
 }
 
@@ -67,8 +88,10 @@ const CONFIGS: &[Config] = &[
     config("sentinel, 3 servers, publish-heavy", Backend::Sentinel(0), 3, true),
     config("sentinel+replicas 1, 3 servers", Backend::Sentinel(1), 3, false),
     config("sentinel+replicas 1, 3 srv, pub-heavy", Backend::Sentinel(1), 3, true),
-    config("2 shards, 3 servers", Backend::Shards, 3, false),
-    config("2 shards, 3 servers, publish-heavy", Backend::Shards, 3, true),
+    two_groups(config("redis, 3 servers, 2 groups", Backend::Single, 3, false)),
+    two_groups(config("redis, 3 srv, pub-heavy, 2 groups", Backend::Single, 3, true)),
+    two_groups(config("2 shards, 3 servers, 2 groups", Backend::Shards, 3, false)),
+    two_groups(config("2 shards, 3 srv, pub-heavy, 2 groups", Backend::Shards, 3, true)),
 ];
 
 /// The row printed for Redis Cluster, which the server does not support yet.
@@ -139,6 +162,7 @@ fn measure(config: &Config, setups: &Setups, plan: &Plan) -> Result<Value, Strin
         format!("--publishers {}", config.publishers),
         format!("--messages {}", messages.max(10)),
         format!("--inflight {inflight}"),
+        format!("--groups {}", config.groups),
     ];
     let out = pinned(None, "target/release/cluster", &args)
         .stderr(Stdio::inherit())
@@ -156,7 +180,12 @@ fn measure(config: &Config, setups: &Setups, plan: &Plan) -> Result<Value, Strin
         ));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).map_err(|e| format!("load generator output {text:?}: {e}"))
+    let mut result: Value =
+        serde_json::from_str(text.trim()).map_err(|e| format!("load generator output {text:?}: {e}"))?;
+    if let Some(setup) = setup {
+        result["redis_keys_per_master"] = json!(setup.keys()?);
+    }
+    Ok(result)
 }
 
 /// A figure of every run: the median, with the runs' minimum and maximum.
@@ -183,6 +212,7 @@ fn row(config: &Config, runs: Vec<Value>, base: f64) -> Value {
         "redis_cpu_us_per_publish": m(&["redis_cpu_us_per_publish"]),
         "p50_us": m(&["latency_us", "p50"]),
         "p99_us": m(&["latency_us", "p99"]),
+        "groups": config.groups,
         "lost": runs.iter().map(|r| f(r, &["lost"])).sum::<f64>(),
         "duplicated": runs.iter().map(|r| f(r, &["duplicated"])).sum::<f64>(),
         "spread": {

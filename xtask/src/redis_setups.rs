@@ -214,6 +214,20 @@ impl Setup {
         Ok(())
     }
 
+    /// How many keys each master holds (`DBSIZE`), to show where the groups landed.
+    pub(crate) fn keys(&self) -> Result<Vec<u64>, String> {
+        self.masters
+            .iter()
+            .map(|m| {
+                let answer = m.command("DBSIZE")?;
+                answer
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| format!("DBSIZE on port {}: {answer}", m.port))
+            })
+            .collect()
+    }
+
     /// The chat server's flags for this setup.
     pub(crate) fn server_args(&self) -> &[String] {
         &self.args

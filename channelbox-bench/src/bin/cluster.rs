@@ -36,6 +36,10 @@ struct Args {
     /// Most messages published and not yet received by the subscribers on average.
     #[arg(long, default_value_t = 200)]
     inflight: u64,
+    /// The groups, comma-separated: subscriber `i` joins group `i / servers`
+    /// modulo their number, message `seq` goes to group `seq` modulo it.
+    #[arg(long, value_delimiter = ',', default_value = "bench")]
+    groups: Vec<String>,
     /// Payload bytes (padding included).
     #[arg(long, default_value_t = 64)]
     payload: usize,
@@ -61,20 +65,28 @@ fn nodes(args: &Args) -> anyhow::Result<Vec<Node>> {
         .collect()
 }
 
-/// Waits until the cluster counts `n` members of the bench group.
-async fn members_reach(addr: &str, n: usize) -> anyhow::Result<()> {
+/// Waits until the cluster counts `n` members of the bench groups.
+async fn members_reach(addr: &str, groups: &[String], n: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let body = http_get(addr, "/api/groups").await?;
-        let have = serde_json::from_str::<serde_json::Value>(&body)?["bench"]
-            .as_u64()
-            .unwrap_or(0) as usize;
+        let counts = serde_json::from_str::<serde_json::Value>(&body)?;
+        let have: usize = groups
+            .iter()
+            .map(|g| counts[g.as_str()].as_u64().unwrap_or(0) as usize)
+            .sum();
         if have == n {
             return Ok(());
         }
         anyhow::ensure!(Instant::now() < deadline, "only {have} of {n} members");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// How many of the messages `0..messages` go to group `g` of `groups`.
+fn messages_of(g: usize, groups: usize, messages: u64) -> u64 {
+    let (g, groups) = (g as u64, groups as u64);
+    messages / groups + u64::from(g < messages % groups)
 }
 
 fn cpu_of(pids: &[u32]) -> f64 {
@@ -86,34 +98,48 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let nodes = nodes(&args)?;
     anyhow::ensure!(!nodes.is_empty(), "no --servers");
+    let groups = args.groups.len();
+    anyhow::ensure!(
+        groups >= 1 && groups <= nodes.len() * args.publishers,
+        "every group needs a publisher: {groups} groups, {} publishers",
+        nodes.len() * args.publishers
+    );
     let mut sockets = Vec::with_capacity(args.subscribers);
+    let mut expected = 0;
     for i in 0..args.subscribers {
-        sockets.push(raw::connect(&nodes[i % nodes.len()].addr, "/ws/bench").await?);
+        let g = (i / nodes.len()) % groups;
+        let path = format!("/ws/{}", args.groups[g]);
+        let ws = raw::connect(&nodes[i % nodes.len()].addr, &path).await?;
+        expected += messages_of(g, groups, args.messages);
+        sockets.push((ws, g));
     }
     let mut publishers = Vec::new();
     for node in &nodes {
         for _ in 0..args.publishers {
-            let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws/bench", node.addr)).await?;
-            publishers.push(ws);
+            let g = publishers.len() % groups;
+            let url = format!("ws://{}/ws/{}", node.addr, args.groups[g]);
+            let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+            publishers.push((ws, g));
         }
     }
-    members_reach(&nodes[0].addr, args.subscribers + publishers.len()).await?;
+    members_reach(&nodes[0].addr, &args.groups, args.subscribers + publishers.len()).await?;
 
     let received_all = Arc::new(AtomicU64::new(0));
     let last_receive = Arc::new(AtomicU64::new(0));
     let totals = Arc::new(Mutex::new((0u64, 0u64, Histogram::default(), 0u64)));
     let mut readers = Vec::new();
-    for mut ws in sockets {
-        let (received_all, last, totals, messages) = (
+    for (mut ws, g) in sockets {
+        let (received_all, last, totals, messages, mine) = (
             received_all.clone(),
             last_receive.clone(),
             totals.clone(),
             args.messages,
+            messages_of(g, groups, args.messages),
         );
         readers.push(tokio::spawn(async move {
             let mut tally = Tally::new(messages);
             let mut ended = false;
-            while tally.received < messages {
+            while tally.received < mine {
                 let before = tally.received;
                 let open = ws
                     .read_frames(|t| {
@@ -125,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
                 received_all.fetch_add(tally.received - before, Ordering::Relaxed);
                 if !matches!(open, Ok(true)) {
                     ended = true;
-                    received_all.fetch_add(messages - tally.received, Ordering::Relaxed);
+                    received_all.fetch_add(mine - tally.received, Ordering::Relaxed);
                     break;
                 }
             }
@@ -145,10 +171,11 @@ async fn main() -> anyhow::Result<()> {
     let acked = Arc::new(AtomicU64::new(0));
     let last_ack = Arc::new(AtomicU64::new(0));
     let pad = "x".repeat(args.payload.saturating_sub(40));
-    let next_seq = Arc::new(AtomicU64::new(0));
+    // Each group numbers its own messages `g, g + groups, g + 2 * groups, …`.
+    let next_turn: Vec<Arc<AtomicU64>> = (0..groups).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let readers_n = readers.len() as u64;
     let mut tasks = Vec::new();
-    for ws in publishers {
+    for (ws, g) in publishers {
         let (mut tx, mut rx) = ws.split();
         let (acked, last_ack) = (acked.clone(), last_ack.clone());
         tasks.push(tokio::spawn(async move {
@@ -159,8 +186,8 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }));
-        let (next_seq, received_all, pad, messages, inflight) = (
-            next_seq.clone(),
+        let (next_turn, received_all, pad, messages, inflight) = (
+            next_turn[g].clone(),
             received_all.clone(),
             pad.clone(),
             args.messages,
@@ -168,11 +195,15 @@ async fn main() -> anyhow::Result<()> {
         );
         tasks.push(tokio::spawn(async move {
             loop {
-                let seq = next_seq.fetch_add(1, Ordering::Relaxed);
+                let seq = g as u64 + groups as u64 * next_turn.fetch_add(1, Ordering::Relaxed);
                 if seq >= messages {
                     break;
                 }
-                while readers_n > 0 && seq * readers_n >= inflight * readers_n + received_all.load(Ordering::Relaxed) {
+                // A reader gets one message in `groups`: the average reader's
+                // progress, in messages of all groups, is `groups` times its count.
+                while readers_n > 0
+                    && seq * readers_n >= inflight * readers_n + groups as u64 * received_all.load(Ordering::Relaxed)
+                {
                     tokio::task::yield_now().await;
                 }
                 let data = json!({"seq": seq, "t": now_us(), "p": pad});
@@ -216,7 +247,8 @@ async fn main() -> anyhow::Result<()> {
         "redis_cpu_sec": redis_cpu,
         "redis_cpu_us_per_publish": if publishes > 0 { redis_cpu * 1e6 / publishes as f64 } else { 0.0 },
         "latency_us": {"p50": latency.quantile(0.5), "p99": latency.quantile(0.99), "max": latency.max()},
-        "lost": (args.messages * args.subscribers as u64).saturating_sub(received),
+        "groups": groups,
+        "lost": expected.saturating_sub(received),
         "duplicated": duplicates,
         "subscribers_ended_early": ended_early,
         "timed_out": timed_out,
@@ -224,4 +256,23 @@ async fn main() -> anyhow::Result<()> {
     });
     println!("{report}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::messages_of;
+
+    #[test]
+    fn the_groups_share_out_every_message_once() {
+        for (groups, messages) in [(1, 10), (2, 10), (2, 11), (3, 7), (4, 2)] {
+            let shares: Vec<u64> = (0..groups).map(|g| messages_of(g, groups, messages)).collect();
+            assert_eq!(
+                shares.iter().sum::<u64>(),
+                messages,
+                "{groups} groups, {messages} messages"
+            );
+            let counted = |g: usize| (0..messages).filter(|s| *s as usize % groups == g).count() as u64;
+            assert_eq!(shares, (0..groups).map(counted).collect::<Vec<_>>());
+        }
+    }
 }
