@@ -36,8 +36,10 @@ struct Args {
     /// Most messages published and not yet received by the subscribers on average.
     #[arg(long, default_value_t = 200)]
     inflight: u64,
-    /// The groups, comma-separated: subscriber `i` joins group `i / servers`
-    /// modulo their number, message `seq` goes to group `seq` modulo it.
+    /// The groups, comma-separated: subscriber `i` joins group `i` modulo
+    /// their number on server `i / groups` modulo the servers' (so that even
+    /// a few subscribers cover every group), message `seq` goes to group
+    /// `seq` modulo their number.
     #[arg(long, value_delimiter = ',', default_value = "bench")]
     groups: Vec<String>,
     /// Payload bytes (padding included).
@@ -107,9 +109,9 @@ async fn main() -> anyhow::Result<()> {
     let mut sockets = Vec::with_capacity(args.subscribers);
     let mut expected = 0;
     for i in 0..args.subscribers {
-        let g = (i / nodes.len()) % groups;
+        let g = i % groups;
         let path = format!("/ws/{}", args.groups[g]);
-        let ws = raw::connect(&nodes[i % nodes.len()].addr, &path).await?;
+        let ws = raw::connect(&nodes[(i / groups) % nodes.len()].addr, &path).await?;
         expected += messages_of(g, groups, args.messages);
         sockets.push((ws, g));
     }
