@@ -215,6 +215,9 @@ fn row(config: &Config, runs: Vec<Value>, base: f64) -> Value {
         "groups": config.groups,
         "lost": runs.iter().map(|r| f(r, &["lost"])).sum::<f64>(),
         "duplicated": runs.iter().map(|r| f(r, &["duplicated"])).sum::<f64>(),
+        "publishes_refused": runs.iter().map(|r| f(r, &["publishes_refused"])).sum::<f64>(),
+        "subscribers_ended_early": runs.iter().map(|r| f(r, &["subscribers_ended_early"])).sum::<f64>(),
+        "runs_timed_out": runs.iter().filter(|r| r["timed_out"].as_bool() == Some(true)).count(),
         "spread": {
             "deliveries_per_server_cpu_sec": spread(&runs, &["deliveries_per_server_cpu_sec"]),
             "publishes_per_sec": spread(&runs, &["publishes_per_sec"]),
@@ -227,7 +230,7 @@ fn row(config: &Config, runs: Vec<Value>, base: f64) -> Value {
 fn print_row(row: &Value) {
     let g = |k: &str| row[k].as_f64().unwrap_or(0.0);
     eprintln!(
-        "xtask bench --cluster: {:<38} {:>11.0} deliveries/server-cpu-s ({:.2}x)  {:>9.0} publishes/s  redis {:>6.1} µs/publish  p99 {:>7.0} µs  lost {} dup {}",
+        "xtask bench --cluster: {:<38} {:>11.0} deliveries/server-cpu-s ({:.2}x)  {:>9.0} publishes/s  redis {:>6.1} µs/publish  p99 {:>7.0} µs  lost {} dup {} refused {} closed {} timed out {}",
         row["config"].as_str().unwrap_or(""),
         g("deliveries_per_server_cpu_sec"),
         g("ratio_to_memory_baseline"),
@@ -236,6 +239,9 @@ fn print_row(row: &Value) {
         g("p99_us"),
         row["lost"],
         row["duplicated"],
+        row["publishes_refused"],
+        row["subscribers_ended_early"],
+        row["runs_timed_out"],
     );
 }
 

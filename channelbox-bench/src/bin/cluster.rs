@@ -172,6 +172,9 @@ async fn main() -> anyhow::Result<()> {
     let start_us = now_us();
     let acked = Arc::new(AtomicU64::new(0));
     let last_ack = Arc::new(AtomicU64::new(0));
+    // Refused publishes (an `error` reply, `unavailable` say): their messages
+    // never reach anyone, so they explain losses the servers did not cause.
+    let refused = Arc::new(Mutex::new((0u64, None::<String>)));
     let pad = "x".repeat(args.payload.saturating_sub(40));
     // Each group numbers its own messages `g, g + groups, g + 2 * groups, …`.
     let next_turn: Vec<Arc<AtomicU64>> = (0..groups).map(|_| Arc::new(AtomicU64::new(0))).collect();
@@ -179,12 +182,17 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for (ws, g) in publishers {
         let (mut tx, mut rx) = ws.split();
-        let (acked, last_ack) = (acked.clone(), last_ack.clone());
+        let (acked, last_ack, refused) = (acked.clone(), last_ack.clone(), refused.clone());
         tasks.push(tokio::spawn(async move {
             while let Some(Ok(msg)) = rx.next().await {
-                if matches!(&msg, Message::Text(t) if t.contains("\"type\":\"published\"")) {
+                let Message::Text(t) = &msg else { continue };
+                if t.contains("\"type\":\"published\"") {
                     acked.fetch_add(1, Ordering::Relaxed);
                     last_ack.fetch_max(now_us(), Ordering::Relaxed);
+                } else if t.contains("\"type\":\"error\"") {
+                    let mut r = refused.lock().expect("refused");
+                    r.0 += 1;
+                    r.1.get_or_insert_with(|| t.to_string());
                 }
             }
         }));
@@ -233,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
         (t.0, t.1, t.2.clone(), t.3)
     };
     let publishes = acked.load(Ordering::Relaxed);
+    let (refused, first_refusal) = refused.lock().expect("refused").clone();
     let publish_secs = last_ack.load(Ordering::Relaxed).saturating_sub(start_us).max(1) as f64 / 1e6;
     let delivery_secs = last_receive.load(Ordering::Relaxed).saturating_sub(start_us).max(1) as f64 / 1e6;
     let report = json!({
@@ -253,6 +262,8 @@ async fn main() -> anyhow::Result<()> {
         "lost": expected.saturating_sub(received),
         "duplicated": duplicates,
         "subscribers_ended_early": ended_early,
+        "publishes_refused": refused,
+        "first_refusal": first_refusal,
         "timed_out": timed_out,
         "wall_sec": wall,
     });
