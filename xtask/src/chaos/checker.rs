@@ -35,7 +35,11 @@ impl Known {
                 "(1) {g} epoch {e} offset {o} names two payloads: {other} and {id}"
             ));
         }
-        if let Some(was) = self.by_id.get(id).filter(|was| **was != pos) {
+        // The same payload under the same offset in another epoch is a
+        // survivor of an epoch move (PROTOCOL.md: "the new epoch keeps the
+        // messages that survived, under their offsets"), not a second save.
+        let carried = |was: &(String, String, u64)| was.0 == pos.0 && was.2 == pos.2;
+        if let Some(was) = self.by_id.get(id).filter(|was| **was != pos && !carried(was)) {
             out.push(format!("(1) payload {id} saved twice: at {was:?} and at {pos:?}"));
         }
         self.by_pos.entry(pos.clone()).or_insert_with(|| id.to_owned());
@@ -399,6 +403,17 @@ mod tests {
         assert!(found[0].contains("2 (b, sent at 1000 ms)"), "{found:?}");
         let told = vec![joined, json!({"k": "rec", "g": "g", "complete": false, "t": 2000}), end];
         assert_eq!(check(&[publisher, told], &h, false), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_survivor_of_an_epoch_move_is_not_a_second_save() {
+        let mut known = Known::default();
+        let mut out = Vec::new();
+        known.record("g", "E1", 7, "a", &mut out);
+        known.record("g", "E2", 7, "a", &mut out);
+        assert!(out.is_empty(), "same offset in the next epoch: {out:?}");
+        known.record("g", "E2", 8, "a", &mut out);
+        assert_eq!(out.len(), 1, "another offset is a second save: {out:?}");
     }
 
     #[test]
