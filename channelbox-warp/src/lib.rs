@@ -29,6 +29,7 @@ use channelbox_core::{Channel, CloseReason, Frame, FrameKind, FrameSink, SinkErr
 use channelbox_protocol::{ChatService, HttpAnswer, Incoming};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, Stream, StreamExt};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use warp::http::StatusCode;
 use warp::ws::{Message, WebSocket};
@@ -149,9 +150,7 @@ pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Res
                     Ok(a) => a,
                     Err(refusal) => return answer(refusal),
                 };
-                let max = service.config().max_message_bytes;
-                ws.max_message_size(max)
-                    .max_frame_size(max)
+                limited(ws, &service)
                     .on_upgrade(move |socket| async move {
                         let (sink, stream) = socket.split();
                         let channel =
@@ -161,6 +160,25 @@ pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Res
                     .into_response()
             },
         )
+}
+
+/// The accept loop's WebSocket limits ([`channelbox_ws::service_websocket_config`])
+/// on warp's upgrade. warp cannot set tungstenite's write buffer, which stays
+/// at its default size, so the bound on that buffer keeps the same headroom
+/// above it: a client that sends pings and never reads is closed once its
+/// pongs fill the headroom, instead of piling them up without limit.
+fn limited(ws: warp::ws::Ws, service: &ChatService) -> warp::ws::Ws {
+    let shared = channelbox_ws::service_websocket_config(service);
+    let headroom = shared.max_write_buffer_size - shared.write_buffer_size;
+    let buffer = WebSocketConfig::default().write_buffer_size;
+    let mut ws = ws.max_write_buffer_size(buffer + headroom);
+    if let Some(max) = shared.max_message_size {
+        ws = ws.max_message_size(max);
+    }
+    if let Some(max) = shared.max_frame_size {
+        ws = ws.max_frame_size(max);
+    }
+    ws
 }
 
 /// The upgrade's admission: the protocol's checks, then the connect hook.
