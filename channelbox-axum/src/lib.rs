@@ -26,7 +26,7 @@
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -58,14 +58,8 @@ pub fn routes(service: ChatService) -> Router {
         .route(ADMIN_PATH, get(admin_page))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
-        .fallback(|| async { answer(HttpAnswer::error(404, "not_found", "no such endpoint")) })
-        .method_not_allowed_fallback(|| async {
-            answer(HttpAnswer::error(
-                405,
-                "method_not_allowed",
-                "this endpoint does not take that method",
-            ))
-        })
+        .fallback(|| async { answer(HttpAnswer::not_found()) })
+        .method_not_allowed_fallback(|| async { answer(HttpAnswer::method_not_allowed()) })
         .with_state(service)
 }
 
@@ -97,7 +91,7 @@ async fn websocket(State(service): State<ChatService>, req: Request) -> Response
 async fn admin_page(State(s): State<ChatService>) -> Response {
     match channelbox_protocol::page::admin_page(s.config()) {
         Some(page) => axum::response::Html(page).into_response(),
-        None => answer(HttpAnswer::error(404, "not_found", "no such endpoint")),
+        None => answer(HttpAnswer::not_found()),
     }
 }
 
@@ -147,20 +141,9 @@ async fn client_js() -> Response {
 }
 
 async fn health(State(s): State<ChatService>) -> Response {
-    let a = s.health();
-    if a.status == 200 {
-        ([(header::CONTENT_TYPE, "text/plain")], a.body).into_response()
-    } else {
-        answer(a)
-    }
+    answer(s.health())
 }
 
 async fn metrics(State(s): State<ChatService>) -> Response {
-    let content_type = "text/plain; version=0.0.4; charset=utf-8";
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, content_type)],
-        s.metrics_text().await,
-    )
-        .into_response()
+    answer(s.metrics().await)
 }

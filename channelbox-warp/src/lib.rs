@@ -105,13 +105,10 @@ fn incoming(stream: SplitStream<WebSocket>) -> impl Stream<Item = Incoming> + Un
     }))
 }
 
+/// A protocol answer as warp's response: its status, content type and body.
 fn answer(a: HttpAnswer) -> warp::reply::Response {
     let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    warp::reply::with_status(
-        warp::reply::with_header(a.body, "content-type", "application/json"),
-        status,
-    )
-    .into_response()
+    warp::reply::with_status(warp::reply::with_header(a.body, "content-type", a.content_type), status).into_response()
 }
 
 fn with_service(service: ChatService) -> impl Filter<Extract = (ChatService,), Error = Infallible> + Clone {
@@ -302,26 +299,11 @@ pub fn site_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::
     let health = warp::path!("healthz")
         .and(warp::get())
         .and(with_service(service.clone()))
-        .map(|s: ChatService| {
-            let a = s.health();
-            if a.status == 200 {
-                warp::reply::with_header(a.body, "content-type", "text/plain").into_response()
-            } else {
-                answer(a)
-            }
-        });
-    let metrics =
-        warp::path!("metrics")
-            .and(warp::get())
-            .and(with_service(service))
-            .then(|s: ChatService| async move {
-                warp::reply::with_header(
-                    s.metrics_text().await,
-                    "content-type",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )
-                .into_response()
-            });
+        .map(|s: ChatService| answer(s.health()));
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_service(service))
+        .then(|s: ChatService| async move { answer(s.metrics().await) });
     page.or(health).unify().or(metrics).unify()
 }
 
@@ -339,9 +321,9 @@ pub fn routes(service: ChatService) -> impl Filter<Extract = (warp::reply::Respo
 
 fn rejected(r: &Rejection) -> HttpAnswer {
     if r.is_not_found() {
-        HttpAnswer::error(404, "not_found", "no such endpoint")
+        HttpAnswer::not_found()
     } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
-        HttpAnswer::error(405, "method_not_allowed", "this endpoint does not take that method")
+        HttpAnswer::method_not_allowed()
     } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
         HttpAnswer::error(413, "too_large", "the body is too large")
     } else {

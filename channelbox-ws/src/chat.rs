@@ -5,7 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use channelbox_protocol::{Admission, ChatService, WriteCounter};
+use channelbox_protocol::{Admission, ChatService, HttpAnswer, WriteCounter};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
@@ -26,7 +26,8 @@ where
     let ws = accept(stream, service_websocket_config(service), |handshake| {
         let path = handshake.path();
         let Some(group) = path.strip_prefix("/ws/").filter(|g| !g.is_empty() && !g.contains('/')) else {
-            return Err((404, r#"{"code":"not_found","message":"no such endpoint"}"#.to_owned()));
+            let missing = HttpAnswer::not_found();
+            return Err((missing.status, missing.body));
         };
         // The handshake answers before anything could be awaited: with a
         // connect hook, upgrades go through `serve` (hyper) or an adapter.

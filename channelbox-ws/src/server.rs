@@ -47,13 +47,13 @@ pub fn full(bytes: impl Into<Bytes>) -> HttpBody {
     Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
-/// A protocol answer as an HTTP response with a JSON body.
+/// A protocol answer as an HTTP response: its status, content type and body.
 pub fn answer(a: HttpAnswer) -> Response<HttpBody> {
     let mut response = Response::new(full(a.body));
     *response.status_mut() = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response
         .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(a.content_type));
     response
 }
 
