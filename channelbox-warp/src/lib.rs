@@ -26,7 +26,7 @@ use std::error::Error as _;
 
 use async_trait::async_trait;
 use channelbox_core::{Channel, CloseReason, Frame, FrameKind, FrameSink, SinkError};
-use channelbox_protocol::{ChatService, HttpAnswer, Incoming};
+use channelbox_protocol::{ChatService, GroupEndpoint, HttpAnswer, Incoming};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, Stream, StreamExt};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -123,13 +123,22 @@ fn authorization() -> impl Filter<Extract = (Option<String>,), Error = Rejection
     warp::header::optional::<String>("authorization")
 }
 
+/// The raw group segment after `/ws/` or `/sse/`, by the protocol's one
+/// parser ([`channelbox_protocol::group_segment`]); anything else is not found.
+fn group_segment() -> impl Filter<Extract = (String,), Error = Rejection> + Clone {
+    warp::path::tail().and_then(|tail: warp::path::Tail| async move {
+        channelbox_protocol::group_segment(tail.as_str())
+            .map(str::to_owned)
+            .ok_or_else(warp::reject::not_found)
+    })
+}
+
 /// `GET /ws/{group}`: checks the group, origin, token and query, then asks
 /// the connect hook (when there is one), before the upgrade; then runs the
 /// protocol on the socket.
 pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    warp::path("ws")
-        .and(warp::path::param::<String>())
-        .and(warp::path::end())
+    warp::path(GroupEndpoint::WebSocket.segment())
+        .and(group_segment())
         .and(warp::get())
         .and(optional_query())
         .and(warp::header::headers_cloned())

@@ -109,3 +109,18 @@ async fn server_frame(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
     s.read_exact(&mut payload).await.unwrap();
     (opcode, payload)
 }
+
+/// warp's own upgrade filter finds the group with the protocol's parser:
+/// the raw segment, percent-decoded once, judged by the group rules.
+#[tokio::test]
+async fn the_warp_upgrade_filter_parses_groups_like_every_adapter() {
+    let addr = serve(ProtocolConfig::default()).await;
+    // warp keeps the connection open after a refusal: only the head is read.
+    for (path, status) in [("/ws/a%20b", 400), ("/ws/a%zz", 400), ("/ws/", 404), ("/ws/a/b", 404)] {
+        assert_eq!(support::raw::upgrade(&addr, path, &[]).await.1, status, "{path}");
+    }
+    let (_c, welcome) = Client::join(&format!("ws://{addr}/ws/a%2520b")).await;
+    assert_eq!(welcome["group"], "a%20b", "decoded once");
+    let (_c, welcome) = Client::join(&format!("ws://{addr}/ws/caf%C3%A9")).await;
+    assert_eq!(welcome["group"], "café");
+}

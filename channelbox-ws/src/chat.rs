@@ -5,7 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use channelbox_protocol::{Admission, ChatService, HttpAnswer, WriteCounter};
+use channelbox_protocol::{Admission, ChatService, GroupEndpoint, GroupPath, HttpAnswer, WriteCounter};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
@@ -25,7 +25,8 @@ where
     };
     let ws = accept(stream, service_websocket_config(service), |handshake| {
         let path = handshake.path();
-        let Some(group) = path.strip_prefix("/ws/").filter(|g| !g.is_empty() && !g.contains('/')) else {
+        let websocket = GroupPath::parse(path).filter(|p| p.endpoint == GroupEndpoint::WebSocket);
+        let Some(group) = websocket.map(|p| p.raw_group) else {
             let missing = HttpAnswer::not_found();
             return Err((missing.status, missing.body));
         };
