@@ -1,7 +1,7 @@
 //! The chat server mounted in an application's own axum `Router` and served
 //! by `axum::serve` (not channelbox's accept loop): the WebSocket route, the
 //! HTTP API and the application's routes side by side. The protocol itself
-//! is tested over both adapters by channelbox-warp's suites (run with
+//! is tested over both adapters by channelbox-server's suites (run with
 //! `CHANNELBOX_HTTP=axum`).
 
 use std::sync::Arc;
