@@ -175,7 +175,7 @@ pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Res
 /// pongs fill the headroom, instead of piling them up without limit.
 fn limited(ws: warp::ws::Ws, service: &ChatService) -> warp::ws::Ws {
     let shared = channelbox_ws::service_websocket_config(service);
-    let headroom = shared.max_write_buffer_size - shared.write_buffer_size;
+    let headroom = shared.max_write_buffer_size.saturating_sub(shared.write_buffer_size);
     let buffer = WebSocketConfig::default().write_buffer_size;
     let mut ws = ws.max_write_buffer_size(buffer + headroom);
     if let Some(max) = shared.max_message_size {
