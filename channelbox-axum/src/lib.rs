@@ -25,13 +25,14 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{FromRequestParts, MatchedPath, OriginalUri, RawQuery, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
 use channelbox_protocol::page::{ADMIN_PATH, CHAT_PAGE, CLIENT_JS, CLIENT_JS_PATH};
-use channelbox_protocol::{ChatService, HttpAnswer};
+use channelbox_protocol::{group_segment, ChatService, HttpAnswer};
 use channelbox_ws::server::{self as shared, ServerConfig};
 
 /// Serves the chat server on `listener` until the future is dropped:
@@ -58,14 +59,8 @@ pub fn routes(service: ChatService) -> Router {
         .route(ADMIN_PATH, get(admin_page))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
-        .fallback(|| async { answer(HttpAnswer::error(404, "not_found", "no such endpoint")) })
-        .method_not_allowed_fallback(|| async {
-            answer(HttpAnswer::error(
-                405,
-                "method_not_allowed",
-                "this endpoint does not take that method",
-            ))
-        })
+        .fallback(|| async { answer(HttpAnswer::not_found()) })
+        .method_not_allowed_fallback(|| async { answer(HttpAnswer::method_not_allowed()) })
         .with_state(service)
 }
 
@@ -73,10 +68,28 @@ fn answer(a: HttpAnswer) -> Response {
     shared::answer(a).map(Body::new)
 }
 
-/// The `n`th segment of the request's path as sent (still percent-encoded:
-/// the protocol's group rules judge the raw segment, as on every transport).
-fn segment(req: &Request, n: usize) -> &str {
-    req.uri().path().split('/').nth(n).unwrap_or("")
+/// The `{group}` segment of the matched route, as the client sent it (still
+/// percent-encoded): the protocol's group rules judge the raw segment, on
+/// every adapter alike. axum's `Path` would decode it first, so `%2520` would
+/// be decoded twice and a malformed escape or bytes that are not UTF-8 would
+/// get axum's own answer rather than `invalid_group`; this extractor finds
+/// the segment by the route's `{group}` instead.
+struct RawGroup(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for RawGroup {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        let uri = parts.extensions.get::<OriginalUri>().map_or(&parts.uri, |o| &o.0);
+        let route = parts.extensions.get::<MatchedPath>().map_or("", MatchedPath::as_str);
+        route
+            .split('/')
+            .position(|s| s == "{group}")
+            .and_then(|n| uri.path().split('/').nth(n))
+            .and_then(group_segment)
+            .map(|g| RawGroup(g.to_owned()))
+            .ok_or_else(|| answer(HttpAnswer::not_found()))
+    }
 }
 
 fn authorization(headers: &HeaderMap) -> Option<&str> {
@@ -85,11 +98,10 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
 
 /// `GET /ws/{group}`: checked before the upgrade, then the protocol on the
 /// upgraded socket.
-async fn websocket(State(service): State<ChatService>, req: Request) -> Response {
+async fn websocket(State(service): State<ChatService>, RawGroup(group): RawGroup, req: Request) -> Response {
     if !shared::is_websocket_upgrade(req.method(), req.headers()) {
         return answer(HttpAnswer::error(400, "bad_request", "expected a WebSocket upgrade"));
     }
-    let group = segment(&req, 2).to_owned();
     shared::upgrade(req, &group, None, &service).await.map(Body::new)
 }
 
@@ -97,7 +109,7 @@ async fn websocket(State(service): State<ChatService>, req: Request) -> Response
 async fn admin_page(State(s): State<ChatService>) -> Response {
     match channelbox_protocol::page::admin_page(s.config()) {
         Some(page) => axum::response::Html(page).into_response(),
-        None => answer(HttpAnswer::error(404, "not_found", "no such endpoint")),
+        None => answer(HttpAnswer::not_found()),
     }
 }
 
@@ -109,24 +121,27 @@ async fn groups(State(s): State<ChatService>, headers: HeaderMap) -> Response {
     answer(s.api_groups(authorization(&headers)).await)
 }
 
-async fn history(State(s): State<ChatService>, req: Request) -> Response {
-    let auth = authorization(req.headers());
-    answer(s.api_history(segment(&req, 3), req.uri().query(), auth).await)
+async fn history(
+    State(s): State<ChatService>,
+    RawGroup(group): RawGroup,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    answer(s.api_history(&group, query.as_deref(), authorization(&headers)).await)
 }
 
-async fn presence(State(s): State<ChatService>, req: Request) -> Response {
-    answer(s.api_presence(segment(&req, 3), authorization(req.headers())).await)
+async fn presence(State(s): State<ChatService>, RawGroup(group): RawGroup, headers: HeaderMap) -> Response {
+    answer(s.api_presence(&group, authorization(&headers)).await)
 }
 
-async fn publish(State(s): State<ChatService>, req: Request) -> Response {
-    let headers = req.headers();
+async fn publish(State(s): State<ChatService>, RawGroup(group): RawGroup, headers: HeaderMap, body: Body) -> Response {
     let kind = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok());
     // Checked before a byte of the body is read.
-    match s.api_publish_check(segment(&req, 3), authorization(headers), kind, length) {
-        Ok(ticket) => answer(s.api_publish_stream(ticket, req.into_body().into_data_stream()).await),
+    match s.api_publish_check(&group, authorization(&headers), kind, length) {
+        Ok(ticket) => answer(s.api_publish_stream(ticket, body.into_data_stream()).await),
         Err(refusal) => answer(refusal),
     }
 }
@@ -135,11 +150,8 @@ async fn close_all(State(s): State<ChatService>, headers: HeaderMap) -> Response
     answer(s.api_close_all(authorization(&headers)).await)
 }
 
-async fn flush(State(s): State<ChatService>, req: Request) -> Response {
-    answer(
-        s.api_flush_history(req.uri().query(), authorization(req.headers()))
-            .await,
-    )
+async fn flush(State(s): State<ChatService>, RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
+    answer(s.api_flush_history(query.as_deref(), authorization(&headers)).await)
 }
 
 async fn client_js() -> Response {
@@ -147,20 +159,9 @@ async fn client_js() -> Response {
 }
 
 async fn health(State(s): State<ChatService>) -> Response {
-    let a = s.health();
-    if a.status == 200 {
-        ([(header::CONTENT_TYPE, "text/plain")], a.body).into_response()
-    } else {
-        answer(a)
-    }
+    answer(s.health())
 }
 
 async fn metrics(State(s): State<ChatService>) -> Response {
-    let content_type = "text/plain; version=0.0.4; charset=utf-8";
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, content_type)],
-        s.metrics_text().await,
-    )
-        .into_response()
+    answer(s.metrics().await)
 }

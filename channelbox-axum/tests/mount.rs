@@ -1,7 +1,7 @@
 //! The chat server mounted in an application's own axum `Router` and served
 //! by `axum::serve` (not channelbox's accept loop): the WebSocket route, the
 //! HTTP API and the application's routes side by side. The protocol itself
-//! is tested over both adapters by channelbox-warp's suites (run with
+//! is tested over both adapters by channelbox-server's suites (run with
 //! `CHANNELBOX_HTTP=axum`).
 
 use std::sync::Arc;
@@ -81,4 +81,30 @@ async fn the_router_serves_websockets_the_api_and_the_application_side_by_side()
     assert_eq!(status, 400, "a plain GET is not an upgrade");
     let (status, body) = get(&addr, "/ws/bad%20group").await;
     assert_eq!(status, 400, "{body}");
+}
+
+/// The routes find `{group}` as the client sent it and the protocol decodes
+/// it once: `%2520` is the group `%20`, and a segment that does not decode
+/// to UTF-8 is the protocol's `invalid_group`, not axum's own refusal.
+#[tokio::test]
+async fn groups_in_paths_are_decoded_once_by_the_protocol() {
+    let addr = start().await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/a%2520b"))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["group"], "a%20b");
+    let (status, body) = get(&addr, "/api/groups/a%2520b/presence").await;
+    assert_eq!(status, 200, "{body}");
+    let presence = serde_json::from_str::<Value>(&body).unwrap();
+    assert_eq!(presence["group"], "a%20b", "{body}");
+    assert_eq!(presence["members"].as_array().map(Vec::len), Some(1), "{body}");
+    for path in ["/api/groups/%FF/history", "/api/groups/a%zz/presence"] {
+        let (status, body) = get(&addr, path).await;
+        let code = serde_json::from_str::<Value>(&body).map(|v| v["code"].clone());
+        assert_eq!(
+            (status, code.ok()),
+            (400, Some(json!("invalid_group"))),
+            "{path}: {body}"
+        );
+    }
 }

@@ -31,6 +31,7 @@ pub mod hooks;
 mod metrics;
 pub mod namespaces;
 pub mod page;
+mod paths;
 mod request;
 mod service;
 
@@ -42,6 +43,7 @@ pub use frames::{
     render_history, render_history_within, render_message, ChatEnvelope, ErrorCode, ProtocolError, Sender,
 };
 pub use metrics::{HookMetrics, Metrics, WriteCounter};
+pub use paths::{group_segment, GroupEndpoint, GroupPath};
 pub use request::{parse as parse_request, Direct, History, Join, Leave, Presence, Publish, Ref, Request};
 pub use service::{
     Admission, Change, ChatService, ClusterEvent, Directory, HttpAnswer, Member, PublishTicket, UpgradeRequest,

@@ -24,6 +24,39 @@ async fn url_group_rules() {
     assert_eq!(w["group"], "café", "the group is the percent-decoded segment");
 }
 
+/// The site's fixed answers are alike on every adapter: status, content
+/// type and body.
+#[tokio::test]
+async fn fixed_answers_carry_their_content_types() {
+    let server = Server::memory();
+    let health = get(&server.addr, "/healthz").await;
+    assert_eq!(
+        (health.status, health.content_type.as_deref()),
+        (200, Some("text/plain"))
+    );
+    let metrics = get(&server.addr, "/metrics").await;
+    let prometheus = "text/plain; version=0.0.4; charset=utf-8";
+    assert_eq!(
+        (metrics.status, metrics.content_type.as_deref()),
+        (200, Some(prometheus))
+    );
+    let missing = get(&server.addr, "/nowhere").await;
+    assert_eq!(missing.content_type.as_deref(), Some("application/json"));
+    assert_eq!(
+        (missing.status, missing.body.as_str()),
+        (404, r#"{"code":"not_found","message":"no such endpoint"}"#)
+    );
+    let method = http(&server.addr, "PUT", "/healthz", &[], b"").await;
+    assert_eq!(method.content_type.as_deref(), Some("application/json"));
+    assert_eq!(
+        (method.status, method.body.as_str()),
+        (
+            405,
+            r#"{"code":"method_not_allowed","message":"this endpoint does not take that method"}"#
+        )
+    );
+}
+
 #[tokio::test]
 async fn http_api() {
     let server = Server::memory();

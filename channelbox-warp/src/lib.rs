@@ -26,9 +26,10 @@ use std::error::Error as _;
 
 use async_trait::async_trait;
 use channelbox_core::{Channel, CloseReason, Frame, FrameKind, FrameSink, SinkError};
-use channelbox_protocol::{ChatService, HttpAnswer, Incoming};
+use channelbox_protocol::{ChatService, GroupEndpoint, HttpAnswer, Incoming};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, Stream, StreamExt};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use warp::http::StatusCode;
 use warp::ws::{Message, WebSocket};
@@ -104,13 +105,10 @@ fn incoming(stream: SplitStream<WebSocket>) -> impl Stream<Item = Incoming> + Un
     }))
 }
 
+/// A protocol answer as warp's response: its status, content type and body.
 fn answer(a: HttpAnswer) -> warp::reply::Response {
     let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    warp::reply::with_status(
-        warp::reply::with_header(a.body, "content-type", "application/json"),
-        status,
-    )
-    .into_response()
+    warp::reply::with_status(warp::reply::with_header(a.body, "content-type", a.content_type), status).into_response()
 }
 
 fn with_service(service: ChatService) -> impl Filter<Extract = (ChatService,), Error = Infallible> + Clone {
@@ -125,13 +123,22 @@ fn authorization() -> impl Filter<Extract = (Option<String>,), Error = Rejection
     warp::header::optional::<String>("authorization")
 }
 
+/// The raw group segment after `/ws/` or `/sse/`, by the protocol's one
+/// parser ([`channelbox_protocol::group_segment`]); anything else is not found.
+fn group_segment() -> impl Filter<Extract = (String,), Error = Rejection> + Clone {
+    warp::path::tail().and_then(|tail: warp::path::Tail| async move {
+        channelbox_protocol::group_segment(tail.as_str())
+            .map(str::to_owned)
+            .ok_or_else(warp::reject::not_found)
+    })
+}
+
 /// `GET /ws/{group}`: checks the group, origin, token and query, then asks
 /// the connect hook (when there is one), before the upgrade; then runs the
 /// protocol on the socket.
 pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    warp::path("ws")
-        .and(warp::path::param::<String>())
-        .and(warp::path::end())
+    warp::path(GroupEndpoint::WebSocket.segment())
+        .and(group_segment())
         .and(warp::get())
         .and(optional_query())
         .and(warp::header::headers_cloned())
@@ -149,9 +156,7 @@ pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Res
                     Ok(a) => a,
                     Err(refusal) => return answer(refusal),
                 };
-                let max = service.config().max_message_bytes;
-                ws.max_message_size(max)
-                    .max_frame_size(max)
+                limited(ws, &service)
                     .on_upgrade(move |socket| async move {
                         let (sink, stream) = socket.split();
                         let channel =
@@ -161,6 +166,25 @@ pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Res
                     .into_response()
             },
         )
+}
+
+/// The accept loop's WebSocket limits ([`channelbox_ws::service_websocket_config`])
+/// on warp's upgrade. warp cannot set tungstenite's write buffer, which stays
+/// at its default size, so the bound on that buffer keeps the same headroom
+/// above it: a client that sends pings and never reads is closed once its
+/// pongs fill the headroom, instead of piling them up without limit.
+fn limited(ws: warp::ws::Ws, service: &ChatService) -> warp::ws::Ws {
+    let shared = channelbox_ws::service_websocket_config(service);
+    let headroom = shared.max_write_buffer_size.saturating_sub(shared.write_buffer_size);
+    let buffer = WebSocketConfig::default().write_buffer_size;
+    let mut ws = ws.max_write_buffer_size(buffer + headroom);
+    if let Some(max) = shared.max_message_size {
+        ws = ws.max_message_size(max);
+    }
+    if let Some(max) = shared.max_frame_size {
+        ws = ws.max_frame_size(max);
+    }
+    ws
 }
 
 /// The upgrade's admission: the protocol's checks, then the connect hook.
@@ -284,26 +308,11 @@ pub fn site_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::
     let health = warp::path!("healthz")
         .and(warp::get())
         .and(with_service(service.clone()))
-        .map(|s: ChatService| {
-            let a = s.health();
-            if a.status == 200 {
-                warp::reply::with_header(a.body, "content-type", "text/plain").into_response()
-            } else {
-                answer(a)
-            }
-        });
-    let metrics =
-        warp::path!("metrics")
-            .and(warp::get())
-            .and(with_service(service))
-            .then(|s: ChatService| async move {
-                warp::reply::with_header(
-                    s.metrics_text().await,
-                    "content-type",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )
-                .into_response()
-            });
+        .map(|s: ChatService| answer(s.health()));
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_service(service))
+        .then(|s: ChatService| async move { answer(s.metrics().await) });
     page.or(health).unify().or(metrics).unify()
 }
 
@@ -321,9 +330,9 @@ pub fn routes(service: ChatService) -> impl Filter<Extract = (warp::reply::Respo
 
 fn rejected(r: &Rejection) -> HttpAnswer {
     if r.is_not_found() {
-        HttpAnswer::error(404, "not_found", "no such endpoint")
+        HttpAnswer::not_found()
     } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
-        HttpAnswer::error(405, "method_not_allowed", "this endpoint does not take that method")
+        HttpAnswer::method_not_allowed()
     } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
         HttpAnswer::error(413, "too_large", "the body is too large")
     } else {

@@ -5,7 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use channelbox_protocol::{Admission, ChatService, WriteCounter};
+use channelbox_protocol::{Admission, ChatService, GroupEndpoint, GroupPath, HttpAnswer, WriteCounter};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
@@ -23,10 +23,12 @@ where
         io: stream,
         writes: service.socket_writes(),
     };
-    let ws = accept(stream, config_for(service), |handshake| {
+    let ws = accept(stream, service_websocket_config(service), |handshake| {
         let path = handshake.path();
-        let Some(group) = path.strip_prefix("/ws/").filter(|g| !g.is_empty() && !g.contains('/')) else {
-            return Err((404, r#"{"code":"not_found","message":"no such endpoint"}"#.to_owned()));
+        let websocket = GroupPath::parse(path).filter(|p| p.endpoint == GroupEndpoint::WebSocket);
+        let Some(group) = websocket.map(|p| p.raw_group) else {
+            let missing = HttpAnswer::not_found();
+            return Err((missing.status, missing.body));
         };
         // The handshake answers before anything could be awaited: with a
         // connect hook, upgrades go through `serve` (hyper) or an adapter.
@@ -70,15 +72,17 @@ where
     let ws = Box::pin(WebSocketStream::from_raw_socket(
         io,
         Role::Server,
-        Some(config_for(service)),
+        Some(service_websocket_config(service)),
     ))
     .await;
     let (channel, incoming) = attach_with_id(ws, service.channel_config(), admission.channel_id());
     service.run(admission, channel, incoming).await;
 }
 
-/// The WebSocket settings for the service's limits.
-fn config_for(service: &ChatService) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+/// The WebSocket settings for the service's limits ([`websocket_config`]):
+/// what every upgrade of the chat server uses, whichever adapter accepts it,
+/// so that message size and write buffer are bounded alike everywhere.
+pub fn service_websocket_config(service: &ChatService) -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     let config = service.config();
     websocket_config(config.max_message_bytes, config.queue_bytes)
 }

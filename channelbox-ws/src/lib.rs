@@ -50,7 +50,7 @@ pub mod server;
 mod socket;
 
 #[cfg(feature = "chat")]
-pub use chat::{serve_chat, serve_upgraded};
+pub use chat::{serve_chat, serve_upgraded, service_websocket_config};
 pub use socket::{accept, attach, attach_with_id, connect, incoming_from, Handshake, IncomingFrames};
 
 /// Why a connection could not be set up.
@@ -79,8 +79,9 @@ pub enum Error {
 /// The write buffer is bounded too: tungstenite's default lets it grow
 /// without limit, and a client that sends pings and never reads would pile
 /// up pongs in it. Here it holds at most what the channel's queue may hold
-/// (`max_queue_bytes`) plus one write buffer; past that the connection fails
-/// and closes.
+/// (`max_queue_bytes`) plus one write buffer; past that a write of frames
+/// fails and the connection closes, and pongs wait (tungstenite keeps only the
+/// newest) instead of piling up.
 pub fn websocket_config(max_message_bytes: usize, max_queue_bytes: usize) -> WebSocketConfig {
     const WRITE_BUFFER: usize = 16 * 1024;
     WebSocketConfig::default()

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use channelbox_protocol::{ChatService, HttpAnswer};
+use channelbox_protocol::{ChatService, GroupEndpoint, GroupPath, HttpAnswer};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming as Body;
@@ -47,13 +47,13 @@ pub fn full(bytes: impl Into<Bytes>) -> HttpBody {
     Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
-/// A protocol answer as an HTTP response with a JSON body.
+/// A protocol answer as an HTTP response: its status, content type and body.
 pub fn answer(a: HttpAnswer) -> Response<HttpBody> {
     let mut response = Response::new(full(a.body));
     *response.status_mut() = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response
         .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(a.content_type));
     response
 }
 
@@ -231,10 +231,8 @@ async fn serve_connection<W, B>(
 /// sends the request to the framework's routes, which answer everything else
 /// (including malformed upgrades).
 pub fn websocket_group(method: &Method, path: &str, headers: &HeaderMap) -> Option<String> {
-    let group = path
-        .strip_prefix("/ws/")
-        .filter(|g| !g.is_empty() && !g.contains('/'))?;
-    is_websocket_upgrade(method, headers).then(|| group.to_owned())
+    let group = GroupPath::parse(path).filter(|p| p.endpoint == GroupEndpoint::WebSocket)?;
+    is_websocket_upgrade(method, headers).then(|| group.raw_group.to_owned())
 }
 
 /// Whether a request is a well-formed WebSocket upgrade (RFC 6455 §4.2.1).

@@ -135,7 +135,7 @@ impl ChatService {
             .history_text(&group, (limit, since), None, HTTP_HISTORY_BYTES)
             .await
         {
-            Ok(body) => HttpAnswer { status: 200, body },
+            Ok(body) => HttpAnswer::json(200, body),
             Err(e) => failed(&e),
         }
     }

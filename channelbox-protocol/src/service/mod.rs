@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use channelbox_core::{
     Broker, ChannelBox, ChannelConfig, CloseReason, HistoryStore, OverflowPolicy, Replay, StreamPosition,
 };
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::auth::{now_secs, User};
 use crate::config::ProtocolConfig;
@@ -23,9 +23,11 @@ use crate::fields::{query_param, GroupName, ReplayCount, Since};
 use crate::frames::{ChatEnvelope, ProtocolError};
 use crate::metrics::Metrics;
 
+mod answer;
 mod api;
 mod cluster;
 
+pub use answer::HttpAnswer;
 pub use api::PublishTicket;
 pub use cluster::{Change, ClusterEvent, Directory, Member};
 mod handlers;
@@ -38,38 +40,6 @@ mod peers;
 mod session;
 #[cfg(test)]
 mod tests;
-
-/// An HTTP answer: status and JSON body.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HttpAnswer {
-    /// The status code.
-    pub status: u16,
-    /// The JSON body.
-    pub body: String,
-}
-
-impl HttpAnswer {
-    /// A 200 with this JSON body.
-    pub fn ok(body: Value) -> Self {
-        HttpAnswer {
-            status: 200,
-            body: body.to_string(),
-        }
-    }
-
-    /// An error answer `{"code","message"}`.
-    pub fn error(status: u16, code: &str, message: impl Into<String>) -> Self {
-        HttpAnswer {
-            status,
-            body: json!({"code": code, "message": message.into()}).to_string(),
-        }
-    }
-
-    /// The answer for a protocol error, with `status`.
-    fn refusal(status: u16, err: &ProtocolError) -> Self {
-        HttpAnswer::error(status, err.code.as_str(), err.message.clone())
-    }
-}
 
 /// An admitted WebSocket upgrade, ready to be opened once the socket exists.
 /// Holds one of the server's connection slots until dropped.
@@ -324,19 +294,6 @@ impl ChatService {
         }
         if let Err(err) = channels.store().sync().await {
             tracing::error!(error = %err, "flushing the history store at shutdown failed");
-        }
-    }
-
-    /// `GET /healthz`: 200 `ok`, or 503 `unavailable` while the history store
-    /// refuses writes.
-    pub fn health(&self) -> HttpAnswer {
-        if self.inner.channels.store().healthy() {
-            HttpAnswer {
-                status: 200,
-                body: "ok".to_owned(),
-            }
-        } else {
-            HttpAnswer::error(503, "unavailable", "the history store is failing")
         }
     }
 

@@ -312,10 +312,11 @@ impl Client {
     }
 }
 
-/// An HTTP answer: status and body.
+/// An HTTP answer: status, content type and body.
 #[derive(Debug)]
 pub struct Http {
     pub status: u16,
+    pub content_type: Option<String>,
     pub body: String,
 }
 
@@ -359,7 +360,16 @@ pub async fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]
         .unwrap_or_else(|| panic!("no status code in {text:?} for {method} {path}"));
     let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
     let body = if chunked { dechunk(body) } else { body.to_owned() };
-    Http { status, body }
+    let content_type = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-type")
+            .then(|| value.trim().to_owned())
+    });
+    Http {
+        status,
+        content_type,
+        body,
+    }
 }
 
 fn dechunk(mut s: &str) -> String {

@@ -35,7 +35,11 @@ impl Known {
                 "(1) {g} epoch {e} offset {o} names two payloads: {other} and {id}"
             ));
         }
-        if let Some(was) = self.by_id.get(id).filter(|was| **was != pos) {
+        // The same payload under the same offset in another epoch is a
+        // survivor of an epoch move (PROTOCOL.md: "the new epoch keeps the
+        // messages that survived, under their offsets"), not a second save.
+        let carried = |was: &(String, String, u64)| was.0 == pos.0 && was.2 == pos.2;
+        if let Some(was) = self.by_id.get(id).filter(|was| **was != pos && !carried(was)) {
             out.push(format!("(1) payload {id} saved twice: at {was:?} and at {pos:?}"));
         }
         self.by_pos.entry(pos.clone()).or_insert_with(|| id.to_owned());
@@ -255,7 +259,13 @@ fn client_order(n: usize, log: &[Value], known: &Known, histories: &BTreeMap<Str
             "disc" if line["code"].as_u64() == Some(4002) => runs.clear(),
             "msg" => {
                 let Some(o) = line["o"].as_u64() else { continue };
-                deliver(n, g, o, s(line, "id"), known, &mut runs, out);
+                let delivered = Delivered {
+                    g,
+                    o,
+                    id: s(line, "id"),
+                    epoch: line["e"].as_str(),
+                };
+                deliver(n, &delivered, known, &mut runs, out);
             }
             "end" => {
                 let groups = line["groups"].as_array().cloned().unwrap_or_default();
@@ -270,14 +280,25 @@ fn client_order(n: usize, log: &[Value], known: &Known, histories: &BTreeMap<Str
     }
 }
 
-fn deliver(n: usize, g: &str, o: u64, id: &str, known: &Known, runs: &mut HashMap<String, Run>, out: &mut Vec<String>) {
+/// One `message` a client received, as its log line says.
+struct Delivered<'a> {
+    g: &'a str,
+    o: u64,
+    id: &'a str,
+    /// The epoch the frame carried; older logs have none, and then the
+    /// epoch its acknowledgement or the final history gave is used.
+    epoch: Option<&'a str>,
+}
+
+fn deliver(n: usize, d: &Delivered<'_>, known: &Known, runs: &mut HashMap<String, Run>, out: &mut Vec<String>) {
+    let (g, o, id) = (d.g, d.o, d.id);
     let saved = known.epoch(g, id);
     if let Some((_, e, at)) = saved.filter(|(_, _, at)| *at != o) {
         out.push(format!(
             "(1) client {n} received {id} in {g} at offset {o}, but it was saved at epoch {e} offset {at}"
         ));
     }
-    let epoch = saved.map(|(_, e, _)| e.clone());
+    let epoch = d.epoch.map(str::to_owned).or_else(|| saved.map(|(_, e, _)| e.clone()));
     let Some(run) = runs.get_mut(g) else {
         runs.insert(
             g.to_owned(),
@@ -290,7 +311,13 @@ fn deliver(n: usize, g: &str, o: u64, id: &str, known: &Known, runs: &mut HashMa
         );
         return;
     };
+    // A new epoch that continues at the next offset is an epoch move that
+    // kept every message this client had (PROTOCOL.md: the new epoch keeps
+    // the survivors under their offsets): nothing was lost or reused for it.
+    // Anything else across epochs needs a notice.
+    let continues = o == run.last + 1;
     match (&run.epoch, &epoch) {
+        (Some(a), Some(b)) if a != b && continues => {}
         (Some(a), Some(b)) if a != b => out.push(format!(
             "(2) client {n}: {g} went from epoch {a} (offset {}) to epoch {b} (offset {o}, {id}) without recovered complete:false or 4002",
             run.last
@@ -399,6 +426,28 @@ mod tests {
         assert!(found[0].contains("2 (b, sent at 1000 ms)"), "{found:?}");
         let told = vec![joined, json!({"k": "rec", "g": "g", "complete": false, "t": 2000}), end];
         assert_eq!(check(&[publisher, told], &h, false), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_survivor_of_an_epoch_move_is_not_a_second_save() {
+        let mut known = Known::default();
+        let mut out = Vec::new();
+        known.record("g", "E1", 7, "a", &mut out);
+        known.record("g", "E2", 7, "a", &mut out);
+        assert!(out.is_empty(), "same offset in the next epoch: {out:?}");
+        known.record("g", "E2", 8, "a", &mut out);
+        assert_eq!(out.len(), 1, "another offset is a second save: {out:?}");
+    }
+
+    #[test]
+    fn an_epoch_move_is_silent_only_where_it_continues() {
+        let h = history("E2", &["a", "b", "c", "d"]);
+        let at = |e: &str, o: u64, id: &str| json!({"k": "msg", "g": "g", "e": e, "o": o, "id": id});
+        let moved = vec![at("E1", 1, "a"), at("E1", 2, "b"), at("E2", 3, "c"), at("E2", 4, "d")];
+        assert_eq!(check(&[moved], &h, false), Vec::<String>::new());
+        let rolled_back = vec![at("E1", 1, "a"), at("E1", 2, "x"), at("E1", 3, "y"), at("E2", 3, "c")];
+        let found = check(&[rolled_back], &h, false);
+        assert!(found.iter().any(|v| v.contains("went from epoch E1")), "{found:?}");
     }
 
     #[test]
