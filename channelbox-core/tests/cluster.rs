@@ -3,39 +3,18 @@
 //! or not at all must reach members in order and once; a gap history can
 //! no longer fill, or a new epoch, closes the members with 4002.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use channelbox_core::testkit::{test_channel, Recorder};
 use channelbox_core::{
-    Broker, BrokerEvent, BrokerFuture, Channel, ChannelBox, ChannelConfig, CloseReason, HistoryLimits, HistoryStore,
-    NewMessage, NoFraming, PayloadKind, Replay, StreamPosition,
+    BrokerEvent, Channel, ChannelBox, ChannelConfig, CloseReason, HistoryLimits, HistoryStore, NewMessage, NoFraming,
+    PayloadKind, Replay, StreamPosition,
 };
 use channelbox_store_memory::{MemoryConfig, MemoryStore};
 use tokio::sync::mpsc;
 
-#[derive(Debug)]
-struct HandBroker {
-    events: Mutex<Option<mpsc::Receiver<BrokerEvent>>>,
-}
-
-impl Broker for HandBroker {
-    fn subscribe(&self, _group: &str) -> BrokerFuture {
-        Box::pin(async { Ok(()) })
-    }
-    fn unsubscribe(&self, _group: &str) -> BrokerFuture {
-        Box::pin(async { Ok(()) })
-    }
-    fn publish_unsaved(&self, _: &str, _: &NewMessage, _: Option<uuid::Uuid>) -> BrokerFuture {
-        Box::pin(async { Ok(()) })
-    }
-    fn take_events(&self) -> Option<mpsc::Receiver<BrokerEvent>> {
-        self.events.lock().unwrap().take()
-    }
-    fn connected(&self) -> bool {
-        true
-    }
-}
+mod common;
 
 struct Cluster {
     channels: ChannelBox,
@@ -46,12 +25,8 @@ struct Cluster {
 impl Cluster {
     fn new(limits: HistoryLimits) -> Cluster {
         let store = Arc::new(MemoryStore::new(MemoryConfig { limits }));
-        let (tx, rx) = mpsc::channel(1024);
         let channels = ChannelBox::new(store.clone() as Arc<dyn HistoryStore>);
-        let broker = HandBroker {
-            events: Mutex::new(Some(rx)),
-        };
-        channels.attach_broker(Arc::new(broker)).unwrap();
+        let tx = common::broker::attach_hand_broker(&channels, 1024);
         Cluster {
             channels,
             store,

@@ -9,35 +9,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use channelbox_core::testkit::test_channel;
 use channelbox_core::{
-    Broker, BrokerEvent, BrokerFuture, Capabilities, ChannelBox, ChannelConfig, CloseReason, Epoch, Head,
-    HistoryLimits, HistoryPage, HistoryStats, HistoryStore, NewMessage, NoFraming, PayloadKind, PendingAppend,
-    ReadQuery, Replay, StoreError, StoreErrorKind, StreamPosition,
+    BrokerEvent, Capabilities, ChannelBox, ChannelConfig, CloseReason, Epoch, Head, HistoryLimits, HistoryPage,
+    HistoryStats, HistoryStore, NewMessage, NoFraming, PayloadKind, PendingAppend, ReadQuery, Replay, StoreError,
+    StoreErrorKind, StreamPosition,
 };
 use channelbox_store_memory::{MemoryConfig, MemoryStore};
 use tokio::sync::mpsc;
 
-#[derive(Debug)]
-struct HandBroker {
-    events: Mutex<Option<mpsc::Receiver<BrokerEvent>>>,
-}
-
-impl Broker for HandBroker {
-    fn subscribe(&self, _group: &str) -> BrokerFuture {
-        Box::pin(async { Ok(()) })
-    }
-    fn unsubscribe(&self, _group: &str) -> BrokerFuture {
-        Box::pin(async { Ok(()) })
-    }
-    fn publish_unsaved(&self, _: &str, _: &NewMessage, _: Option<uuid::Uuid>) -> BrokerFuture {
-        Box::pin(async { Ok(()) })
-    }
-    fn take_events(&self) -> Option<mpsc::Receiver<BrokerEvent>> {
-        self.events.lock().unwrap().take()
-    }
-    fn connected(&self) -> bool {
-        true
-    }
-}
+mod common;
 
 /// A memory store whose reads can be made to fail and whose head checks are
 /// slow and watched.
@@ -113,12 +92,8 @@ impl HistoryStore for Faulty {
 }
 
 fn clustered(store: Arc<Faulty>) -> (ChannelBox, mpsc::Sender<BrokerEvent>) {
-    let (tx, rx) = mpsc::channel(64);
     let channels = ChannelBox::new(store as Arc<dyn HistoryStore>);
-    let broker = HandBroker {
-        events: Mutex::new(Some(rx)),
-    };
-    channels.attach_broker(Arc::new(broker)).unwrap();
+    let tx = common::broker::attach_hand_broker(&channels, 64);
     (channels, tx)
 }
 

@@ -9,6 +9,8 @@ use channelbox_core::{Channel, ChannelBox, HistoryLimits, HistoryStore};
 use channelbox_store_memory::{MemoryConfig, MemoryStore};
 use serde_json::Value;
 
+pub mod broker;
+
 pub const WAIT: Duration = Duration::from_secs(10);
 
 pub fn new_box(limits: HistoryLimits) -> ChannelBox {
