@@ -11,7 +11,7 @@ impl Channel {
     /// the frame instead. What one peer sends another (a `direct`) goes
     /// through here, so that no peer can make another a slow consumer.
     pub fn try_send_polite(&self, frame: Frame) -> Result<Enqueued, SendError> {
-        let mut q = self.lock();
+        let q = self.lock();
         if !q.is_open() {
             return Err(SendError::Closed);
         }
@@ -21,14 +21,7 @@ impl Channel {
         if half_full || !fits {
             return Err(SendError::Overflow);
         }
-        let was_empty = q.frames.is_empty();
-        // It fits: `bytes + len` is at most `max_bytes`, a `u32`.
-        q.bytes += len as u32;
-        q.frames.push_back(frame);
-        drop(q);
-        if was_empty {
-            self.shared.wake.notify();
-        }
+        self.push_and_wake(q, frame);
         Ok(Enqueued { dropped: 0 })
     }
 
