@@ -8,6 +8,7 @@
 //! replica.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::ffi::OsStr;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -83,47 +84,31 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let binary = std::env::var("CHANNELBOX_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
-        let child = Command::new(&binary)
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dbfilename",
-                SNAPSHOT,
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {binary} ({e}); install it with: {INSTALL_HINT}"));
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.run(&["PING"]).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} did not answer",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let port = self.port.to_string();
+        let args = [
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dbfilename",
+            SNAPSHOT,
+            "--dir",
+        ]
+        .map(OsStr::new);
+        spawn_into(
+            &mut self.child,
+            self.port,
+            args.into_iter().chain([self.dir.path().as_os_str()]),
+        );
     }
 
     /// Runs one command and returns its answer.
     pub fn run(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(self.url())?;
-        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query(&mut conn)
+        run_on(self.port, args)
     }
 
     /// The temporary directory it runs in.
@@ -138,7 +123,38 @@ impl Drop for RedisServer {
     }
 }
 
-fn free_port() -> u16 {
+/// Starts `redis-server` (or `$CHANNELBOX_REDIS_SERVER`) with `args`, which
+/// must set the port to `port`, into `slot` and waits until it answers. The
+/// child is in `slot` before the wait, so that an owner whose drop kills
+/// `slot` also kills a server that never answers.
+pub(crate) fn spawn_into<S: AsRef<OsStr>>(slot: &mut Option<Child>, port: u16, args: impl IntoIterator<Item = S>) {
+    let binary = std::env::var("CHANNELBOX_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+    let child = Command::new(&binary)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {binary} ({e}); install it with: {INSTALL_HINT}"));
+    *slot = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run_on(port, &["PING"]).is_err() {
+        assert!(Instant::now() < deadline, "redis-server on port {port} did not answer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs one command on the Redis at 127.0.0.1:`port` and returns its answer.
+pub(crate) fn run_on(port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(&mut conn)
+}
+
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -3,10 +3,10 @@
 //! test's own on a free port, killed by its PID.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use crate::testkit::INSTALL_HINT;
+use crate::testkit::{free_port, run_on, spawn_into};
 
 /// The master name the sentinels of a [`SentinelSet`] monitor.
 pub const MASTER_NAME: &str = "cbmaster";
@@ -29,10 +29,7 @@ impl RedisProcess {
     }
 
     fn unstarted() -> RedisProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
+        let port = free_port();
         let dir = tempfile::tempdir().expect("a temporary directory for redis");
         RedisProcess { port, dir, child: None }
     }
@@ -81,19 +78,7 @@ impl RedisProcess {
     }
 
     fn spawn(&mut self, args: &[&str]) {
-        let binary = std::env::var("CHANNELBOX_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
-        let child = Command::new(&binary)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {binary} ({e}); install it with: {INSTALL_HINT}"));
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.run(&["PING"]).is_err() {
-            assert!(Instant::now() < deadline, "redis on port {} did not answer", self.port);
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        spawn_into(&mut self.child, self.port, args);
     }
 
     /// Its port.
@@ -116,13 +101,7 @@ impl RedisProcess {
 
     /// Runs one command and returns its answer.
     pub fn run(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(self.url())?;
-        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query(&mut conn)
+        run_on(self.port, args)
     }
 }
 
