@@ -3,13 +3,15 @@
 //! never scan Redis, `--history-total-bytes` is refused unless Redis evicts
 //! by itself, and a corrupt entry is a gap rather than an error.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use channelbox_core::{HistoryStore, NewMessage, PayloadKind, ReadQuery};
 use channelbox_redis::testkit::RedisServer;
-use channelbox_redis::{RedisConfig, RedisEngine, RedisStore};
+use channelbox_redis::{RedisConfig, RedisEngine};
 use redis::Value;
+
+mod common;
+use common::save;
 
 async fn engine(server: &RedisServer, meta_ttl: Duration) -> RedisEngine {
     let config = RedisConfig {
@@ -17,17 +19,6 @@ async fn engine(server: &RedisServer, meta_ttl: Duration) -> RedisEngine {
         ..RedisConfig::new(server.url())
     };
     RedisEngine::connect(config).await.expect("connect")
-}
-
-async fn save(store: &Arc<RedisStore>, group: &str, text: &str) -> u64 {
-    let message = NewMessage::new(PayloadKind::Text, text.to_owned().into());
-    store
-        .append(group, message)
-        .expect("queued")
-        .wait()
-        .await
-        .expect("saved")
-        .offset
 }
 
 /// The names of every key of a group (`cb:{…}`).

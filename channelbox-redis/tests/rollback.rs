@@ -7,26 +7,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use channelbox_core::{Epoch, HistoryStore, NewMessage, PayloadKind, StreamPosition};
+use channelbox_core::{Epoch, HistoryStore, NewMessage, PayloadKind};
 use channelbox_redis::testkit::RedisServer;
 use channelbox_redis::{RedisConfig, RedisEngine, RedisStore};
 use redis::Value;
+
+mod common;
+use common::save;
 
 async fn store(server: &RedisServer) -> Arc<RedisStore> {
     RedisEngine::connect(RedisConfig::new(server.url()))
         .await
         .expect("connect")
         .store()
-}
-
-async fn save(store: &RedisStore, group: &str) -> StreamPosition {
-    let message = NewMessage::new(PayloadKind::Text, "m".into());
-    store
-        .append(group, message)
-        .expect("queued")
-        .wait()
-        .await
-        .expect("saved")
 }
 
 /// The group's epoch as Redis has it now.
@@ -57,12 +50,12 @@ async fn a_server_that_saw_lost_offsets_moves_the_group_before_another_reuses_th
     let mut server = RedisServer::start();
     let seen_it = store(&server).await;
     for _ in 0..5 {
-        save(&seen_it, "quiet").await;
+        save(&seen_it, "quiet", "m").await;
     }
     server.snapshot();
     let mut last = None;
     for _ in 0..3 {
-        last = Some(save(&seen_it, "quiet").await);
+        last = Some(save(&seen_it, "quiet", "m").await);
     }
     let old = last.expect("saved").epoch;
     server.restart_from_snapshot();
@@ -70,7 +63,7 @@ async fn a_server_that_saw_lost_offsets_moves_the_group_before_another_reuses_th
     // server that saw offsets 6..8: it moves the group after reconnecting.
     let new = moved_from(&server, "quiet", &old).await;
     let newcomer = store(&server).await;
-    let at = save(&newcomer, "quiet").await;
+    let at = save(&newcomer, "quiet", "m").await;
     assert_eq!(at.epoch.as_str(), new, "the newcomer appends in the new epoch");
     assert_eq!(at.offset, 6, "after the survivors 1..5");
     assert_eq!(seen_it.head("quiet").await.expect("head").epoch.as_str(), new);
@@ -80,14 +73,14 @@ async fn a_server_that_saw_lost_offsets_moves_the_group_before_another_reuses_th
 async fn two_servers_noticing_at_once_make_one_new_epoch() {
     let mut server = RedisServer::start();
     let (a, b) = (store(&server).await, store(&server).await);
-    save(&a, "both").await;
+    save(&a, "both", "m").await;
     server.snapshot();
-    let old = save(&b, "both").await.epoch;
+    let old = save(&b, "both", "m").await.epoch;
     // Both know offset 2 (each read the head): both notice it is gone.
     assert_eq!(a.head("both").await.expect("head").last, 2);
     server.restart_from_snapshot();
     let new = moved_from(&server, "both", &old).await;
-    let (on_a, on_b) = (save(&a, "both").await, save(&b, "both").await);
+    let (on_a, on_b) = (save(&a, "both", "m").await, save(&b, "both", "m").await);
     assert_eq!((on_a.epoch.as_str(), on_b.epoch.as_str()), (new.as_str(), new.as_str()));
     assert_eq!(
         (on_a.offset, on_b.offset),
@@ -109,12 +102,12 @@ async fn a_stream_lost_while_its_head_survived_starts_a_new_epoch_that_keeps_new
     let store = RedisEngine::connect(config).await.expect("connect").store();
     let mut last = None;
     for _ in 0..3 {
-        last = Some(save(&store, "evicted").await);
+        last = Some(save(&store, "evicted", "m").await);
     }
     let old = last.expect("saved");
     // An eviction took the stream and left the head with its counters.
     server.run(&["DEL", "cb:{evicted}:s"]).expect("del");
-    let at = save(&store, "evicted").await;
+    let at = save(&store, "evicted", "m").await;
     assert_ne!(at.epoch, old.epoch, "head and stream disagreed: a new epoch");
     assert_eq!(at.offset, 4, "it continues after the newest offset handed out");
     let page = store
@@ -131,12 +124,12 @@ async fn after_a_restart_a_server_without_the_floor_appends_only_after_the_group
     let seen_it = store(&server).await;
     let unaware = store(&server).await;
     // The unaware server talked to this Redis before, never to this group.
-    save(&unaware, "elsewhere").await;
+    save(&unaware, "elsewhere", "m").await;
     for _ in 0..3 {
-        save(&seen_it, "held").await;
+        save(&seen_it, "held", "m").await;
     }
     server.snapshot();
-    let lost = save(&seen_it, "held").await;
+    let lost = save(&seen_it, "held", "m").await;
     server.restart_from_snapshot();
     // As soon as it can, it appends: Redis would hand it offset 4 of the old
     // epoch, which the other server acknowledged before the restart.
