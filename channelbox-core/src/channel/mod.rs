@@ -349,20 +349,6 @@ impl Channel {
         Ok(Enqueued { dropped })
     }
 
-    /// Queues `frame`, which the caller has checked fits, then releases the
-    /// lock and wakes the writer if the queue was empty: a writer with
-    /// frames already waiting is awake and will find this one too.
-    fn push_and_wake(&self, mut q: MutexGuard<'_, Queue>, frame: Frame) {
-        let was_empty = q.frames.is_empty();
-        // It fits: the frame's length is at most `max_bytes`, a `u32`.
-        q.bytes += frame.len() as u32;
-        q.frames.push_back(frame);
-        drop(q);
-        if was_empty {
-            self.shared.wake.notify();
-        }
-    }
-
     /// Asks the channel to close with this reason. Frames already queued are sent
     /// first, unless the reason is [`CloseReason::ABNORMAL`] (the transport is gone).
     /// Closing twice keeps the first reason.

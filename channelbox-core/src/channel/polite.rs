@@ -1,7 +1,10 @@
 //! Sends that refuse instead of closing: what one peer sends another (a
-//! `direct`) and what a reply may take of its requester's queue.
+//! `direct`) and what a reply may take of its requester's queue; and the
+//! push every send ends with.
 
-use super::{Channel, Enqueued, SendError};
+use std::sync::MutexGuard;
+
+use super::{Channel, Enqueued, Queue, SendError};
 use crate::payload::Frame;
 
 impl Channel {
@@ -30,6 +33,20 @@ impl Channel {
     pub fn half_room_bytes(&self) -> usize {
         let q = self.lock();
         (q.max_bytes / 2).saturating_sub(q.bytes) as usize
+    }
+
+    /// Queues `frame`, which the caller has checked fits, then releases the
+    /// lock and wakes the writer if the queue was empty: a writer with
+    /// frames already waiting is awake and will find this one too.
+    pub(super) fn push_and_wake(&self, mut q: MutexGuard<'_, Queue>, frame: Frame) {
+        let was_empty = q.frames.is_empty();
+        // It fits: the frame's length is at most `max_bytes`, a `u32`.
+        q.bytes += frame.len() as u32;
+        q.frames.push_back(frame);
+        drop(q);
+        if was_empty {
+            self.shared.wake.notify();
+        }
     }
 }
 
