@@ -218,19 +218,24 @@ fn chaos_smoke() -> Result<(), String> {
 
 /// The chat server and the benchmark tools, in release mode.
 fn build_server_tools() -> Result<(), String> {
-    cargo(
-        &[
-            "build",
-            "--release",
-            "-j2",
-            "-p",
-            "channelbox-warp",
-            "--example",
-            "chat",
-        ],
-        &[],
-    )?;
+    build_chat_server(&[])?;
     cargo(&["build", "--release", "-j2", "-p", "channelbox-bench", "--bins"], &[])
+}
+
+/// The chat server example in release mode, with `extra` cargo arguments
+/// (features, another target directory) after the usual ones.
+fn build_chat_server(extra: &[&str]) -> Result<(), String> {
+    let mut args = vec![
+        "build",
+        "--release",
+        "-j2",
+        "-p",
+        "channelbox-warp",
+        "--example",
+        "chat",
+    ];
+    args.extend_from_slice(extra);
+    cargo(&args, &[])
 }
 
 fn soak(args: &[String]) -> Result<(), String> {

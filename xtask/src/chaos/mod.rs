@@ -181,22 +181,7 @@ fn shrink(o: &Options, mut schedule: Vec<Step>) -> Result<Vec<Step>, String> {
 fn build(mutations: bool) -> Result<(), String> {
     crate::build_server_tools()?;
     if mutations {
-        crate::cargo(
-            &[
-                "build",
-                "--release",
-                "-j2",
-                "-p",
-                "channelbox-warp",
-                "--example",
-                "chat",
-                "--features",
-                MUTATION_FEATURES,
-                "--target-dir",
-                MUTATION_TARGET,
-            ],
-            &[],
-        )?;
+        crate::build_chat_server(&["--features", MUTATION_FEATURES, "--target-dir", MUTATION_TARGET])?;
     }
     Ok(())
 }
