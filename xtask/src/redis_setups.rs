@@ -5,6 +5,7 @@
 //! benchmark adds up the CPU time of every process of a setup, sentinels and
 //! replicas included, since an operator pays for all of them.
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -30,36 +31,70 @@ pub(crate) struct Node {
     _dir: Dir,
 }
 
-fn free_port() -> Result<u16, String> {
+/// A port nobody listens on now, on 127.0.0.1.
+pub(crate) fn free_port() -> Result<u16, String> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| format!("no free port: {e}"))
 }
 
+/// Starts `redis-server` with `args` (which must set the port to `port`)
+/// and waits until it answers `PING`; one that never answers is killed.
+pub(crate) fn spawn_redis<S: AsRef<OsStr>>(port: u16, args: impl IntoIterator<Item = S>) -> Result<Child, String> {
+    let mut child = Command::new("redis-server")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start redis-server ({e}); install it: apt-get install -y redis-server"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_command(port, "PING").as_deref() != Ok("+PONG") {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("redis-server on port {port} did not answer"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+/// Sends one inline command to the Redis on `port` and returns the first
+/// line of the answer.
+pub(crate) fn redis_command(port: u16, line: &str) -> Result<String, String> {
+    Ok(redis_reply(port, line, false)?.lines().next().unwrap_or("").to_owned())
+}
+
+/// Sends one inline command to the Redis on `port` and returns the answer:
+/// all of it when `whole` (followed by `QUIT`, so that Redis closes the
+/// connection after the last byte), else the first read.
+fn redis_reply(port: u16, line: &str, whole: bool) -> Result<String, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let quit = if whole { "QUIT\r\n" } else { "" };
+    s.write_all(format!("{line}\r\n{quit}").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    if whole {
+        s.take(1 << 20).read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    } else {
+        buf.resize(256, 0);
+        let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+        buf.truncate(n);
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
 impl Node {
     /// Starts `redis-server` with `args` (which must set the port to `port`)
     /// and waits until it answers `PING`.
     fn spawn(port: u16, dir: PathBuf, args: &[String]) -> Result<Node, String> {
-        let child = Command::new("redis-server")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start redis-server ({e}); install it: apt-get install -y redis-server"))?;
-        let node = Node {
-            child,
-            port,
-            _dir: Dir(dir),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while node.command("PING").as_deref() != Ok("+PONG") {
-            if Instant::now() > deadline {
-                return Err(format!("redis-server on port {port} did not answer"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(node)
+        // The directory goes away on drop, even if the server never answers.
+        let dir = Dir(dir);
+        let child = spawn_redis(port, args)?;
+        Ok(Node { child, port, _dir: dir })
     }
 
     fn fresh_dir(port: u16) -> Result<PathBuf, String> {
@@ -112,28 +147,12 @@ impl Node {
 
     /// Sends one inline command and returns the first line of the answer.
     fn command(&self, line: &str) -> Result<String, String> {
-        Ok(self.reply(line, false)?.lines().next().unwrap_or("").to_owned())
+        redis_command(self.port, line)
     }
 
-    /// Sends one inline command and returns the answer: all of it when
-    /// `whole` (followed by `QUIT`, so that Redis closes the connection after
-    /// the last byte), else the first read.
+    /// Sends one inline command and returns the answer (see [`redis_reply`]).
     fn reply(&self, line: &str, whole: bool) -> Result<String, String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        let quit = if whole { "QUIT\r\n" } else { "" };
-        s.write_all(format!("{line}\r\n{quit}").as_bytes())
-            .map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        if whole {
-            s.take(1 << 20).read_to_end(&mut buf).map_err(|e| e.to_string())?;
-        } else {
-            buf.resize(256, 0);
-            let n = s.read(&mut buf).map_err(|e| e.to_string())?;
-            buf.truncate(n);
-        }
-        Ok(String::from_utf8_lossy(&buf).into_owned())
+        redis_reply(self.port, line, whole)
     }
 }
 

@@ -2,17 +2,19 @@
 //! ports, a redis-server of the run's own, and the proxies in front of them;
 //! and the nemesis's hands on them (kills, pauses, restarts, link faults).
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use super::nemesis::{Fault, Link, RedisData, Store};
 use super::proxy::{LinkState, Proxy};
 use crate::bench::{listening, pinned};
+use crate::redis_setups::{free_port, redis_command, spawn_redis};
 
 /// A chat server and where it listens.
 struct Server {
@@ -286,49 +288,25 @@ fn signal(sig: &str, pid: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| e.to_string())
-}
-
 /// Starts redis-server on `port` with `dir` (loading its dump.rdb, if any)
 /// and waits until it answers.
 fn start_redis(port: u16, dir: &Path) -> Result<Child, String> {
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--dbfilename", "dump.rdb"])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start redis-server ({e}); install it: apt-get install -y redis-server"))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while redis_command(port, "PING").as_deref() != Ok("+PONG") {
-        if Instant::now() > deadline {
-            return Err("redis-server did not answer".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(child)
-}
-
-/// Sends one inline command and returns the first line of the answer.
-fn redis_command(port: u16, line: &str) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(format!("{line}\r\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 256];
-    let n = s.read(&mut buf).map_err(|e| e.to_string())?;
-    Ok(String::from_utf8_lossy(&buf[..n])
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_owned())
+    let port_arg = port.to_string();
+    let args = [
+        "--port",
+        &port_arg,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dbfilename",
+        "dump.rdb",
+        "--dir",
+    ]
+    .map(OsStr::new);
+    spawn_redis(port, args.into_iter().chain([dir.as_os_str()]))
 }
 
 /// A GET answered with JSON (the body after the head; chunked bodies are
