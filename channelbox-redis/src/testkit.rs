@@ -85,25 +85,10 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let port = self.port.to_string();
-        let args = [
-            "--port",
-            &port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dbfilename",
-            SNAPSHOT,
-            "--dir",
-        ]
-        .map(OsStr::new);
-        spawn_into(
-            &mut self.child,
-            self.port,
-            args.into_iter().chain([self.dir.path().as_os_str()]),
-        );
+        let mut args = node_args(&port);
+        args.extend(["--dbfilename", SNAPSHOT, "--dir"]);
+        let args = args.into_iter().map(OsStr::new);
+        spawn_into(&mut self.child, self.port, args.chain([self.dir.path().as_os_str()]));
     }
 
     /// Runs one command and returns its answer.
@@ -121,6 +106,21 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The arguments every data node starts with: `port`, on 127.0.0.1 only,
+/// with no automatic persistence.
+pub(crate) fn node_args(port: &str) -> Vec<&str> {
+    vec![
+        "--port",
+        port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
 }
 
 /// Starts `redis-server` (or `$CHANNELBOX_REDIS_SERVER`) with `args`, which

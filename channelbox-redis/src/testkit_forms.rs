@@ -6,7 +6,7 @@
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use crate::testkit::{free_port, run_on, spawn_into};
+use crate::testkit::{free_port, node_args, run_on, spawn_into};
 
 /// The master name the sentinels of a [`SentinelSet`] monitor.
 pub const MASTER_NAME: &str = "cbmaster";
@@ -40,18 +40,8 @@ impl RedisProcess {
         let port = self.port.to_string();
         // A replica's full sync starts at once (Redis waits 5 s by default
         // for more replicas to share a diskless transfer).
-        let mut args = vec![
-            "--port",
-            &port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--repl-diskless-sync-delay",
-            "0",
-        ];
+        let mut args = node_args(&port);
+        args.extend(["--repl-diskless-sync-delay", "0"]);
         args.extend_from_slice(extra);
         let dir = self.dir.path().to_str().expect("a UTF-8 temporary path").to_owned();
         args.extend_from_slice(&["--dir", &dir]);

@@ -39,6 +39,21 @@ pub(crate) fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("no free port: {e}"))
 }
 
+/// The arguments every data node starts with: `port`, on 127.0.0.1 only,
+/// with no automatic persistence.
+pub(crate) fn node_args(port: &str) -> Vec<&str> {
+    vec![
+        "--port",
+        port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+}
+
 /// Starts `redis-server` with `args` (which must set the port to `port`)
 /// and waits until it answers `PING`; one that never answers is killed.
 pub(crate) fn spawn_redis<S: AsRef<OsStr>>(port: u16, args: impl IntoIterator<Item = S>) -> Result<Child, String> {
@@ -107,20 +122,9 @@ impl Node {
     fn data(extra: &[&str]) -> Result<Node, String> {
         let port = free_port()?;
         let dir = Node::fresh_dir(port)?;
-        let mut args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--repl-diskless-sync-delay",
-            "0",
-        ]
-        .map(String::from)
-        .to_vec();
+        let port_arg = port.to_string();
+        let mut args: Vec<String> = node_args(&port_arg).into_iter().map(String::from).collect();
+        args.extend(["--repl-diskless-sync-delay", "0"].map(String::from));
         args.extend(extra.iter().map(|a| a.to_string()));
         args.extend(["--dir".to_owned(), dir.display().to_string()]);
         Node::spawn(port, dir, &args)

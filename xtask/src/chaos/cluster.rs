@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::nemesis::{Fault, Link, RedisData, Store};
 use super::proxy::{LinkState, Proxy};
 use crate::bench::{listening, pinned};
-use crate::redis_setups::{free_port, redis_command, spawn_redis};
+use crate::redis_setups::{free_port, node_args, redis_command, spawn_redis};
 
 /// A chat server and where it listens.
 struct Server {
@@ -292,21 +292,9 @@ fn signal(sig: &str, pid: &str) -> Result<(), String> {
 /// and waits until it answers.
 fn start_redis(port: u16, dir: &Path) -> Result<Child, String> {
     let port_arg = port.to_string();
-    let args = [
-        "--port",
-        &port_arg,
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dbfilename",
-        "dump.rdb",
-        "--dir",
-    ]
-    .map(OsStr::new);
-    spawn_redis(port, args.into_iter().chain([dir.as_os_str()]))
+    let mut args = node_args(&port_arg);
+    args.extend(["--dbfilename", "dump.rdb", "--dir"]);
+    spawn_redis(port, args.into_iter().map(OsStr::new).chain([dir.as_os_str()]))
 }
 
 /// A GET answered with JSON (the body after the head; chunked bodies are
