@@ -32,7 +32,7 @@ mod tidy;
 
 /// channelbox-server's test suites that hold for every web framework adapter
 /// (channelbox-warp's `filters` suite tests warp's own filters).
-const TRANSPORT_SUITES: [&str; 8] = [
+const TRANSPORT_SUITES: [&str; 10] = [
     "protocol",
     "http_api",
     "recovery",
@@ -41,6 +41,8 @@ const TRANSPORT_SUITES: [&str; 8] = [
     "server",
     "client",
     "cluster",
+    "hooks",
+    "namespaces",
 ];
 
 /// Property tests are named `*_matches_the_model`; this filter selects them.
