@@ -73,13 +73,20 @@ async fn publishers_on_every_server_give_every_member_one_gapless_sequence() {
     let sends = publishers.into_iter().enumerate().map(|(p, mut c)| {
         tokio::spawn(async move {
             for n in 0..PER_PUBLISHER {
-                c.send(json!({"type": "publish", "data": {"p": p, "n": n}})).await;
+                c.send(json!({"type": "publish", "ref": n, "data": {"p": p, "n": n}}))
+                    .await;
             }
-            let mut acked = Vec::new();
-            while acked.len() < PER_PUBLISHER as usize {
+            // Replies may come in another order than the requests (the
+            // protocol says so); the offsets, read in send order by `ref`,
+            // may not.
+            let mut acked = vec![0; PER_PUBLISHER as usize];
+            let mut answered = 0;
+            while answered < PER_PUBLISHER as usize {
                 let v = c.recv().await;
                 if v["type"] == "published" {
-                    acked.push(v["offset"].as_u64().expect("offset"));
+                    let n = v["ref"].as_u64().expect("ref") as usize;
+                    acked[n] = v["offset"].as_u64().expect("offset");
+                    answered += 1;
                 }
             }
             acked
