@@ -59,7 +59,7 @@ mod url;
 use std::sync::Arc;
 use std::time::Duration;
 
-use channelbox_core::{HistoryLimits, StoreError, StoreErrorKind};
+use channelbox_core::{HistoryLimits, HistoryStore, StoreError, StoreErrorKind};
 use uuid::Uuid;
 
 use sentinel::Target;
@@ -140,7 +140,7 @@ impl RedisEngine {
         let address = RedisAddress::parse(&config.url)
             .map_err(|e| StoreError::new(StoreErrorKind::InvalidInput, format!("redis url {:?}: {e}", config.url)))?;
         let engine = RedisEngine::start(&address, &config)?;
-        if !engine.link.wait_up(config.connect_timeout).await {
+        if !engine.wait_ready(config.connect_timeout).await {
             return Err(StoreError::new(
                 StoreErrorKind::Unusable,
                 format!("redis at {address} did not answer within {:?}", config.connect_timeout),
@@ -148,6 +148,23 @@ impl RedisEngine {
         }
         engine.check_total_bytes(config.total_bytes, &address).await?;
         Ok(engine)
+    }
+
+    /// Waits until every connection of the engine is up (commands, the
+    /// append connection when replicas are awaited, and pub/sub), at most
+    /// `wait`: a store returned by [`RedisEngine::connect`] takes appends at
+    /// once.
+    pub(crate) async fn wait_ready(&self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self.store.healthy() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Refuses a Redis that does not bound its memory itself when `total`

@@ -126,18 +126,6 @@ impl Link {
         self.settle(loaded).map(|_| ())
     }
 
-    /// Waits until the connection is up, at most `wait`.
-    pub(crate) async fn wait_up(&self, wait: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + wait;
-        while !self.is_up() {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        true
-    }
-
     fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
         self.conn
             .lock()

@@ -157,7 +157,7 @@ async fn check_at_start(
     failures: &mpsc::Sender<StoreError>,
 ) -> Result<(), StoreError> {
     let total = template.total_bytes;
-    if engine.link.wait_up(template.connect_timeout).await {
+    if engine.wait_ready(template.connect_timeout).await {
         match check(engine, names, index, total).await {
             Err(err) if err.kind() == StoreErrorKind::Unusable => return Err(err),
             Ok(()) => return Ok(()),
@@ -168,7 +168,7 @@ async fn check_at_start(
     let (engine, names, failures) = (engine.clone(), names.to_vec(), failures.clone());
     tokio::spawn(async move {
         loop {
-            if engine.link.wait_up(RECHECK_EVERY).await {
+            if engine.wait_ready(RECHECK_EVERY).await {
                 match check(&engine, &names, index, total).await {
                     Ok(()) => return,
                     Err(err) if err.kind() == StoreErrorKind::Unusable => {
