@@ -46,6 +46,7 @@ mod channel_box;
 mod envelope;
 mod error;
 mod history;
+mod limits;
 pub mod mutation;
 mod payload;
 mod position;
@@ -64,9 +65,12 @@ pub use channel_box::{
 pub use envelope::{Envelope, MessageRef, PlainEnvelope};
 pub use error::{BoxError, ConfigError, StoreError, StoreErrorKind};
 pub use history::{
-    messages_to_trim, now_ms, Capabilities, DurableFuture, Head, HistoryLimits, HistoryPage, HistoryStats,
-    HistoryStore, NewMessage, PendingAppend, PositionFuture, ReadQuery, StoredMessage, DEFAULT_HISTORY_BYTES,
-    DEFAULT_TOTAL_BYTES, ENCODED_HEADER, HISTORY_SIZE_ENV,
+    now_ms, Capabilities, DurableFuture, Head, HistoryPage, HistoryStats, HistoryStore, NewMessage, PendingAppend,
+    PositionFuture, ReadQuery, StoredMessage, ENCODED_HEADER,
+};
+pub use limits::{
+    messages_to_trim, namespace_of, GroupLimits, HistoryLimits, DEFAULT_HISTORY_BYTES, DEFAULT_TOTAL_BYTES,
+    HISTORY_SIZE_ENV,
 };
 pub use payload::{Frame, FrameKind, Payload, PayloadKind, PayloadType};
 pub use position::{Epoch, StreamPosition};

@@ -82,7 +82,8 @@ pub struct RedisConfig {
     /// `redis://host:port/db`, `redis+sentinel://host:port[,…]/master` (see
     /// [`RedisAddress`]).
     pub url: String,
-    /// History limits, per group. `max_total_bytes` is not counted here:
+    /// History limits, per group (each group its namespace's, passed to the
+    /// scripts as arguments). `max_total_bytes` is not counted here:
     /// see [`RedisConfig::total_bytes`].
     pub limits: HistoryLimits,
     /// How long [`RedisEngine::connect`] waits for Redis.
