@@ -115,8 +115,14 @@ impl HistoryLimits {
         if self.namespaces.is_empty() {
             return self.group_defaults();
         }
-        namespace_of(group)
-            .and_then(|name| self.namespaces.get(name))
+        namespace_of(group).map_or_else(|| self.group_defaults(), |name| self.of_namespace(name))
+    }
+
+    /// The limits of the groups of namespace `name`: its own, or
+    /// [`HistoryLimits::group_defaults`] when it has none.
+    pub fn of_namespace(&self, name: &str) -> GroupLimits {
+        self.namespaces
+            .get(name)
             .copied()
             .unwrap_or_else(|| self.group_defaults())
     }

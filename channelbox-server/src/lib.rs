@@ -81,9 +81,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(hooks) = config.hooks() {
         service.set_hooks(hooks);
     }
-    service.set_namespaces(channelbox_protocol::namespaces::Namespaces::new(
-        config.namespaces.clone(),
-    ));
+    service.set_namespaces(config.namespaces());
     // One descriptor per connection: take all the system allows.
     let open_files = match channelbox_warp::raise_open_file_limit() {
         Ok(limit) => {

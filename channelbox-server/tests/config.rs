@@ -120,6 +120,16 @@ fn unknown_keys_wrong_types_and_bad_values_are_refused_by_name() {
         ("queue = 0\n", "`queue`"),
         ("history_ttl = -5\n", "`history_ttl`"),
         ("config = \"other.toml\"\n", "`config`"),
+        (
+            "[namespaces.chat]\nhistory_messages = 0\n",
+            "`namespaces.chat.history_messages`",
+        ),
+        (
+            "[namespaces.chat]\nhistory_messages = \"2\"\n",
+            "`namespaces.chat.history_messages`",
+        ),
+        ("[namespaces.chat]\nhistory_ttl = 0\n", "`namespaces.chat.history_ttl`"),
+        ("[namespaces]\nchat = 5\n", "`namespaces.chat`"),
     ] {
         let path = file(dir.path(), text);
         let error = refusal(&["--config", path.to_str().expect("utf-8")]);

@@ -32,16 +32,16 @@ impl ChatService {
     }
 
     /// `GET /api/namespaces` (admin token): every namespace with every
-    /// option in effect.
+    /// option in effect, its history limits as the store applies them.
     pub fn api_namespaces(&self, authorization: Option<&str>) -> HttpAnswer {
         if let Err(e) = self.admin(authorization) {
             return e;
         }
-        let described = self
-            .inner
-            .namespaces
-            .get()
-            .map_or_else(|| Value::Object(Default::default()), Namespaces::describe);
+        let limits = self.inner.channels.store().limits();
+        let described = match self.inner.namespaces.get() {
+            Some(namespaces) => namespaces.describe(limits),
+            None => Value::Object(Default::default()),
+        };
         HttpAnswer::ok(described)
     }
 }

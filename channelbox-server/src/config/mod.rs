@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use channelbox_protocol::hooks::{Hooks, DEFAULT_TIMEOUT as DEFAULT_HOOK_TIMEOUT};
-use channelbox_protocol::namespaces::Namespace;
+use channelbox_protocol::namespaces::{Namespace, Namespaces};
 use channelbox_protocol::{ProtocolConfig, TokenVerifier};
-use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
+
+mod file;
 
 /// The listen address when none is configured.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
@@ -271,44 +272,6 @@ impl Config {
         Ok(config)
     }
 
-    /// The values of the file at `path` where neither a flag nor the
-    /// environment set one.
-    fn with_file(self, matches: &ArgMatches, path: &std::path::Path) -> Result<Config, ConfigError> {
-        let file_error = |message: String| ConfigError::File {
-            path: path.to_owned(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-        let file: toml::Table = text.parse().map_err(|e: toml::de::Error| file_error(e.to_string()))?;
-        let mut merged = toml::Table::try_from(&self).map_err(|e| file_error(e.to_string()))?;
-        for (key, value) in file {
-            if !file_keys().any(|k| k == key) {
-                return Err(ConfigError::UnknownKey {
-                    path: path.to_owned(),
-                    key,
-                });
-            }
-            // The type is checked even where a flag wins, so that a broken
-            // file is found before the day the flag is dropped.
-            let mut probe = merged.clone();
-            probe.insert(key.clone(), value.clone());
-            probe.try_into::<Config>().map_err(|e| value_error(&key, e.message()))?;
-            // `namespaces` is the file's alone: no flag or variable sets it.
-            let from_user = key != NAMESPACES
-                && matches!(
-                    matches.value_source(&key),
-                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-                );
-            if !from_user {
-                merged.insert(key, value);
-            }
-        }
-        let mut config: Config = merged.try_into().map_err(|e| file_error(e.to_string()))?;
-        config.config = self.config;
-        config.print_config = self.print_config;
-        Ok(config)
-    }
-
     /// The range checks the flags' parsers make, again for values read
     /// from the file.
     fn check(&self) -> Result<(), ConfigError> {
@@ -367,6 +330,13 @@ impl Config {
                 *secret = Some(MASK.to_owned());
             }
         }
+        // Each namespace's history limits in effect: what it leaves unset
+        // is the top-level's.
+        for ns in shown.namespaces.values_mut() {
+            ns.history_bytes = ns.history_bytes.or(Some(self.history_bytes));
+            ns.history_messages = ns.history_messages.or(self.history_messages);
+            ns.history_ttl = ns.history_ttl.or(self.history_ttl);
+        }
         shown.redis_url = channelbox_redis::split_url_list(&shown.redis_url)
             .iter()
             .map(|u| mask_url_password(u))
@@ -417,31 +387,24 @@ impl Config {
         Some(hooks)
     }
 
-    /// The history limits of every group.
+    /// The history limits of every group: the top-level ones, and those of
+    /// each namespace that sets any (what it leaves unset is the top-level's).
     pub fn history_limits(&self) -> channelbox_core::HistoryLimits {
-        channelbox_core::HistoryLimits {
+        let top = channelbox_core::HistoryLimits {
             max_bytes: self.history_bytes,
             max_messages: self.history_messages,
             max_age: self.history_ttl.map(Duration::from_secs_f64),
             max_total_bytes: Some(self.history_total_bytes.unwrap_or(channelbox_core::DEFAULT_TOTAL_BYTES)),
-        }
+            namespaces: BTreeMap::new(),
+        };
+        self.namespaces().with_history_limits(top)
+    }
+
+    /// The configured namespaces.
+    pub fn namespaces(&self) -> Namespaces {
+        Namespaces::new(self.namespaces.clone())
     }
 }
-
-/// The keys a configuration file may hold: every flag but `--config`,
-/// `--print-config`, `--help` and `--version`.
-fn file_keys() -> impl Iterator<Item = String> {
-    Config::command()
-        .get_arguments()
-        .map(|a| a.get_id().to_string())
-        .filter(|id| !["config", "print_config", "help", "version"].contains(&id.as_str()))
-        .chain([NAMESPACES.to_owned()])
-        .collect::<Vec<_>>()
-        .into_iter()
-}
-
-/// The file's table of namespaces.
-const NAMESPACES: &str = "namespaces";
 
 fn value_error(key: &str, message: &str) -> ConfigError {
     ConfigError::Value {
@@ -487,13 +450,5 @@ mod tests {
             "redis://u:********@h:6379/"
         );
         assert_eq!(mask_url_password("redis://h:6379/"), "redis://h:6379/");
-    }
-
-    #[test]
-    fn every_field_is_a_file_key() {
-        let keys: Vec<String> = file_keys().collect();
-        assert!(keys.contains(&"allowed_origin".to_owned()));
-        assert!(keys.contains(&"history_bytes".to_owned()));
-        assert!(!keys.contains(&"config".to_owned()));
     }
 }
