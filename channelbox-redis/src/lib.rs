@@ -55,6 +55,7 @@ pub mod testkit;
 #[cfg(feature = "testkit")]
 pub mod testkit_forms;
 mod url;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
