@@ -46,6 +46,7 @@ mod channel_box;
 mod envelope;
 mod error;
 mod history;
+mod memory_broker;
 pub mod mutation;
 mod payload;
 mod position;
@@ -68,6 +69,7 @@ pub use history::{
     HistoryStore, NewMessage, PendingAppend, PositionFuture, ReadQuery, StoredMessage, DEFAULT_HISTORY_BYTES,
     DEFAULT_TOTAL_BYTES, ENCODED_HEADER, HISTORY_SIZE_ENV,
 };
+pub use memory_broker::{BusStore, MemoryBroker, MemoryBus, DEFAULT_BUS_QUEUE};
 pub use payload::{Frame, FrameKind, Payload, PayloadKind, PayloadType};
 pub use position::{Epoch, StreamPosition};
 pub use transport::{CloseReason, FrameSink, Incoming, SinkError};

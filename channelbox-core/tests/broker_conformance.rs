@@ -1,0 +1,123 @@
+//! The in-memory broker: the broker conformance suite, its bounded queues,
+//! and two boxes in one process sharing groups through it.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use channelbox_core::testkit::broker_conformance::{run_all, BrokerHarness, HarnessFuture, Server};
+use channelbox_core::testkit::test_channel;
+use channelbox_core::{
+    Broker, BrokerEvent, BusStore, ChannelBox, ChannelConfig, HistoryStore, MemoryBroker, MemoryBus, NewMessage,
+    NoFraming, PayloadKind, Replay,
+};
+use channelbox_store_memory::MemoryStore;
+
+mod common;
+use common::WAIT;
+
+struct Memory {
+    bus: MemoryBus,
+    store: Arc<BusStore>,
+    brokers: Mutex<Vec<Arc<MemoryBroker>>>,
+}
+
+impl Memory {
+    fn new(queue: usize) -> Memory {
+        let bus = MemoryBus::new(queue);
+        let store = bus.store(Arc::new(MemoryStore::default()));
+        Memory {
+            bus,
+            store,
+            brokers: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl BrokerHarness for Memory {
+    fn server(&self) -> HarnessFuture<'_, Server> {
+        let broker = self.bus.broker();
+        self.brokers.lock().unwrap().push(broker.clone());
+        let server = Server {
+            store: self.store.clone(),
+            broker,
+        };
+        Box::pin(async move { server })
+    }
+
+    fn interrupt(&self, index: usize) -> HarnessFuture<'_, bool> {
+        let broker = self.brokers.lock().unwrap()[index].clone();
+        self.bus.interrupt(&broker);
+        Box::pin(async { true })
+    }
+
+    fn roll_back<'a>(&'a self, _group: &'a str) -> HarnessFuture<'a, bool> {
+        // A store in this process never goes back.
+        Box::pin(async { false })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_memory_broker_keeps_the_broker_contract() {
+    run_all(&Memory::new(1024)).await;
+}
+
+fn msg(text: &str) -> NewMessage {
+    NewMessage::new(PayloadKind::Text, Bytes::copy_from_slice(text.as_bytes()))
+}
+
+/// A box that does not read its queue loses what does not fit and hears
+/// `Lost` right after the last event it got, then `Back`, then what comes
+/// after.
+#[tokio::test]
+async fn a_full_queue_is_lost_then_back_never_unbounded() {
+    let memory = Memory::new(4);
+    let broker = memory.bus.broker();
+    let mut events = broker.take_events().unwrap();
+    broker.subscribe("g").await.unwrap();
+    for i in 0..10 {
+        memory
+            .store
+            .append("g", msg(&format!("m{i}")))
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+    }
+    assert!(!broker.connected(), "cut off while its queue is full");
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        match events.recv().await.unwrap() {
+            BrokerEvent::Saved { position, .. } => got.push(position.offset),
+            other => panic!("expected a saved message, got {other:?}"),
+        }
+    }
+    assert_eq!(got, [1, 2, 3, 4], "what fitted, in order");
+    assert_eq!(events.recv().await, Some(BrokerEvent::Lost));
+    assert_eq!(events.recv().await, Some(BrokerEvent::Back));
+    memory.store.append("g", msg("after")).unwrap().wait().await.unwrap();
+    match events.recv().await.unwrap() {
+        BrokerEvent::Saved { position, .. } => assert_eq!(position.offset, 11),
+        other => panic!("expected the message after Back, got {other:?}"),
+    }
+    assert!(broker.connected());
+}
+
+/// Two boxes on one bus: a message sent on one reaches the member on the
+/// other, with the offset the shared history gave it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_boxes_share_a_group_through_the_bus() {
+    let bus = MemoryBus::default();
+    let history: Arc<dyn HistoryStore> = bus.store(Arc::new(MemoryStore::default()));
+    let (a, b) = (ChannelBox::new(history.clone()), ChannelBox::new(history));
+    a.attach_broker(bus.broker()).unwrap();
+    b.attach_broker(bus.broker()).unwrap();
+    let (member, inbox) = test_channel(ChannelConfig::default());
+    b.subscribe(&member, "room", Replay::None, &NoFraming).await.unwrap();
+    let report = a
+        .group_send("room", serde_json::json!({"text": "hi"}), true)
+        .await
+        .unwrap();
+    assert_eq!(report.offset, Some(1));
+    let frames = inbox.wait_for(1, WAIT).await;
+    assert_eq!(frames[0].as_text(), Some(r#"{"text":"hi"}"#));
+}
