@@ -43,6 +43,7 @@ mod broker;
 mod budget;
 mod channel;
 mod channel_box;
+mod directory;
 mod envelope;
 mod error;
 mod history;
@@ -62,6 +63,7 @@ pub use channel_box::{
     AddStatus, BoxStats, ChannelBox, DeliveryReport, MembershipObserver, NoFraming, PendingPublish, PublishOptions,
     PublishReport, Recovery, RemoveStatus, Replay, SubscribeFraming, Subscribed, GAP_WAIT, HEAD_CHECK, REPLAY_STALL,
 };
+pub use directory::{Change, ClusterEvent, Directory, Member};
 pub use envelope::{Envelope, MessageRef, PlainEnvelope};
 pub use error::{BoxError, ConfigError, StoreError, StoreErrorKind};
 pub use history::{

@@ -19,8 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use channelbox_core::{now_ms, StoreError};
-use channelbox_protocol::{Change, ClusterEvent, Directory, Member};
+use channelbox_core::{now_ms, Change, ClusterEvent, Directory, Member, StoreError};
 use redis::Value;
 use tokio::sync::mpsc;
 use uuid::Uuid;

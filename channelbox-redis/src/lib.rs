@@ -12,7 +12,7 @@
 //!   pub/sub, resubscribing by itself after any loss; the box finds what was
 //!   lost meanwhile by offset and fills it from history.
 //! - [`RedisDirectory`] is the chat service's
-//!   [`Directory`](channelbox_protocol::Directory): per-server records with a
+//!   [`Directory`](channelbox_core::Directory): per-server records with a
 //!   short TTL (member counts, presence, where each channel is) and control
 //!   messages (`direct`, admin close-all, member events).
 //!

@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use channelbox_core::{
-    Broker, BrokerEvent, BrokerFuture, Capabilities, Epoch, Head, HistoryLimits, HistoryPage, HistoryStats,
-    HistoryStore, NewMessage, PendingAppend, ReadQuery, StoreError, StoreErrorKind, StreamPosition,
+    Broker, BrokerEvent, BrokerFuture, Capabilities, Change, ClusterEvent, Directory, Epoch, Head, HistoryLimits,
+    HistoryPage, HistoryStats, HistoryStore, Member, NewMessage, PendingAppend, ReadQuery, StoreError, StoreErrorKind,
+    StreamPosition,
 };
-use channelbox_protocol::{Change, ClusterEvent, Directory, Member};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
