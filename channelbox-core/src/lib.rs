@@ -33,8 +33,14 @@
 //! ```
 //!
 //! ## Features
-//! - `testkit`: the [`HistoryStore`] conformance suite, a reference model for
-//!   property tests, and an in-process recording channel.
+//! - `testkit`: the [`HistoryStore`] and [`Broker`] conformance suites, a
+//!   reference model for property tests, and an in-process recording channel.
+//!
+//! ## Clusters
+//! A box joins others through a [`Broker`] (how saved messages reach every
+//! server) and, for the chat service, a [`Directory`] (who is where): their
+//! contracts live here, implemented by `channelbox-redis`, and in one
+//! process by [`MemoryBus`].
 //! - `chaos-mutations`: deliberately injected bugs for `cargo xtask chaos`
 //!   (see [`mutation`]); never in a real build.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
