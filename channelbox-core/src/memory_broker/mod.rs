@@ -36,6 +36,7 @@
 mod store;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::mpsc;
@@ -70,6 +71,8 @@ struct State {
 struct Bus {
     state: Mutex<State>,
     queue: usize,
+    /// How many times a box was cut off.
+    cut_offs: AtomicU64,
 }
 
 impl Bus {
@@ -110,6 +113,7 @@ impl State {
             return;
         }
         node.cut = true;
+        bus.cut_offs.fetch_add(1, Ordering::Relaxed);
         let events = node.events.clone();
         let bus = Arc::downgrade(bus);
         tracing::warn!(node = %id, "in-memory broker: a box is cut off, it recovers from history");
@@ -151,8 +155,15 @@ impl MemoryBus {
             bus: Arc::new(Bus {
                 state: Mutex::new(State::default()),
                 queue: queue.max(2),
+                cut_offs: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// How many times a box was cut off (its queue full, or
+    /// [`MemoryBus::interrupt`]) since the bus started.
+    pub fn cut_offs(&self) -> u64 {
+        self.bus.cut_offs.load(Ordering::Relaxed)
     }
 
     /// A broker for one more box.
