@@ -44,7 +44,7 @@ impl BrokerHarness for Memory {
         Box::pin(async move { server })
     }
 
-    fn interrupt(&self, index: usize) -> HarnessFuture<'_, bool> {
+    fn interrupt<'a>(&'a self, index: usize, _group: &'a str) -> HarnessFuture<'a, bool> {
         let broker = self.brokers.lock().unwrap()[index].clone();
         self.bus.interrupt(&broker);
         Box::pin(async { true })

@@ -21,23 +21,15 @@ fn head_key(group: &str) -> String {
 }
 
 impl Form {
-    /// Runs one command on the data node that holds `group` (`None`: on
-    /// every data node that takes writes).
-    fn run(&self, group: Option<&str>, args: &[&str]) {
+    /// Runs one command on the data node that holds `group` (the master).
+    fn run(&self, group: &str, args: &[&str]) {
         match self {
             Form::Single(server) => {
                 server.run(args).expect("command");
             }
-            Form::Shards(servers) => match group {
-                Some(g) => {
-                    servers[shard_of(g, servers.len())].run(args).expect("command");
-                }
-                // The first shard only: the merged events of several shards
-                // interleave one shard's Lost and Back with another's.
-                None => {
-                    servers[0].run(args).expect("command");
-                }
-            },
+            Form::Shards(servers) => {
+                servers[shard_of(group, servers.len())].run(args).expect("command");
+            }
             Form::Sentinel(set) => {
                 let master = set.master_index().expect("a master");
                 set.nodes[master].run(args).expect("command");
@@ -82,16 +74,24 @@ impl BrokerHarness for Form {
         })
     }
 
-    fn interrupt(&self, _index: usize) -> HarnessFuture<'_, bool> {
-        // Every server's subscription connection goes: each reconnects.
-        self.run(None, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    fn interrupt<'a>(&'a self, _index: usize, group: &'a str) -> HarnessFuture<'a, bool> {
+        // The data node of the group's shard: every server's subscription
+        // connection to it goes, and each reconnects.
+        self.run(group, &["CLIENT", "KILL", "TYPE", "pubsub"]);
         Box::pin(async { true })
+    }
+
+    fn same_connection(&self, a: &str, b: &str) -> bool {
+        match self {
+            Form::Shards(servers) => shard_of(a, servers.len()) == shard_of(b, servers.len()),
+            Form::Single(_) | Form::Sentinel(_) => true,
+        }
     }
 
     fn roll_back<'a>(&'a self, group: &'a str) -> HarnessFuture<'a, bool> {
         // Counters that disagree with the stream, as after a partial loss:
         // the next script moves the group to a new epoch.
-        self.run(Some(group), &["HSET", &head_key(group), "n", "99"]);
+        self.run(group, &["HSET", &head_key(group), "n", "99"]);
         Box::pin(async { true })
     }
 }
