@@ -15,6 +15,8 @@
 //!   [`Directory`](channelbox_core::Directory): per-server records with a
 //!   short TTL (member counts, presence, where each channel is) and control
 //!   messages (`direct`, admin close-all, member events).
+//! - [`wire`] is the pub/sub payload format, written once: what the broker
+//!   and the directory send and parse, and what the scripts publish.
 //!
 //! Keys of one group share the hash tag `{<group>}`, so the layout works on
 //! Redis Cluster too. The client is redis-rs (`redis`, multiplexed tokio
