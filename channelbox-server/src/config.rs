@@ -166,7 +166,7 @@ pub struct Config {
     /// Groups one connection may be in at once.
     #[arg(long, default_value_t = defaults().max_groups_per_connection)]
     pub max_groups: usize,
-    /// Open WebSocket connections the server accepts.
+    /// Open connections (WebSockets and event streams) the server accepts.
     #[arg(long, default_value_t = defaults().max_connections)]
     pub max_connections: usize,
     /// Enables the admin API (and the admin page) with this bearer token.

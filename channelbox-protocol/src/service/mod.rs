@@ -289,7 +289,7 @@ impl ChatService {
             Some(o) if !allowed.is_empty() && !allowed.iter().any(|a| a == o) => Err(HttpAnswer::error(
                 403,
                 "forbidden",
-                "this origin may not open WebSocket connections",
+                "this origin may not open connections",
             )),
             _ => Ok(()),
         }
