@@ -177,7 +177,7 @@ pub struct Config {
     #[arg(long, env = "CHANNELBOX_TOKEN_SECRET")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret: Option<String>,
-    /// Origins allowed to open WebSockets, matched exactly (repeatable; the
+    /// Origins allowed to open WebSockets and event streams, matched exactly (repeatable; the
     /// variable is comma-separated). Default: any.
     #[arg(long, env = "CHANNELBOX_ALLOWED_ORIGINS", value_delimiter = ',')]
     #[serde(default)]
