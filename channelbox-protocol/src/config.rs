@@ -20,7 +20,7 @@ pub struct ProtocolConfig {
     pub expiry: Option<Duration>,
     /// Groups one connection may be in at once.
     pub max_groups_per_connection: usize,
-    /// Open WebSocket connections the server accepts.
+    /// Open connections (WebSockets and event streams) the server accepts.
     pub max_connections: usize,
     /// Requires signed tokens when set (`--token-secret`).
     pub tokens: Option<TokenVerifier>,

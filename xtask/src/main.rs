@@ -32,7 +32,7 @@ mod tidy;
 
 /// channelbox-server's test suites that hold for every web framework adapter
 /// (channelbox-warp's `filters` suite tests warp's own filters).
-const TRANSPORT_SUITES: [&str; 10] = [
+const TRANSPORT_SUITES: [&str; 11] = [
     "protocol",
     "http_api",
     "recovery",
@@ -43,6 +43,7 @@ const TRANSPORT_SUITES: [&str; 10] = [
     "cluster",
     "hooks",
     "namespaces",
+    "sse",
 ];
 
 /// Property tests are named `*_matches_the_model`; this filter selects them.

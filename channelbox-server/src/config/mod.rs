@@ -167,7 +167,7 @@ pub struct Config {
     /// Groups one connection may be in at once.
     #[arg(long, default_value_t = defaults().max_groups_per_connection)]
     pub max_groups: usize,
-    /// Open WebSocket connections the server accepts.
+    /// Open connections (WebSockets and event streams) the server accepts.
     #[arg(long, default_value_t = defaults().max_connections)]
     pub max_connections: usize,
     /// Enables the admin API (and the admin page) with this bearer token.
@@ -178,7 +178,7 @@ pub struct Config {
     #[arg(long, env = "CHANNELBOX_TOKEN_SECRET")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret: Option<String>,
-    /// Origins allowed to open WebSockets, matched exactly (repeatable; the
+    /// Origins allowed to open WebSockets and event streams, matched exactly (repeatable; the
     /// variable is comma-separated). Default: any.
     #[arg(long, env = "CHANNELBOX_ALLOWED_ORIGINS", value_delimiter = ',')]
     #[serde(default)]
