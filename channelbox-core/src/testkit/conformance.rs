@@ -25,7 +25,10 @@ use crate::payload::PayloadKind;
 use crate::position::StreamPosition;
 
 mod namespaces;
-pub use namespaces::{a_roomier_namespace_keeps_more_on_every_path, namespaces_keep_their_own_limits};
+pub use namespaces::{
+    a_count_limit_of_zero_keeps_the_newest, a_roomier_namespace_keeps_more_on_every_path,
+    namespaces_keep_their_own_limits,
+};
 
 pub(crate) fn msg(payload: &str) -> NewMessage {
     NewMessage::new(PayloadKind::Json, Bytes::copy_from_slice(payload.as_bytes()))

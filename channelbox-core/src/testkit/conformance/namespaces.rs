@@ -18,6 +18,14 @@ where
 {
     namespaces_keep_their_own_limits(make(namespaced_limits()).await).await;
     a_roomier_namespace_keeps_more_on_every_path(make(roomy_limits()).await).await;
+    a_count_limit_of_zero_keeps_the_newest(
+        make(HistoryLimits {
+            max_messages: Some(0),
+            ..HistoryLimits::default()
+        })
+        .await,
+    )
+    .await;
 }
 
 /// Five messages per group by default; namespace `short` keeps 2, `small`
@@ -147,4 +155,13 @@ pub async fn a_roomier_namespace_keeps_more_on_every_path(store: Arc<dyn History
         vec![4, 5, 6],
         "plain: the defaults"
     );
+}
+
+/// A message-count limit of zero keeps only the newest message, as one of
+/// one does (the newest always survives the count), on every store.
+pub async fn a_count_limit_of_zero_keeps_the_newest(store: Arc<dyn HistoryStore>) {
+    for _ in 0..3 {
+        append(&*store, "g", msg("{}")).await;
+    }
+    assert_eq!(kept_since(&*store, "g").await, vec![3], "zero is not unlimited");
 }
