@@ -161,6 +161,18 @@ impl Namespaces {
             })
     }
 
+    /// The namespaces with history limits of their own that `limits` (a
+    /// store's) does not apply: a store built without
+    /// [`Namespaces::with_history_limits`] ignores them.
+    pub fn unapplied_history_limits(&self, limits: &HistoryLimits) -> Vec<&str> {
+        let top = limits.group_defaults();
+        self.named
+            .iter()
+            .filter(|(name, ns)| ns.has_history_limits() && limits.of_namespace(name) != ns.history_limits(&top))
+            .map(|(name, _)| name.as_str())
+            .collect()
+    }
+
     /// `GET /api/namespaces`: every namespace with every option in effect,
     /// the history limits as the store applies them (`limits`):
     /// `history_messages` and `history_ttl` are `null` when unlimited.
@@ -220,6 +232,12 @@ mod tests {
         assert_eq!(applied.max_age, Some(Duration::from_millis(1500)));
         assert_eq!(limits.limits_for("plain:x"), top.group_defaults());
         assert!(!limits.namespaces.contains_key("plain"), "no limits of its own");
+        assert!(namespaces.unapplied_history_limits(&limits).is_empty());
+        assert_eq!(
+            namespaces.unapplied_history_limits(&top),
+            ["short"],
+            "a store without them"
+        );
         let described = namespaces.describe(&limits);
         assert_eq!(described["short"]["history_messages"], 2);
         assert_eq!(described["short"]["history_bytes"], 500);
