@@ -38,8 +38,13 @@ pub struct GroupLimits {
 
 impl GroupLimits {
     /// The oldest timestamp (ms) a message may have at `now_ms` and still be kept.
+    /// An age longer than `u64::MAX` milliseconds keeps every message: it
+    /// saturates rather than wrapping to a short age.
     pub fn oldest_allowed(&self, now_ms: u64) -> Option<u64> {
-        self.max_age.map(|age| now_ms.saturating_sub(age.as_millis() as u64))
+        self.max_age.map(|age| {
+            let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+            now_ms.saturating_sub(age_ms)
+        })
     }
 }
 
@@ -179,6 +184,24 @@ mod tests {
         assert_eq!(limits.limits_for("long:x"), limits.group_defaults());
         assert_eq!(limits.limits_for("x:short:y"), limits.group_defaults());
         assert_eq!(limits.group_defaults().max_bytes, DEFAULT_HISTORY_BYTES);
+    }
+
+    #[test]
+    fn an_age_beyond_u64_milliseconds_keeps_everything() {
+        // 18446744073709552 s is 2^64 ms plus 384: cast to u64 it was 384 ms.
+        let huge = GroupLimits {
+            max_bytes: 100,
+            max_messages: None,
+            max_age: Some(Duration::from_secs(u64::MAX / 1000 + 1)),
+        };
+        let now = 1_700_000_000_000;
+        assert_eq!(huge.oldest_allowed(now), Some(0));
+        assert_eq!(messages_to_trim(&huge, now, 1, 1, |_| (1, now - 1_000)), 0);
+        let max = GroupLimits {
+            max_age: Some(Duration::MAX),
+            ..huge
+        };
+        assert_eq!(max.oldest_allowed(now), Some(0));
     }
 
     #[test]

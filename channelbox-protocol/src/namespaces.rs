@@ -104,12 +104,18 @@ impl Namespace {
     }
 
     /// The history limits of the namespace's groups: its own where it sets
-    /// them, else `top`'s (the server's per-group limits).
+    /// them, else `top`'s (the server's per-group limits). A `history_ttl`
+    /// set in code beyond what reading allows never panics: more seconds
+    /// than a `Duration` holds keep messages forever, zero, negative or NaN
+    /// keep none.
     pub fn history_limits(&self, top: &GroupLimits) -> GroupLimits {
+        let ttl = |seconds: f64| {
+            Duration::try_from_secs_f64(seconds).unwrap_or(if seconds > 0.0 { Duration::MAX } else { Duration::ZERO })
+        };
         GroupLimits {
             max_bytes: self.history_bytes.unwrap_or(top.max_bytes),
             max_messages: self.history_messages.or(top.max_messages),
-            max_age: self.history_ttl.map(Duration::from_secs_f64).or(top.max_age),
+            max_age: self.history_ttl.map(ttl).or(top.max_age),
         }
     }
 }
@@ -153,6 +159,18 @@ impl Namespaces {
             .fold(limits, |limits, (name, ns)| {
                 limits.with_namespace(name.clone(), ns.history_limits(&top))
             })
+    }
+
+    /// The namespaces with history limits of their own that `limits` (a
+    /// store's) does not apply: a store built without
+    /// [`Namespaces::with_history_limits`] ignores them.
+    pub fn unapplied_history_limits(&self, limits: &HistoryLimits) -> Vec<&str> {
+        let top = limits.group_defaults();
+        self.named
+            .iter()
+            .filter(|(name, ns)| ns.has_history_limits() && limits.of_namespace(name) != ns.history_limits(&top))
+            .map(|(name, _)| name.as_str())
+            .collect()
     }
 
     /// `GET /api/namespaces`: every namespace with every option in effect,
@@ -214,12 +232,35 @@ mod tests {
         assert_eq!(applied.max_age, Some(Duration::from_millis(1500)));
         assert_eq!(limits.limits_for("plain:x"), top.group_defaults());
         assert!(!limits.namespaces.contains_key("plain"), "no limits of its own");
+        assert!(namespaces.unapplied_history_limits(&limits).is_empty());
+        assert_eq!(
+            namespaces.unapplied_history_limits(&top),
+            ["short"],
+            "a store without them"
+        );
         let described = namespaces.describe(&limits);
         assert_eq!(described["short"]["history_messages"], 2);
         assert_eq!(described["short"]["history_bytes"], 500);
         assert_eq!(described["short"]["history_ttl"], 1.5);
         assert_eq!(described["plain"]["history_messages"], 9);
         assert_eq!(described["plain"]["history_ttl"], Value::Null, "unlimited");
+    }
+
+    #[test]
+    fn a_ttl_set_in_code_out_of_range_does_not_panic() {
+        let top = HistoryLimits::default().group_defaults();
+        let age = |ttl: f64| {
+            let ns = Namespace {
+                history_ttl: Some(ttl),
+                ..Namespace::default()
+            };
+            ns.history_limits(&top).max_age
+        };
+        assert_eq!(age(1e300), Some(Duration::MAX), "too long: forever");
+        assert_eq!(age(f64::INFINITY), Some(Duration::MAX));
+        assert_eq!(age(-1.0), Some(Duration::ZERO), "negative: none kept");
+        assert_eq!(age(f64::NAN), Some(Duration::ZERO));
+        assert_eq!(age(2.5), Some(Duration::from_millis(2500)));
     }
 
     #[test]

@@ -188,7 +188,9 @@ impl Appender {
             // Each group's own limits (its namespace's), as the script's arguments.
             let limits = self.limits.limits_for(&job.group);
             let max_bytes = limits.max_bytes.to_string();
-            let max_count = limits.max_messages.unwrap_or(0).to_string();
+            // The script reads 0 as "no count limit"; a limit of 0 keeps the
+            // newest message, as a limit of 1 does.
+            let max_count = limits.max_messages.map_or(0, |m| m.max(1)).to_string();
             let oldest = limits.oldest_allowed(now).unwrap_or(0).to_string();
             let except = job.except.map(|id| id.to_string()).unwrap_or_default();
             let floor = self.shared.floors.get(&job.group, None);

@@ -204,6 +204,44 @@ fn redis_urls_split_into_shards_and_each_password_is_masked() {
 }
 
 #[test]
+fn seconds_beyond_a_duration_are_refused_by_name() {
+    // Positive and finite, yet more seconds than a Duration holds: the server
+    // used to accept them and panic turning them into Durations at start.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for key in ["history_ttl", "hook_timeout", "expiry"] {
+        let path = file(dir.path(), &format!("{key} = 1e300\n"));
+        let error = refusal(&["--config", path.to_str().expect("utf-8"), "--print-config"]);
+        assert!(
+            error.contains(&format!("`{key}`")),
+            "{key} refused without naming it: {error}"
+        );
+        let flag = format!("--{}", key.replace('_', "-"));
+        let error = refusal(&[&flag, "1e300", "--print-config"]);
+        assert!(error.contains(&flag), "{flag} refused without naming it: {error}");
+    }
+}
+
+#[test]
+fn namespace_names_no_group_can_have_are_refused_by_name() {
+    // Groups take the part before their first `:`: these would never apply.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let long = "n".repeat(128);
+    for name in ["chat:private", "chat room", long.as_str()] {
+        let path = file(dir.path(), &format!("[namespaces.\"{name}\"]\nhistory_messages = 2\n"));
+        let error = refusal(&["--config", path.to_str().expect("utf-8"), "--print-config"]);
+        assert!(
+            error.contains(&format!("`namespaces.{name}`")),
+            "{name:?} refused without naming it: {error}"
+        );
+    }
+    let path = file(
+        dir.path(),
+        "[namespaces.\"\"]\nhistory_messages = 2\n[namespaces.\"café\"]\n",
+    );
+    effective(&["--config", path.to_str().expect("utf-8")], &[]);
+}
+
+#[test]
 fn the_shipped_example_file_loads() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/channelbox.toml");
     let config = effective(&["--config", example.to_str().expect("utf-8")], &[]);

@@ -20,25 +20,31 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::history::{now_ms, HistoryStore, NewMessage, ReadQuery};
-use crate::limits::{GroupLimits, HistoryLimits};
+use crate::limits::HistoryLimits;
 use crate::payload::PayloadKind;
 use crate::position::StreamPosition;
 
-fn msg(payload: &str) -> NewMessage {
+mod namespaces;
+pub use namespaces::{
+    a_count_limit_of_zero_keeps_the_newest, a_roomier_namespace_keeps_more_on_every_path,
+    namespaces_keep_their_own_limits,
+};
+
+pub(crate) fn msg(payload: &str) -> NewMessage {
     NewMessage::new(PayloadKind::Json, Bytes::copy_from_slice(payload.as_bytes()))
 }
 
-fn sized(n: usize) -> NewMessage {
+pub(crate) fn sized(n: usize) -> NewMessage {
     NewMessage::new(PayloadKind::Binary, Bytes::from(vec![7u8; n]))
 }
 
-async fn append(store: &dyn HistoryStore, group: &str, m: NewMessage) -> u64 {
+pub(crate) async fn append(store: &dyn HistoryStore, group: &str, m: NewMessage) -> u64 {
     let pending = store.append(group, m).expect("append");
     let offset = pending.wait().await.expect("append becomes durable").offset;
     offset
 }
 
-fn offsets(messages: &[crate::StoredMessage]) -> Vec<u64> {
+pub(crate) fn offsets(messages: &[crate::StoredMessage]) -> Vec<u64> {
     messages.iter().map(|m| m.offset).collect()
 }
 
@@ -84,7 +90,7 @@ where
         .await,
     )
     .await;
-    namespaces_keep_their_own_limits(make(namespaced_limits()).await).await;
+    namespaces::run_all(&make).await;
     unknown_group_is_empty_with_stable_epoch(make(HistoryLimits::default()).await).await;
     flush_group_resets_one_group(make(HistoryLimits::default()).await).await;
     flush_all_resets_every_group(make(HistoryLimits::default()).await).await;
@@ -306,88 +312,6 @@ pub async fn age_limit_expires_messages(store: Arc<dyn HistoryStore>) {
     let page = store.read("h", ReadQuery::Last(10)).await.unwrap();
     assert!(page.messages.is_empty(), "age removes even the newest message");
     assert_eq!(page.head.last, 1, "offsets are not reused after expiry");
-}
-
-/// Five messages per group by default; namespace `short` keeps 2, `small`
-/// 100 payload bytes, `aged` one minute.
-fn namespaced_limits() -> HistoryLimits {
-    let defaults = HistoryLimits {
-        max_messages: Some(5),
-        ..HistoryLimits::default()
-    };
-    let own = |max_bytes, max_messages, max_age| GroupLimits {
-        max_bytes,
-        max_messages,
-        max_age,
-    };
-    let top = defaults.max_bytes;
-    defaults
-        .with_namespace("short", own(top, Some(2), None))
-        .with_namespace("small", own(100, None, None))
-        .with_namespace("aged", own(top, None, Some(Duration::from_secs(60))))
-}
-
-/// Groups in namespaces with different limits keep different amounts of
-/// history, each by its own namespace's limits (looked up at append, read
-/// and expiry time); groups outside them, a name without `:` included, keep
-/// the defaults.
-pub async fn namespaces_keep_their_own_limits(store: Arc<dyn HistoryStore>) {
-    for group in ["short:x", "small:x", "long:x", "plain", "short"] {
-        for _ in 0..8 {
-            append(&*store, group, sized(40)).await;
-        }
-    }
-    let kept = |group: &'static str| {
-        let store = store.clone();
-        async move {
-            let page = store.read(group, ReadQuery::Last(100)).await.unwrap();
-            assert_eq!(page.head.last, 8, "{group}: offsets go on while trimming");
-            offsets(&page.messages)
-        }
-    };
-    assert_eq!(kept("short:x").await, vec![7, 8], "namespace short keeps 2 messages");
-    assert_eq!(kept("small:x").await, vec![7, 8], "namespace small keeps 100 bytes");
-    for default in ["long:x", "plain", "short"] {
-        assert_eq!(
-            kept(default).await,
-            vec![4, 5, 6, 7, 8],
-            "{default} keeps the default 5"
-        );
-    }
-    let old = now_ms() - 120_000;
-    for group in ["aged:x", "plain:y"] {
-        let mut m = msg("old");
-        m.timestamp_ms = old;
-        append(&*store, group, m).await;
-        append(&*store, group, msg("new")).await;
-    }
-    assert_eq!(
-        kept_since(&*store, "aged:x").await,
-        vec![2],
-        "namespace aged expires after a minute"
-    );
-    assert_eq!(
-        kept_since(&*store, "plain:y").await,
-        vec![1, 2],
-        "others keep old messages"
-    );
-    let aged = store.head("aged:x").await.unwrap();
-    assert_eq!((aged.first, aged.last), (2, 2));
-    let stats = store.stats().await.unwrap();
-    assert_eq!(
-        stats.messages,
-        2 + 2 + 3 * 5 + 1 + 2,
-        "stats count each group's own limits"
-    );
-}
-
-/// Offsets of a group's messages read forward from the start.
-async fn kept_since(store: &dyn HistoryStore, group: &str) -> Vec<u64> {
-    let page = store
-        .read(group, ReadQuery::Since { offset: 0, limit: 100 })
-        .await
-        .unwrap();
-    offsets(&page.messages)
 }
 
 /// A group that never had a message reads empty, with an epoch that stays put.

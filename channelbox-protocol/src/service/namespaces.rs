@@ -13,8 +13,19 @@ static DEFAULTS: std::sync::LazyLock<Namespace> = std::sync::LazyLock::new(Names
 
 impl ChatService {
     /// Sets the namespaces, once, before serving; `false` (and nothing
-    /// changed) when they were set already.
+    /// changed) when they were set already. Their history limits are the
+    /// store's to apply: build its `HistoryLimits` with
+    /// [`Namespaces::with_history_limits`]; those the store does not apply
+    /// are logged as a warning.
     pub fn set_namespaces(&self, namespaces: Namespaces) -> bool {
+        let unapplied = namespaces.unapplied_history_limits(self.inner.channels.store().limits());
+        if !unapplied.is_empty() {
+            tracing::warn!(
+                namespaces = ?unapplied,
+                "the store does not apply these namespaces' history limits \
+                 (build its limits with Namespaces::with_history_limits)"
+            );
+        }
         self.inner.namespaces.set(namespaces).is_ok()
     }
 

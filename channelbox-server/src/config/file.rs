@@ -75,6 +75,16 @@ fn check_namespaces(value: &toml::Value) -> Result<(), ConfigError> {
         return Err(value_error(NAMESPACES, "must be a table of namespaces"));
     };
     for (name, options) in all {
+        // A group's namespace is the part of its name before the first `:`:
+        // a name with `:`, whitespace or control characters, or too long to
+        // begin a group name, would be accepted and never apply.
+        if name.contains(':') || !channelbox_protocol::valid_group(&format!("{name}:")) {
+            return Err(value_error(
+                &format!("{NAMESPACES}.{name}"),
+                "no group can be in this namespace: a name has no `:`, no whitespace \
+                 or control characters, and leaves room for the group's own part",
+            ));
+        }
         let Some(options) = options.as_table() else {
             return Err(value_error(
                 &format!("{NAMESPACES}.{name}"),

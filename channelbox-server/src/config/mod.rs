@@ -217,7 +217,9 @@ pub struct Config {
 
 fn positive_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        // Finite is not enough: each value becomes a `Duration`, which
+        // panics on more seconds than it holds.
+        Ok(v) if v > 0.0 && Duration::try_from_secs_f64(v).is_ok() => Ok(v),
         _ => Err(format!("{s:?} is not a positive number of seconds")),
     }
 }
