@@ -360,6 +360,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Inflating<S> {
         let Some(filter) = this.filter.as_deref_mut() else {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         };
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         loop {
             if filter.taken < filter.output.len() {
                 let n = buf.remaining().min(filter.output.len() - filter.taken);
