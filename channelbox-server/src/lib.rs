@@ -28,7 +28,7 @@ use channelbox_store_memory::{MemoryConfig, MemoryStore};
 use channelbox_store_sled::{SledConfig, SledStore};
 use channelbox_warp::ServerConfig;
 
-pub use config::{Config, ConfigError, Http, StoreKind};
+pub use config::{Compression, Config, ConfigError, Http, StoreKind};
 
 /// How long shutdown waits for the store to flush and sockets to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

@@ -7,6 +7,7 @@
 //! `cargo test` leaves the suite out (`test = false`) and each test refuses
 //! to run without that variable.
 
+mod deflate;
 mod support;
 
 use std::time::Duration;
@@ -308,6 +309,31 @@ async fn a_silent_peer_is_closed_by_heartbeats_and_a_live_one_stays() {
     let groups = get(&server.addr, "/api/groups").await.json();
     assert_eq!(groups, json!({"hb": 1}), "the silent one left its group");
     a_client_gets_through(&server).await;
+}
+
+/// Hole 9: a compressed message is inflated before it is judged. A deflate
+/// bomb of about 1 MB inflating to 1 GB (with a 2 MiB message limit, so
+/// that the bomb is within it before inflating and only the bound while
+/// inflating stops it): `too_large`, 1009, and memory stays bounded.
+#[tokio::test]
+async fn a_deflate_bomb_inflating_to_1_gb_is_refused_with_bounded_memory() {
+    support::hostile_suite_requested();
+    let server = Server::start(&["--store", "memory", "--max-message-bytes", "2097152"]);
+    let before = server.rss();
+    let (s, status, head) = support::raw::upgrade_with_head(&server.addr, "/ws/bomb", &[deflate::OFFER]).await;
+    assert_eq!(status, 101);
+    assert!(head.to_ascii_lowercase().contains(deflate::ANSWER), "{head}");
+    let bomb = deflate::zero_bomb(1 << 20, 1023);
+    eprintln!("the bomb: {} bytes inflating to 1 GiB", bomb.len());
+    assert!(bomb.len() < 2 << 20);
+    let mut reader = deflate::Reader::new(s);
+    reader.next_type("welcome").await;
+    let _ = reader.s.write_all(&client_frame(0x41, &bomb)).await;
+    let (errors, code) = reader.until_close().await;
+    assert_eq!(errors, ["too_large"]);
+    assert_eq!(code, Some(1009));
+    a_client_gets_through(&server).await;
+    assert_rss_below(&server, before + 32 * MB, "after a 1 GiB deflate bomb");
 }
 
 /// Hole 6: with sled on a full disk every saved publish failed until a

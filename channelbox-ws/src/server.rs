@@ -290,11 +290,17 @@ pub async fn upgrade<T>(
         return status(StatusCode::BAD_REQUEST);
     };
     let accept = derive_accept_key(key.as_bytes());
+    let deflate = if service.config().compression {
+        let offers = req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS);
+        crate::deflate::negotiate(offers.iter().filter_map(|v| v.to_str().ok()))
+    } else {
+        None
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let service = service.clone();
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => crate::serve_upgraded(&service, admission, TokioIo::new(upgraded)).await,
+            Ok(upgraded) => crate::serve_upgraded_with(&service, admission, TokioIo::new(upgraded), deflate).await,
             Err(err) => tracing::debug!(?peer, error = %err, "the upgrade did not complete"),
         }
     });
@@ -304,6 +310,12 @@ pub async fn upgrade<T>(
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     if let Ok(value) = HeaderValue::from_str(&accept) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    if let Some(agreed) = deflate {
+        headers.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(agreed.response()),
+        );
     }
     response
 }

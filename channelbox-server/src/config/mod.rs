@@ -69,6 +69,16 @@ pub enum Http {
     Axum,
 }
 
+/// Whether WebSocket connections may be compressed (permessage-deflate).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Negotiated with every client that offers it.
+    On,
+    /// Never negotiated: every frame goes out plain.
+    Off,
+}
+
 /// The protocol's defaults, the one source of the flags' default values.
 fn defaults() -> ProtocolConfig {
     ProtocolConfig::default()
@@ -213,6 +223,15 @@ pub struct Config {
     /// Seconds a backend hook may take; then it fails closed.
     #[arg(long, value_parser = positive_seconds, default_value_t = DEFAULT_HOOK_TIMEOUT.as_secs_f64())]
     pub hook_timeout: f64,
+    /// permessage-deflate for the WebSocket clients that offer it: each
+    /// message compressed once for all its receivers (`on` or `off`).
+    #[arg(long, env = "CHANNELBOX_COMPRESSION", value_enum, default_value = "on")]
+    #[serde(default = "compression_on")]
+    pub compression: Compression,
+}
+
+fn compression_on() -> Compression {
+    Compression::On
 }
 
 fn positive_seconds(s: &str) -> Result<f64, String> {
@@ -366,6 +385,7 @@ impl Config {
             allowed_origins: self.allowed_origin.clone(),
             ping_interval: (self.ping_interval > 0).then(|| Duration::from_secs(self.ping_interval)),
             pong_timeout: Duration::from_secs(self.pong_timeout),
+            compression: self.compression == Compression::On,
         })
     }
 
@@ -443,6 +463,9 @@ mod tests {
         assert_eq!(protocol.max_message_bytes, expected.max_message_bytes);
         assert_eq!(protocol.ping_interval, expected.ping_interval);
         assert_eq!(protocol.pong_timeout, expected.pong_timeout);
+        assert_eq!(protocol.compression, expected.compression);
+        let off = Config::try_parse_from(["channelbox", "--compression", "off"]).expect("parses");
+        assert!(!off.protocol().expect("valid").compression);
     }
 
     #[test]
