@@ -55,8 +55,9 @@ async fn http_publishes_arrive_as_events_with_ids_and_pings_as_comments() {
     assert_eq!(sse.header("content-type").as_deref(), Some("text/event-stream"));
     let welcome = sse.event().await;
     assert_eq!(welcome.event.as_deref(), Some("welcome"));
-    assert_eq!(welcome.id, None, "only saved messages carry ids");
     let epoch = welcome.json()["epoch"].as_str().expect("epoch").to_owned();
+    let at_join = format!("{epoch}:0");
+    assert_eq!(welcome.id.as_deref(), Some(at_join.as_str()), "the position at join");
     for n in 1..=3u64 {
         let data = json!({"n": n, "text": "line one\nline two"});
         let answer = publish(&server.addr, "chat", &data).await;
@@ -112,6 +113,72 @@ async fn last_event_id_recovers_over_the_query_completely_or_says_it_cannot() {
     let recovered = lost.event().await;
     assert_eq!(recovered.event.as_deref(), Some("recovered"), "{recovered:?}");
     assert_eq!(recovered.json()["complete"], false);
+}
+
+/// A browser's `EventSource` sends `Last-Event-ID` only once it saw an id:
+/// `welcome` carries the group's position at join, so a stream that drops
+/// before any saved message arrived still recovers what came in between.
+#[tokio::test]
+async fn reconnecting_with_the_id_of_welcome_recovers_what_was_published_in_between() {
+    let server = Server::memory();
+    for n in 1..=2u64 {
+        publish(&server.addr, "room", &json!({"n": n})).await;
+    }
+    let mut sse = Sse::open(&server.addr, "/sse/room", &[]).await;
+    let welcome = sse.event().await;
+    assert_eq!(welcome.event.as_deref(), Some("welcome"));
+    let w = welcome.json();
+    let epoch = w["epoch"].as_str().expect("epoch").to_owned();
+    assert_eq!(w["offset"], 2);
+    let id = welcome.id.clone().expect("welcome carries an id");
+    assert_eq!(id, format!("{epoch}:2"));
+    drop(sse);
+    eventually(&server.addr, "/api/groups", |g| g.get("room").is_none_or(|n| n == 0)).await;
+    publish(&server.addr, "room", &json!({"n": 3})).await;
+
+    let mut back = Sse::open(&server.addr, "/sse/room", &[("Last-Event-ID", &id)]).await;
+    let welcome = back.event().await;
+    assert_eq!(welcome.event.as_deref(), Some("welcome"));
+    assert_eq!(
+        welcome.id, None,
+        "a recovering stream's welcome has no id: a drop before the replay must not skip it"
+    );
+    assert_message(&back.event().await, &epoch, 3, &json!({"n": 3}));
+    let recovered = back.event().await;
+    assert_eq!(recovered.event.as_deref(), Some("recovered"), "{recovered:?}");
+    let r = recovered.json();
+    assert_eq!(
+        (r["from"].as_u64(), r["to"].as_u64(), r["complete"].as_bool()),
+        (Some(2), Some(3), Some(true))
+    );
+    let after_replay = format!("{epoch}:3");
+    assert_eq!(
+        recovered.id.as_deref(),
+        Some(after_replay.as_str()),
+        "recovered carries the position live delivery starts after"
+    );
+    publish(&server.addr, "room", &json!({"n": 4})).await;
+    assert_message(&back.event().await, &epoch, 4, &json!({"n": 4}));
+}
+
+/// After a recovery that found the history gone, `recovered`'s id is the
+/// new position at join, so a stream that drops before the next message
+/// does not ask for the lost epoch again.
+#[tokio::test]
+async fn after_an_incomplete_recovery_the_id_moves_to_the_position_at_join() {
+    let server = Server::memory();
+    let epoch = publish(&server.addr, "room", &json!({"n": 1})).await["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    let mut sse = Sse::open(&server.addr, "/sse/room?since=7&epoch=gone-1.0", &[]).await;
+    assert_eq!(sse.event().await.id, None);
+    let recovered = sse.event().await;
+    assert_eq!(recovered.json()["complete"], false, "{recovered:?}");
+    let at_join = format!("{epoch}:1");
+    assert_eq!(recovered.id.as_deref(), Some(at_join.as_str()));
+    publish(&server.addr, "room", &json!({"n": 2})).await;
+    assert_message(&sse.event().await, &epoch, 2, &json!({"n": 2}));
 }
 
 #[tokio::test]
