@@ -228,9 +228,8 @@ impl Filter {
         else {
             return Err(corrupt());
         };
-        *compressed += n;
         let consumed = match inflater {
-            Some(_) if *compressed > max => {
+            Some(_) if *compressed + n > max => {
                 *inflater = None;
                 too_large(&mut self.output, max);
                 n
@@ -245,6 +244,13 @@ impl Filter {
             // Over the limit already: the rest is dropped.
             None => n,
         };
+        *compressed += consumed;
+        // The inflater may stop short of the end (its fragment is full):
+        // what it left is masked again, as it arrived, since the next call
+        // unmasks it from `at + consumed` on.
+        for (i, byte) in self.input[start + consumed..start + n].iter_mut().enumerate() {
+            *byte ^= key[(at + consumed + i) % 4];
+        }
         self.start += consumed;
         let left = left - consumed as u64;
         let at = (at + consumed) % 4;

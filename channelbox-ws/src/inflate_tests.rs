@@ -197,3 +197,51 @@ async fn without_the_extension_every_byte_passes() {
     filter.read_to_end(&mut out).await.expect("reads");
     assert_eq!(out, wire);
 }
+
+/// Text that does not compress well: letters drawn by a fixed
+/// pseudo-random sequence.
+fn noise(len: usize) -> String {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'a' + (state % 26) as u8)
+        })
+        .collect()
+}
+
+/// The inflater may stop before the end of what it was given (its output
+/// fragment is full): the bytes it left must stay unmasked for the next
+/// call. Here the first fragment inflates to exactly 16 KiB (the inflater's
+/// 32 KiB window is then half full) and the second is a long run: the
+/// inflater fills the window's second half, hands all of it out as one
+/// full fragment and keeps the rest of the input for later, which it must
+/// then read as the client sent it (non-zero mask key).
+#[tokio::test]
+async fn input_the_inflater_left_is_unmasked_once() {
+    use flate2::{Compress, Compression, FlushCompress};
+    for prefix in [16_384, 8_192, 1_000] {
+        let (first, second) = (noise(prefix), "x".repeat(45_000));
+        let mut compressor = Compress::new(Compression::new(6), false);
+        let mut a = Vec::with_capacity(2 * prefix + 64);
+        compressor
+            .compress_vec(first.as_bytes(), &mut a, FlushCompress::Sync)
+            .expect("deflates");
+        let mut b = Vec::with_capacity(4096);
+        compressor
+            .compress_vec(second.as_bytes(), &mut b, FlushCompress::Sync)
+            .expect("deflates");
+        assert!(b.ends_with(&TAIL));
+        b.truncate(b.len() - TAIL.len());
+        let mut wire = client_frame(0x41, &a);
+        wire.extend(client_frame(0x80, &b));
+        let seen = read_messages(wire).await;
+        assert!(
+            seen.first() == Some(&text(&(first + &second))),
+            "prefix {prefix}: {:?}",
+            seen.iter().map(|r| r.as_ref().map(Message::len)).collect::<Vec<_>>()
+        );
+    }
+}
