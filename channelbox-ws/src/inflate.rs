@@ -25,7 +25,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use flate2::{Decompress, FlushDecompress};
+use flate2::{Decompress, FlushDecompress, Status};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::deflate::TAIL;
@@ -85,6 +85,9 @@ enum Message {
         inflater: Option<Box<Decompress>>,
         inflated: usize,
         compressed: usize,
+        /// The DEFLATE stream ended (a block with BFINAL set, RFC 7692
+        /// §7.2.3.3): what follows, the appended tail included, is dropped.
+        ended: bool,
     },
 }
 
@@ -184,6 +187,7 @@ impl Filter {
                     inflater: Some(Box::new(Decompress::new(false))),
                     inflated: 0,
                     compressed: 0,
+                    ended: false,
                 };
                 fragment_header(&mut self.output, opcode, false, 0);
             }
@@ -224,6 +228,7 @@ impl Filter {
             inflater,
             inflated,
             compressed,
+            ended,
         } = &mut self.message
         else {
             return Err(corrupt());
@@ -234,7 +239,14 @@ impl Filter {
                 too_large(&mut self.output, max);
                 n
             }
-            Some(one) => match inflate_some(one, &self.input[start..start + n], &mut self.output, inflated, max)? {
+            Some(one) => match inflate_some(
+                one,
+                &self.input[start..start + n],
+                &mut self.output,
+                inflated,
+                ended,
+                max,
+            )? {
                 Some((used, _)) => used,
                 None => {
                     *inflater = None;
@@ -264,11 +276,17 @@ impl Filter {
 
     /// Inflates the removed tail, then hands up the final fragment.
     fn finish(&mut self, fed: usize) -> io::Result<Step> {
-        let Message::Compressed { inflater, inflated, .. } = &mut self.message else {
+        let Message::Compressed {
+            inflater,
+            inflated,
+            ended,
+            ..
+        } = &mut self.message
+        else {
             return Err(corrupt());
         };
         if let Some(one) = inflater {
-            match inflate_some(one, &TAIL[fed..], &mut self.output, inflated, self.max)? {
+            match inflate_some(one, &TAIL[fed..], &mut self.output, inflated, ended, self.max)? {
                 // More to come while the tail is not all in or the last
                 // call filled a whole fragment.
                 Some((used, produced)) if fed + used < TAIL.len() || produced == CHUNK => {
@@ -293,24 +311,37 @@ const FRAGMENT_HEADER: usize = 8;
 /// Inflates from `input` into at most one fragment of [`CHUNK`] bytes
 /// written to `output` (empty on entry); returns the input bytes used and
 /// the bytes produced, or `None` when the message went over `max`: then
-/// `output` holds a header that tungstenite refuses as too large.
+/// `output` holds a header that tungstenite refuses as too large. Once the
+/// stream `ended`, the input counts as used without being inflated (only
+/// output still pending in the inflater comes out).
 fn inflate_some(
     inflater: &mut Decompress,
     input: &[u8],
     output: &mut Vec<u8>,
     inflated: &mut usize,
+    ended: &mut bool,
     max: usize,
 ) -> io::Result<Option<(usize, usize)>> {
     output.clear();
     output.resize(FRAGMENT_HEADER + CHUNK, 0);
+    let given = input.len();
+    let input = if *ended { &input[..0] } else { input };
     let (in_before, out_before) = (inflater.total_in(), inflater.total_out());
-    inflater
+    let status = inflater
         .decompress(input, &mut output[FRAGMENT_HEADER..], FlushDecompress::Sync)
         .map_err(|_| corrupt())?;
-    let used = usize::try_from(inflater.total_in() - in_before).map_err(|_| corrupt())?;
+    let mut used = usize::try_from(inflater.total_in() - in_before).map_err(|_| corrupt())?;
     let produced = usize::try_from(inflater.total_out() - out_before).map_err(|_| corrupt())?;
-    if used == 0 && produced == 0 && !input.is_empty() {
-        // Input the inflater will not take: data after the stream's end.
+    if *ended || status == Status::StreamEnd {
+        // RFC 7692 §7.2.3.3: the message ended with a final block; the
+        // tail appended after it, and anything else after the end of the
+        // stream, is not DEFLATE data and is dropped.
+        *ended = true;
+        if produced < CHUNK {
+            used = given;
+        }
+    } else if used == 0 && produced == 0 && !input.is_empty() {
+        // Input the inflater will not take.
         return Err(corrupt());
     }
     *inflated += produced;

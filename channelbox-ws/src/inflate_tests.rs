@@ -245,3 +245,27 @@ async fn input_the_inflater_left_is_unmasked_once() {
         );
     }
 }
+
+/// RFC 7692 §7.2.3.3: a client may end a message with a DEFLATE block
+/// whose BFINAL bit is set instead of a sync flush; the receiver still
+/// appends the empty-block tail, which then comes after the end of the
+/// stream and is ignored, not refused as corrupt. The connection goes on.
+#[tokio::test]
+async fn a_message_ending_with_a_final_block_is_read() {
+    use flate2::{Compress, Compression, FlushCompress};
+    let long = chat(20_000);
+    let mut compressor = Compress::new(Compression::new(6), false);
+    let mut finished = Vec::with_capacity(long.len());
+    compressor
+        .compress_vec(long.as_bytes(), &mut finished, FlushCompress::Finish)
+        .expect("deflates");
+    // "Hello" as one final fixed-Huffman block (RFC 7692 §7.2.3.3), then
+    // the same with a byte after the end of the stream.
+    let mut wire = client_frame(0xc1, &[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]);
+    wire.extend(client_frame(0xc1, &[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00]));
+    wire.extend(client_frame(0xc1, &finished));
+    wire.extend(client_frame(0x81, b"plain"));
+    let seen = read_messages(wire).await;
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert_eq!(seen[..4], [text("Hello"), text("Hello"), text(&long), text("plain")]);
+}
