@@ -234,7 +234,7 @@ impl Filter {
             return Err(corrupt());
         };
         let consumed = match inflater {
-            Some(_) if *compressed + n > max => {
+            Some(_) if *compressed + n > compressed_limit(max) => {
                 *inflater = None;
                 too_large(&mut self.output, max);
                 n
@@ -359,6 +359,17 @@ fn inflate_some(
         output[4..FRAGMENT_HEADER].fill(0);
     }
     Ok(Some((used, produced)))
+}
+
+/// The most compressed bytes a message may have when it inflates to at
+/// most `max`: DEFLATE makes data that does not compress a little longer
+/// (zlib's bound is about one byte in 4,096 plus a few per block, and a
+/// sender may flush at every fragment), and browsers compress every
+/// message, so a message at the limit that does not compress must pass.
+/// The bound is there to stop a message that inflates to nothing from
+/// being read for ever, not to judge its size: that is `max`'s.
+fn compressed_limit(max: usize) -> usize {
+    max.saturating_add(max / 1024).saturating_add(1024)
 }
 
 /// The state after a frame's header: `None` when its payload is empty.

@@ -269,3 +269,28 @@ async fn a_message_ending_with_a_final_block_is_read() {
     assert_eq!(seen.len(), 5, "{seen:?}");
     assert_eq!(seen[..4], [text("Hello"), text("Hello"), text(&long), text("plain")]);
 }
+
+/// DEFLATE makes data that does not compress a little longer (a few bytes
+/// per stored block), and browsers compress every message: a message of
+/// exactly the limit that does not compress is accepted compressed, as it
+/// is plain.
+#[tokio::test]
+async fn a_message_at_the_limit_that_does_not_compress_is_accepted() {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let bytes: Vec<u8> = (0..MAX)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_be_bytes()[0]
+        })
+        .collect();
+    let compressed = deflate(&bytes).expect("deflates");
+    assert!(compressed.len() > MAX, "{} bytes compressed", compressed.len());
+    let seen = read_messages(client_frame(0xc2, &compressed)).await;
+    assert!(
+        seen.first() == Some(&Ok(Message::Binary(bytes.into()))),
+        "{:?}",
+        seen.iter().map(|r| r.as_ref().map(Message::len)).collect::<Vec<_>>()
+    );
+}
