@@ -1,3 +1,6 @@
+//! Tests of the inflate filter: what tungstenite reads through it from
+//! compressed, plain, fragmented, hostile and broken client frames.
+
 use super::*;
 use crate::deflate::deflate;
 use futures_util::StreamExt;
