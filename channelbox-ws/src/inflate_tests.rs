@@ -297,3 +297,13 @@ async fn a_message_at_the_limit_that_does_not_compress_is_accepted() {
         seen.iter().map(|r| r.as_ref().map(Message::len)).collect::<Vec<_>>()
     );
 }
+
+/// Inflated fragments are cut every 16 KiB whatever the text: a character
+/// of three bytes cut in two by a fragment boundary is still read as text.
+#[tokio::test]
+async fn text_cut_inside_a_character_between_fragments_is_read() {
+    let message = "€uro ".repeat(8_000);
+    assert!(message.len() > 3 * CHUNK);
+    let seen = read_messages(client_frame(0xc1, &deflate(message.as_bytes()).expect("deflates"))).await;
+    assert!(seen.first() == Some(&text(&message)), "{seen:?}");
+}
