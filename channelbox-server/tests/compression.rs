@@ -181,3 +181,37 @@ async fn a_message_the_inflater_reads_in_several_calls_arrives_whole() {
     assert_eq!(ack, Some(json!("long")));
     assert_eq!(message, Some((json!(format!("{noise}{}", "x".repeat(40_000))), true)));
 }
+
+/// A compressed frame on a connection that did not negotiate compression
+/// (the server runs with `--compression off`, or the client offered
+/// nothing) is a protocol error: the connection fails, nothing is
+/// published, and the server goes on serving.
+#[tokio::test]
+async fn a_compressed_frame_without_the_extension_fails_the_connection() {
+    let off = Server::start(&["--store", "memory", "--compression", "off"]);
+    let on = Server::memory();
+    for (server, offer) in [(&off, &[OFFER][..]), (&on, &[][..])] {
+        let (s, status, head) = upgrade_with_head(&server.addr, "/ws/chat", offer).await;
+        assert_eq!(status, 101);
+        assert!(
+            !head.to_ascii_lowercase().contains("sec-websocket-extensions"),
+            "{head}"
+        );
+        let mut reader = Reader::new(s);
+        reader.next_type("welcome").await;
+        let publish = json!({"type": "publish", "data": chat_text(500), "ref": "p"});
+        let _ = reader
+            .s
+            .write_all(&masked_frame(0xc1, &compress(publish.to_string().as_bytes())))
+            .await;
+        while let Some(frame) = reader.next().await {
+            assert!(
+                frame.first & 0x0f != 0x1 || frame.json()["type"] != "published",
+                "{frame:?}"
+            );
+        }
+        let (mut c, _) = Client::join(&server.ws_url("/ws/after")).await;
+        let (p, _) = c.publish(json!({"data": "hello"}), "ok").await;
+        assert_eq!(p["type"], "published");
+    }
+}
