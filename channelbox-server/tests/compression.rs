@@ -31,6 +31,18 @@ async fn an_offer_is_answered_unless_compression_is_off() {
         !head.to_ascii_lowercase().contains("sec-websocket-extensions"),
         "{head}"
     );
+    // An offered server_max_window_bits=15 is answered (RFC 7692 §7.1.2.1).
+    let window = (
+        "Sec-WebSocket-Extensions",
+        "permessage-deflate; server_max_window_bits=15",
+    );
+    let (_s, status, head) = upgrade_with_head(&server.addr, "/ws/chat", &[window]).await;
+    assert_eq!(status, 101);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("{ANSWER}; server_max_window_bits=15")),
+        "{head}"
+    );
     // An offer the server cannot take is declined, not refused.
     let small = (
         "Sec-WebSocket-Extensions",

@@ -19,6 +19,13 @@ use flate2::{Compress, Compression, FlushCompress, Status};
 /// The `Sec-WebSocket-Extensions` answer when an offer is accepted.
 pub const ACCEPTED: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
+/// The answer to an accepted offer that carried `server_max_window_bits`
+/// (which must be 15, see [`OfferError::SmallServerWindow`]): RFC 7692
+/// §7.1.2.1 has the server accept that parameter by answering it, with the
+/// same or a smaller value.
+pub const ACCEPTED_WITH_SERVER_WINDOW: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15";
+
 /// Frames with fewer payload bytes go out uncompressed. Measured on the
 /// frames of a chat conversation (docs/protocol.md's `message` frames and
 /// the short frames between them; the test
@@ -47,12 +54,19 @@ pub struct Agreed {
     /// it compresses with. The server inflates with the full 32 KiB window,
     /// which reads every smaller one, so any value from 8 to 15 is accepted.
     pub client_max_window_bits: Option<u8>,
+    /// The client offered `server_max_window_bits` (15, the only value
+    /// accepted); the answer then carries it.
+    pub server_max_window_bits: bool,
 }
 
 impl Agreed {
     /// The `Sec-WebSocket-Extensions` response header's value.
     pub fn response(&self) -> &'static str {
-        ACCEPTED
+        if self.server_max_window_bits {
+            ACCEPTED_WITH_SERVER_WINDOW
+        } else {
+            ACCEPTED
+        }
     }
 }
 
@@ -141,6 +155,7 @@ pub(crate) fn parse_offer<'a>(params: impl Iterator<Item = &'a str>) -> Result<A
     }
     Ok(Agreed {
         client_max_window_bits: client_bits.and_then(|(bits, given)| given.then_some(bits)),
+        server_max_window_bits: server_bits,
     })
 }
 

@@ -23,15 +23,41 @@ fn what_browsers_and_node_offer_is_accepted() {
     assert_eq!(
         offer("permessage-deflate; client_max_window_bits=9"),
         Some(Agreed {
-            client_max_window_bits: Some(9)
+            client_max_window_bits: Some(9),
+            server_max_window_bits: false,
         })
     );
     assert_eq!(
         offer("permessage-deflate; client_max_window_bits"),
         Some(Agreed {
-            client_max_window_bits: None
+            client_max_window_bits: None,
+            server_max_window_bits: false,
         })
     );
+}
+
+/// RFC 7692 §7.1.2.1: a server accepts an offer carrying
+/// `server_max_window_bits` by answering the parameter with the same or a
+/// smaller value; the server compresses with 15, so it answers 15, and only
+/// when it was offered.
+#[test]
+fn an_offered_server_max_window_bits_is_answered() {
+    let answer = |value: &str| offer(value).map(|agreed| agreed.response());
+    for value in [
+        "permessage-deflate; server_max_window_bits=15",
+        "permessage-deflate; client_max_window_bits; server_max_window_bits=\"15\"",
+    ] {
+        assert_eq!(
+            answer(value),
+            Some(
+                "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15"
+            ),
+            "{value}"
+        );
+    }
+    for value in ["permessage-deflate", "permessage-deflate; client_max_window_bits=10"] {
+        assert_eq!(answer(value), Some(ACCEPTED), "{value}");
+    }
 }
 
 #[test]
