@@ -86,7 +86,8 @@ enum Message {
         inflated: usize,
         compressed: usize,
         /// The DEFLATE stream ended (a block with BFINAL set, RFC 7692
-        /// §7.2.3.3): what follows, the appended tail included, is dropped.
+        /// §7.2.3.3): what follows is dropped, the appended tail and the
+        /// client's zero bytes; any other client byte is refused.
         ended: bool,
     },
 }
@@ -233,6 +234,12 @@ impl Filter {
         else {
             return Err(corrupt());
         };
+        // After a final block RFC 7692 §7.2.3.3 has the client send one
+        // 0x00 (the header of the empty block whose LEN and NLEN it
+        // removed); anything else there would be data lost unread.
+        if *ended && self.input[start..start + n].iter().any(|b| *b != 0) {
+            return Err(corrupt());
+        }
         let consumed = match inflater {
             Some(_) if *compressed + n > compressed_limit(max) => {
                 *inflater = None;
@@ -312,8 +319,8 @@ const FRAGMENT_HEADER: usize = 8;
 /// written to `output` (empty on entry); returns the input bytes used and
 /// the bytes produced, or `None` when the message went over `max`: then
 /// `output` holds a header that tungstenite refuses as too large. Once the
-/// stream `ended`, the input counts as used without being inflated (only
-/// output still pending in the inflater comes out).
+/// stream `ended` (on entry), the input counts as used without being
+/// inflated (only output still pending in the inflater comes out).
 fn inflate_some(
     inflater: &mut Decompress,
     input: &[u8],
@@ -332,14 +339,16 @@ fn inflate_some(
         .map_err(|_| corrupt())?;
     let mut used = usize::try_from(inflater.total_in() - in_before).map_err(|_| corrupt())?;
     let produced = usize::try_from(inflater.total_out() - out_before).map_err(|_| corrupt())?;
-    if *ended || status == Status::StreamEnd {
-        // RFC 7692 §7.2.3.3: the message ended with a final block; the
-        // tail appended after it, and anything else after the end of the
-        // stream, is not DEFLATE data and is dropped.
-        *ended = true;
+    if *ended {
+        // RFC 7692 §7.2.3.3: the message ended with a final block; what
+        // follows is not DEFLATE data and is dropped (the caller checked
+        // the client's part of it).
         if produced < CHUNK {
             used = given;
         }
+    } else if status == Status::StreamEnd {
+        // The input left after the end, if any, comes back with `ended`.
+        *ended = true;
     } else if used == 0 && produced == 0 && !input.is_empty() {
         // Input the inflater will not take.
         return Err(corrupt());

@@ -273,6 +273,25 @@ async fn a_message_ending_with_a_final_block_is_read() {
     assert_eq!(seen[..4], [text("Hello"), text("Hello"), text(&long), text("plain")]);
 }
 
+/// Data after the final block would be lost unread: refused, in the same
+/// frame as the final block or in a frame after it.
+#[tokio::test]
+async fn data_after_a_final_block_is_refused() {
+    let hello = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+    let world = deflate(b"world").expect("deflates");
+    let same_frame = client_frame(0xc1, &[&hello[..], &world].concat());
+    let mut next_frame = client_frame(0x41, &hello);
+    next_frame.extend(client_frame(0x80, &world));
+    for wire in [same_frame, next_frame] {
+        let seen = read_messages(wire).await;
+        assert!(
+            seen.last()
+                .is_some_and(|r| r.as_ref().is_err_and(|e| e.contains("permessage-deflate"))),
+            "{seen:?}"
+        );
+    }
+}
+
 /// DEFLATE makes data that does not compress a little longer (a few bytes
 /// per stored block), and browsers compress every message: a message of
 /// exactly the limit that does not compress is accepted compressed, as it
