@@ -49,6 +49,7 @@ pub(crate) const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
 /// What a client offered that the server accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Agreed {
     /// The client's `client_max_window_bits`, when it gave one: the window
     /// it compresses with. The server inflates with the full 32 KiB window,
@@ -72,6 +73,7 @@ impl Agreed {
 
 /// Why an offer of permessage-deflate was passed over.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum OfferError {
     /// A parameter RFC 7692 does not define.
     #[error("unknown parameter {0:?}")]
