@@ -285,3 +285,20 @@ fn the_threshold_and_the_level_are_where_compression_pays() {
         assert!(framed_deflate(&frame, 6) < framed_deflate(&frame, 1), "{len} bytes");
     }
 }
+
+/// `server_no_context_takeover` is what lets one compressed copy serve
+/// every connection: a frame's compressed bytes do not depend on what the
+/// writer thread compressed before (the same text just before, which a
+/// compressor that kept its window would refer back to), and another
+/// thread makes the same bytes.
+#[test]
+fn a_frames_compressed_bytes_do_not_depend_on_what_came_before() {
+    let frame = chat_frame(1000);
+    let alone = compress_frame(&frame).expect("compresses");
+    compress_frame(&chat_frame(1000)).expect("compresses");
+    assert_eq!(compress_frame(&frame), Some(alone.clone()));
+    let elsewhere = std::thread::spawn(move || compress_frame(&frame))
+        .join()
+        .expect("the thread ends");
+    assert_eq!(elsewhere, Some(alone));
+}
