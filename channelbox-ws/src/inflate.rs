@@ -192,6 +192,12 @@ impl Filter {
                 };
                 fragment_header(&mut self.output, opcode, false, 0);
             }
+            // A frame's header counts as compressed bytes of its message:
+            // otherwise a message of endless empty fragments, none of
+            // them inflating to anything, would never reach a limit.
+            if let Message::Compressed { compressed, .. } = &mut self.message {
+                *compressed += header_len;
+            }
             self.state = State::Inflate {
                 left: len,
                 key,
@@ -246,6 +252,10 @@ impl Filter {
                 too_large(&mut self.output, max);
                 n
             }
+            // An empty frame has nothing to inflate: what the inflater may
+            // still hold comes out with the next frame or the tail, and
+            // an empty fragment costs no 16 KiB of output.
+            Some(_) if n == 0 => 0,
             Some(one) => match inflate_some(
                 one,
                 &self.input[start..start + n],

@@ -326,3 +326,20 @@ async fn text_cut_inside_a_character_between_fragments_is_read() {
     let seen = read_messages(client_frame(0xc1, &deflate(message.as_bytes()).expect("deflates"))).await;
     assert!(seen.first() == Some(&text(&message)), "{seen:?}");
 }
+
+/// Fragments cost their headers: a compressed message of endless empty
+/// continuation frames (each inflating nothing, none counted by the size
+/// limit, the message never ending) is refused as too large once its
+/// frames pass the compressed bound, instead of keeping the filter busy
+/// for as long as the client sends them.
+#[tokio::test]
+async fn endless_empty_fragments_are_too_large() {
+    let mut wire = client_frame(0x41, &deflate(b"hello").expect("deflates"));
+    let empty = client_frame(0x00, &[]);
+    for _ in 0..(MAX / empty.len() + 1000) {
+        wire.extend_from_slice(&empty);
+    }
+    wire.extend(client_frame(0x80, &[]));
+    let seen = read_messages(wire).await;
+    assert_eq!(seen, [Err("too large".to_owned())]);
+}
