@@ -380,8 +380,8 @@ fn inflate_some(
     Ok(Some((used, produced)))
 }
 
-/// The most compressed bytes a message may have when it inflates to at
-/// most `max`: DEFLATE makes data that does not compress a little longer
+/// The most compressed bytes (its frames' headers included) a message may
+/// have when it inflates to at most `max`: DEFLATE makes data that does not compress a little longer
 /// (zlib's bound is about one byte in 4,096 plus a few per block, and a
 /// sender may flush at every fragment), and browsers compress every
 /// message, so a message at the limit that does not compress must pass.
