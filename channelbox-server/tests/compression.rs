@@ -6,7 +6,7 @@
 mod deflate;
 mod support;
 
-use deflate::{compress, zero_bomb, Reader, ANSWER, OFFER};
+use deflate::{compress, masked_frame, zero_bomb, Reader, ANSWER, OFFER};
 use serde_json::json;
 use support::raw::{client_frame, upgrade_with_head};
 use support::{Client, Server};
@@ -29,6 +29,18 @@ async fn an_offer_is_answered_unless_compression_is_off() {
     assert_eq!(status, 101);
     assert!(
         !head.to_ascii_lowercase().contains("sec-websocket-extensions"),
+        "{head}"
+    );
+    // An offered server_max_window_bits=15 is answered (RFC 7692 §7.1.2.1).
+    let window = (
+        "Sec-WebSocket-Extensions",
+        "permessage-deflate; server_max_window_bits=15",
+    );
+    let (_s, status, head) = upgrade_with_head(&server.addr, "/ws/chat", &[window]).await;
+    assert_eq!(status, 101);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("{ANSWER}; server_max_window_bits=15")),
         "{head}"
     );
     // An offer the server cannot take is declined, not refused.
@@ -122,4 +134,96 @@ async fn a_deflate_bomb_gets_too_large_and_1009() {
     let (mut c, _) = Client::join(&server.ws_url("/ws/after")).await;
     let (p, _) = c.publish(json!({"data": "hello"}), "ok").await;
     assert_eq!(p["type"], "published");
+}
+
+/// A compressed message whose first fragment inflates to exactly 16 KiB and
+/// whose second is a long run, masked with a non-zero key: the server's
+/// inflater stops short of the end of its input there, and what it left
+/// must be unmasked once (this message used to close the connection as
+/// invalid data).
+#[tokio::test]
+async fn a_message_the_inflater_reads_in_several_calls_arrives_whole() {
+    use flate2::{Compress, Compression, FlushCompress};
+    let server = Server::memory();
+    let (s, status, _) = upgrade_with_head(&server.addr, "/ws/chat", &[OFFER]).await;
+    assert_eq!(status, 101);
+    let mut reader = Reader::new(s);
+    reader.next_type("welcome").await;
+
+    let head = r#"{"type":"publish","ref":"long","data":""#;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let noise: String = (0..16_384 - head.len())
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'a' + (state % 26) as u8)
+        })
+        .collect();
+    let first = format!("{head}{noise}");
+    let second = format!("{}\"}}", "x".repeat(40_000));
+    let mut compressor = Compress::new(Compression::default(), false);
+    let mut a = Vec::with_capacity(2 * first.len());
+    compressor
+        .compress_vec(first.as_bytes(), &mut a, FlushCompress::Sync)
+        .expect("deflates");
+    let mut b = Vec::with_capacity(4096);
+    compressor
+        .compress_vec(second.as_bytes(), &mut b, FlushCompress::Sync)
+        .expect("deflates");
+    b.truncate(b.len() - 4);
+    let mut wire = masked_frame(0x41, &a);
+    wire.extend(masked_frame(0x80, &b));
+    reader.s.write_all(&wire).await.expect("write");
+
+    // `published` and the echoed `message` may come in either order.
+    let (mut ack, mut message) = (None, None);
+    while ack.is_none() || message.is_none() {
+        let frame = reader.next().await.expect("a frame");
+        if frame.first & 0x0f != 0x1 {
+            continue;
+        }
+        let json = frame.json();
+        match json["type"].as_str() {
+            Some("published") => ack = Some(json["ref"].clone()),
+            Some("message") => message = Some((json["data"].clone(), frame.compressed())),
+            _ => {}
+        }
+    }
+    assert_eq!(ack, Some(json!("long")));
+    assert_eq!(message, Some((json!(format!("{noise}{}", "x".repeat(40_000))), true)));
+}
+
+/// A compressed frame on a connection that did not negotiate compression
+/// (the server runs with `--compression off`, or the client offered
+/// nothing) is a protocol error: the connection fails, nothing is
+/// published, and the server goes on serving.
+#[tokio::test]
+async fn a_compressed_frame_without_the_extension_fails_the_connection() {
+    let off = Server::start(&["--store", "memory", "--compression", "off"]);
+    let on = Server::memory();
+    for (server, offer) in [(&off, &[OFFER][..]), (&on, &[][..])] {
+        let (s, status, head) = upgrade_with_head(&server.addr, "/ws/chat", offer).await;
+        assert_eq!(status, 101);
+        assert!(
+            !head.to_ascii_lowercase().contains("sec-websocket-extensions"),
+            "{head}"
+        );
+        let mut reader = Reader::new(s);
+        reader.next_type("welcome").await;
+        let publish = json!({"type": "publish", "data": chat_text(500), "ref": "p"});
+        let _ = reader
+            .s
+            .write_all(&masked_frame(0xc1, &compress(publish.to_string().as_bytes())))
+            .await;
+        while let Some(frame) = reader.next().await {
+            assert!(
+                frame.first & 0x0f != 0x1 || frame.json()["type"] != "published",
+                "{frame:?}"
+            );
+        }
+        let (mut c, _) = Client::join(&server.ws_url("/ws/after")).await;
+        let (p, _) = c.publish(json!({"data": "hello"}), "ok").await;
+        assert_eq!(p["type"], "published");
+    }
 }

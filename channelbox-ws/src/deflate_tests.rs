@@ -1,5 +1,5 @@
-//! Tests of `deflate.rs`: negotiation answers, compression once per frame,
-//! and the threshold below which frames go out plain.
+//! Tests of permessage-deflate's negotiation and of the compression of
+//! outgoing frames.
 
 use super::*;
 
@@ -23,15 +23,41 @@ fn what_browsers_and_node_offer_is_accepted() {
     assert_eq!(
         offer("permessage-deflate; client_max_window_bits=9"),
         Some(Agreed {
-            client_max_window_bits: Some(9)
+            client_max_window_bits: Some(9),
+            server_max_window_bits: false,
         })
     );
     assert_eq!(
         offer("permessage-deflate; client_max_window_bits"),
         Some(Agreed {
-            client_max_window_bits: None
+            client_max_window_bits: None,
+            server_max_window_bits: false,
         })
     );
+}
+
+/// RFC 7692 §7.1.2.1: a server accepts an offer carrying
+/// `server_max_window_bits` by answering the parameter with the same or a
+/// smaller value; the server compresses with 15, so it answers 15, and only
+/// when it was offered.
+#[test]
+fn an_offered_server_max_window_bits_is_answered() {
+    let answer = |value: &str| offer(value).map(|agreed| agreed.response());
+    for value in [
+        "permessage-deflate; server_max_window_bits=15",
+        "permessage-deflate; client_max_window_bits; server_max_window_bits=\"15\"",
+    ] {
+        assert_eq!(
+            answer(value),
+            Some(
+                "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15"
+            ),
+            "{value}"
+        );
+    }
+    for value in ["permessage-deflate", "permessage-deflate; client_max_window_bits=10"] {
+        assert_eq!(answer(value), Some(ACCEPTED), "{value}");
+    }
 }
 
 #[test]
@@ -222,39 +248,57 @@ fn one_compression_per_frame_whoever_writes_it() {
     assert!(first.expect("1 KB of chat text compresses").len() < 600);
 }
 
-/// The measurement behind [`MIN_COMPRESSED_BYTES`] and [`LEVEL`] (sizes at
-/// levels 1 and 6 are printed with
-/// `cargo test -p channelbox-ws --lib threshold -- --nocapture`): chat frames
-/// of up to 64 bytes come out no shorter compressed, from the threshold on
-/// they come out shorter.
+/// The size of a frame's raw deflate at `level`, framed (tail removed).
+fn framed_deflate(frame: &Frame, level: u32) -> usize {
+    let mut c = Compress::new(Compression::new(level), false);
+    let mut out = Vec::with_capacity(frame.len() + 64);
+    c.compress_vec(frame.data(), &mut out, FlushCompress::Sync)
+        .expect("compresses");
+    let size = out.len() - TAIL.len();
+    size + if size < 126 { 2 } else { 4 }
+}
+
+/// The frame's plain size on the wire.
+fn framed_plain(frame: &Frame) -> usize {
+    frame.len() + if frame.len() < 126 { 2 } else { 4 }
+}
+
+/// The measurement behind [`MIN_COMPRESSED_BYTES`] and [`LEVEL`], kept as
+/// assertions: on the frames of a chat conversation compressing does not
+/// pay up to 64 bytes and pays from 80 on, and level 6 makes 1 KB and 4 KB
+/// messages shorter than level 1 does.
 #[test]
-fn threshold_is_where_compression_starts_to_pay() {
-    let frames = [16, 24, 32, 40, 48, 56, 64, 80, 96, 128, 160, 200]
-        .map(prefix_frame)
-        .into_iter()
-        .chain([0, 100, 300, 1000, 4000].map(chat_frame));
-    for frame in frames {
-        let plain = frame.len() + if frame.len() < 126 { 2 } else { 4 };
-        for level in [1, 6] {
-            let mut c = Compress::new(Compression::new(level), false);
-            let mut out = Vec::with_capacity(frame.len() + 64);
-            c.compress_vec(frame.data(), &mut out, FlushCompress::Sync)
-                .expect("compresses");
-            let size = out.len() - TAIL.len();
-            let framed = size + if size < 126 { 2 } else { 4 };
-            println!(
-                "level {level} message {:>5} B: plain frame {plain:>5} B, compressed {framed:>5} B ({:>3}%)",
-                frame.len(),
-                framed * 100 / plain
-            );
-            if level == LEVEL {
-                if frame.len() <= 64 {
-                    assert!(framed >= plain, "{} B: {framed} against {plain}", frame.len());
-                }
-                if frame.len() >= MIN_COMPRESSED_BYTES {
-                    assert!(framed < plain, "{} B: {framed} against {plain}", frame.len());
-                }
-            }
-        }
+fn the_threshold_and_the_level_are_where_compression_pays() {
+    for len in [16, 24, 32, 40, 48, 56, 64] {
+        let frame = prefix_frame(len);
+        assert!(framed_deflate(&frame, LEVEL) >= framed_plain(&frame), "{len} bytes");
+        assert!(compress_frame(&frame).is_none(), "{len} bytes");
     }
+    for len in [MIN_COMPRESSED_BYTES, 96, 128, 160, 200] {
+        let frame = prefix_frame(len);
+        let framed = framed_deflate(&frame, LEVEL);
+        assert!(framed < framed_plain(&frame), "{len} bytes");
+        assert_eq!(compress_frame(&frame).map(|c| c.len()), Some(framed), "{len} bytes");
+    }
+    for len in [1000, 4000] {
+        let frame = chat_frame(len);
+        assert!(framed_deflate(&frame, 6) < framed_deflate(&frame, 1), "{len} bytes");
+    }
+}
+
+/// `server_no_context_takeover` is what lets one compressed copy serve
+/// every connection: a frame's compressed bytes do not depend on what the
+/// writer thread compressed before (the same text just before, which a
+/// compressor that kept its window would refer back to), and another
+/// thread makes the same bytes.
+#[test]
+fn a_frames_compressed_bytes_do_not_depend_on_what_came_before() {
+    let frame = chat_frame(1000);
+    let alone = compress_frame(&frame).expect("compresses");
+    compress_frame(&chat_frame(1000)).expect("compresses");
+    assert_eq!(compress_frame(&frame), Some(alone.clone()));
+    let elsewhere = std::thread::spawn(move || compress_frame(&frame))
+        .join()
+        .expect("the thread ends");
+    assert_eq!(elsewhere, Some(alone));
 }

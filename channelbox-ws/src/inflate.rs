@@ -25,7 +25,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use flate2::{Decompress, FlushDecompress};
+use flate2::{Decompress, FlushDecompress, Status};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::deflate::TAIL;
@@ -85,6 +85,10 @@ enum Message {
         inflater: Option<Box<Decompress>>,
         inflated: usize,
         compressed: usize,
+        /// The DEFLATE stream ended (a block with BFINAL set, RFC 7692
+        /// §7.2.3.3): what follows is dropped, the appended tail and the
+        /// client's zero bytes; any other client byte is refused.
+        ended: bool,
     },
 }
 
@@ -184,8 +188,15 @@ impl Filter {
                     inflater: Some(Box::new(Decompress::new(false))),
                     inflated: 0,
                     compressed: 0,
+                    ended: false,
                 };
                 fragment_header(&mut self.output, opcode, false, 0);
+            }
+            // A frame's header counts as compressed bytes of its message:
+            // otherwise a message of endless empty fragments, none of
+            // them inflating to anything, would never reach a limit.
+            if let Message::Compressed { compressed, .. } = &mut self.message {
+                *compressed += header_len;
             }
             self.state = State::Inflate {
                 left: len,
@@ -224,18 +235,35 @@ impl Filter {
             inflater,
             inflated,
             compressed,
+            ended,
         } = &mut self.message
         else {
             return Err(corrupt());
         };
-        *compressed += n;
+        // After a final block RFC 7692 §7.2.3.3 has the client send one
+        // 0x00 (the header of the empty block whose LEN and NLEN it
+        // removed); anything else there would be data lost unread.
+        if *ended && self.input[start..start + n].iter().any(|b| *b != 0) {
+            return Err(corrupt());
+        }
         let consumed = match inflater {
-            Some(_) if *compressed > max => {
+            Some(_) if *compressed + n > compressed_limit(max) => {
                 *inflater = None;
                 too_large(&mut self.output, max);
                 n
             }
-            Some(one) => match inflate_some(one, &self.input[start..start + n], &mut self.output, inflated, max)? {
+            // An empty frame has nothing to inflate: what the inflater may
+            // still hold comes out with the next frame or the tail, and
+            // an empty fragment costs no 16 KiB of output.
+            Some(_) if n == 0 => 0,
+            Some(one) => match inflate_some(
+                one,
+                &self.input[start..start + n],
+                &mut self.output,
+                inflated,
+                ended,
+                max,
+            )? {
                 Some((used, _)) => used,
                 None => {
                     *inflater = None;
@@ -245,6 +273,13 @@ impl Filter {
             // Over the limit already: the rest is dropped.
             None => n,
         };
+        *compressed += consumed;
+        // The inflater may stop short of the end (its fragment is full):
+        // what it left is masked again, as it arrived, since the next call
+        // unmasks it from `at + consumed` on.
+        for (i, byte) in self.input[start + consumed..start + n].iter_mut().enumerate() {
+            *byte ^= key[(at + consumed + i) % 4];
+        }
         self.start += consumed;
         let left = left - consumed as u64;
         let at = (at + consumed) % 4;
@@ -258,11 +293,17 @@ impl Filter {
 
     /// Inflates the removed tail, then hands up the final fragment.
     fn finish(&mut self, fed: usize) -> io::Result<Step> {
-        let Message::Compressed { inflater, inflated, .. } = &mut self.message else {
+        let Message::Compressed {
+            inflater,
+            inflated,
+            ended,
+            ..
+        } = &mut self.message
+        else {
             return Err(corrupt());
         };
         if let Some(one) = inflater {
-            match inflate_some(one, &TAIL[fed..], &mut self.output, inflated, self.max)? {
+            match inflate_some(one, &TAIL[fed..], &mut self.output, inflated, ended, self.max)? {
                 // More to come while the tail is not all in or the last
                 // call filled a whole fragment.
                 Some((used, produced)) if fed + used < TAIL.len() || produced == CHUNK => {
@@ -287,24 +328,39 @@ const FRAGMENT_HEADER: usize = 8;
 /// Inflates from `input` into at most one fragment of [`CHUNK`] bytes
 /// written to `output` (empty on entry); returns the input bytes used and
 /// the bytes produced, or `None` when the message went over `max`: then
-/// `output` holds a header that tungstenite refuses as too large.
+/// `output` holds a header that tungstenite refuses as too large. Once the
+/// stream `ended` (on entry), the input counts as used without being
+/// inflated (only output still pending in the inflater comes out).
 fn inflate_some(
     inflater: &mut Decompress,
     input: &[u8],
     output: &mut Vec<u8>,
     inflated: &mut usize,
+    ended: &mut bool,
     max: usize,
 ) -> io::Result<Option<(usize, usize)>> {
     output.clear();
     output.resize(FRAGMENT_HEADER + CHUNK, 0);
+    let given = input.len();
+    let input = if *ended { &input[..0] } else { input };
     let (in_before, out_before) = (inflater.total_in(), inflater.total_out());
-    inflater
+    let status = inflater
         .decompress(input, &mut output[FRAGMENT_HEADER..], FlushDecompress::Sync)
         .map_err(|_| corrupt())?;
-    let used = usize::try_from(inflater.total_in() - in_before).map_err(|_| corrupt())?;
+    let mut used = usize::try_from(inflater.total_in() - in_before).map_err(|_| corrupt())?;
     let produced = usize::try_from(inflater.total_out() - out_before).map_err(|_| corrupt())?;
-    if used == 0 && produced == 0 && !input.is_empty() {
-        // Input the inflater will not take: data after the stream's end.
+    if *ended {
+        // RFC 7692 §7.2.3.3: the message ended with a final block; what
+        // follows is not DEFLATE data and is dropped (the caller checked
+        // the client's part of it).
+        if produced < CHUNK {
+            used = given;
+        }
+    } else if status == Status::StreamEnd {
+        // The input left after the end, if any, comes back with `ended`.
+        *ended = true;
+    } else if used == 0 && produced == 0 && !input.is_empty() {
+        // Input the inflater will not take.
         return Err(corrupt());
     }
     *inflated += produced;
@@ -322,6 +378,17 @@ fn inflate_some(
         output[4..FRAGMENT_HEADER].fill(0);
     }
     Ok(Some((used, produced)))
+}
+
+/// The most compressed bytes (its frames' headers included) a message may
+/// have when it inflates to at most `max`: DEFLATE makes data that does not compress a little longer
+/// (zlib's bound is about one byte in 4,096 plus a few per block, and a
+/// sender may flush at every fragment), and browsers compress every
+/// message, so a message at the limit that does not compress must pass.
+/// The bound is there to stop a message that inflates to nothing from
+/// being read for ever, not to judge its size: that is `max`'s.
+fn compressed_limit(max: usize) -> usize {
+    max.saturating_add(max / 1024).saturating_add(1024)
 }
 
 /// The state after a frame's header: `None` when its payload is empty.

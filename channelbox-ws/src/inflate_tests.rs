@@ -1,5 +1,5 @@
-//! Tests of `inflate.rs`: compressed client messages inflated under the
-//! message limit, every other byte passed through.
+//! Tests of the inflate filter: what tungstenite reads through it from
+//! compressed, plain, fragmented, hostile and broken client frames.
 
 use super::*;
 use crate::deflate::deflate;
@@ -199,4 +199,147 @@ async fn without_the_extension_every_byte_passes() {
     let mut out = Vec::new();
     filter.read_to_end(&mut out).await.expect("reads");
     assert_eq!(out, wire);
+}
+
+/// Text that does not compress well: letters drawn by a fixed
+/// pseudo-random sequence.
+fn noise(len: usize) -> String {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'a' + (state % 26) as u8)
+        })
+        .collect()
+}
+
+/// The inflater may stop before the end of what it was given (its output
+/// fragment is full): the bytes it left must stay unmasked for the next
+/// call. Here the first fragment inflates to exactly 16 KiB (the inflater's
+/// 32 KiB window is then half full) and the second is a long run: the
+/// inflater fills the window's second half, hands all of it out as one
+/// full fragment and keeps the rest of the input for later, which it must
+/// then read as the client sent it (non-zero mask key).
+#[tokio::test]
+async fn input_the_inflater_left_is_unmasked_once() {
+    use flate2::{Compress, Compression, FlushCompress};
+    for prefix in [16_384, 8_192, 1_000] {
+        let (first, second) = (noise(prefix), "x".repeat(45_000));
+        let mut compressor = Compress::new(Compression::new(6), false);
+        let mut a = Vec::with_capacity(2 * prefix + 64);
+        compressor
+            .compress_vec(first.as_bytes(), &mut a, FlushCompress::Sync)
+            .expect("deflates");
+        let mut b = Vec::with_capacity(4096);
+        compressor
+            .compress_vec(second.as_bytes(), &mut b, FlushCompress::Sync)
+            .expect("deflates");
+        assert!(b.ends_with(&TAIL));
+        b.truncate(b.len() - TAIL.len());
+        let mut wire = client_frame(0x41, &a);
+        wire.extend(client_frame(0x80, &b));
+        let seen = read_messages(wire).await;
+        assert!(
+            seen.first() == Some(&text(&(first + &second))),
+            "prefix {prefix}: {:?}",
+            seen.iter().map(|r| r.as_ref().map(Message::len)).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// RFC 7692 §7.2.3.3: a client may end a message with a DEFLATE block
+/// whose BFINAL bit is set instead of a sync flush; the receiver still
+/// appends the empty-block tail, which then comes after the end of the
+/// stream and is ignored, not refused as corrupt. The connection goes on.
+#[tokio::test]
+async fn a_message_ending_with_a_final_block_is_read() {
+    use flate2::{Compress, Compression, FlushCompress};
+    let long = chat(20_000);
+    let mut compressor = Compress::new(Compression::new(6), false);
+    let mut finished = Vec::with_capacity(long.len());
+    compressor
+        .compress_vec(long.as_bytes(), &mut finished, FlushCompress::Finish)
+        .expect("deflates");
+    // "Hello" as one final fixed-Huffman block (RFC 7692 §7.2.3.3), then
+    // the same with a byte after the end of the stream.
+    let mut wire = client_frame(0xc1, &[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]);
+    wire.extend(client_frame(0xc1, &[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00]));
+    wire.extend(client_frame(0xc1, &finished));
+    wire.extend(client_frame(0x81, b"plain"));
+    let seen = read_messages(wire).await;
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert_eq!(seen[..4], [text("Hello"), text("Hello"), text(&long), text("plain")]);
+}
+
+/// Data after the final block would be lost unread: refused, in the same
+/// frame as the final block or in a frame after it.
+#[tokio::test]
+async fn data_after_a_final_block_is_refused() {
+    let hello = [0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+    let world = deflate(b"world").expect("deflates");
+    let same_frame = client_frame(0xc1, &[&hello[..], &world].concat());
+    let mut next_frame = client_frame(0x41, &hello);
+    next_frame.extend(client_frame(0x80, &world));
+    for wire in [same_frame, next_frame] {
+        let seen = read_messages(wire).await;
+        assert!(
+            seen.last()
+                .is_some_and(|r| r.as_ref().is_err_and(|e| e.contains("permessage-deflate"))),
+            "{seen:?}"
+        );
+    }
+}
+
+/// DEFLATE makes data that does not compress a little longer (a few bytes
+/// per stored block), and browsers compress every message: a message of
+/// exactly the limit that does not compress is accepted compressed, as it
+/// is plain.
+#[tokio::test]
+async fn a_message_at_the_limit_that_does_not_compress_is_accepted() {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let bytes: Vec<u8> = (0..MAX)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_be_bytes()[0]
+        })
+        .collect();
+    let compressed = deflate(&bytes).expect("deflates");
+    assert!(compressed.len() > MAX, "{} bytes compressed", compressed.len());
+    let seen = read_messages(client_frame(0xc2, &compressed)).await;
+    assert!(
+        seen.first() == Some(&Ok(Message::Binary(bytes.into()))),
+        "{:?}",
+        seen.iter().map(|r| r.as_ref().map(Message::len)).collect::<Vec<_>>()
+    );
+}
+
+/// Inflated fragments are cut every 16 KiB whatever the text: a character
+/// of three bytes cut in two by a fragment boundary is still read as text.
+#[tokio::test]
+async fn text_cut_inside_a_character_between_fragments_is_read() {
+    let message = "€uro ".repeat(8_000);
+    assert!(message.len() > 3 * CHUNK);
+    let seen = read_messages(client_frame(0xc1, &deflate(message.as_bytes()).expect("deflates"))).await;
+    assert!(seen.first() == Some(&text(&message)), "{seen:?}");
+}
+
+/// Fragments cost their headers: a compressed message of endless empty
+/// continuation frames (each inflating nothing, none counted by the size
+/// limit, the message never ending) is refused as too large once its
+/// frames pass the compressed bound, instead of keeping the filter busy
+/// for as long as the client sends them.
+#[tokio::test]
+async fn endless_empty_fragments_are_too_large() {
+    let mut wire = client_frame(0x41, &deflate(b"hello").expect("deflates"));
+    let empty = client_frame(0x00, &[]);
+    for _ in 0..(MAX / empty.len() + 1000) {
+        wire.extend_from_slice(&empty);
+    }
+    wire.extend(client_frame(0x80, &[]));
+    let seen = read_messages(wire).await;
+    assert_eq!(seen, [Err("too large".to_owned())]);
 }

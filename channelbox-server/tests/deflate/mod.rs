@@ -30,6 +30,28 @@ pub fn compress(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A client frame masked with a non-zero key, as real clients mask
+/// (`support::raw::client_frame` masks with zeros, which hides a filter
+/// that unmasks a byte twice); `first` is FIN, RSV and opcode.
+pub fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [0xa5, 0x3c, 0x0f, 0x96];
+    let mut f = vec![first];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
 /// The inverse of [`compress`].
 pub fn inflate(data: &[u8]) -> Vec<u8> {
     let mut input = data.to_vec();
