@@ -171,6 +171,15 @@ impl Frame {
         self.0.compressed.get_or_init(|| compress(self)).as_ref()
     }
 
+    /// Whether another clone of this frame exists right now — another
+    /// member's queue holds it too (a broadcast) — rather than this being
+    /// the only one (a reply to one connection). A hint for work that pays
+    /// only when shared, such as compressing once for every receiver: the
+    /// answer may change as soon as it is given.
+    pub fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.0) > 1
+    }
+
     /// A text frame.
     pub fn text(text: impl Into<String>) -> Self {
         Frame::new(FrameKind::Text, Bytes::from(text.into()))

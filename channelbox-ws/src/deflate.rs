@@ -37,6 +37,16 @@ pub const ACCEPTED_WITH_SERVER_WINDOW: &str =
 /// go out plain anyway; the threshold spares compressing them.
 pub const MIN_COMPRESSED_BYTES: usize = 80;
 
+/// Frames written to one connection only (replies such as `published`,
+/// `history` pages, a `direct`) with fewer payload bytes go out
+/// uncompressed: compressing them is not shared by anyone, so the server
+/// would pay a compression (tens of microseconds at level 6) per frame to
+/// save under about 500 bytes — for every publish's `published` reply, a
+/// compression to save 6 bytes. Larger ones are compressed for the
+/// bandwidth they save. Whether a frame is shared is
+/// [`Frame::is_shared`] when the first connection writes it.
+pub const MIN_COMPRESSED_ONE_OFF_BYTES: usize = 1024;
+
 /// The deflate level. A message is compressed once for all its receivers,
 /// so a better level costs little per delivery: on 1 KB chat messages
 /// level 6 makes frames 7% shorter than level 1 (the same test checks it),
@@ -185,7 +195,7 @@ pub(crate) fn compress_frame(frame: &Frame) -> Option<Bytes> {
         FrameKind::Ping => return None,
     };
     let data = frame.data();
-    if data.len() < MIN_COMPRESSED_BYTES {
+    if data.len() < MIN_COMPRESSED_BYTES || (data.len() < MIN_COMPRESSED_ONE_OFF_BYTES && !frame.is_shared()) {
         return None;
     }
     let payload = deflate(data)?;

@@ -211,6 +211,7 @@ fn inflate(compressed: &[u8]) -> Vec<u8> {
 fn compressed_frames_inflate_to_the_original() {
     for len in [40, 200, 1000, 70_000] {
         let frame = chat_frame(len);
+        let _another_member = frame.clone();
         let Some(bytes) = compress_frame(&frame) else {
             assert!(frame.len() < MIN_COMPRESSED_BYTES, "{len}");
             continue;
@@ -276,6 +277,7 @@ fn the_threshold_and_the_level_are_where_compression_pays() {
     }
     for len in [MIN_COMPRESSED_BYTES, 96, 128, 160, 200] {
         let frame = prefix_frame(len);
+        let _another_member = frame.clone();
         let framed = framed_deflate(&frame, LEVEL);
         assert!(framed < framed_plain(&frame), "{len} bytes");
         assert_eq!(compress_frame(&frame).map(|c| c.len()), Some(framed), "{len} bytes");
@@ -284,6 +286,23 @@ fn the_threshold_and_the_level_are_where_compression_pays() {
         let frame = chat_frame(len);
         assert!(framed_deflate(&frame, 6) < framed_deflate(&frame, 1), "{len} bytes");
     }
+}
+
+/// A frame only one connection holds (a reply) is compressed only from
+/// [`MIN_COMPRESSED_ONE_OFF_BYTES`] on: below, the compression would be
+/// paid for one receiver.
+#[test]
+fn a_frame_for_one_connection_only_is_compressed_only_when_large() {
+    let reply = prefix_frame(200);
+    assert!(compress_frame(&reply).is_none(), "a 200-byte reply goes plain");
+    let broadcast = prefix_frame(200);
+    let _another_member = broadcast.clone();
+    assert!(
+        compress_frame(&broadcast).is_some(),
+        "the same bytes to two members pay"
+    );
+    let page = chat_frame(MIN_COMPRESSED_ONE_OFF_BYTES);
+    assert!(compress_frame(&page).is_some(), "a large reply is compressed");
 }
 
 /// `server_no_context_takeover` is what lets one compressed copy serve
