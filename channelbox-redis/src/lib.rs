@@ -42,6 +42,7 @@
 
 mod appends;
 mod broker;
+mod cluster;
 mod directory;
 mod durability;
 mod floors;
@@ -68,6 +69,7 @@ use uuid::Uuid;
 use sentinel::Target;
 
 pub use broker::RedisBroker;
+pub use cluster::{crc16, group_slot, ClusterEngine, SLOTS};
 pub use directory::{RedisDirectory, FLUSH_EVERY, RECORD_TTL};
 pub use durability::MAX_WAIT;
 pub use router::{ShardedBroker, ShardedDirectory, ShardedStore};
@@ -198,22 +200,30 @@ impl RedisEngine {
                 Target::Sentinel(sentinel::Sentinels::start(sentinels.clone(), master.clone()))
             }
             RedisAddress::Cluster { .. } => {
-                return Err(invalid(format!("{address}: Redis Cluster is not supported yet")));
+                return Err(invalid(format!(
+                    "{address}: a Redis Cluster is connected with ClusterEngine::connect"
+                )));
             }
         });
+        RedisEngine::start_on(target, config, keys::HOME)
+    }
+
+    /// Starts the connections and tasks to `target`, with the server and
+    /// channel records of the directory under `home` (see `keys`).
+    pub(crate) fn start_on(target: Arc<Target>, config: &RedisConfig, home: &str) -> Result<RedisEngine, StoreError> {
         let node = Uuid::new_v4();
-        let link = link::Link::start(target.clone());
+        let link = link::Link::start(target.clone(), keys::probe(home));
         let wait = durability::ReplicaWait::new(
             config.replicas,
             config.replica_wait,
-            (config.replicas > 0).then(|| link::Link::start(target.clone())),
+            (config.replicas > 0).then(|| link::Link::start(target.clone(), keys::probe(home))),
         );
         let (control_tx, control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
         let floors = Arc::new(floors::Floors::default());
         let broker = RedisBroker::start(target, link.clone(), node, control_tx, floors.clone());
         let shared = Arc::new(appends::Shared::new(floors, config.meta_ttl));
         let store = RedisStore::new(link.clone(), config.limits.clone(), broker.health(), shared, wait);
-        let directory = RedisDirectory::start(node, link.clone(), control_rx);
+        let directory = RedisDirectory::start(node, home.to_owned(), link.clone(), control_rx);
         Ok(RedisEngine {
             link,
             store: Arc::new(store),

@@ -13,9 +13,19 @@
 //!
 //! Health is any shard's: a shard that is down makes its own groups answer
 //! `unavailable` (its store refuses them), not the others'.
+//!
+//! A Redis Cluster is routed the same way, with one engine per master and a
+//! group placed by its hash slot ([`Placement::Slots`], see `cluster`): a
+//! request a node refuses for its slot (`MOVED`, `ASK`, `TRYAGAIN`,
+//! `CLUSTERDOWN`) did not run, so it is sent again once the slot map is
+//! read anew, for at most [`REDIRECT_FOR`]. Subscriptions and directory
+//! records stay with the engine that made them (the broker's pub/sub is
+//! cluster-wide, see `cluster`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use channelbox_core::{
@@ -26,8 +36,55 @@ use channelbox_core::{
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use crate::cluster::Slots;
+use crate::link::{is_redirect, unavailable};
 use crate::shards::shard_of;
 use crate::{RedisBroker, RedisDirectory, RedisStore};
+
+/// How long a request refused for its Cluster slot is sent again (the slot
+/// map read anew each time) before it fails as `unavailable`.
+pub(crate) const REDIRECT_FOR: Duration = Duration::from_secs(5);
+/// Waits between two tries of a refused request.
+const REDIRECT_WAIT: Duration = Duration::from_millis(50);
+
+/// Where a group lives among the engines.
+#[derive(Clone, Debug)]
+pub(crate) enum Placement {
+    /// Independent shards: `jump(fnv1a64(name), n)`.
+    Jump(usize),
+    /// A Redis Cluster: the master that serves the group's slot now.
+    Slots(Arc<Slots>),
+}
+
+impl Placement {
+    /// The engine of `group`, or `unavailable` when no known master serves
+    /// its slot.
+    pub(crate) fn of(&self, group: &str) -> Result<usize, StoreError> {
+        match self {
+            Placement::Jump(n) => Ok(shard_of(group, *n)),
+            Placement::Slots(slots) => slots
+                .master_of(group)
+                .ok_or_else(|| unavailable(format!("no known master serves the slot of group {group:?}"))),
+        }
+    }
+
+    /// After a redirect: reads the slot map anew (at most once per wait)
+    /// and waits a little; `false` once `deadline` passed (or on shards,
+    /// which never redirect).
+    async fn follow(&self, deadline: tokio::time::Instant) -> bool {
+        match self {
+            Placement::Jump(_) => false,
+            Placement::Slots(slots) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return false;
+                }
+                slots.refresh().await;
+                tokio::time::sleep(REDIRECT_WAIT).await;
+                true
+            }
+        }
+    }
+}
 
 /// Merged events waiting for the box (or the service) before a shard's
 /// forwarding task waits.
@@ -84,19 +141,67 @@ fn connection_of_all(shards: usize) -> impl FnMut(usize, &BrokerEvent) -> bool +
     }
 }
 
-/// History on several shards.
+/// History on several shards (or the masters of a Redis Cluster).
 #[derive(Debug)]
 pub struct ShardedStore {
-    shards: Vec<Arc<RedisStore>>,
+    shards: Arc<Vec<Arc<RedisStore>>>,
+    placement: Placement,
 }
 
 impl ShardedStore {
-    pub(crate) fn new(shards: Vec<Arc<RedisStore>>) -> Self {
-        ShardedStore { shards }
+    pub(crate) fn new(shards: Vec<Arc<RedisStore>>, placement: Placement) -> Self {
+        ShardedStore {
+            shards: Arc::new(shards),
+            placement,
+        }
     }
 
-    fn of(&self, group: &str) -> &RedisStore {
-        &self.shards[shard_of(group, self.shards.len())]
+    fn of(&self, group: &str) -> Result<Arc<RedisStore>, StoreError> {
+        Ok(self.shards[self.placement.of(group)?].clone())
+    }
+
+    /// Runs `request` on the group's engine; a Cluster redirect sends it
+    /// again where the slot is now (it did not run).
+    async fn routed<T, F, Fut>(&self, group: &str, request: F) -> Result<T, StoreError>
+    where
+        F: Fn(Arc<RedisStore>) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
+        loop {
+            match request(self.of(group)?).await {
+                Err(err) if is_redirect(&err) && self.placement.follow(deadline).await => {}
+                result => return result,
+            }
+        }
+    }
+
+    /// Appends on the group's engine; a Cluster redirect appends again
+    /// where the slot is now (the refused script did not run, so nothing
+    /// is saved twice).
+    fn append_routed(
+        &self,
+        group: &str,
+        message: NewMessage,
+        except: Option<Uuid>,
+    ) -> Result<PendingAppend, StoreError> {
+        let first = self.of(group)?.append_except(group, message.clone(), except)?;
+        if matches!(self.placement, Placement::Jump(_)) {
+            return Ok(first);
+        }
+        let (shards, placement, group) = (self.shards.clone(), self.placement.clone(), group.to_owned());
+        Ok(PendingAppend::remote(Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
+            let mut pending = first;
+            loop {
+                match pending.wait().await {
+                    Err(err) if is_redirect(&err) && placement.follow(deadline).await => {
+                        pending = shards[placement.of(&group)?].append_except(&group, message.clone(), except)?;
+                    }
+                    result => return result,
+                }
+            }
+        })))
     }
 }
 
@@ -111,11 +216,11 @@ impl HistoryStore for ShardedStore {
     }
 
     fn message_cost(&self, group: &str, payload_bytes: usize) -> u64 {
-        self.of(group).message_cost(group, payload_bytes)
+        self.shards[0].message_cost(group, payload_bytes)
     }
 
     fn append(&self, group: &str, message: NewMessage) -> Result<PendingAppend, StoreError> {
-        self.of(group).append(group, message)
+        self.append_routed(group, message, None)
     }
 
     fn append_except(
@@ -124,24 +229,83 @@ impl HistoryStore for ShardedStore {
         message: NewMessage,
         except: Option<Uuid>,
     ) -> Result<PendingAppend, StoreError> {
-        self.of(group).append_except(group, message, except)
+        self.append_routed(group, message, except)
     }
 
     async fn head(&self, group: &str) -> Result<Head, StoreError> {
-        self.of(group).head(group).await
+        self.routed(group, |s| async move { s.head(group).await }).await
     }
 
     /// Each shard checks its own groups (one pipelined call per shard, all
     /// shards at once), so a shard that went back in time moves its groups
     /// to new epochs just as one Redis does; the answers come back in the
-    /// order asked.
+    /// order asked. On a Cluster, the groups whose node redirected are
+    /// checked again where their slots are now.
     async fn check_heads(&self, groups: &[(String, StreamPosition)]) -> Vec<Result<Head, StoreError>> {
+        let mut heads = self.check_heads_once(groups).await;
+        let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
+        loop {
+            let again: Vec<usize> = (0..heads.len())
+                .filter(|i| matches!(&heads[*i], Err(e) if is_redirect(e)))
+                .collect();
+            if again.is_empty() || !self.placement.follow(deadline).await {
+                return heads;
+            }
+            let asked: Vec<(String, StreamPosition)> = again.iter().map(|i| groups[*i].clone()).collect();
+            for (i, head) in again.into_iter().zip(self.check_heads_once(&asked).await) {
+                heads[i] = head;
+            }
+        }
+    }
+
+    async fn read(&self, group: &str, query: ReadQuery) -> Result<HistoryPage, StoreError> {
+        self.routed(group, |s| {
+            let query = query.clone();
+            async move { s.read(group, query).await }
+        })
+        .await
+    }
+
+    async fn flush_group(&self, group: &str) -> Result<Epoch, StoreError> {
+        self.routed(group, |s| async move { s.flush_group(group).await }).await
+    }
+
+    async fn flush_all(&self) -> Result<(), StoreError> {
+        for s in self.shards.iter() {
+            s.flush_all().await?;
+        }
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<HistoryStats, StoreError> {
+        let mut total = HistoryStats::default();
+        for s in self.shards.iter() {
+            let one = s.stats().await?;
+            total.messages += one.messages;
+            total.bytes += one.bytes;
+            total.cost += one.cost;
+        }
+        Ok(total)
+    }
+
+    fn healthy(&self) -> bool {
+        self.shards.iter().any(|s| s.healthy())
+    }
+}
+
+impl ShardedStore {
+    /// One round of head checks, each group on the engine it is placed on now.
+    async fn check_heads_once(&self, groups: &[(String, StreamPosition)]) -> Vec<Result<Head, StoreError>> {
         let mut per_shard: Vec<Vec<(String, StreamPosition)>> = vec![Vec::new(); self.shards.len()];
         let mut places = Vec::with_capacity(groups.len());
         for (group, seen) in groups {
-            let shard = shard_of(group, self.shards.len());
-            places.push((shard, per_shard[shard].len()));
-            per_shard[shard].push((group.clone(), seen.clone()));
+            match self.placement.of(group) {
+                Ok(shard) => {
+                    places.push(Ok((shard, per_shard[shard].len())));
+                    per_shard[shard].push((group.clone(), seen.clone()));
+                }
+                Err(err) => places.push(Err(err)),
+            }
         }
         let checks = self.shards.iter().zip(&per_shard).map(|(store, asked)| async move {
             if asked.is_empty() {
@@ -157,7 +321,8 @@ impl HistoryStore for ShardedStore {
             .collect();
         places
             .into_iter()
-            .map(|(shard, i)| {
+            .map(|place| {
+                let (shard, i) = place?;
                 answers[shard]
                     .get_mut(i)
                     .and_then(Option::take)
@@ -165,71 +330,63 @@ impl HistoryStore for ShardedStore {
             })
             .collect()
     }
-
-    async fn read(&self, group: &str, query: ReadQuery) -> Result<HistoryPage, StoreError> {
-        self.of(group).read(group, query).await
-    }
-
-    async fn flush_group(&self, group: &str) -> Result<Epoch, StoreError> {
-        self.of(group).flush_group(group).await
-    }
-
-    async fn flush_all(&self) -> Result<(), StoreError> {
-        for s in &self.shards {
-            s.flush_all().await?;
-        }
-        Ok(())
-    }
-
-    async fn stats(&self) -> Result<HistoryStats, StoreError> {
-        let mut total = HistoryStats::default();
-        for s in &self.shards {
-            let one = s.stats().await?;
-            total.messages += one.messages;
-            total.bytes += one.bytes;
-            total.cost += one.cost;
-        }
-        Ok(total)
-    }
-
-    fn healthy(&self) -> bool {
-        self.shards.iter().any(|s| s.healthy())
-    }
 }
 
-/// Pub/sub on several shards.
+/// Pub/sub on several shards (or the masters of a Redis Cluster).
 #[derive(Debug)]
 pub struct ShardedBroker {
     shards: Vec<Arc<RedisBroker>>,
+    placement: Placement,
+    /// The engine each subscribed group was subscribed on: its unsubscribe
+    /// goes there too, wherever its Cluster slot moved meanwhile.
+    subscribed: Mutex<HashMap<String, usize>>,
     events: Mutex<Option<mpsc::Receiver<BrokerEvent>>>,
 }
 
 impl ShardedBroker {
-    pub(crate) fn new(shards: Vec<Arc<RedisBroker>>) -> Self {
+    pub(crate) fn new(shards: Vec<Arc<RedisBroker>>, placement: Placement) -> Self {
         let receivers: Vec<_> = shards.iter().filter_map(|b| b.take_events()).collect();
         let count = receivers.len();
         ShardedBroker {
             events: Mutex::new(Some(merge_with(receivers, connection_of_all(count)))),
             shards,
+            placement,
+            subscribed: Mutex::new(HashMap::new()),
         }
     }
+}
 
-    fn of(&self, group: &str) -> &RedisBroker {
-        &self.shards[shard_of(group, self.shards.len())]
-    }
+fn failed(err: StoreError) -> BrokerFuture {
+    Box::pin(async move { Err(err) })
 }
 
 impl Broker for ShardedBroker {
     fn subscribe(&self, group: &str) -> BrokerFuture {
-        self.of(group).subscribe(group)
+        let mut subscribed = self.subscribed.lock().unwrap_or_else(|p| p.into_inner());
+        let shard = match subscribed.get(group) {
+            Some(shard) => *shard,
+            None => match self.placement.of(group) {
+                Ok(shard) => shard,
+                Err(err) => return failed(err),
+            },
+        };
+        subscribed.insert(group.to_owned(), shard);
+        self.shards[shard].subscribe(group)
     }
 
     fn unsubscribe(&self, group: &str) -> BrokerFuture {
-        self.of(group).unsubscribe(group)
+        let shard = self.subscribed.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
+        match shard.map_or_else(|| self.placement.of(group), Ok) {
+            Ok(shard) => self.shards[shard].unsubscribe(group),
+            Err(err) => failed(err),
+        }
     }
 
     fn publish_unsaved(&self, group: &str, message: &NewMessage, except: Option<Uuid>) -> BrokerFuture {
-        self.of(group).publish_unsaved(group, message, except)
+        match self.placement.of(group) {
+            Ok(shard) => self.shards[shard].publish_unsaved(group, message, except),
+            Err(err) => failed(err),
+        }
     }
 
     fn take_events(&self) -> Option<mpsc::Receiver<BrokerEvent>> {
@@ -241,31 +398,65 @@ impl Broker for ShardedBroker {
     }
 }
 
-/// The chat service's directory on several shards.
+/// The chat service's directory on several shards (or the masters of a
+/// Redis Cluster).
 #[derive(Debug)]
 pub struct ShardedDirectory {
     shards: Vec<Arc<RedisDirectory>>,
+    placement: Placement,
+    /// Groups with members here: the engine their records are kept by, and
+    /// the members, so that a leave goes where the join went.
+    kept: Mutex<HashMap<String, (usize, HashSet<Uuid>)>>,
     events: Mutex<Option<mpsc::Receiver<ClusterEvent>>>,
 }
 
 impl ShardedDirectory {
-    pub(crate) fn new(shards: Vec<Arc<RedisDirectory>>) -> Self {
+    pub(crate) fn new(shards: Vec<Arc<RedisDirectory>>, placement: Placement) -> Self {
         let receivers = shards.iter().filter_map(|d| d.take_events()).collect();
         ShardedDirectory {
             events: Mutex::new(Some(merge(receivers))),
             shards,
+            placement,
+            kept: Mutex::new(HashMap::new()),
         }
     }
 
-    fn of(&self, group: &str) -> &RedisDirectory {
-        &self.shards[shard_of(group, self.shards.len())]
+    fn of(&self, group: &str) -> Result<&RedisDirectory, StoreError> {
+        Ok(&self.shards[self.placement.of(group)?])
     }
 }
 
 #[async_trait]
 impl Directory for ShardedDirectory {
     fn changed(&self, group: &str, change: Change, member: Member) {
-        self.of(group).changed(group, change, member);
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let shard = match kept.get(group) {
+            Some((shard, _)) => *shard,
+            None => match self.placement.of(group) {
+                Ok(shard) => shard,
+                Err(err) => {
+                    tracing::warn!(%err, group, "member change not recorded");
+                    return;
+                }
+            },
+        };
+        let members = &mut kept
+            .entry(group.to_owned())
+            .or_insert_with(|| (shard, HashSet::new()))
+            .1;
+        match change {
+            Change::Joined => {
+                members.insert(member.channel_id);
+            }
+            Change::Left => {
+                members.remove(&member.channel_id);
+            }
+        }
+        if members.is_empty() {
+            kept.remove(group);
+        }
+        drop(kept);
+        self.shards[shard].changed(group, change, member);
     }
 
     async fn connected(&self, channel: Uuid) -> Result<(), StoreError> {
@@ -287,7 +478,7 @@ impl Directory for ShardedDirectory {
     }
 
     async fn presence(&self, group: &str, max: usize) -> Result<(Vec<Member>, bool), StoreError> {
-        self.of(group).presence(group, max).await
+        self.of(group)?.presence(group, max).await
     }
 
     async fn direct(&self, to: Uuid, frame: String) -> Result<bool, StoreError> {
