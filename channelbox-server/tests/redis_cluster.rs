@@ -1,0 +1,235 @@
+//! A Redis Cluster of three masters for real (`--redis-url
+//! redis+cluster://…`, redis-servers of this test's own): 20 groups over
+//! slots of every master, publishers on two servers, exact delivery; and a
+//! busy group's slot migrated to another master while both servers publish
+//! to it: no gap, no duplicate, no (epoch, offset) pair reused, nothing
+//! acknowledged lost.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use channelbox_redis::group_slot;
+use channelbox_redis::testkit_forms::ClusterSet;
+use serde_json::{json, Value};
+use support::{http, Client, Server};
+
+fn start_cluster() -> ClusterSet {
+    ClusterSet::start()
+}
+
+fn server(set: &ClusterSet) -> Server {
+    let url = set.url();
+    Server::start(&["--store", "redis", "--redis-url", &url])
+}
+
+/// `n` group names, each in its own slot, spread over every master.
+fn groups_over_masters(set: &ClusterSet, n: usize) -> Vec<String> {
+    let mut per_master: Vec<Vec<String>> = vec![Vec::new(); set.nodes.len()];
+    let mut slots = BTreeSet::new();
+    let want = n.div_ceil(set.nodes.len());
+    for i in 0.. {
+        let g = format!("room-{i}");
+        let slot = group_slot(&g);
+        let owner = set.owner_of(slot);
+        if per_master[owner].len() < want && slots.insert(slot) {
+            per_master[owner].push(g);
+        }
+        if per_master.iter().all(|m| m.len() >= want) {
+            break;
+        }
+    }
+    let mut groups: Vec<String> = per_master.into_iter().flatten().collect();
+    groups.truncate(n);
+    groups
+}
+
+/// Reads `count` messages from a member: `(epoch, offset, data)` in arrival order.
+async fn receive(member: &mut Client, count: usize) -> Vec<(String, u64, u64)> {
+    let mut got = Vec::with_capacity(count);
+    while got.len() < count {
+        let v = member.recv_type("message").await;
+        got.push((
+            v["epoch"].as_str().expect("epoch").to_owned(),
+            v["offset"].as_u64().expect("offset"),
+            v["data"].as_u64().expect("data"),
+        ));
+    }
+    got
+}
+
+/// Checks one member's messages against what the publishers were told:
+/// one epoch, offsets 1.. in order with no gap or duplicate, each pair
+/// naming the message it was acknowledged for.
+fn check_exact(group: &str, got: &[(String, u64, u64)], acked: &BTreeMap<u64, (String, u64)>) {
+    let offsets: Vec<u64> = got.iter().map(|m| m.1).collect();
+    let want: Vec<u64> = (1..=acked.len() as u64).collect();
+    assert_eq!(offsets, want, "group {group}: every offset once, in order");
+    for (epoch, offset, data) in got {
+        let (acked_epoch, acked_data) = &acked[offset];
+        assert_eq!(
+            (epoch, data),
+            (acked_epoch, acked_data),
+            "group {group}: offset {offset} names one message"
+        );
+    }
+}
+
+/// Publishes `data` values one at a time (each waits for its `published`),
+/// recording the acknowledged `(offset, (epoch, data))`.
+async fn publish_all(publisher: &mut Client, data: impl Iterator<Item = u64>) -> Vec<(u64, (String, u64))> {
+    let mut acked = Vec::new();
+    for (i, d) in data.enumerate() {
+        let reference = format!("r{i}");
+        publisher
+            .send(json!({"type": "publish", "data": d, "echo": false, "ref": reference}))
+            .await;
+        let v = loop {
+            let v = publisher.recv().await;
+            if v["ref"] == reference.as_str() {
+                break v;
+            }
+        };
+        assert_eq!(v["type"], "published", "publish {d}: {v}");
+        acked.push((
+            v["offset"].as_u64().expect("offset"),
+            (v["epoch"].as_str().expect("epoch").to_owned(), d),
+        ));
+    }
+    acked
+}
+
+/// Merges two publishers' acknowledgements; a pair acknowledged twice fails.
+fn merged(a: Vec<(u64, (String, u64))>, b: Vec<(u64, (String, u64))>) -> BTreeMap<u64, (String, u64)> {
+    let mut all = BTreeMap::new();
+    for (offset, named) in a.into_iter().chain(b) {
+        if let Some(before) = all.insert(offset, named.clone()) {
+            panic!("offset {offset} acknowledged twice: {before:?} and {named:?}");
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_groups_over_three_masters_are_exact_across_two_servers() {
+    let set = tokio::task::spawn_blocking(start_cluster).await.expect("a cluster");
+    let servers = [server(&set), server(&set)];
+    let groups = groups_over_masters(&set, 20);
+    assert_eq!(groups.len(), 20);
+    let owners: BTreeSet<usize> = groups.iter().map(|g| set.owner_of(group_slot(g))).collect();
+    assert_eq!(owners.len(), 3, "the groups use every master");
+    const PER: u64 = 15;
+    // A member of every group on each server.
+    let mut members = Vec::new();
+    for g in &groups {
+        let a = Client::join(&servers[0].ws_url(&format!("/ws/{g}"))).await.0;
+        let b = Client::join(&servers[1].ws_url(&format!("/ws/{g}"))).await.0;
+        members.push((a, b));
+    }
+    // Publishers on both servers, at once, on every group.
+    let mut tasks = Vec::new();
+    for g in &groups {
+        for (s, srv) in servers.iter().enumerate() {
+            let url = srv.ws_url(&format!("/ws/{g}"));
+            tasks.push(tokio::spawn(async move {
+                let (mut publisher, _) = Client::join(&url).await;
+                let base = s as u64 * 1000;
+                publish_all(&mut publisher, base..base + PER).await
+            }));
+        }
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.expect("publisher"));
+    }
+    let mut results = results.into_iter();
+    for (g, (a, b)) in groups.iter().zip(members.iter_mut()) {
+        let acked = merged(results.next().expect("0"), results.next().expect("1"));
+        assert_eq!(acked.len() as u64, 2 * PER);
+        check_exact(g, &receive(a, acked.len()).await, &acked);
+        check_exact(g, &receive(b, acked.len()).await, &acked);
+    }
+    // Each group's head and stream are on the master of its slot (the
+    // others redirect).
+    for g in &groups {
+        let owner = set.owner_of(group_slot(g));
+        for key in [format!("cb:{{{g}}}:h"), format!("cb:{{{g}}}:s")] {
+            let n: i64 =
+                redis::from_redis_value(set.nodes[owner].run(&["EXISTS", &key]).expect("exists")).expect("count");
+            assert_eq!(n, 1, "group {g}: {key} on master {owner}");
+        }
+    }
+    let health = http(&servers[0].addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(health.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_groups_slot_migrates_while_two_servers_publish() {
+    let set = std::sync::Arc::new(tokio::task::spawn_blocking(start_cluster).await.expect("a cluster"));
+    let servers = [server(&set), server(&set)];
+    let group = "busy";
+    let slot = group_slot(group);
+    let from = set.owner_of(slot);
+    let to = (from + 1) % set.nodes.len();
+    const PER: u64 = 300;
+    let mut a = Client::join(&servers[0].ws_url(&format!("/ws/{group}"))).await.0;
+    let mut b = Client::join(&servers[1].ws_url(&format!("/ws/{group}"))).await.0;
+    let mut publishers = Vec::new();
+    for (s, srv) in servers.iter().enumerate() {
+        let url = srv.ws_url(&format!("/ws/{group}"));
+        publishers.push(tokio::spawn(async move {
+            let (mut publisher, _) = Client::join(&url).await;
+            let base = s as u64 * 10_000;
+            publish_all(&mut publisher, base..base + PER).await
+        }));
+    }
+    // Let the publishers run, then move the slot while they do: its keys one
+    // per MIGRATE (the group's head and stream move apart), with pauses.
+    let first = receive(&mut a, 50).await;
+    let migrating = set.clone();
+    tokio::task::spawn_blocking(move || migrating.migrate_slot(slot, to, 1, Duration::from_millis(150)))
+        .await
+        .expect("migrated");
+    assert_eq!(set.owner_of(slot), to, "the slot is on the other master now");
+    assert!(
+        publishers.iter().all(|p| !p.is_finished()),
+        "the publishers were still publishing when the migration ended"
+    );
+    let acked_b = publishers.pop().expect("b").await.expect("publisher b");
+    let acked_a = publishers.pop().expect("a").await.expect("publisher a");
+    let acked = merged(acked_a, acked_b);
+    assert_eq!(acked.len() as u64, 2 * PER, "every publish acknowledged");
+    let epochs: BTreeSet<&String> = acked.values().map(|(e, _)| e).collect();
+    assert_eq!(epochs.len(), 1, "one epoch throughout: {epochs:?}");
+    let mut got_a = first;
+    got_a.extend(receive(&mut a, acked.len() - got_a.len()).await);
+    check_exact(group, &got_a, &acked);
+    check_exact(group, &receive(&mut b, acked.len()).await, &acked);
+    // History on the new master holds every acknowledged message.
+    let key = format!("cb:{{{group}}}:s");
+    let len: i64 = redis::from_redis_value(set.nodes[to].run(&["XLEN", &key]).expect("xlen")).expect("len");
+    assert_eq!(len as usize, acked.len(), "every acknowledged message is in history");
+    let history = http(
+        &servers[1].addr,
+        "GET",
+        &format!("/api/groups/{group}/history?limit=1000"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(history.status, 200, "{}", history.body);
+    let body: Value = history.json();
+    let offsets: Vec<u64> = body["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["offset"].as_u64().expect("offset"))
+        .collect();
+    assert_eq!(
+        offsets,
+        (1..=acked.len() as u64).collect::<Vec<_>>(),
+        "{}",
+        history.body
+    );
+}
