@@ -141,11 +141,141 @@ fn connection_of_all(shards: usize) -> impl FnMut(usize, &BrokerEvent) -> bool +
     }
 }
 
+/// The order in which one group's appends were made, so that appends a
+/// Cluster node refused are sent again in that order: one connection's
+/// publishes keep their order across a slot move. Each append takes a
+/// ticket; one refused waits until every earlier one of its group is
+/// settled (saved, failed, dropped, or itself sent again and answered)
+/// before it is sent again, for at most [`REDIRECT_FOR`]; an append made
+/// while one of its group is held so is itself held (sent when its turn
+/// comes, once awaited), so that it cannot overtake.
+#[derive(Debug, Default)]
+struct RetryOrder {
+    groups: Mutex<HashMap<String, Tickets>>,
+}
+
+#[derive(Debug)]
+struct Tickets {
+    /// The next ticket to hand out.
+    issued: u64,
+    /// Every ticket below this one is settled.
+    next: u64,
+    /// Settled tickets above `next`.
+    early: std::collections::BTreeSet<u64>,
+    /// Unsettled tickets held back (refused once, or made while one was).
+    held: u64,
+    turn: Arc<tokio::sync::Notify>,
+}
+
+impl RetryOrder {
+    fn take(self: &Arc<Self>, group: &str) -> Ticket {
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        let t = groups.entry(group.to_owned()).or_insert_with(|| Tickets {
+            issued: 0,
+            next: 0,
+            early: Default::default(),
+            held: 0,
+            turn: Arc::new(tokio::sync::Notify::new()),
+        });
+        t.issued += 1;
+        let held = t.held > 0;
+        if held {
+            t.held += 1;
+        }
+        Ticket {
+            order: self.clone(),
+            group: group.to_owned(),
+            number: t.issued - 1,
+            held,
+            settled: false,
+        }
+    }
+}
+
+/// One append's place in its group's order; settled when dropped.
+struct Ticket {
+    order: Arc<RetryOrder>,
+    group: String,
+    number: u64,
+    /// Counted in its group's `held`.
+    held: bool,
+    settled: bool,
+}
+
+impl Ticket {
+    /// Marks the append held back: later appends of the group wait for it.
+    fn hold(&mut self) {
+        if std::mem::replace(&mut self.held, true) {
+            return;
+        }
+        let mut groups = self.order.groups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = groups.get_mut(&self.group) {
+            t.held += 1;
+        }
+    }
+
+    /// Waits until every earlier append of the group is settled (at most
+    /// until `deadline`).
+    async fn turn(&self, deadline: tokio::time::Instant) {
+        loop {
+            let turn = {
+                let groups = self.order.groups.lock().unwrap_or_else(|p| p.into_inner());
+                match groups.get(&self.group) {
+                    Some(t) if t.next < self.number => t.turn.clone(),
+                    _ => return,
+                }
+            };
+            let notified = turn.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let groups = self.order.groups.lock().unwrap_or_else(|p| p.into_inner());
+                if groups.get(&self.group).is_none_or(|t| t.next >= self.number) {
+                    return;
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn settle(&mut self) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let mut groups = self.order.groups.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(t) = groups.get_mut(&self.group) else { return };
+        if self.held {
+            t.held = t.held.saturating_sub(1);
+        }
+        if self.number == t.next {
+            t.next += 1;
+            while t.early.remove(&t.next) {
+                t.next += 1;
+            }
+            t.turn.notify_waiters();
+        } else if self.number > t.next {
+            t.early.insert(self.number);
+        }
+        if t.next == t.issued {
+            groups.remove(&self.group);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
 /// History on several shards (or the masters of a Redis Cluster).
 #[derive(Debug)]
 pub struct ShardedStore {
     shards: Arc<Vec<Arc<RedisStore>>>,
     placement: Placement,
+    order: Arc<RetryOrder>,
 }
 
 impl ShardedStore {
@@ -153,6 +283,7 @@ impl ShardedStore {
         ShardedStore {
             shards: Arc::new(shards),
             placement,
+            order: Arc::default(),
         }
     }
 
@@ -178,27 +309,54 @@ impl ShardedStore {
 
     /// Appends on the group's engine; a Cluster redirect appends again
     /// where the slot is now (the refused script did not run, so nothing
-    /// is saved twice).
+    /// is saved twice), in the order the appends were made (see
+    /// [`RetryOrder`]).
     fn append_routed(
         &self,
         group: &str,
         message: NewMessage,
         except: Option<Uuid>,
     ) -> Result<PendingAppend, StoreError> {
-        let first = self.of(group)?.append_except(group, message.clone(), except)?;
         if matches!(self.placement, Placement::Jump(_)) {
-            return Ok(first);
+            return self.of(group)?.append_except(group, message, except);
         }
+        let mut ticket = self.order.take(group);
+        let first = match ticket.held {
+            true => None,
+            false => Some(self.of(group)?.append_except(group, message.clone(), except)?),
+        };
         let (shards, placement, group) = (self.shards.clone(), self.placement.clone(), group.to_owned());
         Ok(PendingAppend::remote(Box::pin(async move {
             let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
-            let mut pending = first;
+            let mut waited = false;
+            let mut pending = match first {
+                Some(pending) => pending,
+                None => {
+                    ticket.turn(deadline).await;
+                    waited = true;
+                    shards[placement.of(&group)?].append_except(&group, message.clone(), except)?
+                }
+            };
             loop {
                 match pending.wait().await {
-                    Err(err) if is_redirect(&err) && placement.follow(deadline).await => {
+                    Err(err) if is_redirect(&err) => {
+                        // Held first, so that no later append overtakes
+                        // while the map is read anew.
+                        ticket.hold();
+                        if !placement.follow(deadline).await {
+                            ticket.settle();
+                            return Err(err);
+                        }
+                        if !waited {
+                            ticket.turn(deadline).await;
+                            waited = true;
+                        }
                         pending = shards[placement.of(&group)?].append_except(&group, message.clone(), except)?;
                     }
-                    result => return result,
+                    result => {
+                        ticket.settle();
+                        return result;
+                    }
                 }
             }
         })))
@@ -497,6 +655,46 @@ impl Directory for ShardedDirectory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn refused_appends_go_again_in_the_order_they_were_made() {
+        let order = Arc::new(RetryOrder::default());
+        let mut first = order.take("g");
+        let mut second = order.take("g");
+        let later = tokio::time::Instant::now() + Duration::from_secs(5);
+        // The second is refused: it waits for the first.
+        second.hold();
+        let third = order.take("g");
+        assert!(third.held, "an append made while one is held is held too");
+        assert!(!first.held);
+        let waiting = tokio::spawn(async move {
+            second.turn(later).await;
+            second
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "the first is not settled yet");
+        first.settle();
+        let mut second = waiting.await.expect("turn");
+        // The third waits for the second.
+        let waiting = tokio::spawn(async move {
+            third.turn(later).await;
+            third
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        second.settle();
+        drop(waiting.await.expect("turn"));
+        assert!(
+            order.groups.lock().expect("lock").is_empty(),
+            "nothing kept once all settled"
+        );
+        // A dropped append settles too; settling out of order is kept.
+        let a = order.take("h");
+        let mut b = order.take("h");
+        b.settle();
+        drop(a);
+        assert!(order.groups.lock().expect("lock").is_empty());
+    }
 
     #[test]
     fn lost_at_the_first_loss_back_once_every_shard_is_back() {

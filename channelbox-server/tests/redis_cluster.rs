@@ -76,27 +76,43 @@ fn check_exact(group: &str, got: &[(String, u64, u64)], acked: &BTreeMap<u64, (S
     }
 }
 
-/// Publishes `data` values one at a time (each waits for its `published`),
-/// recording the acknowledged `(offset, (epoch, data))`.
-async fn publish_all(publisher: &mut Client, data: impl Iterator<Item = u64>) -> Vec<(u64, (String, u64))> {
+/// Publishes `data` values in windows of `window` sent back to back (then
+/// their `published` read), recording the acknowledged `(offset, (epoch,
+/// data))` in the order sent; checks that one connection's publishes got
+/// increasing offsets in that order.
+async fn publish_all(
+    publisher: &mut Client,
+    data: impl Iterator<Item = u64>,
+    window: usize,
+) -> Vec<(u64, (String, u64))> {
+    let data: Vec<u64> = data.collect();
     let mut acked = Vec::new();
-    for (i, d) in data.enumerate() {
-        let reference = format!("r{i}");
-        publisher
-            .send(json!({"type": "publish", "data": d, "echo": false, "ref": reference}))
-            .await;
-        let v = loop {
-            let v = publisher.recv().await;
-            if v["ref"] == reference.as_str() {
-                break v;
-            }
-        };
-        assert_eq!(v["type"], "published", "publish {d}: {v}");
-        acked.push((
-            v["offset"].as_u64().expect("offset"),
-            (v["epoch"].as_str().expect("epoch").to_owned(), d),
-        ));
+    for chunk in data.chunks(window) {
+        for d in chunk {
+            publisher
+                .send(json!({"type": "publish", "data": d, "echo": false, "ref": format!("r{d}")}))
+                .await;
+        }
+        for d in chunk {
+            let reference = format!("r{d}");
+            let v = loop {
+                let v = publisher.recv().await;
+                if v["ref"] == reference.as_str() {
+                    break v;
+                }
+            };
+            assert_eq!(v["type"], "published", "publish {d}: {v}");
+            acked.push((
+                v["offset"].as_u64().expect("offset"),
+                (v["epoch"].as_str().expect("epoch").to_owned(), *d),
+            ));
+        }
     }
+    let offsets: Vec<u64> = acked.iter().map(|a| a.0).collect();
+    assert!(
+        offsets.windows(2).all(|w| w[0] < w[1]),
+        "one connection's offsets follow its order: {offsets:?}"
+    );
     acked
 }
 
@@ -135,7 +151,7 @@ async fn twenty_groups_over_three_masters_are_exact_across_two_servers() {
             tasks.push(tokio::spawn(async move {
                 let (mut publisher, _) = Client::join(&url).await;
                 let base = s as u64 * 1000;
-                publish_all(&mut publisher, base..base + PER).await
+                publish_all(&mut publisher, base..base + PER, 1).await
             }));
         }
     }
@@ -181,7 +197,7 @@ async fn a_busy_groups_slot_migrates_while_two_servers_publish() {
         publishers.push(tokio::spawn(async move {
             let (mut publisher, _) = Client::join(&url).await;
             let base = s as u64 * 10_000;
-            publish_all(&mut publisher, base..base + PER).await
+            publish_all(&mut publisher, base..base + PER, 10).await
         }));
     }
     // Let the publishers run, then move the slot while they do: its keys one
