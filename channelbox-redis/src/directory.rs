@@ -8,6 +8,9 @@
 //! - `cb:{<group>}:p:<id>`, a server's members of a group with their users;
 //! - `cb:ch:<channel>`, the server that runs a channel (for `direct`).
 //!
+//! (`cb` is the directory's home prefix; on a Redis Cluster each master's
+//! directory has its own, `cb:{cb-N}`, whose slot that master serves.)
+//!
 //! Changes are written at most once every [`FLUSH_EVERY`], only the groups
 //! whose members changed, in bounded pipelines; TTLs are [`RECORD_TTL`].
 //! Control messages, in [`crate::wire`]'s format: [`Wire::Direct`] on a

@@ -18,8 +18,11 @@
 //! - [`wire`] is the pub/sub payload format, written once: what the broker
 //!   and the directory send and parse, and what the scripts publish.
 //!
-//! Keys of one group share the hash tag `{<group>}`, so the layout works on
-//! Redis Cluster too. The client is redis-rs (`redis`, multiplexed tokio
+//! Keys of one group share one hash tag (`{<group>}`, see `keys`), so a
+//! group's script runs on one node of a Redis Cluster: [`ClusterEngine`]
+//! runs an engine per master and routes each group to the master serving
+//! its slot, following `MOVED`/`ASK` and migrations (see `cluster`).
+//! [`ShardedEngine`] routes groups over independent shards the same way. The client is redis-rs (`redis`, multiplexed tokio
 //! connections): a connection pipelines commands in the order they are sent,
 //! which keeps one caller's appends in order; reconnecting and resubscribing
 //! are done here, so that the box hears of every loss (see `broker`).
@@ -85,7 +88,8 @@ const CONTROL_QUEUE: usize = 16_384;
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
     /// `redis://host:port/db`, `redis+sentinel://host:port[,…]/master` (see
-    /// [`RedisAddress`]).
+    /// [`RedisAddress`]), or for [`ClusterEngine::connect`]
+    /// `redis+cluster://host:port[,…]`.
     pub url: String,
     /// History limits, per group (each group its namespace's, passed to the
     /// scripts as arguments). `max_total_bytes` is not counted here:

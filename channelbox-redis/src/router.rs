@@ -417,11 +417,7 @@ impl HistoryStore for ShardedStore {
     }
 
     async fn read(&self, group: &str, query: ReadQuery) -> Result<HistoryPage, StoreError> {
-        self.routed(group, |s| {
-            let query = query.clone();
-            async move { s.read(group, query).await }
-        })
-        .await
+        self.routed(group, |s| async move { s.read(group, query).await }).await
     }
 
     async fn flush_group(&self, group: &str) -> Result<Epoch, StoreError> {
