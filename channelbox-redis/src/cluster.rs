@@ -278,7 +278,12 @@ impl ClusterEngine {
             })?;
             let client = Client::open((host.as_str(), *port))
                 .map_err(|e| invalid(format!("redis cluster master {host}:{port}: {e}")))?;
-            engines.push(RedisEngine::start_on(Arc::new(Target::Single(client)), &config, &home)?);
+            engines.push(RedisEngine::start_on(
+                Arc::new(Target::Single(client)),
+                &config,
+                &home,
+                true,
+            )?);
         }
         for (engine, (host, port)) in engines.iter().zip(&masters) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());

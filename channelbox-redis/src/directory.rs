@@ -350,7 +350,7 @@ async fn publish_events(inner: &DirectoryInner) {
     for batch in outbox.chunks(PIPELINE_COMMANDS) {
         let mut pipe = redis::pipe();
         for (channel, body) in batch {
-            pipe.cmd("PUBLISH").arg(channel).arg(&body[..]);
+            pipe.cmd(inner.link.publish_command()).arg(channel).arg(&body[..]);
         }
         // Lost while Redis is away, like every pub/sub message then.
         let _ = inner.link.pipeline(&pipe).await;

@@ -55,6 +55,7 @@ mod router;
 mod scripts;
 mod sentinel;
 mod shards;
+mod spubsub;
 mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -209,18 +210,24 @@ impl RedisEngine {
                 )));
             }
         });
-        RedisEngine::start_on(target, config, keys::HOME)
+        RedisEngine::start_on(target, config, keys::HOME, false)
     }
 
     /// Starts the connections and tasks to `target`, with the server and
-    /// channel records of the directory under `home` (see `keys`).
-    pub(crate) fn start_on(target: Arc<Target>, config: &RedisConfig, home: &str) -> Result<RedisEngine, StoreError> {
+    /// channel records of the directory under `home` (see `keys`); with
+    /// `sharded`, group messages go by sharded pub/sub (a Cluster master).
+    pub(crate) fn start_on(
+        target: Arc<Target>,
+        config: &RedisConfig,
+        home: &str,
+        sharded: bool,
+    ) -> Result<RedisEngine, StoreError> {
         let node = Uuid::new_v4();
-        let link = link::Link::start(target.clone(), keys::probe(home));
+        let link = link::Link::start(target.clone(), keys::probe(home), sharded);
         let wait = durability::ReplicaWait::new(
             config.replicas,
             config.replica_wait,
-            (config.replicas > 0).then(|| link::Link::start(target.clone(), keys::probe(home))),
+            (config.replicas > 0).then(|| link::Link::start(target.clone(), keys::probe(home), sharded)),
         );
         let (control_tx, control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
         let floors = Arc::new(floors::Floors::default());

@@ -71,6 +71,9 @@ pub(crate) struct Link {
     /// writes again (expiring at once: it holds nothing); on a Cluster node,
     /// one whose slot that node serves.
     probe_key: String,
+    /// Whether the scripts and the broker publish with `SPUBLISH` (Redis
+    /// Cluster's sharded pub/sub) rather than `PUBLISH`.
+    sharded: bool,
     /// The [`Target::generation`] the connection was made under.
     generation: std::sync::atomic::AtomicU64,
     conn: Mutex<Option<MultiplexedConnection>>,
@@ -89,10 +92,11 @@ pub(crate) struct Link {
 
 impl Link {
     /// A link to `target`'s Redis, connecting in the background.
-    pub(crate) fn start(target: Arc<Target>, probe_key: String) -> Arc<Link> {
+    pub(crate) fn start(target: Arc<Target>, probe_key: String, sharded: bool) -> Arc<Link> {
         let link = Arc::new(Link {
             target,
             probe_key,
+            sharded,
             generation: std::sync::atomic::AtomicU64::new(0),
             conn: Mutex::new(None),
             up: AtomicBool::new(false),
@@ -103,6 +107,16 @@ impl Link {
         });
         tokio::spawn(supervise(Arc::downgrade(&link)));
         link
+    }
+
+    /// The command that publishes on a group's channel: `SPUBLISH` on a
+    /// Redis Cluster, `PUBLISH` otherwise.
+    pub(crate) fn publish_command(&self) -> &'static str {
+        if self.sharded {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     /// Whether the connection is up now.
@@ -150,7 +164,7 @@ impl Link {
     /// Loads the scripts again (after `NOSCRIPT`: Redis's cache was flushed).
     pub(crate) async fn reload_scripts(&self) -> Result<(), StoreError> {
         let mut conn = self.connection()?;
-        let loaded = tokio::time::timeout(COMMAND_TIMEOUT, load_scripts(&mut conn)).await;
+        let loaded = tokio::time::timeout(COMMAND_TIMEOUT, load_scripts(&mut conn, self.sharded)).await;
         self.settle(loaded).map(|_| ())
     }
 
@@ -259,7 +273,7 @@ async fn supervise(link: Weak<Link>) {
             continue;
         }
         let generation = l.target.generation();
-        match connect(&l.target).await {
+        match connect(&l.target, l.sharded).await {
             Ok((conn, shas)) => {
                 l.generation.store(generation, Ordering::Release);
                 let _ = l.shas.set(shas);
@@ -279,20 +293,20 @@ async fn supervise(link: Weak<Link>) {
     }
 }
 
-async fn connect(target: &Target) -> redis::RedisResult<(MultiplexedConnection, Vec<String>)> {
+async fn connect(target: &Target, sharded: bool) -> redis::RedisResult<(MultiplexedConnection, Vec<String>)> {
     let client = target.client().await?;
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(COMMAND_TIMEOUT))
         .set_response_timeout(Some(COMMAND_TIMEOUT));
     let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
-    let shas = load_scripts(&mut conn).await?;
+    let shas = load_scripts(&mut conn, sharded).await?;
     Ok((conn, shas))
 }
 
 /// Loads every script; returns their SHA1s.
-async fn load_scripts(conn: &mut MultiplexedConnection) -> redis::RedisResult<Vec<String>> {
+async fn load_scripts(conn: &mut MultiplexedConnection, sharded: bool) -> redis::RedisResult<Vec<String>> {
     let mut shas = Vec::new();
-    for script in scripts::all() {
+    for script in scripts::all_for(sharded) {
         let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(script).query_async(conn).await?;
         shas.push(sha);
     }

@@ -491,27 +491,117 @@ impl ShardedStore {
 pub struct ShardedBroker {
     shards: Vec<Arc<RedisBroker>>,
     placement: Placement,
-    /// The engine each subscribed group was subscribed on: its unsubscribe
-    /// goes there too, wherever its Cluster slot moved meanwhile.
-    subscribed: Mutex<HashMap<String, usize>>,
+    /// The engine each subscribed group is subscribed on: its unsubscribe
+    /// goes there too. On a Cluster, a group whose slot moved is subscribed
+    /// again on the new master (see `follow_moved_slots`).
+    subscribed: Arc<Mutex<HashMap<String, usize>>>,
     events: Mutex<Option<mpsc::Receiver<BrokerEvent>>>,
 }
 
 impl ShardedBroker {
     pub(crate) fn new(shards: Vec<Arc<RedisBroker>>, placement: Placement) -> Self {
-        let receivers: Vec<_> = shards.iter().filter_map(|b| b.take_events()).collect();
+        let mut receivers: Vec<_> = shards.iter().filter_map(|b| b.take_events()).collect();
         let count = receivers.len();
-        ShardedBroker {
-            events: Mutex::new(Some(merge_with(receivers, connection_of_all(count)))),
+        // `Back` after a group whose Cluster slot moved is subscribed where
+        // the slot is now: the box then checks every group's head, which
+        // finds what was published while the group was not subscribed.
+        let (back_tx, back_rx) = mpsc::channel(1);
+        receivers.push(back_rx);
+        let mut connections = connection_of_all(count);
+        let pass = move |shard: usize, event: &BrokerEvent| shard == count || connections(shard, event);
+        let broker = ShardedBroker {
+            events: Mutex::new(Some(merge_with(receivers, pass))),
             shards,
             placement,
-            subscribed: Mutex::new(HashMap::new()),
+            subscribed: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let moved: Vec<_> = broker.shards.iter().filter_map(|b| b.take_moved()).collect();
+        if matches!(broker.placement, Placement::Slots(_)) {
+            tokio::spawn(follow_moved_slots(
+                merge(moved),
+                broker.shards.clone(),
+                broker.placement.clone(),
+                broker.subscribed.clone(),
+                back_tx,
+            ));
         }
+        broker
     }
 }
 
 fn failed(err: StoreError) -> BrokerFuture {
     Box::pin(async move { Err(err) })
+}
+
+/// Subscribes `group` on the engine placed for it now, following redirects
+/// (an engine whose node no longer serves the slot refuses); records where.
+async fn subscribe_placed(
+    shards: &[Arc<RedisBroker>],
+    placement: &Placement,
+    subscribed: &Mutex<HashMap<String, usize>>,
+    group: &str,
+    first: Option<usize>,
+) -> Result<(), StoreError> {
+    let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
+    let mut shard = match first {
+        Some(shard) => shard,
+        None => placement.of(group)?,
+    };
+    loop {
+        match shards[shard].subscribe(group).await {
+            Err(err) if is_redirect(&err) && placement.follow(deadline).await => {
+                shard = placement.of(group)?;
+                let mut subscribed = subscribed.lock().unwrap_or_else(|p| p.into_inner());
+                match subscribed.get_mut(group) {
+                    Some(at) => *at = shard,
+                    // Unsubscribed meanwhile.
+                    None => return Ok(()),
+                }
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Follows groups whose Cluster master dropped their subscription because
+/// their slot moved: each still subscribed is subscribed where its slot is
+/// now, then `Back` tells the box to check every group's head.
+async fn follow_moved_slots(
+    mut moved: mpsc::Receiver<String>,
+    shards: Vec<Arc<RedisBroker>>,
+    placement: Placement,
+    subscribed: Arc<Mutex<HashMap<String, usize>>>,
+    back: mpsc::Sender<BrokerEvent>,
+) {
+    while let Some(group) = moved.recv().await {
+        let mut groups = vec![group];
+        while let Ok(more) = moved.try_recv() {
+            groups.push(more);
+        }
+        if let Placement::Slots(slots) = &placement {
+            slots.refresh().await;
+        }
+        for group in groups {
+            let place = {
+                let mut subscribed = subscribed.lock().unwrap_or_else(|p| p.into_inner());
+                match (subscribed.get_mut(&group), placement.of(&group)) {
+                    (Some(at), Ok(now)) => {
+                        *at = now;
+                        Some(now)
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(now) = place {
+                if let Err(err) = subscribe_placed(&shards, &placement, &subscribed, &group, Some(now)).await {
+                    tracing::warn!(%err, group, "a group whose slot moved is not subscribed again yet");
+                }
+            }
+        }
+        if back.send(BrokerEvent::Back).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Broker for ShardedBroker {
@@ -525,7 +615,36 @@ impl Broker for ShardedBroker {
             },
         };
         subscribed.insert(group.to_owned(), shard);
-        self.shards[shard].subscribe(group)
+        drop(subscribed);
+        if matches!(self.placement, Placement::Jump(_)) {
+            return self.shards[shard].subscribe(group);
+        }
+        // The subscription command is placed now, in call order; only a
+        // refusal (the slot moved) is followed afterwards.
+        let first = self.shards[shard].subscribe(group);
+        let (shards, placement, subscribed, group) = (
+            self.shards.clone(),
+            self.placement.clone(),
+            self.subscribed.clone(),
+            group.to_owned(),
+        );
+        Box::pin(async move {
+            match first.await {
+                Err(err) if is_redirect(&err) => {
+                    let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
+                    if !placement.follow(deadline).await {
+                        return Err(err);
+                    }
+                    let now = placement.of(&group)?;
+                    match subscribed.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&group) {
+                        Some(at) => *at = now,
+                        None => return Ok(()),
+                    }
+                    subscribe_placed(&shards, &placement, &subscribed, &group, Some(now)).await
+                }
+                result => result,
+            }
+        })
     }
 
     fn unsubscribe(&self, group: &str) -> BrokerFuture {

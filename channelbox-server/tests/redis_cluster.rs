@@ -143,6 +143,29 @@ async fn twenty_groups_over_three_masters_are_exact_across_two_servers() {
         let b = Client::join(&servers[1].ws_url(&format!("/ws/{g}"))).await.0;
         members.push((a, b));
     }
+    // Each server subscribes to each group by sharded pub/sub on the master
+    // of its slot, and by nothing else.
+    for g in &groups {
+        let channel = format!("cb:{{{g}}}:c");
+        let owner = set.owner_of(group_slot(g));
+        let count = |kind: &str, node: usize| -> i64 {
+            let v = set.nodes[node].run(&["PUBSUB", kind, &channel]).expect("pubsub");
+            let (_, n): (String, i64) = redis::from_redis_value(v).expect("a count");
+            n
+        };
+        assert_eq!(
+            count("SHARDNUMSUB", owner),
+            2,
+            "group {g}: both servers, on master {owner}"
+        );
+        for node in 0..set.nodes.len() {
+            assert_eq!(
+                count("NUMSUB", node),
+                0,
+                "group {g}: no plain subscription (node {node})"
+            );
+        }
+    }
     // Publishers on both servers, at once, on every group.
     let mut tasks = Vec::new();
     for g in &groups {
@@ -212,6 +235,25 @@ async fn a_busy_groups_slot_migrates_while_two_servers_publish() {
         publishers.iter().all(|p| !p.is_finished()),
         "the publishers were still publishing when the migration ended"
     );
+    // Both servers follow the slot: their sharded subscriptions move to the
+    // new master (the old one dropped them with `sunsubscribe`).
+    let channel = format!("cb:{{{group}}}:c");
+    let subscribers = |node: usize| -> i64 {
+        let v = set.nodes[node]
+            .run(&["PUBSUB", "SHARDNUMSUB", &channel])
+            .expect("pubsub");
+        let (_, n): (String, i64) = redis::from_redis_value(v).expect("a count");
+        n
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while subscribers(to) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both servers subscribe on the new master"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(subscribers(from), 0, "and none is left on the old one");
     let acked_b = publishers.pop().expect("b").await.expect("publisher b");
     let acked_a = publishers.pop().expect("a").await.expect("publisher a");
     let acked = merged(acked_a, acked_b);
