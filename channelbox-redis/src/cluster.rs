@@ -16,13 +16,16 @@
 //!   the group's script never runs on two masters for one offset. The
 //!   masters are those of the map at start, ordered by address; a slot that
 //!   moves to a master not among them answers `unavailable`.
-//! - **Pub/sub**: the scripts `PUBLISH` on the group's channel, which a
-//!   Redis Cluster carries to every node, and each engine's broker
-//!   subscribes on its own master; a subscription therefore keeps receiving
-//!   wherever the group's slot moves, and what a lost connection missed is
-//!   found by offset as on one Redis. (Sharded pub/sub, `SPUBLISH` to the
-//!   slot's node only, would spare the cluster bus that fan-out; it is not
-//!   used yet.)
+//! - **Pub/sub** is sharded (Redis 7): the scripts and the broker
+//!   `SPUBLISH` on the group's channel (in the group's slot), which reaches
+//!   only the subscribers of the node serving that slot; each engine's broker
+//!   `SSUBSCRIBE`s its groups on its master (`spubsub`, one connection per
+//!   master). When a slot moves, its master drops those subscriptions
+//!   (`sunsubscribe`); the router subscribes them on the new master and
+//!   tells the box `Back`, which checks every group's head and fills what
+//!   was published meanwhile from history — the same path as a lost
+//!   connection. Control channels (`direct`, close-all) stay plain pub/sub,
+//!   which a Cluster carries to every node.
 //! - **Directory records** of servers and channels live under a home prefix
 //!   per master, `cb:{cb-N}`, whose tag the master serves at start (the
 //!   smallest `N` that hashes to one of its slots), so each engine's

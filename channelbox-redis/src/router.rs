@@ -18,9 +18,9 @@
 //! group placed by its hash slot ([`Placement::Slots`], see `cluster`): a
 //! request a node refuses for its slot (`MOVED`, `ASK`, `TRYAGAIN`,
 //! `CLUSTERDOWN`) did not run, so it is sent again once the slot map is
-//! read anew, for at most [`REDIRECT_FOR`]. Subscriptions and directory
-//! records stay with the engine that made them (the broker's pub/sub is
-//! cluster-wide, see `cluster`).
+//! read anew, for at most [`REDIRECT_FOR`]. A subscription follows its
+//! group's slot (see `follow_moved_slots`); directory records stay with the
+//! engine that made them until the group's members leave.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
