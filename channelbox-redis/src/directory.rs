@@ -137,6 +137,28 @@ impl RedisDirectory {
     }
 }
 
+impl RedisDirectory {
+    /// Stops keeping `group`'s records (its members go to another engine's
+    /// directory: its Cluster slot moved): its count here is removed at the
+    /// next write; returns its members.
+    pub(crate) fn hand_over(&self, group: &str) -> HashMap<Uuid, Option<String>> {
+        let mut local = lock(&self.inner.local);
+        let members = local.groups.remove(group).unwrap_or_default();
+        local.dirty.insert(group.to_owned());
+        members
+    }
+
+    /// Keeps `group`'s records from now on, with `members` (see
+    /// [`RedisDirectory::hand_over`]).
+    pub(crate) fn take_over(&self, group: &str, members: HashMap<Uuid, Option<String>>) {
+        let mut local = lock(&self.inner.local);
+        if !members.is_empty() {
+            local.groups.entry(group.to_owned()).or_default().extend(members);
+        }
+        local.dirty.insert(group.to_owned());
+    }
+}
+
 #[async_trait]
 impl Directory for RedisDirectory {
     fn changed(&self, group: &str, change: Change, member: Member) {

@@ -656,10 +656,30 @@ impl Broker for ShardedBroker {
     }
 
     fn publish_unsaved(&self, group: &str, message: &NewMessage, except: Option<Uuid>) -> BrokerFuture {
-        match self.placement.of(group) {
+        let first = match self.placement.of(group) {
             Ok(shard) => self.shards[shard].publish_unsaved(group, message, except),
-            Err(err) => failed(err),
+            Err(err) => return failed(err),
+        };
+        if matches!(self.placement, Placement::Jump(_)) {
+            return first;
         }
+        // A refused SPUBLISH did not run: it is sent again where the slot is.
+        let (shards, placement, group, message) = (
+            self.shards.clone(),
+            self.placement.clone(),
+            group.to_owned(),
+            message.clone(),
+        );
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
+            let mut result = first.await;
+            while matches!(&result, Err(err) if is_redirect(err)) && placement.follow(deadline).await {
+                result = shards[placement.of(&group)?]
+                    .publish_unsaved(&group, &message, except)
+                    .await;
+            }
+            result
+        })
     }
 
     fn take_events(&self) -> Option<mpsc::Receiver<BrokerEvent>> {
@@ -675,43 +695,86 @@ impl Broker for ShardedBroker {
 /// Redis Cluster).
 #[derive(Debug)]
 pub struct ShardedDirectory {
+    inner: Arc<DirectoryInner>,
+    events: Mutex<Option<mpsc::Receiver<ClusterEvent>>>,
+}
+
+#[derive(Debug)]
+struct DirectoryInner {
     shards: Vec<Arc<RedisDirectory>>,
     placement: Placement,
-    /// Groups with members here: the engine their records are kept by, and
-    /// the members, so that a leave goes where the join went.
+    /// Groups with members here: the engine whose directory keeps their
+    /// records, and the members. On a Cluster, a group whose slot moved is
+    /// handed over to the new master's directory (at its next change, and
+    /// every [`crate::FLUSH_EVERY`]).
     kept: Mutex<HashMap<String, (usize, HashSet<Uuid>)>>,
-    events: Mutex<Option<mpsc::Receiver<ClusterEvent>>>,
+}
+
+impl DirectoryInner {
+    /// The engine that keeps `group`'s records now, handing them over first
+    /// when the group's Cluster slot moved.
+    fn keeper(&self, kept: &mut HashMap<String, (usize, HashSet<Uuid>)>, group: &str) -> Result<usize, StoreError> {
+        let now = self.placement.of(group);
+        match (kept.get_mut(group), now) {
+            (Some((at, _)), Ok(now)) if *at != now => {
+                let members = self.shards[*at].hand_over(group);
+                self.shards[now].take_over(group, members);
+                *at = now;
+                Ok(now)
+            }
+            (Some((at, _)), _) => Ok(*at),
+            (None, now) => now,
+        }
+    }
+}
+
+/// Every [`crate::FLUSH_EVERY`], hands the records of groups whose Cluster
+/// slot moved over to their new master's directory.
+async fn follow_moved_records(inner: std::sync::Weak<DirectoryInner>) {
+    loop {
+        tokio::time::sleep(crate::FLUSH_EVERY).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let mut kept = inner.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let groups: Vec<String> = kept.keys().cloned().collect();
+        for group in groups {
+            let _ = inner.keeper(&mut kept, &group);
+        }
+    }
 }
 
 impl ShardedDirectory {
     pub(crate) fn new(shards: Vec<Arc<RedisDirectory>>, placement: Placement) -> Self {
         let receivers = shards.iter().filter_map(|d| d.take_events()).collect();
-        ShardedDirectory {
-            events: Mutex::new(Some(merge(receivers))),
+        let slots = matches!(placement, Placement::Slots(_));
+        let inner = Arc::new(DirectoryInner {
             shards,
             placement,
             kept: Mutex::new(HashMap::new()),
+        });
+        if slots {
+            tokio::spawn(follow_moved_records(Arc::downgrade(&inner)));
+        }
+        ShardedDirectory {
+            events: Mutex::new(Some(merge(receivers))),
+            inner,
         }
     }
 
     fn of(&self, group: &str) -> Result<&RedisDirectory, StoreError> {
-        Ok(&self.shards[self.placement.of(group)?])
+        Ok(&self.inner.shards[self.inner.placement.of(group)?])
     }
 }
 
 #[async_trait]
 impl Directory for ShardedDirectory {
     fn changed(&self, group: &str, change: Change, member: Member) {
-        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        let shard = match kept.get(group) {
-            Some((shard, _)) => *shard,
-            None => match self.placement.of(group) {
-                Ok(shard) => shard,
-                Err(err) => {
-                    tracing::warn!(%err, group, "member change not recorded");
-                    return;
-                }
-            },
+        let mut kept = self.inner.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let shard = match self.inner.keeper(&mut kept, group) {
+            Ok(shard) => shard,
+            Err(err) => {
+                tracing::warn!(%err, group, "member change not recorded");
+                return;
+            }
         };
         let members = &mut kept
             .entry(group.to_owned())
@@ -728,21 +791,21 @@ impl Directory for ShardedDirectory {
         if members.is_empty() {
             kept.remove(group);
         }
-        drop(kept);
-        self.shards[shard].changed(group, change, member);
+        // Under the lock: a hand-over cannot come between.
+        self.inner.shards[shard].changed(group, change, member);
     }
 
     async fn connected(&self, channel: Uuid) -> Result<(), StoreError> {
-        self.shards[0].connected(channel).await
+        self.inner.shards[0].connected(channel).await
     }
 
     fn disconnected(&self, channel: Uuid) {
-        self.shards[0].disconnected(channel);
+        self.inner.shards[0].disconnected(channel);
     }
 
     async fn groups(&self) -> Result<BTreeMap<String, usize>, StoreError> {
         let mut all = BTreeMap::new();
-        for d in &self.shards {
+        for d in &self.inner.shards {
             for (group, n) in d.groups().await? {
                 *all.entry(group).or_insert(0) += n;
             }
@@ -755,11 +818,11 @@ impl Directory for ShardedDirectory {
     }
 
     async fn direct(&self, to: Uuid, frame: String) -> Result<bool, StoreError> {
-        self.shards[0].direct(to, frame).await
+        self.inner.shards[0].direct(to, frame).await
     }
 
     async fn close_all(&self) -> Result<(), StoreError> {
-        self.shards[0].close_all().await
+        self.inner.shards[0].close_all().await
     }
 
     fn take_events(&self) -> Option<mpsc::Receiver<ClusterEvent>> {

@@ -290,4 +290,28 @@ async fn a_busy_groups_slot_migrates_while_two_servers_publish() {
         "{}",
         history.body
     );
+    // Presence follows the slot too: a member who joins on one server after
+    // the migration is listed by the other (with the two who stayed).
+    let _c = Client::join(&servers[1].ws_url(&format!("/ws/{group}"))).await.0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let p = http(
+            &servers[0].addr,
+            "GET",
+            &format!("/api/groups/{group}/presence"),
+            &[],
+            b"",
+        )
+        .await;
+        let listed = p.json()["members"].as_array().map_or(0, Vec::len);
+        if listed == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "presence across servers after the migration: {}",
+            p.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
