@@ -114,7 +114,8 @@ enum Pending {
         Option<tokio::sync::oneshot::Sender<Result<(), channelbox_core::StoreError>>>,
     ),
     Unsubscribe(String),
-    Ping,
+    /// A ping, with when it was sent.
+    Ping(tokio::time::Instant),
 }
 
 /// A command of one channel, packed.
@@ -300,11 +301,17 @@ pub(crate) async fn run(
                     None => break,
                 },
                 _ = ping.tick() => {
-                    // An unanswered ping from the last round: the connection is dead.
-                    if conn.pending.iter().any(|p| matches!(p, Pending::Ping)) {
+                    // A ping unanswered for twice the command timeout: the
+                    // connection is dead (a pong waits behind the messages
+                    // before it, so one late round is not enough to say).
+                    let now = tokio::time::Instant::now();
+                    let late = conn.pending.iter().any(|p| {
+                        matches!(p, Pending::Ping(sent) if now.duration_since(*sent) > COMMAND_TIMEOUT * 2)
+                    });
+                    if late {
                         break;
                     }
-                    if !conn.send(&redis::cmd("PING").get_packed_command(), Pending::Ping).await {
+                    if !conn.send(&redis::cmd("PING").get_packed_command(), Pending::Ping(now)).await {
                         break;
                     }
                 }
@@ -347,7 +354,7 @@ async fn handle(
             route(routes, &channel, payload).await
         }
         b"pong" => {
-            if let Some(i) = conn.pending.iter().position(|p| matches!(p, Pending::Ping)) {
+            if let Some(i) = conn.pending.iter().position(|p| matches!(p, Pending::Ping(_))) {
                 conn.pending.remove(i);
             }
             true
@@ -406,7 +413,7 @@ fn refused(moved: &Moved, conn: &mut Connection, wanted: &mut HashSet<String>, e
             }
         }
         Some(Pending::Unsubscribe(_)) => true,
-        Some(Pending::Ping) | None => false,
+        Some(Pending::Ping(_)) | None => false,
     }
 }
 
