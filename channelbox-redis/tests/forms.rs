@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use channelbox_core::{HistoryLimits, HistoryStore};
+use channelbox_core::{HistoryLimits, HistoryStore, NewMessage, PayloadKind, ReadQuery};
 use channelbox_redis::testkit::RedisServer;
 use channelbox_redis::testkit_forms::{ClusterSet, SentinelSet};
 use channelbox_redis::{ClusterEngine, RedisConfig, RedisEngine, ShardedEngine};
@@ -152,4 +152,19 @@ async fn a_redis_cluster_of_three_masters_passes_the_conformance_suite() {
         .await
         .expect("connect");
     assert_eq!(engine.masters().len(), 3, "one engine per master");
+    // Names whose hash tag would be empty or odd keep every key in one slot
+    // (a script over two slots would fail CROSSSLOT).
+    let store = engine.store();
+    for group in ["}x", "}", "~", "a}b", "{a}", "~}"] {
+        let message = NewMessage::new(PayloadKind::Text, group.to_owned().into());
+        let at = store
+            .append(group, message)
+            .expect("queued")
+            .wait()
+            .await
+            .expect("saved");
+        assert_eq!(at.offset, 1, "{group:?}");
+        let page = store.read(group, ReadQuery::Last(10)).await.expect("read");
+        assert_eq!(page.messages.len(), 1, "{group:?}");
+    }
 }
