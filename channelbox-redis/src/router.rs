@@ -19,8 +19,8 @@
 //! request a node refuses for its slot (`MOVED`, `ASK`, `TRYAGAIN`,
 //! `CLUSTERDOWN`) did not run, so it is sent again once the slot map is
 //! read anew, for at most [`REDIRECT_FOR`]. A subscription follows its
-//! group's slot (see `follow_moved_slots`); directory records stay with the
-//! engine that made them until the group's members leave.
+//! group's slot (see `follow_moved_slots`), and so do the group's directory
+//! records (see `follow_moved_records`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
