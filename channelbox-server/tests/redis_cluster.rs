@@ -254,6 +254,25 @@ async fn a_busy_groups_slot_migrates_while_two_servers_publish() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(subscribers(from), 0, "and none is left on the old one");
+    // Requests were refused on the way (the old master answered ASK,
+    // TRYAGAIN or MOVED) and sent again: what follows checks they were
+    // exact.
+    let stats: String =
+        redis::from_redis_value(set.nodes[from].run(&["INFO", "errorstats"]).expect("info")).expect("text");
+    eprintln!(
+        "refused by the old master: {}",
+        stats
+            .lines()
+            .filter(|l| l.starts_with("errorstat_"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    assert!(
+        ["errorstat_ASK", "errorstat_TRYAGAIN", "errorstat_MOVED"]
+            .iter()
+            .any(|e| stats.contains(e)),
+        "the migration refused requests: {stats}"
+    );
     let acked_b = publishers.pop().expect("b").await.expect("publisher b");
     let acked_a = publishers.pop().expect("a").await.expect("publisher a");
     let acked = merged(acked_a, acked_b);
