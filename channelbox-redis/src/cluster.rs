@@ -15,7 +15,8 @@
 //!   assigned to the new one: its requests wait (and retry) meanwhile, so
 //!   the group's script never runs on two masters for one offset. The
 //!   masters are those of the map at start, ordered by address; a slot that
-//!   moves to a master not among them answers `unavailable`.
+//!   moves to a master not among them (added later, or a replica promoted
+//!   by a failover) answers `unavailable` until a restart.
 //! - **Pub/sub** is sharded (Redis 7): the scripts and the broker
 //!   `SPUBLISH` on the group's channel (in the group's slot), which reaches
 //!   only the subscribers of the node serving that slot; each engine's broker
@@ -32,8 +33,7 @@
 //!   directory writes only to its own master.
 //!
 //! Epochs and floors are per engine, as per shard: the rollback rules of a
-//! single Redis hold for each master (a master that fails over to a replica
-//! that lacked writes is a restart from an older snapshot to them).
+//! single Redis hold for each master.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
