@@ -533,27 +533,28 @@ fn failed(err: StoreError) -> BrokerFuture {
     Box::pin(async move { Err(err) })
 }
 
-/// Subscribes `group` on the engine placed for it now, following redirects
-/// (an engine whose node no longer serves the slot refuses); records where.
+/// Waits for a subscription `placed` on a group's engine; when that
+/// engine's node refuses it (the slot moved), places it again where the
+/// slot is now — under the lock, so that an unsubscribe made meanwhile comes
+/// after it on the same engine — and records where.
 async fn subscribe_placed(
     shards: &[Arc<RedisBroker>],
     placement: &Placement,
     subscribed: &Mutex<HashMap<String, usize>>,
     group: &str,
-    first: Option<usize>,
+    mut placed: BrokerFuture,
 ) -> Result<(), StoreError> {
     let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
-    let mut shard = match first {
-        Some(shard) => shard,
-        None => placement.of(group)?,
-    };
     loop {
-        match shards[shard].subscribe(group).await {
+        match placed.await {
             Err(err) if is_redirect(&err) && placement.follow(deadline).await => {
-                shard = placement.of(group)?;
+                let shard = placement.of(group)?;
                 let mut subscribed = subscribed.lock().unwrap_or_else(|p| p.into_inner());
                 match subscribed.get_mut(group) {
-                    Some(at) => *at = shard,
+                    Some(at) => {
+                        *at = shard;
+                        placed = shards[shard].subscribe(group);
+                    }
                     // Unsubscribed meanwhile.
                     None => return Ok(()),
                 }
@@ -582,20 +583,21 @@ async fn follow_moved_slots(
             slots.refresh().await;
         }
         for group in groups {
-            let place = {
+            // Placed under the lock, so that an unsubscribe made meanwhile
+            // comes after it on the same engine.
+            let placed = {
                 let mut subscribed = subscribed.lock().unwrap_or_else(|p| p.into_inner());
                 match (subscribed.get_mut(&group), placement.of(&group)) {
                     (Some(at), Ok(now)) => {
                         *at = now;
-                        Some(now)
+                        Some(shards[now].subscribe(&group))
                     }
                     _ => None,
                 }
             };
-            if let Some(now) = place {
-                if let Err(err) = subscribe_placed(&shards, &placement, &subscribed, &group, Some(now)).await {
-                    tracing::warn!(%err, group, "a group whose slot moved is not subscribed again yet");
-                }
+            let Some(placed) = placed else { continue };
+            if let Err(err) = subscribe_placed(&shards, &placement, &subscribed, &group, placed).await {
+                tracing::warn!(%err, group, "a group whose slot moved is not subscribed again yet");
             }
         }
         if back.send(BrokerEvent::Back).await.is_err() {
@@ -628,23 +630,7 @@ impl Broker for ShardedBroker {
             self.subscribed.clone(),
             group.to_owned(),
         );
-        Box::pin(async move {
-            match first.await {
-                Err(err) if is_redirect(&err) => {
-                    let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
-                    if !placement.follow(deadline).await {
-                        return Err(err);
-                    }
-                    let now = placement.of(&group)?;
-                    match subscribed.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&group) {
-                        Some(at) => *at = now,
-                        None => return Ok(()),
-                    }
-                    subscribe_placed(&shards, &placement, &subscribed, &group, Some(now)).await
-                }
-                result => result,
-            }
-        })
+        Box::pin(async move { subscribe_placed(&shards, &placement, &subscribed, &group, first).await })
     }
 
     fn unsubscribe(&self, group: &str) -> BrokerFuture {
