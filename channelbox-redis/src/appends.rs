@@ -219,7 +219,7 @@ impl Appender {
                 Err(err) => Err(err),
                 Ok(Value::ServerError(e)) => {
                     self.link.note_error_code(e.code());
-                    Err(unavailable(format!("append failed: {}", e.code())))
+                    Err(crate::link::refused("append", &e))
                 }
                 Ok(v) => parse_append(&v)
                     .ok_or_else(|| corrupt("append"))

@@ -57,7 +57,7 @@ impl SubscriptionHealth {
         }
     }
 
-    fn set(&self, up: bool) {
+    pub(crate) fn set(&self, up: bool) {
         let value = if up { 0 } else { now_ms().max(1) };
         self.down_since.store(value, Ordering::Release);
     }
@@ -69,10 +69,16 @@ impl SubscriptionHealth {
     }
 }
 
-enum Command {
+/// What the subscription task is asked to do, in call order.
+pub(crate) enum Command {
     Subscribe(String, oneshot::Sender<Result<(), StoreError>>),
     Unsubscribe(String),
 }
+
+/// Groups whose subscription a Cluster master dropped (their slot moved)
+/// waiting for the router before the subscription connection is dropped
+/// and everything subscribed again.
+const MOVED_QUEUE: usize = 65_536;
 
 /// Carries group messages between the servers of a cluster over Redis pub/sub.
 #[derive(Debug)]
@@ -81,6 +87,8 @@ pub struct RedisBroker {
     link: Arc<Link>,
     commands: mpsc::UnboundedSender<Command>,
     events: Mutex<Option<mpsc::Receiver<BrokerEvent>>>,
+    /// On a Cluster master: the groups whose subscription it dropped.
+    moved: Mutex<Option<mpsc::Receiver<String>>>,
     up: Arc<SubscriptionHealth>,
 }
 
@@ -123,14 +131,26 @@ impl RedisBroker {
             up: up.clone(),
             floors,
         };
-        tokio::spawn(run(target, rx, routes));
+        let (moved_tx, moved_rx) = mpsc::channel(MOVED_QUEUE);
+        if link.publish_command() == "SPUBLISH" {
+            tokio::spawn(crate::spubsub::run(target, rx, routes, moved_tx));
+        } else {
+            tokio::spawn(run(target, rx, routes));
+        }
         RedisBroker {
             node,
             link,
             commands,
             events: Mutex::new(Some(events_rx)),
+            moved: Mutex::new(Some(moved_rx)),
             up,
         }
+    }
+
+    /// The groups whose subscription a Cluster master dropped because their
+    /// slot moved (once; empty forever on one Redis).
+    pub(crate) fn take_moved(&self) -> Option<mpsc::Receiver<String>> {
+        self.moved.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// The subscription connection's health (shared with the store's).
@@ -172,7 +192,7 @@ impl Broker for RedisBroker {
         let link = self.link.clone();
         let channel = keys::channel(group);
         Box::pin(async move {
-            let mut cmd = redis::cmd("PUBLISH");
+            let mut cmd = redis::cmd(link.publish_command());
             cmd.arg(channel).arg(body?);
             link.query::<i64>(&cmd).await.map(|_| ())
         })
@@ -316,7 +336,7 @@ fn event_of(node: Uuid, group: &str, wire: Wire) -> Option<BrokerEvent> {
 }
 
 /// Turns one pub/sub message into an event; `false` once nobody listens.
-async fn route(routes: &Routes, channel: &str, payload: &[u8]) -> bool {
+pub(crate) async fn route(routes: &Routes, channel: &str, payload: &[u8]) -> bool {
     let wire = match Wire::decode(payload) {
         Ok(wire) => wire,
         Err(err) => {

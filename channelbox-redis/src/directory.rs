@@ -8,6 +8,9 @@
 //! - `cb:{<group>}:p:<id>`, a server's members of a group with their users;
 //! - `cb:ch:<channel>`, the server that runs a channel (for `direct`).
 //!
+//! (`cb` is the directory's home prefix; on a Redis Cluster each master's
+//! directory has its own, `cb:{cb-N}`, whose slot that master serves.)
+//!
 //! Changes are written at most once every [`FLUSH_EVERY`], only the groups
 //! whose members changed, in bounded pipelines; TTLs are [`RECORD_TTL`].
 //! Control messages, in [`crate::wire`]'s format: [`Wire::Direct`] on a
@@ -71,6 +74,8 @@ pub struct RedisDirectory {
 #[derive(Debug)]
 struct DirectoryInner {
     node: Uuid,
+    /// The prefix of this directory's server and channel records (see `keys`).
+    home: String,
     link: Arc<Link>,
     local: Mutex<Local>,
     events: Mutex<Option<mpsc::Receiver<ClusterEvent>>>,
@@ -83,9 +88,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl RedisDirectory {
-    pub(crate) fn start(node: Uuid, link: Arc<Link>, events: mpsc::Receiver<ClusterEvent>) -> Self {
+    pub(crate) fn start(node: Uuid, home: String, link: Arc<Link>, events: mpsc::Receiver<ClusterEvent>) -> Self {
         let inner = Arc::new(DirectoryInner {
             node,
+            home,
             link,
             local: Mutex::new(Local::default()),
             events: Mutex::new(Some(events)),
@@ -103,7 +109,7 @@ impl RedisDirectory {
     /// The servers whose records are alive, this one excepted.
     async fn other_nodes(&self) -> Result<Vec<Uuid>, StoreError> {
         let mut cmd = redis::cmd("ZRANGEBYSCORE");
-        cmd.arg(keys::NODES).arg(now_ms()).arg("+inf");
+        cmd.arg(keys::nodes(&self.inner.home)).arg(now_ms()).arg("+inf");
         let nodes: Vec<String> = self.inner.link.query(&cmd).await?;
         Ok(nodes
             .iter()
@@ -128,6 +134,28 @@ impl RedisDirectory {
                     .collect()
             })
             .collect())
+    }
+}
+
+impl RedisDirectory {
+    /// Stops keeping `group`'s records (its members go to another engine's
+    /// directory: its Cluster slot moved): its count here is removed at the
+    /// next write; returns its members.
+    pub(crate) fn hand_over(&self, group: &str) -> HashMap<Uuid, Option<String>> {
+        let mut local = lock(&self.inner.local);
+        let members = local.groups.remove(group).unwrap_or_default();
+        local.dirty.insert(group.to_owned());
+        members
+    }
+
+    /// Keeps `group`'s records from now on, with `members` (see
+    /// [`RedisDirectory::hand_over`]).
+    pub(crate) fn take_over(&self, group: &str, members: HashMap<Uuid, Option<String>>) {
+        let mut local = lock(&self.inner.local);
+        if !members.is_empty() {
+            local.groups.entry(group.to_owned()).or_default().extend(members);
+        }
+        local.dirty.insert(group.to_owned());
     }
 }
 
@@ -167,7 +195,7 @@ impl Directory for RedisDirectory {
 
     async fn connected(&self, channel: Uuid) -> Result<(), StoreError> {
         let mut cmd = redis::cmd("SET");
-        cmd.arg(keys::channel_home(channel))
+        cmd.arg(keys::channel_home(&self.inner.home, channel))
             .arg(self.inner.node.to_string())
             .arg("PX")
             .arg(RECORD_TTL.as_millis() as u64);
@@ -186,7 +214,9 @@ impl Directory for RedisDirectory {
     async fn groups(&self) -> Result<BTreeMap<String, usize>, StoreError> {
         let read = async {
             let nodes = self.other_nodes().await?;
-            let hashes = self.hashes(nodes.iter().map(|n| keys::node_groups(*n))).await?;
+            let hashes = self
+                .hashes(nodes.iter().map(|n| keys::node_groups(&self.inner.home, *n)))
+                .await?;
             let mut others = BTreeMap::new();
             for (group, count) in hashes.into_iter().flatten() {
                 *others.entry(group).or_insert(0) += count.parse::<usize>().unwrap_or(0);
@@ -239,7 +269,7 @@ impl Directory for RedisDirectory {
         let home: Option<String> = self
             .inner
             .link
-            .query(redis::cmd("GET").arg(keys::channel_home(to)))
+            .query(redis::cmd("GET").arg(keys::channel_home(&self.inner.home, to)))
             .await?;
         let Some(node) = home.and_then(|h| Uuid::parse_str(&h).ok()) else {
             return Ok(false);
@@ -342,7 +372,7 @@ async fn publish_events(inner: &DirectoryInner) {
     for batch in outbox.chunks(PIPELINE_COMMANDS) {
         let mut pipe = redis::pipe();
         for (channel, body) in batch {
-            pipe.cmd("PUBLISH").arg(channel).arg(&body[..]);
+            pipe.cmd(inner.link.publish_command()).arg(channel).arg(&body[..]);
         }
         // Lost while Redis is away, like every pub/sub message then.
         let _ = inner.link.pipeline(&pipe).await;
@@ -362,7 +392,11 @@ impl Batches {
     /// The pipeline the next command goes into.
     fn next(&mut self) -> &mut redis::Pipeline {
         if self.pipes.is_empty() || self.in_last >= PIPELINE_COMMANDS {
-            self.pipes.push(redis::pipe());
+            // One refused command (a group whose Cluster slot moved away,
+            // say) does not fail the records of every other group.
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            self.pipes.push(pipe);
             self.in_last = 0;
         }
         self.in_last += 1;
@@ -392,22 +426,23 @@ fn user_field(user: Option<&str>) -> String {
 async fn write_changes(inner: &DirectoryInner, refresh: bool) -> Result<(), StoreError> {
     let ttl = RECORD_TTL.as_millis() as u64;
     let node = inner.node;
-    let counts_key = keys::node_groups(node);
+    let home = inner.home.as_str();
+    let counts_key = keys::node_groups(home, node);
     let (dirty, gone, batches, refreshed) = {
         let local = lock(&inner.local);
         let mut b = Batches::default();
         b.next()
             .cmd("ZADD")
-            .arg(keys::NODES)
+            .arg(keys::nodes(home))
             .arg(now_ms() + ttl)
             .arg(node.to_string());
         b.next()
             .cmd("ZREMRANGEBYSCORE")
-            .arg(keys::NODES)
+            .arg(keys::nodes(home))
             .arg("-inf")
             .arg(now_ms());
         for group in &local.dirty {
-            write_group(&mut b, &local, group, node, ttl);
+            write_group(&mut b, &local, group, home, node, ttl);
         }
         if refresh {
             let counts: Vec<(&String, usize)> = local.groups.iter().map(|(g, m)| (g, m.len())).collect();
@@ -415,12 +450,12 @@ async fn write_changes(inner: &DirectoryInner, refresh: bool) -> Result<(), Stor
                 b.next().cmd("HSET").arg(&counts_key).arg(chunk);
             }
             for id in &local.channels {
-                b.next().cmd("PEXPIRE").arg(keys::channel_home(*id)).arg(ttl);
+                b.next().cmd("PEXPIRE").arg(keys::channel_home(home, *id)).arg(ttl);
             }
         }
         b.next().cmd("PEXPIRE").arg(&counts_key).arg(ttl);
         for id in &local.gone {
-            b.next().cmd("DEL").arg(keys::channel_home(*id));
+            b.next().cmd("DEL").arg(keys::channel_home(home, *id));
         }
         // Last, so that their answers are the last results.
         let refreshed: Vec<String> = if refresh {
@@ -451,10 +486,10 @@ async fn write_changes(inner: &DirectoryInner, refresh: bool) -> Result<(), Stor
 
 /// Queues the writes of one changed group: its presence record rewritten
 /// and its count set (or removed, when it has no member here any more).
-fn write_group(b: &mut Batches, local: &Local, group: &str, node: Uuid, ttl: u64) {
+fn write_group(b: &mut Batches, local: &Local, group: &str, home: &str, node: Uuid, ttl: u64) {
     let key = keys::presence(group, node);
     b.next().cmd("DEL").arg(&key);
-    let counts_key = keys::node_groups(node);
+    let counts_key = keys::node_groups(home, node);
     let Some(members) = local.groups.get(group) else {
         b.next().cmd("HDEL").arg(&counts_key).arg(group);
         return;

@@ -18,8 +18,11 @@
 //! - [`wire`] is the pub/sub payload format, written once: what the broker
 //!   and the directory send and parse, and what the scripts publish.
 //!
-//! Keys of one group share the hash tag `{<group>}`, so the layout works on
-//! Redis Cluster too. The client is redis-rs (`redis`, multiplexed tokio
+//! Keys of one group share one hash tag (`{<group>}`, see `keys`), so a
+//! group's script runs on one node of a Redis Cluster: [`ClusterEngine`]
+//! runs an engine per master and routes each group to the master serving
+//! its slot, following `MOVED`/`ASK` and migrations (see `cluster`).
+//! [`ShardedEngine`] routes groups over independent shards the same way. The client is redis-rs (`redis`, multiplexed tokio
 //! connections): a connection pipelines commands in the order they are sent,
 //! which keeps one caller's appends in order; reconnecting and resubscribing
 //! are done here, so that the box hears of every loss (see `broker`).
@@ -42,6 +45,7 @@
 
 mod appends;
 mod broker;
+mod cluster;
 mod directory;
 mod durability;
 mod floors;
@@ -51,6 +55,7 @@ mod router;
 mod scripts;
 mod sentinel;
 mod shards;
+mod spubsub;
 mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -68,6 +73,7 @@ use uuid::Uuid;
 use sentinel::Target;
 
 pub use broker::RedisBroker;
+pub use cluster::{crc16, group_slot, ClusterEngine, SLOTS};
 pub use directory::{RedisDirectory, FLUSH_EVERY, RECORD_TTL};
 pub use durability::MAX_WAIT;
 pub use router::{ShardedBroker, ShardedDirectory, ShardedStore};
@@ -83,7 +89,8 @@ const CONTROL_QUEUE: usize = 16_384;
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
     /// `redis://host:port/db`, `redis+sentinel://host:port[,…]/master` (see
-    /// [`RedisAddress`]).
+    /// [`RedisAddress`]), or for [`ClusterEngine::connect`]
+    /// `redis+cluster://host:port[,…]`.
     pub url: String,
     /// History limits, per group (each group its namespace's, passed to the
     /// scripts as arguments). `max_total_bytes` is not counted here:
@@ -198,22 +205,36 @@ impl RedisEngine {
                 Target::Sentinel(sentinel::Sentinels::start(sentinels.clone(), master.clone()))
             }
             RedisAddress::Cluster { .. } => {
-                return Err(invalid(format!("{address}: Redis Cluster is not supported yet")));
+                return Err(invalid(format!(
+                    "{address}: a Redis Cluster is connected with ClusterEngine::connect"
+                )));
             }
         });
+        RedisEngine::start_on(target, config, keys::HOME, false)
+    }
+
+    /// Starts the connections and tasks to `target`, with the server and
+    /// channel records of the directory under `home` (see `keys`); with
+    /// `sharded`, group messages go by sharded pub/sub (a Cluster master).
+    pub(crate) fn start_on(
+        target: Arc<Target>,
+        config: &RedisConfig,
+        home: &str,
+        sharded: bool,
+    ) -> Result<RedisEngine, StoreError> {
         let node = Uuid::new_v4();
-        let link = link::Link::start(target.clone());
+        let link = link::Link::start(target.clone(), keys::probe(home), sharded);
         let wait = durability::ReplicaWait::new(
             config.replicas,
             config.replica_wait,
-            (config.replicas > 0).then(|| link::Link::start(target.clone())),
+            (config.replicas > 0).then(|| link::Link::start(target.clone(), keys::probe(home), sharded)),
         );
         let (control_tx, control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
         let floors = Arc::new(floors::Floors::default());
         let broker = RedisBroker::start(target, link.clone(), node, control_tx, floors.clone());
         let shared = Arc::new(appends::Shared::new(floors, config.meta_ttl));
         let store = RedisStore::new(link.clone(), config.limits.clone(), broker.health(), shared, wait);
-        let directory = RedisDirectory::start(node, link.clone(), control_rx);
+        let directory = RedisDirectory::start(node, home.to_owned(), link.clone(), control_rx);
         Ok(RedisEngine {
             link,
             store: Arc::new(store),

@@ -31,19 +31,49 @@ pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
 const PING_EVERY: Duration = Duration::from_millis(500);
 /// Waits between reconnect attempts.
 const RECONNECT_WAIT: Duration = Duration::from_millis(250);
-/// The key the supervisor writes to learn that a degraded Redis takes
-/// writes again (expiring at once: it holds nothing).
-const PROBE_KEY: &str = "cb:probe";
+/// What a Redis Cluster node answers when it does not serve a key's slot
+/// (now): the request did not run, and may be sent again where the slot is.
+pub(crate) const REDIRECT_CODES: [&str; 4] = ["MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"];
+/// What the text of a [`redirected`] error says.
+const REDIRECT_MARK: &str = "cluster redirect";
 
 /// An error saying Redis cannot take the request now.
 pub(crate) fn unavailable(what: impl std::fmt::Display) -> StoreError {
     StoreError::new(StoreErrorKind::Io, format!("redis: {what}"))
 }
 
+/// An error for a request that a Cluster node refused because it does not
+/// serve the slot: the request did not run.
+pub(crate) fn redirected(code: &str, details: Option<&str>) -> StoreError {
+    unavailable(format!("{REDIRECT_MARK} {code} {}", details.unwrap_or_default()))
+}
+
+/// Whether `err` says a Cluster node refused the request for its slot (see
+/// [`redirected`]): it did not run.
+pub(crate) fn is_redirect(err: &StoreError) -> bool {
+    err.to_string().contains(REDIRECT_MARK)
+}
+
+/// The error for a command of a pipeline that Redis refused.
+pub(crate) fn refused(what: &str, err: &redis::ServerError) -> StoreError {
+    if REDIRECT_CODES.contains(&err.code()) {
+        redirected(err.code(), err.details())
+    } else {
+        unavailable(format!("{what} failed: {}", err.code()))
+    }
+}
+
 /// The command connection and its health.
 #[derive(Debug)]
 pub(crate) struct Link {
     target: Arc<Target>,
+    /// The key the supervisor writes to learn that a degraded Redis takes
+    /// writes again (expiring at once: it holds nothing); on a Cluster node,
+    /// one whose slot that node serves.
+    probe_key: String,
+    /// Whether the scripts and the broker publish with `SPUBLISH` (Redis
+    /// Cluster's sharded pub/sub) rather than `PUBLISH`.
+    sharded: bool,
     /// The [`Target::generation`] the connection was made under.
     generation: std::sync::atomic::AtomicU64,
     conn: Mutex<Option<MultiplexedConnection>>,
@@ -62,9 +92,11 @@ pub(crate) struct Link {
 
 impl Link {
     /// A link to `target`'s Redis, connecting in the background.
-    pub(crate) fn start(target: Arc<Target>) -> Arc<Link> {
+    pub(crate) fn start(target: Arc<Target>, probe_key: String, sharded: bool) -> Arc<Link> {
         let link = Arc::new(Link {
             target,
+            probe_key,
+            sharded,
             generation: std::sync::atomic::AtomicU64::new(0),
             conn: Mutex::new(None),
             up: AtomicBool::new(false),
@@ -75,6 +107,16 @@ impl Link {
         });
         tokio::spawn(supervise(Arc::downgrade(&link)));
         link
+    }
+
+    /// The command that publishes on a group's channel: `SPUBLISH` on a
+    /// Redis Cluster, `PUBLISH` otherwise.
+    pub(crate) fn publish_command(&self) -> &'static str {
+        if self.sharded {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     /// Whether the connection is up now.
@@ -122,7 +164,7 @@ impl Link {
     /// Loads the scripts again (after `NOSCRIPT`: Redis's cache was flushed).
     pub(crate) async fn reload_scripts(&self) -> Result<(), StoreError> {
         let mut conn = self.connection()?;
-        let loaded = tokio::time::timeout(COMMAND_TIMEOUT, load_scripts(&mut conn)).await;
+        let loaded = tokio::time::timeout(COMMAND_TIMEOUT, load_scripts(&mut conn, self.sharded)).await;
         self.settle(loaded).map(|_| ())
     }
 
@@ -181,6 +223,10 @@ impl Link {
             Ok(Err(err)) => {
                 self.broken(&err);
                 if let Some(code) = err.code() {
+                    if REDIRECT_CODES.contains(&code) {
+                        let text = err.to_string();
+                        return Err(redirected(code, Some(&text)).with_source(err));
+                    }
                     self.note_error_code(code);
                 }
                 Err(unavailable(&err).with_source(err))
@@ -209,7 +255,7 @@ async fn supervise(link: Weak<Link>) {
             let degraded = l.degraded.load(Ordering::Acquire);
             let ping = if degraded {
                 let mut probe = redis::cmd("SET");
-                probe.arg(PROBE_KEY).arg(1).arg("PX").arg(1000);
+                probe.arg(&l.probe_key).arg(1).arg("PX").arg(1000);
                 l.query::<redis::Value>(&probe).await.map(|_| ())
             } else {
                 l.query::<String>(&redis::cmd("PING")).await.map(|_| ())
@@ -227,7 +273,7 @@ async fn supervise(link: Weak<Link>) {
             continue;
         }
         let generation = l.target.generation();
-        match connect(&l.target).await {
+        match connect(&l.target, l.sharded).await {
             Ok((conn, shas)) => {
                 l.generation.store(generation, Ordering::Release);
                 let _ = l.shas.set(shas);
@@ -247,20 +293,20 @@ async fn supervise(link: Weak<Link>) {
     }
 }
 
-async fn connect(target: &Target) -> redis::RedisResult<(MultiplexedConnection, Vec<String>)> {
+async fn connect(target: &Target, sharded: bool) -> redis::RedisResult<(MultiplexedConnection, Vec<String>)> {
     let client = target.client().await?;
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(COMMAND_TIMEOUT))
         .set_response_timeout(Some(COMMAND_TIMEOUT));
     let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
-    let shas = load_scripts(&mut conn).await?;
+    let shas = load_scripts(&mut conn, sharded).await?;
     Ok((conn, shas))
 }
 
 /// Loads every script; returns their SHA1s.
-async fn load_scripts(conn: &mut MultiplexedConnection) -> redis::RedisResult<Vec<String>> {
+async fn load_scripts(conn: &mut MultiplexedConnection, sharded: bool) -> redis::RedisResult<Vec<String>> {
     let mut shas = Vec::new();
-    for script in scripts::all() {
+    for script in scripts::all_for(sharded) {
         let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(script).query_async(conn).await?;
         shas.push(sha);
     }

@@ -209,6 +209,18 @@ pub(crate) fn all() -> [String; 4] {
     [append(), head(), read(), flush()]
 }
 
+/// [`all`], publishing with `SPUBLISH` when `sharded` (Redis Cluster's
+/// sharded pub/sub: the group's channel carries its hash tag, so it is in
+/// the slot of the keys the script touches).
+pub(crate) fn all_for(sharded: bool) -> [String; 4] {
+    let scripts = all();
+    if sharded {
+        scripts.map(|s| s.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',"))
+    } else {
+        scripts
+    }
+}
+
 /// Indexes into [`all`].
 pub(crate) const APPEND: usize = 0;
 pub(crate) const HEAD_SCRIPT: usize = 1;

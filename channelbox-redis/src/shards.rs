@@ -19,7 +19,7 @@ use std::time::Duration;
 use channelbox_core::{StoreError, StoreErrorKind};
 use tokio::sync::mpsc;
 
-use crate::router::{ShardedBroker, ShardedDirectory, ShardedStore};
+use crate::router::{Placement, ShardedBroker, ShardedDirectory, ShardedStore};
 use crate::{RedisAddress, RedisConfig, RedisEngine};
 
 /// The key, in every shard, that holds the shard list (names, one a line).
@@ -101,11 +101,19 @@ impl ShardedEngine {
         for result in futures_util::future::join_all(checks).await {
             result?;
         }
+        let placement = Placement::Jump(engines.len());
         Ok(ShardedEngine {
-            store: Arc::new(ShardedStore::new(engines.iter().map(RedisEngine::store).collect())),
-            broker: Arc::new(ShardedBroker::new(engines.iter().map(RedisEngine::broker).collect())),
+            store: Arc::new(ShardedStore::new(
+                engines.iter().map(RedisEngine::store).collect(),
+                placement.clone(),
+            )),
+            broker: Arc::new(ShardedBroker::new(
+                engines.iter().map(RedisEngine::broker).collect(),
+                placement.clone(),
+            )),
             directory: Arc::new(ShardedDirectory::new(
                 engines.iter().map(RedisEngine::directory).collect(),
+                placement,
             )),
             names,
             failures: Mutex::new(Some(fail_rx)),

@@ -284,7 +284,7 @@ impl HistoryStore for RedisStore {
                 heads.push(built.and_then(|()| match values.next() {
                     Some(Value::ServerError(e)) => {
                         self.inner.link.note_error_code(e.code());
-                        Err(unavailable(format!("head check failed: {}", e.code())))
+                        Err(crate::link::refused("head check", &e))
                     }
                     Some(v) => self.noted_head(group, &v),
                     None => Err(corrupt("head check: too few answers")),

@@ -191,3 +191,153 @@ impl SentinelSet {
         }
     }
 }
+
+/// A Redis Cluster of three masters (no replicas), every node a process of
+/// the test's own, created with `redis-cli --cluster create`.
+#[derive(Debug)]
+pub struct ClusterSet {
+    /// The masters; `redis-cli` gives them slots 0-5460, 5461-10922 and
+    /// 10923-16383 in this order.
+    pub nodes: Vec<RedisProcess>,
+}
+
+impl ClusterSet {
+    /// Starts three cluster-enabled nodes, makes them one cluster, and waits
+    /// until every node serves the whole map.
+    pub fn start() -> ClusterSet {
+        let nodes: Vec<RedisProcess> = (0..3)
+            .map(|_| RedisProcess::start(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]))
+            .collect();
+        let cli = std::env::var("CHANNELBOX_REDIS_CLI").unwrap_or_else(|_| "redis-cli".to_owned());
+        let mut cmd = std::process::Command::new(&cli);
+        cmd.args(["--cluster", "create"]);
+        for n in &nodes {
+            cmd.arg(format!("127.0.0.1:{}", n.port()));
+        }
+        cmd.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cli} ({e})"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let set = ClusterSet { nodes };
+        set.wait_until(Duration::from_secs(20), "every node sees the cluster ok", |s| {
+            s.settled()
+        });
+        set
+    }
+
+    /// `redis+cluster://` with every node as a seed.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// Every node says `cluster_state:ok` and knows the same slot owners.
+    fn settled(&self) -> bool {
+        let maps: Vec<Option<Vec<(i64, i64, i64)>>> = self.nodes.iter().map(|n| n.slot_map()).collect();
+        let ok = self.nodes.iter().all(|n| {
+            n.run(&["CLUSTER", "INFO"])
+                .ok()
+                .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                .is_some_and(|i| i.contains("cluster_state:ok"))
+        });
+        ok && maps[0].is_some() && maps.iter().all(|m| *m == maps[0])
+    }
+
+    /// The index of the node serving `slot` (by the first node's map).
+    pub fn owner_of(&self, slot: u16) -> usize {
+        let map = self.nodes[0].slot_map().expect("a slot map");
+        let port = map
+            .iter()
+            .find(|(s, e, _)| *s <= i64::from(slot) && i64::from(slot) <= *e)
+            .map(|(_, _, p)| *p)
+            .expect("an owner");
+        self.nodes
+            .iter()
+            .position(|n| i64::from(n.port()) == port)
+            .expect("a node of the set")
+    }
+
+    /// Moves `slot` from its master to node `to` as `redis-cli --cluster
+    /// reshard` does: `IMPORTING` on the target, `MIGRATING` on the source,
+    /// `MIGRATE` of its keys `batch` at a time (with `pause` between
+    /// batches), then `SETSLOT … NODE` on every node.
+    pub fn migrate_slot(&self, slot: u16, to: usize, batch: usize, pause: Duration) {
+        let from = self.owner_of(slot);
+        assert_ne!(from, to, "slot {slot} is on node {to} already");
+        let id = |i: usize| -> String {
+            redis::from_redis_value(self.nodes[i].run(&["CLUSTER", "MYID"]).expect("CLUSTER MYID")).expect("an id")
+        };
+        let (from_id, to_id) = (id(from), id(to));
+        let slot_text = slot.to_string();
+        let batch_text = batch.to_string();
+        self.nodes[to]
+            .run(&["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id])
+            .expect("IMPORTING");
+        self.nodes[from]
+            .run(&["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id])
+            .expect("MIGRATING");
+        let to_port = self.nodes[to].port().to_string();
+        loop {
+            let keys: Vec<String> = redis::from_redis_value(
+                self.nodes[from]
+                    .run(&["CLUSTER", "GETKEYSINSLOT", &slot_text, &batch_text])
+                    .expect("GETKEYSINSLOT"),
+            )
+            .expect("keys");
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            self.nodes[from].run(&args).expect("MIGRATE");
+            std::thread::sleep(pause);
+        }
+        // The target first, then the source (as redis-cli does), then the rest.
+        let mut order = vec![to, from];
+        order.extend((0..self.nodes.len()).filter(|i| *i != to && *i != from));
+        for i in order {
+            self.nodes[i]
+                .run(&["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id])
+                .expect("SETSLOT NODE");
+        }
+    }
+
+    /// Polls `check` until it holds; panics naming `what` after `within`.
+    pub fn wait_until(&self, within: Duration, what: &str, check: impl Fn(&ClusterSet) -> bool) {
+        let deadline = Instant::now() + within;
+        while !check(self) {
+            assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl RedisProcess {
+    /// `CLUSTER SLOTS` as `(start, end, master port)`, sorted.
+    fn slot_map(&self) -> Option<Vec<(i64, i64, i64)>> {
+        let v = self.run(&["CLUSTER", "SLOTS"]).ok()?;
+        let redis::Value::Array(lines) = v else { return None };
+        let mut map = Vec::new();
+        for line in lines {
+            let redis::Value::Array(parts) = line else { return None };
+            let int = |v: &redis::Value| match v {
+                redis::Value::Int(i) => Some(*i),
+                _ => None,
+            };
+            let redis::Value::Array(master) = parts.get(2)? else {
+                return None;
+            };
+            map.push((int(parts.first()?)?, int(parts.get(1)?)?, int(master.get(1)?)?));
+        }
+        map.sort_unstable();
+        Some(map)
+    }
+}

@@ -1,18 +1,19 @@
 //! The broker conformance suite (`channelbox_core::testkit::broker_conformance`)
 //! run by the Redis broker in each form it is deployed in: one Redis, two
-//! shards, and Sentinel (a master, a replica, three sentinels). Every Redis
-//! is a process of the test's own.
+//! shards, Sentinel (a master, a replica, three sentinels) and a Redis
+//! Cluster of three masters. Every Redis is a process of the test's own.
 
 use channelbox_core::testkit::broker_conformance::{run_all, BrokerHarness, HarnessFuture, Server};
 use channelbox_redis::testkit::RedisServer;
-use channelbox_redis::testkit_forms::SentinelSet;
-use channelbox_redis::{shard_of, RedisConfig, RedisEngine, ShardedEngine};
+use channelbox_redis::testkit_forms::{ClusterSet, SentinelSet};
+use channelbox_redis::{group_slot, shard_of, ClusterEngine, RedisConfig, RedisEngine, ShardedEngine};
 
 /// A form of Redis and how to reach it.
 enum Form {
     Single(RedisServer),
     Shards(Vec<RedisServer>),
     Sentinel(SentinelSet),
+    Cluster(ClusterSet),
 }
 
 /// The group's head hash (see `keys`).
@@ -33,6 +34,9 @@ impl Form {
             Form::Sentinel(set) => {
                 let master = set.master_index().expect("a master");
                 set.nodes[master].run(args).expect("command");
+            }
+            Form::Cluster(set) => {
+                set.nodes[set.owner_of(group_slot(group))].run(args).expect("command");
             }
         }
     }
@@ -70,6 +74,15 @@ impl BrokerHarness for Form {
                         broker: engine.broker(),
                     }
                 }
+                Form::Cluster(set) => {
+                    let engine = ClusterEngine::connect(RedisConfig::new(set.url()))
+                        .await
+                        .expect("connect the cluster");
+                    Server {
+                        store: engine.store(),
+                        broker: engine.broker(),
+                    }
+                }
             }
         })
     }
@@ -84,6 +97,7 @@ impl BrokerHarness for Form {
     fn same_connection(&self, a: &str, b: &str) -> bool {
         match self {
             Form::Shards(servers) => shard_of(a, servers.len()) == shard_of(b, servers.len()),
+            Form::Cluster(set) => set.owner_of(group_slot(a)) == set.owner_of(group_slot(b)),
             Form::Single(_) | Form::Sentinel(_) => true,
         }
     }
@@ -109,4 +123,10 @@ async fn two_shards_keep_the_broker_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_keeps_the_broker_contract() {
     run_all(&Form::Sentinel(SentinelSet::start())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_keeps_the_broker_contract() {
+    let set = tokio::task::spawn_blocking(ClusterSet::start).await.expect("a cluster");
+    run_all(&Form::Cluster(set)).await;
 }

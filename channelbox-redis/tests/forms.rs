@@ -1,14 +1,14 @@
 //! The core HistoryStore conformance suite on the other Redis forms: two
 //! shards (redis-servers of this test's own), a Sentinel-watched master with
-//! one replica that every append waits for (`replicas: 1`), and a Sentinel
-//! shard next to a plain one.
+//! one replica that every append waits for (`replicas: 1`), a Sentinel
+//! shard next to a plain one, and a Redis Cluster of three masters.
 
 use std::sync::Arc;
 
-use channelbox_core::{HistoryLimits, HistoryStore};
+use channelbox_core::{HistoryLimits, HistoryStore, NewMessage, PayloadKind, ReadQuery};
 use channelbox_redis::testkit::RedisServer;
-use channelbox_redis::testkit_forms::SentinelSet;
-use channelbox_redis::{RedisConfig, RedisEngine, ShardedEngine};
+use channelbox_redis::testkit_forms::{ClusterSet, SentinelSet};
+use channelbox_redis::{ClusterEngine, RedisConfig, RedisEngine, ShardedEngine};
 
 async fn sharded(servers: &[RedisServer], limits: HistoryLimits) -> Arc<dyn HistoryStore> {
     // Each check starts from empty shards: the servers are this test's own.
@@ -131,4 +131,40 @@ async fn head_checks_are_routed_per_shard_and_a_move_is_announced() {
     .await
     .expect("Moved within 5 s");
     assert_eq!(event.epoch, moved.epoch);
+}
+
+async fn on_cluster(set: &ClusterSet, limits: HistoryLimits) -> Arc<dyn HistoryStore> {
+    for node in &set.nodes {
+        node.run(&["FLUSHALL"]).expect("flushall");
+    }
+    let config = RedisConfig {
+        limits,
+        ..RedisConfig::new(set.url())
+    };
+    ClusterEngine::connect(config).await.expect("connect").store()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_of_three_masters_passes_the_conformance_suite() {
+    let set = tokio::task::spawn_blocking(ClusterSet::start).await.expect("a cluster");
+    channelbox_core::testkit::conformance::run_all(|limits| on_cluster(&set, limits)).await;
+    let engine = ClusterEngine::connect(RedisConfig::new(set.url()))
+        .await
+        .expect("connect");
+    assert_eq!(engine.masters().len(), 3, "one engine per master");
+    // Names whose hash tag would be empty or odd keep every key in one slot
+    // (a script over two slots would fail CROSSSLOT).
+    let store = engine.store();
+    for group in ["}x", "}", "~", "a}b", "{a}", "~}"] {
+        let message = NewMessage::new(PayloadKind::Text, group.to_owned().into());
+        let at = store
+            .append(group, message)
+            .expect("queued")
+            .wait()
+            .await
+            .expect("saved");
+        assert_eq!(at.offset, 1, "{group:?}");
+        let page = store.read(group, ReadQuery::Last(10)).await.expect("read");
+        assert_eq!(page.messages.len(), 1, "{group:?}");
+    }
 }

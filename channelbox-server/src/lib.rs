@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::Context;
 use channelbox_core::HistoryStore;
 use channelbox_protocol::{ChatService, ProtocolConfig};
-use channelbox_redis::{split_url_list, RedisAddress, RedisConfig, RedisEngine, ShardedEngine};
+use channelbox_redis::{split_url_list, ClusterEngine, RedisAddress, RedisConfig, RedisEngine, ShardedEngine};
 use channelbox_store_memory::{MemoryConfig, MemoryStore};
 use channelbox_store_sled::{SledConfig, SledStore};
 use channelbox_warp::ServerConfig;
@@ -113,8 +113,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A service on Redis: one URL (single, Sentinel; Cluster is refused), or
-/// several shards. A shard that answers only later and records another
+/// A service on Redis: one URL (single, Sentinel or Cluster), or several
+/// shards. A shard that answers only later and records another
 /// shard list stops the process (exit code 2), as it would have at start.
 /// Every shard gets the same settings (limits, key TTL, total-bytes check,
 /// replicas to wait for).
@@ -133,6 +133,18 @@ async fn open_redis(
         ..RedisConfig::new(urls.first().cloned().unwrap_or_default())
     };
     if let [url] = urls.as_slice() {
+        if matches!(RedisAddress::parse(url), Ok(RedisAddress::Cluster { .. })) {
+            let engine = ClusterEngine::connect(redis)
+                .await
+                .with_context(|| format!("cannot use the redis cluster at {}", shown(url)))?;
+            tracing::info!(masters = %engine.masters().join(","), "using a redis cluster");
+            return Ok(ChatService::clustered(
+                engine.store(),
+                protocol,
+                engine.broker(),
+                engine.directory(),
+            )?);
+        }
         let engine = RedisEngine::connect(redis)
             .await
             .with_context(|| format!("cannot use redis at {}", shown(url)))?;

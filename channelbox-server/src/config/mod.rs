@@ -114,7 +114,8 @@ pub struct Config {
     pub data: PathBuf,
     /// The Redis of a cluster (with `--store redis`): `redis://HOST:PORT/`,
     /// `redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER` or
-    /// `redis+cluster://…` (refused). Repeated: shards; the variable (or a
+    /// `redis+cluster://HOST:PORT[,HOST:PORT…]` (a Redis Cluster, given once).
+    /// Repeated (plain or Sentinel URLs): shards; the variable (or a
     /// file's string) is comma-separated, a part without `://` continuing.
     #[arg(
         long,

@@ -1,0 +1,398 @@
+//! Redis Cluster (`redis+cluster://HOST:PORT[,HOST:PORT…]`): one engine per
+//! master — the command link, append task, floors, broker and directory of
+//! one Redis, unchanged — behind the router of `router`, which places a
+//! group on the master serving its hash slot.
+//!
+//! - **One slot per group.** Every key of a group carries the group's hash
+//!   tag (`keys`), so each script touches one slot and runs on one node; the
+//!   slot is CRC16 (XMODEM) of the tag, modulo 16384, as Redis computes it.
+//! - **The slot map** is read with `CLUSTER SLOTS` at start and again after
+//!   any `MOVED`, `ASK`, `TRYAGAIN` or `CLUSTERDOWN` (at most once per
+//!   [`REFRESH_GAP`]); a request refused that way did not run, and the
+//!   router sends it again to the master the new map names, for up to
+//!   `router::REDIRECT_FOR`. While a slot migrates, a group whose keys have
+//!   left the old master is refused there (`ASK`) until the slot is
+//!   assigned to the new one: its requests wait (and retry) meanwhile, so
+//!   the group's script never runs on two masters for one offset. The
+//!   masters are those of the map at start, ordered by address; a slot that
+//!   moves to a master not among them (added later, or a replica promoted
+//!   by a failover) answers `unavailable` until a restart.
+//! - **Pub/sub** is sharded (Redis 7): the scripts and the broker
+//!   `SPUBLISH` on the group's channel (in the group's slot), which reaches
+//!   only the subscribers of the node serving that slot; each engine's broker
+//!   `SSUBSCRIBE`s its groups on its master (`spubsub`, one connection per
+//!   master). When a slot moves, its master drops those subscriptions
+//!   (`sunsubscribe`); the router subscribes them on the new master and
+//!   tells the box `Back`, which checks every group's head and fills what
+//!   was published meanwhile from history — the same path as a lost
+//!   connection. Control channels (`direct`, close-all) stay plain pub/sub,
+//!   which a Cluster carries to every node.
+//! - **Directory records** of servers and channels live under a home prefix
+//!   per master, `cb:{cb-N}`, whose tag the master serves at start (the
+//!   smallest `N` that hashes to one of its slots), so each engine's
+//!   directory writes only to its own master.
+//!
+//! Epochs and floors are per engine, as per shard: the rollback rules of a
+//! single Redis hold for each master.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use channelbox_core::{StoreError, StoreErrorKind};
+use redis::{AsyncConnectionConfig, Client, Value};
+
+use crate::router::{Placement, ShardedBroker, ShardedDirectory, ShardedStore};
+use crate::sentinel::Target;
+use crate::{keys, RedisConfig, RedisEngine};
+
+/// Hash slots in a Redis Cluster.
+pub const SLOTS: usize = 16_384;
+/// A slot no known master serves.
+const NOBODY: u16 = u16::MAX;
+/// The slot map is read at most this often.
+const REFRESH_GAP: Duration = Duration::from_millis(100);
+/// How long one node may take to answer `CLUSTER SLOTS`.
+const ASK_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// CRC16 (XMODEM: polynomial 0x1021, initial 0), as Redis Cluster hashes keys.
+pub fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for b in bytes {
+        crc ^= u16::from(*b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The hash slot of every key of `group`.
+pub fn group_slot(group: &str) -> u16 {
+    crc16(keys::hash_tag(group).as_bytes()) % SLOTS as u16
+}
+
+/// The slot of a hash tag's text.
+fn tag_slot(tag: &str) -> u16 {
+    crc16(tag.as_bytes()) % SLOTS as u16
+}
+
+/// One line of `CLUSTER SLOTS`: slots `start..=end` served by `master`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Range {
+    start: u16,
+    end: u16,
+    master: (String, u16),
+}
+
+/// The masters of a Cluster and which serves each slot.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    /// The masters at start, ordered by address (every server alike).
+    masters: Vec<(String, u16)>,
+    /// Per slot, the index in `masters` of the one serving it now.
+    owners: RwLock<Vec<u16>>,
+    /// When the map was last read; held while reading it.
+    refreshed: tokio::sync::Mutex<tokio::time::Instant>,
+    /// Where `CLUSTER SLOTS` is asked: the masters, then the seeds.
+    ask: Vec<(String, u16)>,
+}
+
+impl Slots {
+    /// The master serving `group`'s slot now.
+    pub(crate) fn master_of(&self, group: &str) -> Option<usize> {
+        let owners = self.owners.read().unwrap_or_else(|p| p.into_inner());
+        match owners[group_slot(group) as usize] {
+            NOBODY => None,
+            i => Some(i as usize),
+        }
+    }
+
+    /// Reads the slot map anew from the first node that answers (at most
+    /// once per [`REFRESH_GAP`]; callers that arrive meanwhile wait for the
+    /// reading under way).
+    pub(crate) async fn refresh(&self) {
+        let mut last = self.refreshed.lock().await;
+        if last.elapsed() < REFRESH_GAP {
+            return;
+        }
+        for node in &self.ask {
+            if let Ok(ranges) = ask_slots(node).await {
+                let owners = owners_of(&self.masters, &ranges);
+                *self.owners.write().unwrap_or_else(|p| p.into_inner()) = owners;
+                break;
+            }
+        }
+        *last = tokio::time::Instant::now();
+    }
+}
+
+/// Per slot, the index in `masters` of its master ([`NOBODY`] if none).
+fn owners_of(masters: &[(String, u16)], ranges: &[Range]) -> Vec<u16> {
+    let mut owners = vec![NOBODY; SLOTS];
+    for r in ranges {
+        if let Some(i) = masters.iter().position(|m| *m == r.master) {
+            let end = (r.end as usize).min(SLOTS - 1);
+            for owner in &mut owners[r.start as usize..=end] {
+                *owner = i as u16;
+            }
+        }
+    }
+    owners
+}
+
+/// `CLUSTER SLOTS` of one node.
+async fn ask_slots(node: &(String, u16)) -> Result<Vec<Range>, StoreError> {
+    let unusable = |what: String| {
+        StoreError::new(
+            StoreErrorKind::Io,
+            format!("redis cluster {}:{}: {what}", node.0, node.1),
+        )
+    };
+    let client = Client::open((node.0.as_str(), node.1)).map_err(|e| unusable(e.to_string()))?;
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(ASK_TIMEOUT))
+        .set_response_timeout(Some(ASK_TIMEOUT));
+    let answer = async {
+        let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+        redis::cmd("CLUSTER").arg("SLOTS").query_async::<Value>(&mut conn).await
+    };
+    let value = tokio::time::timeout(ASK_TIMEOUT * 2, answer)
+        .await
+        .map_err(|_| unusable("no answer in time".to_owned()))?
+        .map_err(|e| unusable(format!("CLUSTER SLOTS failed ({e})")))?;
+    parse_slots(&value, &node.0).ok_or_else(|| unusable("unexpected answer to CLUSTER SLOTS".to_owned()))
+}
+
+/// `CLUSTER SLOTS`: `[[start, end, [host, port, id, …], replicas…], …]`. A
+/// master shown without a host (`""`, or `?` while unknown) is at the host
+/// asked.
+fn parse_slots(value: &Value, asked_host: &str) -> Option<Vec<Range>> {
+    let Value::Array(lines) = value else { return None };
+    let int = |v: &Value| match v {
+        Value::Int(i) => u16::try_from(*i).ok(),
+        _ => None,
+    };
+    let mut ranges = Vec::with_capacity(lines.len());
+    for line in lines {
+        let Value::Array(parts) = line else { return None };
+        let (start, end) = (int(parts.first()?)?, int(parts.get(1)?)?);
+        let Value::Array(master) = parts.get(2)? else {
+            return None;
+        };
+        let host = match master.first()? {
+            Value::BulkString(h) => String::from_utf8(h.clone()).ok()?,
+            Value::SimpleString(h) => h.clone(),
+            _ => return None,
+        };
+        let host = if host.is_empty() || host == "?" {
+            asked_host.to_owned()
+        } else {
+            host
+        };
+        ranges.push(Range {
+            start,
+            end,
+            master: (host, int(master.get(1)?)?),
+        });
+    }
+    Some(ranges)
+}
+
+/// The home prefix of master `index`: `cb:{cb-N}` for the smallest `N`
+/// whose tag's slot that master serves (`None` when it serves none).
+fn home_of(owners: &[u16], index: usize) -> Option<String> {
+    (0..100_000u32)
+        .find(|n| owners[tag_slot(&format!("cb-{n}")) as usize] as usize == index)
+        .map(|n| format!("{}:{{cb-{n}}}", keys::PREFIX))
+}
+
+/// One server's connections to a Redis Cluster: an engine per master,
+/// routed by hash slot.
+#[derive(Debug)]
+pub struct ClusterEngine {
+    masters: Vec<String>,
+    store: Arc<ShardedStore>,
+    broker: Arc<ShardedBroker>,
+    directory: Arc<ShardedDirectory>,
+}
+
+impl ClusterEngine {
+    /// Reads the slot map from the first seed that answers (within
+    /// `config.connect_timeout`), starts an engine per master with
+    /// `config`'s settings, and waits until each answers. `config.url` must
+    /// be a `redis+cluster://` URL. Fails on a map with a slot no master
+    /// serves (the cluster is not fully set up), or a master that does not
+    /// answer in time.
+    pub async fn connect(config: RedisConfig) -> Result<ClusterEngine, StoreError> {
+        let invalid = |text: String| StoreError::new(StoreErrorKind::InvalidInput, text);
+        let address =
+            crate::RedisAddress::parse(&config.url).map_err(|e| invalid(format!("redis url {:?}: {e}", config.url)))?;
+        let crate::RedisAddress::Cluster { nodes: seeds } = address else {
+            return Err(invalid(format!("{} is not a redis+cluster:// URL", config.url)));
+        };
+        let deadline = tokio::time::Instant::now() + config.connect_timeout;
+        let ranges = loop {
+            let mut last = None;
+            for seed in &seeds {
+                match ask_slots(seed).await {
+                    Ok(ranges) if !ranges.is_empty() => {
+                        last = Some(Ok(ranges));
+                        break;
+                    }
+                    Ok(_) => last = Some(Err(StoreError::new(StoreErrorKind::Unusable, "no slot is assigned"))),
+                    Err(err) => last = Some(Err(err)),
+                }
+            }
+            match last {
+                Some(Ok(ranges)) => break ranges,
+                Some(Err(err)) if tokio::time::Instant::now() >= deadline => {
+                    return Err(StoreError::new(
+                        StoreErrorKind::Unusable,
+                        format!("redis cluster at {}: {err}", address_list(&seeds)),
+                    ))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let mut masters: Vec<(String, u16)> = ranges.iter().map(|r| r.master.clone()).collect();
+        masters.sort();
+        masters.dedup();
+        let owners = owners_of(&masters, &ranges);
+        if let Some(slot) = owners.iter().position(|o| *o == NOBODY) {
+            return Err(StoreError::new(
+                StoreErrorKind::Unusable,
+                format!(
+                    "redis cluster at {}: slot {slot} is served by no master (is the cluster fully set up?)",
+                    address_list(&seeds)
+                ),
+            ));
+        }
+        let mut engines = Vec::with_capacity(masters.len());
+        for (i, (host, port)) in masters.iter().enumerate() {
+            let home = home_of(&owners, i).ok_or_else(|| {
+                StoreError::new(
+                    StoreErrorKind::Unusable,
+                    format!("the master {host}:{port} serves no slot"),
+                )
+            })?;
+            let client = Client::open((host.as_str(), *port))
+                .map_err(|e| invalid(format!("redis cluster master {host}:{port}: {e}")))?;
+            engines.push(RedisEngine::start_on(
+                Arc::new(Target::Single(client)),
+                &config,
+                &home,
+                true,
+            )?);
+        }
+        for (engine, (host, port)) in engines.iter().zip(&masters) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !engine.wait_ready(left.max(Duration::from_millis(500))).await {
+                return Err(StoreError::new(
+                    StoreErrorKind::Unusable,
+                    format!(
+                        "the redis cluster master {host}:{port} did not answer within {:?}",
+                        config.connect_timeout
+                    ),
+                ));
+            }
+            if let Some(total) = config.total_bytes {
+                crate::check_total_bytes(&engine.link, total, &format!("{host}:{port}")).await?;
+            }
+        }
+        let mut ask = masters.clone();
+        ask.extend(seeds.iter().filter(|s| !masters.contains(s)).cloned());
+        let slots = Arc::new(Slots {
+            masters: masters.clone(),
+            owners: RwLock::new(owners),
+            refreshed: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+            ask,
+        });
+        let placement = Placement::Slots(slots);
+        Ok(ClusterEngine {
+            masters: masters.iter().map(|(h, p)| format!("{h}:{p}")).collect(),
+            store: Arc::new(ShardedStore::new(
+                engines.iter().map(RedisEngine::store).collect(),
+                placement.clone(),
+            )),
+            broker: Arc::new(ShardedBroker::new(
+                engines.iter().map(RedisEngine::broker).collect(),
+                placement.clone(),
+            )),
+            directory: Arc::new(ShardedDirectory::new(
+                engines.iter().map(RedisEngine::directory).collect(),
+                placement,
+            )),
+        })
+    }
+
+    /// The masters (`host:port`), in the order their engines are numbered.
+    pub fn masters(&self) -> &[String] {
+        &self.masters
+    }
+
+    /// The history store.
+    pub fn store(&self) -> Arc<ShardedStore> {
+        self.store.clone()
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> Arc<ShardedBroker> {
+        self.broker.clone()
+    }
+
+    /// The chat service's directory.
+    pub fn directory(&self) -> Arc<ShardedDirectory> {
+        self.directory.clone()
+    }
+}
+
+fn address_list(nodes: &[(String, u16)]) -> String {
+    nodes
+        .iter()
+        .map(|(h, p)| format!("{h}:{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_redis_cluster_slots() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(tag_slot("foo"), 12182);
+        assert_eq!(tag_slot("bar"), 5061);
+        assert_eq!(tag_slot(""), 0);
+        // A group's keys hash on its tag.
+        assert_eq!(group_slot("foo"), 12182);
+        assert_eq!(group_slot("}foo"), tag_slot("~"));
+    }
+
+    #[test]
+    fn the_slot_map_is_read_and_homes_are_found() {
+        let host = |h: &[u8], p: i64| Value::Array(vec![Value::BulkString(h.to_vec()), Value::Int(p)]);
+        let line = |s: i64, e: i64, m: Value| Value::Array(vec![Value::Int(s), Value::Int(e), m]);
+        let value = Value::Array(vec![
+            line(0, 5460, host(b"127.0.0.1", 7000)),
+            line(5461, 10922, host(b"", 7001)),
+            line(10923, 16383, host(b"127.0.0.1", 7002)),
+        ]);
+        let ranges = parse_slots(&value, "10.0.0.1").expect("parsed");
+        assert_eq!(ranges[1].master, ("10.0.0.1".to_owned(), 7001));
+        let masters: Vec<(String, u16)> = ranges.iter().map(|r| r.master.clone()).collect();
+        let owners = owners_of(&masters, &ranges);
+        assert_eq!((owners[0], owners[5461], owners[16383]), (0, 1, 2));
+        for i in 0..3 {
+            let home = home_of(&owners, i).expect("a home");
+            let tag = home.trim_start_matches("cb:{").trim_end_matches('}');
+            assert_eq!(owners[tag_slot(tag) as usize] as usize, i, "{home}");
+        }
+        assert_eq!(parse_slots(&Value::Int(1), "h"), None);
+    }
+}
