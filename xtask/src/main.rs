@@ -91,10 +91,12 @@ fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
 
 /// Debian packages the tests need, by the program each provides: the browser
 /// test's Chromium and Node.js, `redis-server` for the cluster tests (each
-/// starts its own on a free port), and `prlimit`/`mount` for the hostile suite.
-const SYSTEM_PACKAGES: [(&str, &str); 6] = [
+/// starts its own on a free port), `redis-cli` to create their Redis
+/// Clusters, and `prlimit`/`mount` for the hostile suite.
+const SYSTEM_PACKAGES: [(&str, &str); 7] = [
     ("chromium", "chromium"),
     ("redis-server", "redis-server"),
+    ("redis-cli", "redis-tools"),
     ("node", "nodejs"),
     ("npm", "npm"),
     ("prlimit", "util-linux"),
