@@ -267,8 +267,9 @@ async fn main() -> anyhow::Result<()> {
     for round in 0..args.rounds {
         let deadline = Instant::now() + Duration::from_secs(args.seconds) / args.rounds as u32;
         churn(&args, round, &counts, deadline, &mut curve).await;
-        // The last round's load is over; its connections have not all closed.
-        rss_after_load = rss_bytes(args.server.pid).unwrap_or(0);
+        // The last reading `churn` took while its clients were still busy:
+        // by the time it returns they have all left.
+        rss_after_load = curve.last().copied().unwrap_or(0);
         // Everyone has left: the server must have let go of every group and channel.
         left.push(wait_until_empty(&addr).await?);
         // Closing connections finish their close handshakes and the allocator
