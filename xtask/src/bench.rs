@@ -140,7 +140,9 @@ pub(crate) fn interleaved<K>(
 }
 
 /// `cargo xtask soak`: the chat server (sled store) under churn for a while;
-/// fails when a group or channel leaked or memory did not come back down.
+/// fails when a group or channel leaked or memory did not come back down
+/// (the driver's checks: churn does not accumulate, and after the clients
+/// leave and history is flushed the RSS is within 1.2x of its start).
 /// `server_args` go to the chat server (e.g. `--store memory`); the default
 /// store is sled.
 /// The soak run's server accepts this admin token, so that the driver can flush

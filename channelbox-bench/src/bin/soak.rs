@@ -10,7 +10,9 @@
 //! memory after the last round is within `--slack-mib` of its idle memory after
 //! the second (the first warms up: history fills to its budget, allocator
 //! pools grow). With `--admin-token` the driver also flushes all history at the
-//! end and reports the memory without it.
+//! end, and the memory must come back: once every connection has closed and
+//! history is flushed, the server's resident memory after a short settle must
+//! be within `--max-end-ratio` (1.2) of what it was before the first client.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,7 +50,17 @@ struct Args {
     /// memory after the last must be within the slack of that after the second.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..))]
     rounds: u64,
+    /// With `--admin-token`: how far above its start the server's resident
+    /// memory may end, as a ratio, once every connection has closed and
+    /// history is flushed.
+    #[arg(long, default_value_t = 1.2)]
+    max_end_ratio: f64,
 }
+
+/// How long the driver lets the server settle after the history flush: the
+/// lowest reading of one per second counts (allocators return freed pages
+/// after a delay, some only when their threads run).
+const END_SETTLE_SECONDS: u64 = 10;
 
 /// xorshift64*: enough randomness for choosing groups and pauses.
 struct Rng(u64);
@@ -251,9 +263,13 @@ async fn main() -> anyhow::Result<()> {
     // baseline the last must come back to: churn must not accumulate.
     let mut idle = Vec::new();
     let mut left = Vec::new();
+    let mut rss_after_load = 0;
     for round in 0..args.rounds {
         let deadline = Instant::now() + Duration::from_secs(args.seconds) / args.rounds as u32;
         churn(&args, round, &counts, deadline, &mut curve).await;
+        // The last reading `churn` took while its clients were still busy:
+        // by the time it returns they have all left.
+        rss_after_load = curve.last().copied().unwrap_or(0);
         // Everyone has left: the server must have let go of every group and channel.
         left.push(wait_until_empty(&addr).await?);
         // Closing connections finish their close handshakes and the allocator
@@ -286,11 +302,33 @@ async fn main() -> anyhow::Result<()> {
         Some(token) => {
             let answer = http_request(&addr, "DELETE", "/api/admin/history", Some(token)).await?;
             anyhow::ensure!(answer.contains("\"flushed\":true"), "flushing history failed: {answer}");
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            Some(rss_bytes(args.server.pid).unwrap_or(0))
+            // As after each round: the lowest of a few readings, each after a
+            // metrics scrape, so that an allocator that purges on its next
+            // call gets one.
+            let mut lowest = u64::MAX;
+            for _ in 0..END_SETTLE_SECONDS {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                http_get(&addr, "/metrics").await?;
+                let rss = rss_bytes(args.server.pid).unwrap_or(0);
+                curve.push(rss);
+                lowest = lowest.min(rss);
+            }
+            Some(lowest)
         }
         None => None,
     };
+    let end_ratio = rss_flushed.map(|end| end as f64 / rss_start.max(1) as f64);
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    eprintln!(
+        "soak: server RSS {:.1} MiB at start, {:.1} MiB after the load, {:.1} MiB at peak, {} after the connections closed and history was flushed",
+        mib(rss_start),
+        mib(rss_after_load),
+        mib(rss_peak),
+        match (rss_flushed, end_ratio) {
+            (Some(end), Some(ratio)) => format!("{:.1} MiB ({ratio:.2}x the start; bound {:.2}x)", mib(end), args.max_end_ratio),
+            _ => "not measured (no --admin-token to flush history)".to_owned(),
+        }
+    );
     let c = &counts;
     let failures = c.failures.load(Ordering::Relaxed);
     let report = json!({
@@ -308,10 +346,13 @@ async fn main() -> anyhow::Result<()> {
         "first_errors": *c.errors.lock().unwrap_or_else(|p| p.into_inner()),
         "left_after_each_round": left,
         "rss_start": rss_start,
+        "rss_after_load": rss_after_load,
         "rss_peak": rss_peak,
         "rss_idle_after_each_round": idle,
         "history_bytes_at_end": history_bytes,
         "rss_after_history_flush": rss_flushed,
+        "rss_end_ratio": end_ratio,
+        "max_end_ratio": args.max_end_ratio,
         "rss_curve": curve,
         "leaked": leaked,
         "memory_plateau": plateau,
@@ -322,6 +363,13 @@ async fn main() -> anyhow::Result<()> {
         plateau,
         "memory grew from {first_idle} to {last_idle} bytes between idle points: churn accumulates"
     );
+    if let (Some(end), Some(ratio)) = (rss_flushed, end_ratio) {
+        anyhow::ensure!(
+            ratio <= args.max_end_ratio,
+            "memory did not come back: {end} bytes resident after the connections closed and history was flushed, {ratio:.2}x the {rss_start} at start (bound {:.2}x)",
+            args.max_end_ratio
+        );
+    }
     anyhow::ensure!(
         failures == 0,
         "{failures} sessions failed (errors or unacknowledged publishes)"
