@@ -140,9 +140,10 @@ pub(crate) fn interleaved<K>(
 }
 
 /// `cargo xtask soak`: the chat server (sled store) under churn for a while;
-/// fails when a group or channel leaked or memory did not come back down
-/// (the driver's checks: churn does not accumulate, and after the clients
-/// leave and history is flushed the RSS is within 1.2x of its start).
+/// fails when a group or channel leaked or churn accumulates memory, and
+/// reports the RSS after the clients left and history was flushed against
+/// its start (the driver run alone takes `--max-end-ratio` to enforce a
+/// bound; issue 24's 1.2x is not met yet).
 /// `server_args` go to the chat server (e.g. `--store memory`); the default
 /// store is sled.
 /// The soak run's server accepts this admin token, so that the driver can flush

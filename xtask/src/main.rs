@@ -10,9 +10,9 @@
 //! - `cargo xtask fuzz [--cases N]`: the frame decoder and dispatcher fuzzed
 //!   with arbitrary input (default 50,000 cases; CI runs 128 with the tests).
 //! - `cargo xtask soak [--connections N] [--seconds S]`: the chat server under
-//!   connect/publish/recover/disconnect churn; checks nothing leaked and that
-//!   the server's RSS comes back to within 1.2x its start once the clients
-//!   are gone and history is flushed.
+//!   connect/publish/recover/disconnect churn; checks nothing leaked and
+//!   reports the server's RSS at start, after the load, at peak and once the
+//!   clients are gone and history is flushed.
 //! - `cargo xtask chaos [--seed S] [--minutes N] [--store memory|sled|redis]
 //!   [--mutation NAME] [--shrink]`: servers, Redis and clients under a seeded
 //!   schedule of faults, then a check of every client's log and the final
