@@ -24,6 +24,13 @@ pub(crate) struct Plan {
     pub(crate) storm: bool,
     /// Compression on against off instead (`--compression`).
     pub(crate) compression: bool,
+    /// The light-load benchmark alone (`--light`).
+    pub(crate) light: bool,
+    /// Seconds each light-load run publishes (`--seconds`).
+    pub(crate) seconds: u64,
+    /// Write delays (ms) the light-load benchmark also runs the chat
+    /// server at, besides its default and 0 (`--write-delays a,b`).
+    pub(crate) write_delays: Vec<u64>,
 }
 
 impl Plan {
@@ -37,6 +44,9 @@ impl Plan {
             cluster: false,
             storm: false,
             compression: false,
+            light: false,
+            seconds: 10,
+            write_delays: Vec::new(),
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -52,19 +62,27 @@ impl Plan {
                 "--cluster" => plan.cluster = true,
                 "--storm" => plan.storm = true,
                 "--compression" => plan.compression = true,
-                "--sizes" => {
-                    plan.sizes = value()?
-                        .split(',')
-                        .map(|s| s.parse().map_err(|_| format!("bad size {s:?}")))
-                        .collect::<Result<_, _>>()?
-                }
+                "--light" => plan.light = true,
+                "--sizes" => plan.sizes = numbers(value()?, "size")?,
+                "--write-delays" => plan.write_delays = numbers(value()?, "write delay")?,
+                "--seconds" => plan.seconds = value()?.parse().map_err(|_| "bad --seconds".to_owned())?,
                 "--messages" => plan.messages = value()?.parse().map_err(|_| "bad --messages".to_owned())?,
                 "--runs" => plan.runs = value()?.parse().map_err(|_| "bad --runs".to_owned())?,
                 other => return Err(format!("unknown bench argument {other:?}")),
             }
         }
+        if plan.seconds == 0 {
+            return Err("--seconds must be at least 1".to_owned());
+        }
         Ok(plan)
     }
+}
+
+/// A comma-separated list of numbers.
+fn numbers<T: std::str::FromStr>(list: &str, what: &str) -> Result<Vec<T>, String> {
+    list.split(',')
+        .map(|s| s.parse().map_err(|_| format!("bad {what} {s:?}")))
+        .collect()
 }
 
 pub(crate) fn pinned(core: Option<usize>, program: &str, args: &[String]) -> Command {
