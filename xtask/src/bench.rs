@@ -217,6 +217,24 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn the_light_load_options_are_parsed_and_bad_ones_refused() {
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let plan = Plan::parse(&args(&["--light", "--seconds", "30", "--write-delays", "5,40"])).unwrap();
+        assert!(plan.light);
+        assert_eq!((plan.seconds, plan.write_delays), (30, vec![5, 40]));
+        let plain = Plan::parse(&[]).unwrap();
+        assert_eq!((plain.light, plain.seconds, plain.write_delays.len()), (false, 10, 0));
+        for bad in [
+            &["--seconds", "0"][..],
+            &["--seconds"],
+            &["--write-delays", "5,x"],
+            &["--light", "--seconds", "-3"],
+        ] {
+            assert!(Plan::parse(&args(bad)).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn servers_take_turns_and_runs_stay_with_their_server() {
         let mut order = Vec::new();
         let runs = interleaved(&["base", "ours"], 3, |kind| {
