@@ -41,7 +41,10 @@ mod service;
 
 pub use auth::{now_secs, same_secret, Permissions, TokenError, TokenVerifier, User, WeakSecret, MIN_SECRET_BYTES};
 pub use channelbox_core::Incoming;
-pub use config::{ProtocolConfig, DEFAULT_HISTORY_LIMIT, MAX_GROUP_BYTES, MAX_HISTORY_LIMIT, MAX_JSON_DEPTH};
+pub use config::{
+    ProtocolConfig, DEFAULT_HISTORY_LIMIT, DEFAULT_WRITE_DELAY, DEFAULT_WRITE_DELAY_MS, MAX_GROUP_BYTES,
+    MAX_HISTORY_LIMIT, MAX_JSON_DEPTH, MAX_WRITE_DELAY_MS,
+};
 pub use fields::{decode_group, query_param, too_deep, valid_group, GroupName, Limit, ReplayCount, Since};
 pub use frames::{
     render_history, render_history_within, render_message, ChatEnvelope, ErrorCode, ProtocolError, Sender,

@@ -13,7 +13,7 @@ use support::{chat_binary, Client, Server};
 
 /// Environment variables of the server that the test process may carry
 /// (`cargo xtask ci` sets CHANNELBOX_HTTP); each run starts without them.
-const SERVER_VARIABLES: [&str; 12] = [
+const SERVER_VARIABLES: [&str; 13] = [
     "CHANNELBOX_ADDR",
     "CHANNELBOX_STORE",
     "CHANNELBOX_DATA",
@@ -26,6 +26,7 @@ const SERVER_VARIABLES: [&str; 12] = [
     "CHANNELBOX_ALLOWED_ORIGINS",
     "CHANNEL_BOX_HISTORY_SIZE",
     "CHANNELBOX_HTTP",
+    "CHANNELBOX_WRITE_DELAY_MS",
 ];
 
 /// Runs `channelbox ARGS` with exactly these server variables.
@@ -202,6 +203,43 @@ fn redis_urls_split_into_shards_and_each_password_is_masked() {
     let zero = file(dir.path(), "redis_wait_ms = 0\n");
     assert!(refusal(&["--config", zero.to_str().expect("utf-8")]).contains("redis_wait_ms"));
     assert!(refusal(&["--redis-wait-ms", "1001"]).contains("--redis-wait-ms"));
+}
+
+/// `--write-delay-ms`: 20 by default, read from a flag, the environment or
+/// the file, 0 to 100 accepted and anything else refused by name.
+#[test]
+fn the_write_delay_is_read_from_every_source_and_refused_out_of_range() {
+    let delay = |config: &toml::Table| config["write_delay_ms"].as_integer();
+    assert_eq!(delay(&effective(&[], &[])), Some(20));
+    assert_eq!(delay(&effective(&["--write-delay-ms", "0"], &[])), Some(0));
+    assert_eq!(delay(&effective(&[], &[("CHANNELBOX_WRITE_DELAY_MS", "5")])), Some(5));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = file(dir.path(), "write_delay_ms = 100\n");
+    let config = path.to_str().expect("utf-8");
+    assert_eq!(delay(&effective(&["--config", config], &[])), Some(100));
+    assert_eq!(
+        delay(&effective(&["--config", config, "--write-delay-ms", "7"], &[])),
+        Some(7)
+    );
+    for bad in ["101", "-1", "1.5", "soon"] {
+        let error = refusal(&[&format!("--write-delay-ms={bad}"), "--print-config"]);
+        assert!(
+            error.contains("--write-delay-ms"),
+            "{bad:?} refused without naming the flag: {error}"
+        );
+    }
+    for text in [
+        "write_delay_ms = 101\n",
+        "write_delay_ms = -1\n",
+        "write_delay_ms = \"soon\"\n",
+    ] {
+        let path = file(dir.path(), text);
+        let error = refusal(&["--config", path.to_str().expect("utf-8"), "--print-config"]);
+        assert!(
+            error.contains("`write_delay_ms`"),
+            "{text:?} refused without naming the key: {error}"
+        );
+    }
 }
 
 #[test]

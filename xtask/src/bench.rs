@@ -24,6 +24,13 @@ pub(crate) struct Plan {
     pub(crate) storm: bool,
     /// Compression on against off instead (`--compression`).
     pub(crate) compression: bool,
+    /// The light-load benchmark alone (`--light`).
+    pub(crate) light: bool,
+    /// Seconds each light-load run publishes (`--seconds`).
+    pub(crate) seconds: u64,
+    /// Write delays (ms) the light-load benchmark also runs the chat
+    /// server at, besides its default and 0 (`--write-delays a,b`).
+    pub(crate) write_delays: Vec<u64>,
 }
 
 impl Plan {
@@ -37,6 +44,9 @@ impl Plan {
             cluster: false,
             storm: false,
             compression: false,
+            light: false,
+            seconds: 10,
+            write_delays: Vec::new(),
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -52,19 +62,27 @@ impl Plan {
                 "--cluster" => plan.cluster = true,
                 "--storm" => plan.storm = true,
                 "--compression" => plan.compression = true,
-                "--sizes" => {
-                    plan.sizes = value()?
-                        .split(',')
-                        .map(|s| s.parse().map_err(|_| format!("bad size {s:?}")))
-                        .collect::<Result<_, _>>()?
-                }
+                "--light" => plan.light = true,
+                "--sizes" => plan.sizes = numbers(value()?, "size")?,
+                "--write-delays" => plan.write_delays = numbers(value()?, "write delay")?,
+                "--seconds" => plan.seconds = value()?.parse().map_err(|_| "bad --seconds".to_owned())?,
                 "--messages" => plan.messages = value()?.parse().map_err(|_| "bad --messages".to_owned())?,
                 "--runs" => plan.runs = value()?.parse().map_err(|_| "bad --runs".to_owned())?,
                 other => return Err(format!("unknown bench argument {other:?}")),
             }
         }
+        if plan.seconds == 0 {
+            return Err("--seconds must be at least 1".to_owned());
+        }
         Ok(plan)
     }
+}
+
+/// A comma-separated list of numbers.
+fn numbers<T: std::str::FromStr>(list: &str, what: &str) -> Result<Vec<T>, String> {
+    list.split(',')
+        .map(|s| s.parse().map_err(|_| format!("bad {what} {s:?}")))
+        .collect()
 }
 
 pub(crate) fn pinned(core: Option<usize>, program: &str, args: &[String]) -> Command {
@@ -200,6 +218,24 @@ pub(crate) fn soak(connections: usize, seconds: u64, server_args: &[String]) -> 
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_light_load_options_are_parsed_and_bad_ones_refused() {
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let plan = Plan::parse(&args(&["--light", "--seconds", "30", "--write-delays", "5,40"])).unwrap();
+        assert!(plan.light);
+        assert_eq!((plan.seconds, plan.write_delays), (30, vec![5, 40]));
+        let plain = Plan::parse(&[]).unwrap();
+        assert_eq!((plain.light, plain.seconds, plain.write_delays.len()), (false, 10, 0));
+        for bad in [
+            &["--seconds", "0"][..],
+            &["--seconds"],
+            &["--write-delays", "5,x"],
+            &["--light", "--seconds", "-3"],
+        ] {
+            assert!(Plan::parse(&args(bad)).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn servers_take_turns_and_runs_stay_with_their_server() {

@@ -29,21 +29,27 @@ pub(crate) struct ServerKind {
 pub(crate) const CHAT: &str = "channelbox memory, history:false";
 pub(crate) const BARE: &str = "bare writer (same frames per send)";
 
+/// The warp tutorial's chat, what every ratio is against.
+pub(crate) const BASELINE_KIND: ServerKind = ServerKind {
+    name: "baseline (warp tutorial)",
+    program: "target/release/baseline",
+    args: &[],
+    history: false,
+    members: "count",
+};
+
+/// The chat server, memory store, messages not saved.
+pub(crate) const CHAT_KIND: ServerKind = ServerKind {
+    name: CHAT,
+    program: "target/release/examples/chat",
+    args: &["--store", "memory"],
+    history: false,
+    members: "api",
+};
+
 const SERVERS: &[ServerKind] = &[
-    ServerKind {
-        name: "baseline (warp tutorial)",
-        program: "target/release/baseline",
-        args: &[],
-        history: false,
-        members: "count",
-    },
-    ServerKind {
-        name: CHAT,
-        program: "target/release/examples/chat",
-        args: &["--store", "memory"],
-        history: false,
-        members: "api",
-    },
+    BASELINE_KIND,
+    CHAT_KIND,
     ServerKind {
         name: "channelbox memory, history saved",
         program: "target/release/examples/chat",
@@ -116,7 +122,13 @@ fn loadgen(
 }
 
 /// One server, one size, one run: a fresh server process each time.
-fn measure(kind: &ServerKind, extra: &[String], subscribers: usize, messages: u64, rate: u64) -> Result<Value, String> {
+pub(crate) fn measure(
+    kind: &ServerKind,
+    extra: &[String],
+    subscribers: usize,
+    messages: u64,
+    rate: u64,
+) -> Result<Value, String> {
     let data = std::env::temp_dir().join(format!("channelbox-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     let (mut child, addr) = start_server(kind, &data, extra)?;
@@ -211,59 +223,28 @@ pub(crate) fn loopback(plan: &Plan) -> Result<(), String> {
             rows.push(row);
         }
     }
-    let fixed = fixed_rate(plan)?;
+    let light = crate::light::run(plan)?;
     let targets = crate::targets::summary(&rows);
     let results = json!({
-        "plan": {"sizes": plan.sizes, "messages": plan.messages, "runs": plan.runs},
+        "plan": {"sizes": plan.sizes, "messages": plan.messages, "runs": plan.runs, "light_seconds": plan.seconds},
         "targets": targets,
         "throughput": rows,
-        "fixed_rate": fixed,
+        "light": light,
     });
     std::fs::create_dir_all("target/bench").map_err(|e| e.to_string())?;
     let path = "target/bench/results.json";
     std::fs::write(path, serde_json::to_string_pretty(&results).unwrap_or_default()).map_err(|e| e.to_string())?;
     eprintln!("xtask bench: results written to {path}");
-    let failed: Vec<String> = rows
+    let mut failed: Vec<String> = rows
         .iter()
         .filter(|r| r["server"].as_str().is_some_and(|s| s.starts_with("channelbox")))
         .filter(|r| r.get("error").is_some() || f(r, &["lost"]) > 0.0 || f(r, &["duplicated"]) > 0.0)
         .map(|r| format!("{} at {}", r["server"], r["subscribers"]))
         .collect();
+    failed.extend(crate::light::failures(&results["light"]));
     if failed.is_empty() {
         Ok(())
     } else {
         Err(format!("failed, lost or duplicated: {}", failed.join(", ")))
     }
-}
-
-/// Latency at a fixed offered load: 200 messages/s to 1,000 subscribers.
-fn fixed_rate(plan: &Plan) -> Result<Vec<Value>, String> {
-    let (n, messages) = if plan.quick { (20, 100) } else { (1000, 2000) };
-    let mut fixed = Vec::new();
-    let mut baseline_p99 = None;
-    let servers = &SERVERS[..2];
-    for (kind, runs) in servers.iter().zip(interleaved(servers, plan.runs, |kind| {
-        measure(kind, &[], n, messages, 200)
-    })?) {
-        let q = |name: &str| median(runs.iter().map(|r| f(r, &["latency_us", name])).collect());
-        let (p50, p99, max) = (q("p50"), q("p99"), q("max"));
-        let base = *baseline_p99.get_or_insert(p99);
-        let ratio = p99 / f64::max(base, 1.0);
-        eprintln!(
-            "xtask bench: fixed 200 msg/s, {n} subscribers, {:<34} p50 {p50:>6.0} µs  p99 {p99:>6.0} µs ({ratio:.2}x)  max {max:>6.0} µs",
-            kind.name,
-        );
-        fixed.push(json!({
-            "server": kind.name,
-            "subscribers": n,
-            "rate": 200,
-            "p50_us": p50,
-            "p99_us": p99,
-            "max_us": max,
-            "ratio_p99": ratio,
-            "loadgen_cpu_share": median(runs.iter().map(|r| f(r, &["loadgen_cpu_share"])).collect()),
-            "runs": runs,
-        }));
-    }
-    Ok(fixed)
 }

@@ -7,6 +7,8 @@
 //! - `cargo xtask bench [--quick]`: the criterion benchmarks, then the loopback
 //!   server benchmark against a baseline server; `--quick` is CI's smoke run.
 //!   `--compression`: permessage-deflate on against off, 1,000 subscribers.
+//!   `--light`: only the light-load part (200 messages/s to 1,000
+//!   subscribers, CPU per delivery against the baseline; see `light`).
 //! - `cargo xtask fuzz [--cases N]`: the frame decoder and dispatcher fuzzed
 //!   with arbitrary input (default 50,000 cases; CI runs 128 with the tests).
 //! - `cargo xtask soak [--connections N] [--seconds S]`: the chat server under
@@ -28,6 +30,7 @@ mod bench;
 mod chaos;
 mod cluster_bench;
 mod compression_bench;
+mod light;
 mod loopback;
 mod redis_setups;
 mod storm_bench;
@@ -74,7 +77,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] [--cluster | --storm | --compression] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S] [-- server flags] | chaos [--seed S] [--minutes N] [--store memory|sled|redis] [--mutation NAME] [--shrink]>";
+const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] [--cluster | --storm | --compression | --light [--seconds S] [--write-delays a,b]] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S] [-- server flags] | chaos [--seed S] [--minutes N] [--store memory|sled|redis] [--mutation NAME] [--shrink]>";
 
 /// Runs `cargo` with these arguments and environment, failing on a non-zero exit.
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
@@ -392,6 +395,10 @@ fn bench(args: &[String]) -> Result<(), String> {
     if plan.compression {
         build_server_tools()?;
         return compression_bench::run(&plan);
+    }
+    if plan.light {
+        build_server_tools()?;
+        return light::alone(&plan);
     }
     // 1. Criterion: core fan-out and sled appends (`--test` runs each once).
     let mut criterion = vec!["bench", "--workspace", "-j2"];

@@ -38,6 +38,11 @@ struct Args {
     /// Fixed publish rate in messages per second (0: as fast as the window allows).
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// With `--rate`: publish for this many seconds instead of `--messages`
+    /// (rate × seconds messages), the fixed-rate mode of the light-load
+    /// benchmark.
+    #[arg(long, requires = "rate")]
+    seconds: Option<u64>,
     /// Whether publishes are saved to history (the chat protocol's `history`).
     #[arg(long, action = clap::ArgAction::Set, default_value_t = false)]
     history: bool,
@@ -75,7 +80,11 @@ async fn members(addr: &str, how: &str) -> anyhow::Result<usize> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(seconds) = args.seconds {
+        anyhow::ensure!(args.rate > 0, "--seconds needs a --rate above 0");
+        args.messages = args.rate * seconds;
+    }
     let deadline = Duration::from_secs(args.deadline);
     match tokio::time::timeout(deadline, run(args)).await {
         Ok(result) => result,
@@ -283,6 +292,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "deliveries_per_sec": deliveries as f64 / secs,
         "deliveries_per_cpu_sec": if cpu > 0.0 { deliveries as f64 / cpu } else { 0.0 },
         "server_cpu_sec": cpu,
+        "wall_sec": wall,
+        "server_cores": if wall > 0.0 { cpu / wall } else { 0.0 },
         "loadgen_cpu_sec": own_cpu,
         "loadgen_cpu_share": if wall > 0.0 { own_cpu / wall } else { 0.0 },
         "latency_us": {"p50": latency.quantile(0.5), "p99": latency.quantile(0.99), "max": latency.max()},

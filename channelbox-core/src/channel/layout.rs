@@ -19,6 +19,8 @@ async fn a_push_touches_only_the_first_cache_line_of_a_channel() {
         "the lock's header is 8 bytes"
     );
     assert!(phase - base < 64, "the queue's hot fields end inside the first line");
+    let wake = &q.wake as *const Wake as usize;
+    assert!(wake > phase && wake - base < 64, "the last of them, `wake`, too");
     let written = &shared.written as *const AtomicU64 as usize;
     assert!(written - base < 64, "what `warm` loads is on that line");
 }

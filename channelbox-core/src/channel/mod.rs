@@ -7,6 +7,11 @@
 //! [`Channel::open`], waits for frames, takes everything queued (up to a batch) and
 //! hands the whole batch to the sink, which writes it and flushes once. A slow
 //! client therefore costs one full queue, never a stalled broadcast.
+//!
+//! With a [`ChannelConfig::write_delay`], a broadcast's frames may wait up to
+//! that long for the ones that follow, so that a steady trickle goes out a few
+//! frames per write instead of one: see `writer.rs` for when the writer holds
+//! frames back and what ends the wait early.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,59 +23,16 @@ use uuid::Uuid;
 
 use crate::payload::{Frame, PayloadType};
 use crate::transport::{CloseReason, FrameSink};
+pub use config::{ChannelConfig, OverflowPolicy};
 use signal::Signal;
 use writer::run_writer;
 
+mod config;
 #[cfg(test)]
 mod layout;
 mod polite;
 mod signal;
 mod writer;
-
-/// What a full queue does with one more frame.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum OverflowPolicy {
-    /// Close the channel with [`CloseReason::SLOW_CONSUMER`]. The client
-    /// reconnects and recovers from history without a gap. The default.
-    #[default]
-    Disconnect,
-    /// Drop the oldest queued frames until the new one fits. The client sees the
-    /// jump in offsets and knows it has a gap.
-    DropOldest,
-}
-
-/// How a channel is set up.
-#[derive(Clone, Debug)]
-pub struct ChannelConfig {
-    /// How the channel wants its payloads.
-    pub payload_type: PayloadType,
-    /// Frames the queue may hold.
-    pub max_queue_frames: usize,
-    /// Bytes the queue may hold.
-    pub max_queue_bytes: usize,
-    /// What happens when the queue is full.
-    pub overflow: OverflowPolicy,
-    /// Close the channel (code 4001) after this long without activity.
-    pub expiry: Option<Duration>,
-    /// Most frames handed to the sink in one batch (one flush).
-    pub max_batch: usize,
-    /// How long a close handshake may take before the sink is dropped anyway.
-    pub close_timeout: Duration,
-}
-
-impl Default for ChannelConfig {
-    fn default() -> Self {
-        ChannelConfig {
-            payload_type: PayloadType::Json,
-            max_queue_frames: 1024,
-            max_queue_bytes: 1 << 20,
-            overflow: OverflowPolicy::Disconnect,
-            expiry: None,
-            max_batch: 256,
-            close_timeout: Duration::from_secs(5),
-        }
-    }
-}
 
 /// Why [`Channel::try_send`] did not queue a frame.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -107,6 +69,30 @@ pub struct ChannelStats {
 
 type CloseHook = Box<dyn FnOnce(&Channel) + Send>;
 
+/// Whether a frame may wait for the frames that follow it
+/// ([`ChannelConfig::write_delay`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Push {
+    /// Written as soon as the writer can: a reply, a ping, a replay.
+    Now,
+    /// A broadcast's frame: it may wait up to the write delay.
+    Coalesce,
+}
+
+/// What the writer needs to be told when a frame is pushed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wake {
+    /// The writer waits for a wake-up: the next push gives it.
+    Idle,
+    /// The writer will look at the queue again by itself (it is writing, or
+    /// holding frames back until its write delay passes): only a frame
+    /// pushed with [`Push::Now`], or a queue a quarter full, wakes it.
+    Holding,
+    /// The writer was woken, or must not hold frames back: no push needs to
+    /// wake it.
+    Woken,
+}
+
 /// Where the channel is in its life.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -133,6 +119,7 @@ struct Queue {
     overflow: OverflowPolicy,
     payload_type: PayloadType,
     phase: Phase,
+    wake: Wake,
     // Rarely touched from here on.
     /// Frames the writer took.
     taken: u64,
@@ -145,8 +132,9 @@ struct Queue {
 
 // `written`, then the lock's own word (8 bytes with std's futex mutex), then
 // the queue: its hot fields must end inside the first line (a test checks
-// where the lock puts the queue).
-const _: () = assert!(std::mem::offset_of!(Shared, queue) + 8 + std::mem::offset_of!(Queue, phase) < 64);
+// where the lock puts the queue). `wake` is the last of them.
+const _: () = assert!(std::mem::offset_of!(Queue, wake) > std::mem::offset_of!(Queue, phase));
+const _: () = assert!(std::mem::offset_of!(Shared, queue) + 8 + std::mem::offset_of!(Queue, wake) < 64);
 
 impl Queue {
     fn is_open(&self) -> bool {
@@ -249,6 +237,7 @@ impl Channel {
                     overflow: config.overflow,
                     payload_type: config.payload_type,
                     phase: Phase::Open,
+                    wake: Wake::Idle,
                     taken: 0,
                     discarded: 0,
                     reason: None,
@@ -300,14 +289,21 @@ impl Channel {
 
     /// Hands an encoded frame to the channel without waiting. On a full queue the
     /// overflow policy is applied and counted.
+    /// The frame is written as soon as the writer can, without the write
+    /// delay, and takes any frames held back for it along.
     pub fn try_send(&self, frame: Frame) -> Result<Enqueued, SendError> {
-        self.try_send_with(|_| frame)
+        self.try_send_with(|_| frame, Push::Now)
     }
 
     /// Like [`Channel::try_send`], with the frame made for the channel's payload
     /// type under its lock (`frame` must be quick, like cloning a cached frame).
-    /// A broadcast uses this so that its push reads nothing but the queue's line.
-    pub(crate) fn try_send_with(&self, frame: impl FnOnce(PayloadType) -> Frame) -> Result<Enqueued, SendError> {
+    /// A broadcast uses this so that its push reads nothing but the queue's line,
+    /// with [`Push::Coalesce`].
+    pub(crate) fn try_send_with(
+        &self,
+        frame: impl FnOnce(PayloadType) -> Frame,
+        push: Push,
+    ) -> Result<Enqueued, SendError> {
         let mut q = self.lock();
         if !q.is_open() {
             return Err(SendError::Closed);
@@ -345,7 +341,7 @@ impl Channel {
                 }
             }
         }
-        self.push_and_wake(q, frame);
+        self.push_and_wake(q, frame, push);
         Ok(Enqueued { dropped })
     }
 

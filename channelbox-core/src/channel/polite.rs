@@ -4,7 +4,7 @@
 
 use std::sync::MutexGuard;
 
-use super::{Channel, Enqueued, Queue, SendError};
+use super::{Channel, Enqueued, Push, Queue, SendError, Wake};
 use crate::payload::Frame;
 
 impl Channel {
@@ -24,7 +24,7 @@ impl Channel {
         if half_full || !fits {
             return Err(SendError::Overflow);
         }
-        self.push_and_wake(q, frame);
+        self.push_and_wake(q, frame, Push::Now);
         Ok(Enqueued { dropped: 0 })
     }
 
@@ -36,15 +36,28 @@ impl Channel {
     }
 
     /// Queues `frame`, which the caller has checked fits, then releases the
-    /// lock and wakes the writer if the queue was empty: a writer with
-    /// frames already waiting is awake and will find this one too.
-    pub(super) fn push_and_wake(&self, mut q: MutexGuard<'_, Queue>, frame: Frame) {
-        let was_empty = q.frames.is_empty();
+    /// lock and wakes the writer if it needs to be told. An idle writer is
+    /// woken by the first frame. A writer that is writing or holding frames
+    /// back comes back to the queue by itself; it is woken only to end a
+    /// hold early: for a frame that must not wait ([`Push::Now`]), or once
+    /// the queue is a quarter full (by frames or bytes), so that holding
+    /// frames back never brings a queue near its bound.
+    pub(super) fn push_and_wake(&self, mut q: MutexGuard<'_, Queue>, frame: Frame, push: Push) {
         // It fits: the frame's length is at most `max_bytes`, a `u32`.
         q.bytes += frame.len() as u32;
         q.frames.push_back(frame);
+        let wake = match q.wake {
+            Wake::Idle => true,
+            Wake::Holding => {
+                push == Push::Now || q.frames.len() >= (q.max_frames as usize / 4).max(1) || q.bytes >= q.max_bytes / 4
+            }
+            Wake::Woken => false,
+        };
+        if wake {
+            q.wake = Wake::Woken;
+        }
         drop(q);
-        if was_empty {
+        if wake {
             self.shared.wake.notify();
         }
     }

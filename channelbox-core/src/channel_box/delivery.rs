@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::membership::{Group, Members};
 use super::{lock, ChannelBox, DeliveryReport};
-use crate::channel::{Channel, SendError};
+use crate::channel::{Channel, Push, SendError};
 use crate::envelope::{MessageRef, Rendered};
 use crate::error::BoxError;
 use crate::payload::{plain_frame, Frame, Payload};
@@ -40,7 +40,11 @@ impl ChannelBox {
                 if except.is_some_and(|id| ch.id() == id) {
                     continue;
                 }
-                if self.account(ch, ch.try_send_with(|to| rendered.frame(to)), &mut report) {
+                if self.account(
+                    ch,
+                    ch.try_send_with(|to| rendered.frame(to), Push::Coalesce),
+                    &mut report,
+                ) {
                     slow.push(ch.id());
                 }
             }

@@ -24,6 +24,8 @@ use crate::transport::{CloseReason, FrameSink, SinkError};
 #[derive(Default)]
 struct Record {
     frames: Vec<Frame>,
+    /// When each batch was written (tokio's clock) and its length.
+    writes: Vec<(tokio::time::Instant, usize)>,
     close: Option<CloseReason>,
 }
 
@@ -60,6 +62,12 @@ impl Recorder {
             .iter()
             .filter_map(|f| f.as_text().map(str::to_owned))
             .collect()
+    }
+
+    /// Each batch the writer wrote so far: when (tokio's clock, so that a
+    /// test with paused time reads exact instants) and how many frames.
+    pub fn writes(&self) -> Vec<(tokio::time::Instant, usize)> {
+        self.record().writes.clone()
     }
 
     /// The close the channel sent, if any.
@@ -112,7 +120,10 @@ impl RecordingSink {
 impl FrameSink for RecordingSink {
     async fn send(&mut self, frames: &[Frame]) -> Result<(), SinkError> {
         self.wait_unstalled().await?;
-        self.recorder.record().frames.extend_from_slice(frames);
+        let mut record = self.recorder.record();
+        record.frames.extend_from_slice(frames);
+        record.writes.push((tokio::time::Instant::now(), frames.len()));
+        drop(record);
         self.recorder.changed.notify_waiters();
         Ok(())
     }

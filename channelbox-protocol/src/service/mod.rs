@@ -192,6 +192,7 @@ impl ChatService {
             max_queue_bytes: c.queue_bytes,
             overflow: OverflowPolicy::Disconnect,
             expiry: c.expiry,
+            write_delay: c.write_delay,
             ..ChannelConfig::default()
         }
     }
