@@ -11,10 +11,11 @@
 //! - the same two 3-server loads on Sentinel (a master, one replica, three
 //!   sentinels; with and without `--redis-replicas 1`);
 //! - the same two loads spread over two groups, on one Redis and on two
-//!   shards (one group on each).
-//!
-//! Redis Cluster is not measured yet (the bench does not start a cluster of
-//! its own), so its row says so instead of showing figures.
+//!   shards (one group on each);
+//! - the same two loads and two groups on a Redis Cluster of three masters
+//!   (`redis+cluster://`), the groups' hash slots on different masters (the
+//!   run records which master held each group, and fails if they shared
+//!   one).
 //!
 //! Prints a table and writes target/bench/cluster.json: deliveries per server
 //! CPU-second (all servers' CPU added up) and its ratio to the baseline, p99
@@ -36,6 +37,8 @@ enum Backend {
     /// Sentinel, with `--redis-replicas` this many.
     Sentinel(u8),
     Shards,
+    /// A Redis Cluster of three masters.
+    Cluster,
 }
 
 struct Config {
@@ -55,7 +58,11 @@ const ONE_GROUP: &str = "bench";
 
 /// Two groups on different shards of two: `jump(fnv1a64(name), 2)` (the
 /// placement PROTOCOL.md fixes) is 1 for `bench-2` and 0 for `bench-3`, so
-/// that both shards work (the run records each master's key count).
+/// that both shards work (the run records each master's key count). On a
+/// Cluster of three masters, whose slots `redis-cli --cluster create` splits
+/// 0–5460, 5461–10922 and 10923–16383, their hash slots (CRC16 of the name,
+/// modulo 16384) are 4091 and 8154: the first and the second master (the
+/// run checks where their keys landed).
 const TWO_GROUPS: &str = "bench-2,bench-3";
 
 const fn config(name: &'static str, backend: Backend, servers: usize, heavy: bool) -> Config {
@@ -92,16 +99,21 @@ const CONFIGS: &[Config] = &[
     two_groups(config("redis, 3 srv, pub-heavy, 2 groups", Backend::Single, 3, true)),
     two_groups(config("2 shards, 3 servers, 2 groups", Backend::Shards, 3, false)),
     two_groups(config("2 shards, 3 srv, pub-heavy, 2 groups", Backend::Shards, 3, true)),
+    two_groups(config(
+        "cluster 3 masters, 3 servers, 2 groups",
+        Backend::Cluster,
+        3,
+        false,
+    )),
+    two_groups(config("cluster, 3 srv, pub-heavy, 2 groups", Backend::Cluster, 3, true)),
 ];
-
-/// The row printed for Redis Cluster, which the bench does not measure yet.
-const CLUSTER_ROW: &str = "redis cluster, 3 masters";
 
 /// The Redis processes of the run, started once and emptied between runs.
 struct Setups {
     single: Setup,
     sentinel: Setup,
     shards: Setup,
+    cluster: Setup,
 }
 
 impl Setups {
@@ -110,6 +122,7 @@ impl Setups {
             single: Setup::single()?,
             sentinel: Setup::sentinel()?,
             shards: Setup::shards(2)?,
+            cluster: Setup::cluster()?,
         })
     }
 
@@ -119,6 +132,7 @@ impl Setups {
             Backend::Single => Some(&self.single),
             Backend::Sentinel(_) => Some(&self.sentinel),
             Backend::Shards => Some(&self.shards),
+            Backend::Cluster => Some(&self.cluster),
         }
     }
 }
@@ -184,6 +198,19 @@ fn measure(config: &Config, setups: &Setups, plan: &Plan) -> Result<Value, Strin
         serde_json::from_str(text.trim()).map_err(|e| format!("load generator output {text:?}: {e}"))?;
     if let Some(setup) = setup {
         result["redis_keys_per_master"] = json!(setup.keys()?);
+    }
+    if let (Backend::Cluster, Some(setup)) = (config.backend, setup) {
+        let groups: Vec<&str> = config.groups.split(',').collect();
+        let owners = setup.masters_of(&groups)?;
+        let mut seen = Vec::new();
+        for (group, owner) in groups.iter().zip(&owners) {
+            match owner {
+                Some(i) if !seen.contains(i) => seen.push(*i),
+                Some(i) => return Err(format!("{}: group {group} shares master {i} with another", config.name)),
+                None => return Err(format!("{}: no master holds keys of group {group}", config.name)),
+            }
+        }
+        result["redis_master_of_group"] = json!(owners);
     }
     Ok(result)
 }
@@ -258,9 +285,6 @@ pub(crate) fn run(plan: &Plan) -> Result<(), String> {
         print_row(&row);
         rows.push(row);
     }
-    let why = "not measured yet: the bench starts no Redis Cluster";
-    eprintln!("xtask bench --cluster: {CLUSTER_ROW:<38} {why}");
-    rows.push(json!({"config": CLUSTER_ROW, "measured": false, "note": why}));
     std::fs::create_dir_all("target/bench").map_err(|e| e.to_string())?;
     let path = "target/bench/cluster.json";
     let results = json!({"plan": {"messages": plan.messages, "runs": plan.runs}, "configs": rows});

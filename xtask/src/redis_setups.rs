@@ -1,7 +1,9 @@
 //! The Redis setups of `cargo xtask bench --cluster`, every process a
 //! `redis-server` of the benchmark's own on a free port (never the machine's
 //! shared one), killed by its PID on drop: one Redis, a Sentinel set (a
-//! master, one replica, three sentinels) and two independent shards. The
+//! master, one replica, three sentinels), two independent shards and a Redis
+//! Cluster of three masters (made one with `redis-cli --cluster create`, as
+//! the test kit's `ClusterSet` does). The
 //! benchmark adds up the CPU time of every process of a setup, sentinels and
 //! replicas included, since an operator pays for all of them.
 
@@ -224,6 +226,81 @@ impl Setup {
             others,
             args: vec!["--redis-url".to_owned(), url],
         })
+    }
+
+    /// A Redis Cluster of three masters (no replicas) made one with
+    /// `redis-cli --cluster create` (`$CHANNELBOX_REDIS_CLI`, else
+    /// `redis-cli`), reached by `redis+cluster://` with every node a seed;
+    /// returns once every node says the cluster is ok with all slots assigned.
+    pub(crate) fn cluster() -> Result<Setup, String> {
+        let masters = (0..3)
+            .map(|_| Node::data(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]))
+            .collect::<Result<Vec<_>, _>>()?;
+        let hosts: Vec<String> = masters.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect();
+        let cli = std::env::var("CHANNELBOX_REDIS_CLI").unwrap_or_else(|_| "redis-cli".to_owned());
+        let out = Command::new(&cli)
+            .args(["--cluster", "create"])
+            .args(&hosts)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {cli} ({e}); install it: apt-get install -y redis-tools"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{cli} --cluster create failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let settled = |m: &Node| {
+            m.reply("CLUSTER INFO", true).is_ok_and(|info| {
+                info.contains("cluster_state:ok")
+                    && info.contains("cluster_slots_assigned:16384")
+                    && info.contains("cluster_known_nodes:3")
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !masters.iter().all(settled) {
+            if Instant::now() > deadline {
+                return Err("the Redis Cluster did not settle (cluster_state:ok on every node)".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let url = format!("redis+cluster://{}", hosts.join(","));
+        Ok(Setup {
+            masters,
+            others: Vec::new(),
+            args: vec!["--redis-url".to_owned(), url],
+        })
+    }
+
+    /// For each of `groups`, the index of the master holding keys in the
+    /// group's hash slot (`CLUSTER KEYSLOT {group}`, then `CLUSTER
+    /// COUNTKEYSINSLOT` on every master), or `None` if none holds any: which
+    /// master of a Cluster served the group in the run just measured. A
+    /// group's hash tag is its name for the bench's names (none starts with
+    /// `}` or `~`).
+    pub(crate) fn masters_of(&self, groups: &[&str]) -> Result<Vec<Option<usize>>, String> {
+        let int = |port: u16, answer: String| {
+            answer
+                .strip_prefix(':')
+                .and_then(|n| n.parse::<u64>().ok())
+                .ok_or_else(|| format!("port {port} answered {answer:?}"))
+        };
+        let first = self.masters.first().ok_or("a setup without masters")?;
+        let mut owners = Vec::new();
+        for group in groups {
+            let slot = int(first.port, first.command(&format!("CLUSTER KEYSLOT {{{group}}}"))?)?;
+            let mut owner = None;
+            for (i, m) in self.masters.iter().enumerate() {
+                if int(m.port, m.command(&format!("CLUSTER COUNTKEYSINSLOT {slot}"))?)? > 0 {
+                    owner = Some(i);
+                }
+            }
+            owners.push(owner);
+        }
+        Ok(owners)
     }
 
     /// Empties every master (a replica follows its master).
