@@ -43,6 +43,9 @@ pub(crate) struct Options {
     pub(crate) shrink: bool,
     /// Print the seed's schedule and stop (`--print-schedule`).
     pub(crate) print_only: bool,
+    /// Use the binaries already built (`--no-build`): a sweep of many seeds
+    /// on one build, while the sources change.
+    pub(crate) no_build: bool,
 }
 
 impl Options {
@@ -54,12 +57,14 @@ impl Options {
             mutation: None,
             shrink: false,
             print_only: false,
+            no_build: false,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
-            if flag == "--shrink" || flag == "--print-schedule" {
+            if matches!(flag.as_str(), "--shrink" | "--print-schedule" | "--no-build") {
                 o.shrink |= flag == "--shrink";
                 o.print_only |= flag == "--print-schedule";
+                o.no_build |= flag == "--no-build";
                 continue;
             }
             let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -78,7 +83,7 @@ impl Options {
 }
 
 /// The flags of `cargo xtask chaos`.
-pub(crate) const USAGE: &str = "usage: cargo xtask chaos [--seed S] [--minutes N | --seconds N] [--store memory|sled|redis] [--mutation NAME] [--shrink] [--print-schedule]";
+pub(crate) const USAGE: &str = "usage: cargo xtask chaos [--seed S] [--minutes N | --seconds N] [--store memory|sled|redis] [--mutation NAME] [--shrink] [--print-schedule] [--no-build]";
 
 /// Builds what a run needs, runs the schedule of the seed, and fails with a
 /// report when the checker finds a violation.
@@ -89,7 +94,9 @@ pub(crate) fn chaos(o: &Options) -> Result<(), String> {
         return Ok(());
     }
     std::env::set_current_dir(crate::root()).map_err(|e| e.to_string())?;
-    build(o.mutation.is_some())?;
+    if !o.no_build {
+        build(o.mutation.is_some())?;
+    }
     let violations = run(o, &schedule)?;
     if violations.is_empty() {
         eprintln!(
@@ -155,9 +162,11 @@ fn report(o: &Options, schedule: &[Step], violations: &[String]) {
     }
 }
 
-/// Where a run keeps its logs.
+/// Where a run keeps its logs (a mutation's runs apart from the plain ones,
+/// so that both can run at once).
 fn run_dir(o: &Options) -> PathBuf {
-    PathBuf::from("target/chaos").join(format!("{}-{}", o.store.name(), o.seed))
+    let mutation = o.mutation.as_ref().map(|m| format!("-{m}")).unwrap_or_default();
+    PathBuf::from("target/chaos").join(format!("{}-{}{mutation}", o.store.name(), o.seed))
 }
 
 /// Drops faults one by one while the run still fails.
