@@ -1,8 +1,9 @@
 // Browser test of the chat page in real headless Chromium (Debian's package),
 // driven by playwright-core: two pages in one room exchange messages, see who
 // is in the room (presence, then member events as a third page comes and
-// goes), a reload shows the history, and after the server restarts (sled
-// store, same data directory and port) the page reconnects and catches up.
+// goes), permessage-deflate is negotiated and carries a message both ways, a
+// reload shows the history, and after the server restarts (sled store, same
+// data directory and port) the page reconnects and catches up.
 // Saves a screenshot.
 //
 // Usage: CHAT_BIN=target/debug/examples/chat node e2e/browser.mjs <screenshot.png>
@@ -85,6 +86,27 @@ try {
   check(true, "the page shows two people in the room");
   check(await a.evaluate(() => typeof window.channelbox?.connect === "function"),
     "the page runs the channelbox client package (/channelbox.js)");
+  // permessage-deflate: Chromium offers it, the server accepts it, and a
+  // 3 KB message goes compressed both ways (Chromium compresses what it
+  // sends once the extension is in force) and comes back whole.
+  const deflate = await a.evaluate(async (addr) => {
+    const text = "the deploy to staging failed again, the logs show a timeout. ".repeat(50);
+    const ws = new WebSocket(`ws://${addr}/ws/e2e-deflate`);
+    return await new Promise((resolve, reject) => {
+      setTimeout(() => reject(new Error("no message within 10 s")), 10000);
+      ws.onopen = () => ws.send(JSON.stringify({ type: "publish", data: { text } }));
+      ws.onmessage = (e) => {
+        const frame = JSON.parse(e.data);
+        if (frame.type !== "message") return;
+        resolve({ extensions: ws.extensions, whole: frame.data.text === text });
+        ws.close();
+      };
+      ws.onerror = () => reject(new Error("socket error"));
+    });
+  }, addr);
+  check(deflate.extensions.startsWith("permessage-deflate") && deflate.extensions.includes("server_no_context_takeover"),
+    `Chromium negotiates permessage-deflate (${deflate.extensions})`);
+  check(deflate.whole, "a compressed 3 KB message goes both ways and comes back whole");
   await a.waitForFunction(() => document.querySelectorAll("#member-list li").length === 2);
   check((await a.locator("#member-list li:has-text('(you)')").count()) === 1, "the member list marks you");
   const third = await context.newPage();

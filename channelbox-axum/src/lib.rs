@@ -2,7 +2,7 @@
 //!
 //! The axum adapter: [`routes`] is an axum [`Router`] with the whole chat
 //! server of docs/protocol.md — the WebSocket route `GET /ws/{group}`, the
-//! HTTP API, `/healthz`, `/metrics` and the browser page — over a
+//! stream of server-sent events `GET /sse/{group}`, the HTTP API, `/healthz`, `/metrics` and the browser page — over a
 //! [`ChatService`]. Merge it into your application's router, or run it alone
 //! with [`serve`] (the shared accept loop: request-head deadline, bounded
 //! pending connections). The protocol lives in `channelbox-protocol` and the
@@ -47,6 +47,7 @@ pub async fn serve(listener: tokio::net::TcpListener, service: ChatService, conf
 pub fn routes(service: ChatService) -> Router {
     Router::new()
         .route("/ws/{group}", get(websocket))
+        .route("/sse/{group}", get(events))
         .route("/api/groups", get(groups))
         .route("/api/namespaces", get(namespaces))
         .route("/api/groups/{group}/history", get(history))
@@ -103,6 +104,11 @@ async fn websocket(State(service): State<ChatService>, RawGroup(group): RawGroup
         return answer(HttpAnswer::error(400, "bad_request", "expected a WebSocket upgrade"));
     }
     shared::upgrade(req, &group, None, &service).await.map(Body::new)
+}
+
+/// `GET /sse/{group}`: checked as an upgrade, then the stream of events.
+async fn events(State(service): State<ChatService>, RawGroup(group): RawGroup, req: Request) -> Response {
+    shared::events(req, &group, &service).await.map(Body::new)
 }
 
 /// `GET /admin`: the admin page, or 404 without an admin token.

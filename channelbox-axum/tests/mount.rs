@@ -108,3 +108,25 @@ async fn groups_in_paths_are_decoded_once_by_the_protocol() {
         );
     }
 }
+
+/// `GET /sse/{group}` under `axum::serve`: the stream's head and its first
+/// event, `welcome`, as the protocol renders it.
+#[tokio::test]
+async fn the_router_serves_event_streams() {
+    let addr = start().await;
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!("GET /sse/axum HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the first event's end: its JSON line and the blank line.
+    while !String::from_utf8_lossy(&raw).contains("}\n\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("content-type: text/event-stream"), "{text}");
+    assert!(text.contains("event: welcome\ndata: {"), "{text}");
+}

@@ -2,7 +2,8 @@
 //! so that reading is cheap per frame: one `read` fills a 64 KiB buffer, frames
 //! are parsed in place and text payloads handed out as byte slices (no
 //! allocation, no UTF-8 check, no per-frame message object). Pings are answered;
-//! nothing else is ever sent.
+//! nothing else is ever sent. With [`connect_with`] it offers permessage-deflate
+//! and inflates compressed frames (as a browser would) before handing them out.
 
 use std::io;
 
@@ -20,17 +21,31 @@ pub struct RawSubscriber {
     end: usize,
     /// The code of the server's close frame, once one arrived.
     close_code: Option<u16>,
+    /// The server accepted permessage-deflate: compressed frames are inflated.
+    inflater: Option<(flate2::Decompress, Vec<u8>)>,
+    /// Bytes read off the socket after the upgrade: what the wire carried.
+    wire_bytes: u64,
 }
 
 const BUFFER: usize = 64 << 10;
 
 /// Opens `ws://{addr}{path}`: a plain HTTP/1.1 upgrade, checked for `101`.
 pub async fn connect(addr: &str, path: &str) -> io::Result<RawSubscriber> {
+    connect_with(addr, path, false).await
+}
+
+/// [`connect`], offering permessage-deflate as browsers do when `deflate`.
+pub async fn connect_with(addr: &str, path: &str, deflate: bool) -> io::Result<RawSubscriber> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
+    let offer = if deflate {
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    } else {
+        ""
+    };
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     let mut buf = vec![0; BUFFER];
@@ -62,16 +77,50 @@ pub async fn connect(addr: &str, path: &str) -> io::Result<RawSubscriber> {
             format!("upgrade refused: {line}"),
         ));
     }
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let inflater = head
+        .contains("sec-websocket-extensions: permessage-deflate")
+        .then(|| (flate2::Decompress::new(false), Vec::new()));
     Ok(RawSubscriber {
         stream,
         buf,
         start: head_end,
         end,
         close_code: None,
+        inflater,
+        wire_bytes: (end - head_end) as u64,
     })
 }
 
-/// One parsed frame: opcode, header length, payload length.
+/// Inflates one compressed message (the server takes no context over from
+/// one message to the next, so the inflater starts afresh each time).
+fn inflate<'a>(inflater: &mut flate2::Decompress, out: &'a mut Vec<u8>, payload: &[u8]) -> io::Result<&'a [u8]> {
+    let bad = |_| io::Error::new(io::ErrorKind::InvalidData, "bad deflate data");
+    inflater.reset(false);
+    out.clear();
+    for part in [payload, &[0x00, 0x00, 0xff, 0xff][..]] {
+        let mut used = 0;
+        loop {
+            if out.capacity() - out.len() < 1024 {
+                out.reserve(out.capacity().max(4096));
+            }
+            let (in_before, out_before) = (inflater.total_in(), inflater.total_out());
+            inflater
+                .decompress_vec(&part[used..], out, flate2::FlushDecompress::Sync)
+                .map_err(bad)?;
+            used += (inflater.total_in() - in_before) as usize;
+            if used == part.len() && out.len() < out.capacity() {
+                break;
+            }
+            if inflater.total_in() == in_before && inflater.total_out() == out_before {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "deflate data stuck"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One parsed frame: first byte (FIN, RSV, opcode), header length, payload length.
 fn parse(b: &[u8]) -> Option<(u8, usize, usize)> {
     let (b0, b1) = (*b.first()?, *b.get(1)?);
     let (mut header, len) = match b1 & 0x7f {
@@ -82,13 +131,23 @@ fn parse(b: &[u8]) -> Option<(u8, usize, usize)> {
     if b1 & 0x80 != 0 {
         header += 4; // servers do not mask, but a mask key would sit here
     }
-    (b.len() >= header + len).then_some((b0 & 0x0f, header, len))
+    (b.len() >= header + len).then_some((b0, header, len))
 }
 
 impl RawSubscriber {
     /// The code of the server's close frame, if it sent one.
     pub fn close_code(&self) -> Option<u16> {
         self.close_code
+    }
+
+    /// Whether the server accepted permessage-deflate.
+    pub fn deflate(&self) -> bool {
+        self.inflater.is_some()
+    }
+
+    /// Bytes read off the socket after the upgrade.
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire_bytes
     }
 
     /// Hands every complete text frame's payload to `on_text`: those already
@@ -98,9 +157,13 @@ impl RawSubscriber {
         loop {
             let mut parsed = false;
             let mut pong = None;
-            while let Some((opcode, header, len)) = parse(&self.buf[self.start..self.end]) {
+            while let Some((first, header, len)) = parse(&self.buf[self.start..self.end]) {
                 let payload = &self.buf[self.start + header..self.start + header + len];
-                match opcode {
+                match first & 0x0f {
+                    0x1 if first & 0x40 != 0 => match self.inflater.as_mut() {
+                        Some((inflater, out)) => on_text(inflate(inflater, out, payload)?),
+                        None => return Err(io::Error::new(io::ErrorKind::InvalidData, "RSV1 not negotiated")),
+                    },
                     0x1 => on_text(payload),
                     0x8 => {
                         self.close_code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
@@ -133,6 +196,7 @@ impl RawSubscriber {
                 return Ok(false);
             }
             self.end += n;
+            self.wire_bytes += n as u64;
         }
     }
 }
@@ -143,12 +207,12 @@ mod tests {
 
     #[test]
     fn frames_parse_only_when_complete() {
-        assert_eq!(parse(&[0x81, 2, b'h', b'i']), Some((1, 2, 2)));
+        assert_eq!(parse(&[0x81, 2, b'h', b'i']), Some((0x81, 2, 2)));
         assert_eq!(parse(&[0x81, 2, b'h']), None);
         let mut long = vec![0x81, 126, 0x01, 0x00];
         long.extend(std::iter::repeat_n(b'x', 256));
-        assert_eq!(parse(&long), Some((1, 4, 256)));
+        assert_eq!(parse(&long), Some((0x81, 4, 256)));
         assert_eq!(parse(&long[..200]), None);
-        assert_eq!(parse(&[0x88, 0]), Some((8, 2, 0)));
+        assert_eq!(parse(&[0x88, 0]), Some((0x88, 2, 0)));
     }
 }

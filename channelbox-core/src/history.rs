@@ -3,24 +3,15 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::error::{ConfigError, StoreError};
+use crate::error::StoreError;
+use crate::limits::HistoryLimits;
 use crate::payload::PayloadKind;
 use crate::position::{Epoch, StreamPosition};
-
-/// The environment variable Nexios reads for the per-group history size.
-pub const HISTORY_SIZE_ENV: &str = "CHANNEL_BOX_HISTORY_SIZE";
-
-/// The default per-group history budget: 1 MiB of payload, as in Nexios.
-pub const DEFAULT_HISTORY_BYTES: u64 = 1 << 20;
-
-/// The default budget of a whole store: 256 MiB, counted as each store's
-/// [`HistoryStore::message_cost`] over all groups.
-pub const DEFAULT_TOTAL_BYTES: u64 = 256 << 20;
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
@@ -28,56 +19,6 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// History limits: per group, and for the whole store. The oldest messages
-/// are trimmed first, and the newest message always survives a trim, even
-/// alone above the byte budget.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HistoryLimits {
-    /// Most payload bytes kept per group.
-    pub max_bytes: u64,
-    /// Most messages kept per group.
-    pub max_messages: Option<u64>,
-    /// Longest a message is kept, judged by its timestamp (this limit removes the
-    /// newest message too once it is old enough).
-    pub max_age: Option<Duration>,
-    /// Most bytes all groups together may cost, each message counted as its
-    /// store's [`HistoryStore::message_cost`]; above it the groups written
-    /// least recently are trimmed first (see [`crate::TotalBudget`]). `None`
-    /// is unbounded.
-    pub max_total_bytes: Option<u64>,
-}
-
-impl Default for HistoryLimits {
-    fn default() -> Self {
-        HistoryLimits {
-            max_bytes: DEFAULT_HISTORY_BYTES,
-            max_messages: None,
-            max_age: None,
-            max_total_bytes: Some(DEFAULT_TOTAL_BYTES),
-        }
-    }
-}
-
-impl HistoryLimits {
-    /// The default limits with `max_bytes` from `CHANNEL_BOX_HISTORY_SIZE` when set.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        let mut limits = HistoryLimits::default();
-        if let Ok(value) = std::env::var(HISTORY_SIZE_ENV) {
-            limits.max_bytes = value.trim().parse().map_err(|_| ConfigError::InvalidValue {
-                name: HISTORY_SIZE_ENV.into(),
-                value,
-                expected: "a number of bytes",
-            })?;
-        }
-        Ok(limits)
-    }
-
-    /// The oldest timestamp (ms) a message may have at `now_ms` and still be kept.
-    pub fn oldest_allowed(&self, now_ms: u64) -> Option<u64> {
-        self.max_age.map(|age| now_ms.saturating_sub(age.as_millis() as u64))
-    }
 }
 
 /// A message to append.
@@ -335,13 +276,16 @@ impl PendingAppend {
 ///   (`flush_group`, `flush_all`, an in-memory store restarting); offsets restart
 ///   at 1 in a new epoch.
 /// - Limits trim the oldest messages first; the newest message always survives.
+///   Each group follows [`HistoryLimits::limits_for`] it (its namespace's limits).
 /// - Reads return messages oldest first, never an expired one.
 #[async_trait]
 pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
     /// What this store can do.
     fn capabilities(&self) -> Capabilities;
 
-    /// The limits this store applies to every group.
+    /// The limits this store applies: each group's are
+    /// [`HistoryLimits::limits_for`] the group, looked up whenever it appends,
+    /// trims or expires.
     fn limits(&self) -> &HistoryLimits;
 
     /// What one message of `group` with this payload size costs against
@@ -407,33 +351,4 @@ pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
     async fn sync(&self) -> Result<(), StoreError> {
         Ok(())
     }
-}
-
-/// Applies [`HistoryLimits`] to a run of retained message sizes and timestamps,
-/// oldest first: returns how many of the oldest must go. Shared by stores so the
-/// trimming rule is written once.
-pub fn messages_to_trim(
-    limits: &HistoryLimits,
-    now_ms: u64,
-    count: u64,
-    bytes: u64,
-    mut oldest: impl FnMut(u64) -> (u64, u64),
-) -> u64 {
-    let oldest_allowed = limits.oldest_allowed(now_ms);
-    let mut trim = 0;
-    let mut bytes = bytes;
-    while trim < count {
-        let (size, ts) = oldest(trim);
-        // Age applies to every message; bytes and count never remove the newest.
-        let too_old = oldest_allowed.is_some_and(|t| ts < t);
-        let newest = trim + 1 == count;
-        let over_bytes = bytes > limits.max_bytes;
-        let over_count = limits.max_messages.is_some_and(|m| count - trim > m);
-        if !(too_old || (!newest && (over_bytes || over_count))) {
-            break;
-        }
-        bytes -= size;
-        trim += 1;
-    }
-    trim
 }

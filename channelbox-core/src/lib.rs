@@ -33,8 +33,14 @@
 //! ```
 //!
 //! ## Features
-//! - `testkit`: the [`HistoryStore`] conformance suite, a reference model for
-//!   property tests, and an in-process recording channel.
+//! - `testkit`: the [`HistoryStore`] and [`Broker`] conformance suites, a
+//!   reference model for property tests, and an in-process recording channel.
+//!
+//! ## Clusters
+//! A box joins others through a [`Broker`] (how saved messages reach every
+//! server) and, for the chat service, a [`Directory`] (who is where): their
+//! contracts live here, implemented by `channelbox-redis`, and in one
+//! process by [`MemoryBus`].
 //! - `chaos-mutations`: deliberately injected bugs for `cargo xtask chaos`
 //!   (see [`mutation`]); never in a real build.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
@@ -43,9 +49,12 @@ mod broker;
 mod budget;
 mod channel;
 mod channel_box;
+mod directory;
 mod envelope;
 mod error;
 mod history;
+mod limits;
+mod memory_broker;
 pub mod mutation;
 mod payload;
 mod position;
@@ -61,13 +70,18 @@ pub use channel_box::{
     AddStatus, BoxStats, ChannelBox, DeliveryReport, MembershipObserver, NoFraming, PendingPublish, PublishOptions,
     PublishReport, Recovery, RemoveStatus, Replay, SubscribeFraming, Subscribed, GAP_WAIT, HEAD_CHECK, REPLAY_STALL,
 };
+pub use directory::{Change, ClusterEvent, Directory, Member};
 pub use envelope::{Envelope, MessageRef, PlainEnvelope};
 pub use error::{BoxError, ConfigError, StoreError, StoreErrorKind};
 pub use history::{
-    messages_to_trim, now_ms, Capabilities, DurableFuture, Head, HistoryLimits, HistoryPage, HistoryStats,
-    HistoryStore, NewMessage, PendingAppend, PositionFuture, ReadQuery, StoredMessage, DEFAULT_HISTORY_BYTES,
-    DEFAULT_TOTAL_BYTES, ENCODED_HEADER, HISTORY_SIZE_ENV,
+    now_ms, Capabilities, DurableFuture, Head, HistoryPage, HistoryStats, HistoryStore, NewMessage, PendingAppend,
+    PositionFuture, ReadQuery, StoredMessage, ENCODED_HEADER,
 };
+pub use limits::{
+    messages_to_trim, namespace_of, GroupLimits, HistoryLimits, DEFAULT_HISTORY_BYTES, DEFAULT_TOTAL_BYTES,
+    HISTORY_SIZE_ENV,
+};
+pub use memory_broker::{BusStore, MemoryBroker, MemoryBus, DEFAULT_BUS_QUEUE};
 pub use payload::{Frame, FrameKind, Payload, PayloadKind, PayloadType};
 pub use position::{Epoch, StreamPosition};
 pub use transport::{CloseReason, FrameSink, Incoming, SinkError};

@@ -1,7 +1,7 @@
 //! Payloads, payload types and the encoded frames handed to channels.
 
 use bytes::Bytes;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// How a channel wants to receive what is sent to it, as in Nexios
 /// (`payload_type="json" | "text" | "bytes"`).
@@ -132,15 +132,43 @@ pub enum FrameKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame(Arc<FrameBody>);
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 struct FrameBody {
     kind: FrameKind,
     data: Bytes,
+    /// The frame compressed for the connections that negotiated it
+    /// (permessage-deflate): made by the first of them to write the frame,
+    /// shared by the rest, so a broadcast is compressed once, not once per
+    /// member. `None` inside when compressing does not pay.
+    compressed: OnceLock<Option<Bytes>>,
 }
+
+/// Frames are equal when their kind and bytes are: the compressed copy is
+/// a cache of the same content.
+impl PartialEq for FrameBody {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.data == other.data
+    }
+}
+
+impl Eq for FrameBody {}
 
 impl Frame {
     fn new(kind: FrameKind, data: Bytes) -> Self {
-        Frame(Arc::new(FrameBody { kind, data }))
+        Frame(Arc::new(FrameBody {
+            kind,
+            data,
+            compressed: OnceLock::new(),
+        }))
+    }
+
+    /// The frame's compressed encoding, made by `compress` on the first call
+    /// and shared by every clone of the frame afterwards (concurrent first
+    /// calls wait for one of them); `None` when `compress` found that
+    /// compressing does not pay. A transport decides what the bytes are
+    /// (channelbox-ws: the whole permessage-deflate frame, header included).
+    pub fn compressed(&self, compress: impl FnOnce(&Frame) -> Option<Bytes>) -> Option<&Bytes> {
+        self.0.compressed.get_or_init(|| compress(self)).as_ref()
     }
 
     /// A text frame.

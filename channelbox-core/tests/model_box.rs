@@ -105,6 +105,7 @@ async fn run(ops: Vec<Op>) {
         max_messages: Some(4),
         max_age: None,
         max_total_bytes: None,
+        ..HistoryLimits::default()
     };
     let store: Arc<dyn HistoryStore> = Arc::new(MemoryStore::new(MemoryConfig { limits: limits.clone() }));
     let cb = ChannelBox::new(store);

@@ -20,7 +20,7 @@ pub struct ProtocolConfig {
     pub expiry: Option<Duration>,
     /// Groups one connection may be in at once.
     pub max_groups_per_connection: usize,
-    /// Open WebSocket connections the server accepts.
+    /// Open connections (WebSockets and event streams) the server accepts.
     pub max_connections: usize,
     /// Requires signed tokens when set (`--token-secret`).
     pub tokens: Option<TokenVerifier>,
@@ -35,6 +35,9 @@ pub struct ProtocolConfig {
     /// How long after a missed ping a silent connection is closed with 4003
     /// (`--pong-timeout`).
     pub pong_timeout: Duration,
+    /// Negotiates permessage-deflate with the WebSocket clients that offer
+    /// it (`--compression`, on by default).
+    pub compression: bool,
 }
 
 impl Default for ProtocolConfig {
@@ -52,6 +55,7 @@ impl Default for ProtocolConfig {
             allowed_origins: Vec::new(),
             ping_interval: Some(Duration::from_secs(25)),
             pong_timeout: Duration::from_secs(10),
+            compression: true,
         }
     }
 }

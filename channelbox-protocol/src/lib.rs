@@ -8,6 +8,10 @@
 //!    [`ChatService::channel_config`];
 //! 3. hands [`ChatService::run`] the channel and a stream of [`Incoming`] frames.
 //!
+//! A stream of server-sent events (`GET /sse/{group}`) is admitted by
+//! [`ChatService::admit_events`] and opened by [`ChatService::events`], whose
+//! [`EventStream`] is the response's body.
+//!
 //! The HTTP API (`/api/groups…`, `/api/admin/…`, `/metrics`) is here too, as
 //! handlers that return an [`HttpAnswer`]; a web framework only routes to them.
 //!
@@ -46,5 +50,6 @@ pub use metrics::{HookMetrics, Metrics, WriteCounter};
 pub use paths::{group_segment, GroupEndpoint, GroupPath};
 pub use request::{parse as parse_request, Direct, History, Join, Leave, Presence, Publish, Ref, Request};
 pub use service::{
-    Admission, Change, ChatService, ClusterEvent, Directory, HttpAnswer, Member, PublishTicket, UpgradeRequest,
+    Admission, Change, ChatService, ClusterEvent, Directory, EventStream, EventsEnd, HttpAnswer, Member, PublishTicket,
+    UpgradeRequest, EVENT_STREAM_HEADERS,
 };

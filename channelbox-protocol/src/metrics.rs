@@ -19,7 +19,7 @@ use prometheus_client::registry::Registry;
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// Open WebSocket connections.
+    /// Open connections: WebSockets and event streams.
     pub connections: Gauge<i64, AtomicI64>,
     groups: Gauge<i64, AtomicI64>,
     history_messages: Gauge<i64, AtomicI64>,
@@ -141,7 +141,7 @@ impl Metrics {
         let publish_durable_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 17));
         registry.register(
             "channelbox_connections",
-            "Open WebSocket connections.",
+            "Open connections (WebSockets and event streams).",
             connections.clone(),
         );
         registry.register("channelbox_groups", "Groups with at least one member.", groups.clone());

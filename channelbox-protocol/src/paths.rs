@@ -10,7 +10,7 @@ use crate::frames::ProtocolError;
 pub enum GroupEndpoint {
     /// `GET /ws/{group}`: a WebSocket connection.
     WebSocket,
-    /// `GET /sse/{group}`: a stream of server-sent events (not served yet).
+    /// `GET /sse/{group}`: a stream of server-sent events.
     Events,
 }
 

@@ -181,12 +181,17 @@ impl Appender {
     /// Sends appends as one pipeline, each with its group's floor.
     async fn send(&self, jobs: &[Job]) -> Result<Vec<Value>, StoreError> {
         let sha = self.link.sha(scripts::APPEND)?;
-        let max_bytes = self.limits.max_bytes.to_string();
-        let max_count = self.limits.max_messages.unwrap_or(0).to_string();
-        let oldest = self.limits.oldest_allowed(now_ms()).unwrap_or(0).to_string();
+        let now = now_ms();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for job in jobs {
+            // Each group's own limits (its namespace's), as the script's arguments.
+            let limits = self.limits.limits_for(&job.group);
+            let max_bytes = limits.max_bytes.to_string();
+            // The script reads 0 as "no count limit"; a limit of 0 keeps the
+            // newest message, as a limit of 1 does.
+            let max_count = limits.max_messages.map_or(0, |m| m.max(1)).to_string();
+            let oldest = limits.oldest_allowed(now).unwrap_or(0).to_string();
             let except = job.except.map(|id| id.to_string()).unwrap_or_default();
             let floor = self.shared.floors.get(&job.group, None);
             let cmd = pipe

@@ -6,27 +6,29 @@
 //! again and reports `Back` — after which the box checks every group's head,
 //! so nothing published meanwhile is missed.
 //!
-//! Messages on a group's channel (`keys::channel`), first byte first:
-//! `S<epoch>\n<offset>\n<except>\n<message>` a saved message (from the append
-//! script), `R<epoch>` a reset (flush), `M<epoch>\n<last>` a group moved to a
-//! new epoch after its head went back (see `scripts`), `U<node>\n<except>\n<message>` an
-//! unsaved message, `E<node>\n<json>` a member event.
+//! What travels on the channels is [`crate::wire`]'s: every payload sent
+//! here is written by [`Wire::encode`] and every one received is read by
+//! [`Wire::decode`] (the scripts write saved messages, resets and moves in
+//! the same layout).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use channelbox_core::{now_ms, Broker, BrokerEvent, BrokerFuture, Epoch, NewMessage, StoreError, StreamPosition};
+use channelbox_core::{
+    now_ms, Broker, BrokerEvent, BrokerFuture, NewMessage, StoreError, StoreErrorKind, StreamPosition,
+};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::directory::{member_event, parse_control, Control};
+use crate::directory::{control_of, Control};
 use crate::floors::Floors;
 use crate::keys;
 use crate::link::{unavailable, Link, COMMAND_TIMEOUT};
 use crate::sentinel::Target;
+use crate::wire::Wire;
 
 /// Events waiting for the box before the subscription task waits for it
 /// (and Redis buffers for us, up to its own output limit).
@@ -159,17 +161,21 @@ impl Broker for RedisBroker {
     }
 
     fn publish_unsaved(&self, group: &str, message: &NewMessage, except: Option<Uuid>) -> BrokerFuture {
-        let mut body = format!(
-            "U{}\n{}\n",
-            self.node,
-            except.map(|e| e.to_string()).unwrap_or_default()
-        )
-        .into_bytes();
-        body.extend_from_slice(&message.encode());
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(keys::channel(group)).arg(body);
+        let wire = Wire::Unsaved {
+            node: self.node,
+            except,
+            message: message.clone(),
+        };
+        let body = wire
+            .encode()
+            .map_err(|e| StoreError::new(StoreErrorKind::InvalidInput, e.to_string()));
         let link = self.link.clone();
-        Box::pin(async move { link.query::<i64>(&cmd).await.map(|_| ()) })
+        let channel = keys::channel(group);
+        Box::pin(async move {
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(channel).arg(body?);
+            link.query::<i64>(&cmd).await.map(|_| ())
+        })
     }
 
     fn take_events(&self) -> Option<mpsc::Receiver<BrokerEvent>> {
@@ -280,81 +286,62 @@ async fn connect(
     Some((sink, stream))
 }
 
-/// Splits `n` fields off the front of `body` at newlines; the rest is last.
-fn fields(body: &[u8], n: usize) -> Option<(Vec<&str>, &[u8])> {
-    let mut out = Vec::with_capacity(n);
-    let mut rest = body;
-    for _ in 0..n {
-        let at = rest.iter().position(|b| *b == b'\n')?;
-        out.push(std::str::from_utf8(&rest[..at]).ok()?);
-        rest = &rest[at + 1..];
-    }
-    Some((out, rest))
-}
-
-fn except_of(s: &str) -> Option<Uuid> {
-    Uuid::parse_str(s).ok()
+/// The broker event a group channel's payload stands for; `None` for a
+/// member event (the directory's) and this server's own unsaved messages.
+fn event_of(node: Uuid, group: &str, wire: Wire) -> Option<BrokerEvent> {
+    let group = group.to_owned();
+    Some(match wire {
+        Wire::Saved {
+            position,
+            except,
+            message,
+        } => BrokerEvent::Saved {
+            group,
+            position,
+            message,
+            except,
+        },
+        Wire::Reset { epoch } => BrokerEvent::Reset {
+            group,
+            position: StreamPosition::new(epoch, 0),
+        },
+        Wire::Moved { position } => BrokerEvent::Moved { group, position },
+        Wire::Unsaved {
+            node: from,
+            except,
+            message,
+        } if from != node => BrokerEvent::Unsaved { group, message, except },
+        Wire::Unsaved { .. } | Wire::Member { .. } | Wire::Direct { .. } | Wire::CloseAll { .. } => return None,
+    })
 }
 
 /// Turns one pub/sub message into an event; `false` once nobody listens.
 async fn route(routes: &Routes, channel: &str, payload: &[u8]) -> bool {
-    let Some((&kind, body)) = payload.split_first() else {
+    let wire = match Wire::decode(payload) {
+        Ok(wire) => wire,
+        Err(err) => {
+            tracing::warn!(%err, channel, "pub/sub payload ignored");
+            return true;
+        }
+    };
+    let group = keys::group_of_channel(channel.as_bytes());
+    if let Some(control) = control_of(routes.node, group, &wire) {
+        send_control(routes, control);
+        return true;
+    }
+    let Some(group) = group else {
         return true;
     };
-    if let Some(group) = keys::group_of_channel(channel.as_bytes()) {
-        let event = match kind {
-            b'S' => fields(body, 3).and_then(|(f, rest)| {
-                Some(BrokerEvent::Saved {
-                    group: group.to_owned(),
-                    position: StreamPosition::new(Epoch::from(f[0].to_owned()), f[1].parse().ok()?),
-                    except: except_of(f[2]),
-                    message: NewMessage::decode(rest)?,
-                })
-            }),
-            b'R' => std::str::from_utf8(body).ok().map(|epoch| BrokerEvent::Reset {
-                group: group.to_owned(),
-                position: StreamPosition::new(Epoch::from(epoch.to_owned()), 0),
-            }),
-            b'M' => std::str::from_utf8(body).ok().and_then(|text| {
-                let (epoch, last) = text.split_once('\n')?;
-                Some(BrokerEvent::Moved {
-                    group: group.to_owned(),
-                    position: StreamPosition::new(Epoch::from(epoch.to_owned()), last.parse().ok()?),
-                })
-            }),
-            b'U' => fields(body, 2).and_then(|(f, rest)| {
-                (f[0] != routes.node.to_string()).then_some(())?;
-                Some(BrokerEvent::Unsaved {
-                    group: group.to_owned(),
-                    except: except_of(f[1]),
-                    message: NewMessage::decode(rest)?,
-                })
-            }),
-            b'E' => {
-                if let Some(control) = member_event(routes.node, group, body) {
-                    send_control(routes, control);
-                }
-                None
-            }
-            _ => None,
-        };
-        if let Some(
-            BrokerEvent::Saved { position, .. }
-            | BrokerEvent::Reset { position, .. }
-            | BrokerEvent::Moved { position, .. },
-        ) = &event
-        {
-            routes.floors.note(group, position);
-        }
-        return match event {
-            Some(event) => routes.events.send(event).await.is_ok(),
-            None => true,
-        };
+    let Some(event) = event_of(routes.node, group, wire) else {
+        return true;
+    };
+    if let BrokerEvent::Saved { position, .. }
+    | BrokerEvent::Reset { position, .. }
+    | BrokerEvent::Moved { position, .. } = &event
+    {
+        routes.floors.note(group, position);
     }
-    if let Some(control) = parse_control(routes.node, kind, body) {
-        send_control(routes, control);
-    }
-    true
+    routes.events.send(event).await.is_ok()
 }
 
 /// Control messages never hold up group messages: past the queue's bound

@@ -10,23 +10,23 @@
 //!
 //! Changes are written at most once every [`FLUSH_EVERY`], only the groups
 //! whose members changed, in bounded pipelines; TTLs are [`RECORD_TTL`].
-//! Control messages: `D<channel>\n<frame>` on a server's own channel (a
-//! `direct`), `C<server>` on the channel of all (admin close-all), and member
-//! events `E<server>\n<J|L>\n<channel>\n<+user|->` on the group's channel.
+//! Control messages, in [`crate::wire`]'s format: [`Wire::Direct`] on a
+//! server's own channel (a `direct`), [`Wire::CloseAll`] on the channel of
+//! all (admin close-all), and [`Wire::Member`] events on the group's channel.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use channelbox_core::{now_ms, StoreError};
-use channelbox_protocol::{Change, ClusterEvent, Directory, Member};
+use channelbox_core::{now_ms, Change, ClusterEvent, Directory, Member, StoreError};
 use redis::Value;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::keys;
 use crate::link::Link;
+use crate::wire::{MemberChange, Wire};
 
 /// How long a record lives unless refreshed: a dead server's members
 /// disappear within this.
@@ -148,8 +148,19 @@ impl Directory for RedisDirectory {
             }
         }
         local.dirty.insert(group.to_owned());
-        let event = member_event_body(self.inner.node, change, &member);
-        local.outbox.push((keys::channel(group), event));
+        let event = Wire::Member {
+            node: self.inner.node,
+            change: match change {
+                Change::Joined => MemberChange::Joined,
+                Change::Left => MemberChange::Left,
+            },
+            channel: member.channel_id,
+            user: member.user.clone(),
+        };
+        // A member event has no epoch: it always encodes.
+        if let Ok(body) = event.encode() {
+            local.outbox.push((keys::channel(group), body));
+        }
         drop(local);
         self.inner.wake.notify_one();
     }
@@ -237,8 +248,7 @@ impl Directory for RedisDirectory {
             // Its record outlived it here.
             return Ok(false);
         }
-        let mut body = format!("D{to}\n").into_bytes();
-        body.extend_from_slice(frame.as_bytes());
+        let body = encoded(&Wire::Direct { to, frame })?;
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(keys::node_channel(node)).arg(body);
         // No subscriber: that server is gone.
@@ -247,7 +257,8 @@ impl Directory for RedisDirectory {
 
     async fn close_all(&self) -> Result<(), StoreError> {
         let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(keys::ALL_CHANNEL).arg(format!("C{}", self.inner.node));
+        cmd.arg(keys::ALL_CHANNEL)
+            .arg(encoded(&Wire::CloseAll { node: self.inner.node })?);
         self.inner.link.query::<i64>(&cmd).await.map(|_| ())
     }
 
@@ -256,51 +267,42 @@ impl Directory for RedisDirectory {
     }
 }
 
-fn member_event_body(node: Uuid, change: Change, member: &Member) -> Vec<u8> {
-    let kind = match change {
-        Change::Joined => 'J',
-        Change::Left => 'L',
-    };
-    let user = user_field(member.user.as_deref());
-    format!("E{node}\n{kind}\n{}\n{user}", member.channel_id).into_bytes()
+/// A payload's bytes, or an invalid-input error.
+fn encoded(wire: &Wire) -> Result<Vec<u8>, StoreError> {
+    wire.encode()
+        .map_err(|e| StoreError::new(channelbox_core::StoreErrorKind::InvalidInput, e.to_string()))
 }
 
-/// A member event from a group's channel (`body` after the `E`); `None` for
-/// this server's own or a malformed one.
-pub(crate) fn member_event(node: Uuid, group: &str, body: &[u8]) -> Option<Control> {
-    let text = std::str::from_utf8(body).ok()?;
-    let mut parts = text.splitn(4, '\n');
-    let from = Uuid::parse_str(parts.next()?).ok()?;
-    if from == node {
-        return None;
-    }
-    let change = match parts.next()? {
-        "J" => Change::Joined,
-        "L" => Change::Left,
-        _ => return None,
-    };
-    let channel_id = Uuid::parse_str(parts.next()?).ok()?;
-    let user = parts.next()?.strip_prefix('+').map(str::to_owned);
-    Some(ClusterEvent::Member {
-        group: group.to_owned(),
-        change,
-        member: Member { channel_id, user },
-    })
-}
-
-/// A message on a control channel (`kind` is its first byte).
-pub(crate) fn parse_control(node: Uuid, kind: u8, body: &[u8]) -> Option<Control> {
-    match kind {
-        b'D' => {
-            let at = body.iter().position(|b| *b == b'\n')?;
-            let to = Uuid::parse_str(std::str::from_utf8(&body[..at]).ok()?).ok()?;
-            let frame = String::from_utf8(body[at + 1..].to_vec()).ok()?;
-            Some(ClusterEvent::Direct { to, frame })
-        }
-        b'C' => {
-            let from = Uuid::parse_str(std::str::from_utf8(body).ok()?).ok()?;
-            (from != node).then_some(ClusterEvent::CloseAll)
-        }
+/// The directory's event a payload stands for, received on a group's
+/// channel (`group`) or on a control channel (`None`); `None` for what is
+/// not the directory's, for this server's own member events and close-all,
+/// and for a kind on a channel it does not belong on.
+pub(crate) fn control_of(node: Uuid, group: Option<&str>, wire: &Wire) -> Option<Control> {
+    match (group, wire) {
+        (
+            Some(group),
+            Wire::Member {
+                node: from,
+                change,
+                channel,
+                user,
+            },
+        ) if *from != node => Some(ClusterEvent::Member {
+            group: group.to_owned(),
+            change: match change {
+                MemberChange::Joined => Change::Joined,
+                MemberChange::Left => Change::Left,
+            },
+            member: Member {
+                channel_id: *channel,
+                user: user.clone(),
+            },
+        }),
+        (None, Wire::Direct { to, frame }) => Some(ClusterEvent::Direct {
+            to: *to,
+            frame: frame.clone(),
+        }),
+        (None, Wire::CloseAll { node: from }) if *from != node => Some(ClusterEvent::CloseAll),
         _ => None,
     }
 }

@@ -12,9 +12,11 @@
 //!   pub/sub, resubscribing by itself after any loss; the box finds what was
 //!   lost meanwhile by offset and fills it from history.
 //! - [`RedisDirectory`] is the chat service's
-//!   [`Directory`](channelbox_protocol::Directory): per-server records with a
+//!   [`Directory`](channelbox_core::Directory): per-server records with a
 //!   short TTL (member counts, presence, where each channel is) and control
 //!   messages (`direct`, admin close-all, member events).
+//! - [`wire`] is the pub/sub payload format, written once: what the broker
+//!   and the directory send and parse, and what the scripts publish.
 //!
 //! Keys of one group share the hash tag `{<group>}`, so the layout works on
 //! Redis Cluster too. The client is redis-rs (`redis`, multiplexed tokio
@@ -55,6 +57,7 @@ pub mod testkit;
 #[cfg(feature = "testkit")]
 pub mod testkit_forms;
 mod url;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,7 +85,8 @@ pub struct RedisConfig {
     /// `redis://host:port/db`, `redis+sentinel://host:port[,…]/master` (see
     /// [`RedisAddress`]).
     pub url: String,
-    /// History limits, per group. `max_total_bytes` is not counted here:
+    /// History limits, per group (each group its namespace's, passed to the
+    /// scripts as arguments). `max_total_bytes` is not counted here:
     /// see [`RedisConfig::total_bytes`].
     pub limits: HistoryLimits,
     /// How long [`RedisEngine::connect`] waits for Redis.

@@ -2,8 +2,10 @@
 //! group goes to the group's shard ([`crate::shards::shard_of`]); what spans
 //! groups (stats, flush-all, the cluster's group counts) asks every shard.
 //! The events of every shard's broker and directory are merged into one
-//! bounded queue each: every kind passes, `BrokerEvent::Moved` (a shard
-//! that went back in time) included, and each shard keeps its own floors,
+//! bounded queue each: every group event passes, `BrokerEvent::Moved` (a
+//! shard that went back in time) included; `Lost` and `Back` stand for all
+//! shards' connections together (`Lost` at the first loss, `Back` once every
+//! shard is back), as the broker contract has them. Each shard keeps its own floors,
 //! reconnect check and restart hold, so the rollback-safe epochs hold per
 //! shard. What is about a channel or a server rather than a
 //! group (where a channel runs, `direct`, admin close-all) lives on the first
@@ -17,10 +19,10 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use channelbox_core::{
-    Broker, BrokerEvent, BrokerFuture, Capabilities, Epoch, Head, HistoryLimits, HistoryPage, HistoryStats,
-    HistoryStore, NewMessage, PendingAppend, ReadQuery, StoreError, StoreErrorKind, StreamPosition,
+    Broker, BrokerEvent, BrokerFuture, Capabilities, Change, ClusterEvent, Directory, Epoch, Head, HistoryLimits,
+    HistoryPage, HistoryStats, HistoryStore, Member, NewMessage, PendingAppend, ReadQuery, StoreError, StoreErrorKind,
+    StreamPosition,
 };
-use channelbox_protocol::{Change, ClusterEvent, Directory, Member};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -33,18 +35,53 @@ const MERGED_QUEUE: usize = 65_536;
 
 /// Forwards every receiver into one bounded queue.
 fn merge<T: Send + 'static>(receivers: Vec<mpsc::Receiver<T>>) -> mpsc::Receiver<T> {
+    merge_with(receivers, |_, _: &T| true)
+}
+
+/// Forwards every receiver into one bounded queue, each item only when
+/// `pass(shard, item)` says so; `pass` is called under one lock, in the
+/// order the items enter the queue.
+fn merge_with<T: Send + 'static>(
+    receivers: Vec<mpsc::Receiver<T>>,
+    pass: impl FnMut(usize, &T) -> bool + Send + 'static,
+) -> mpsc::Receiver<T> {
     let (tx, rx) = mpsc::channel(MERGED_QUEUE);
-    for mut r in receivers {
+    let pass = Arc::new(Mutex::new(pass));
+    for (shard, mut r) in receivers.into_iter().enumerate() {
         let tx = tx.clone();
+        let pass = pass.clone();
         tokio::spawn(async move {
             while let Some(item) = r.recv().await {
-                if tx.send(item).await.is_err() {
-                    return;
+                let Ok(permit) = tx.reserve().await else { return };
+                let mut pass = pass.lock().unwrap_or_else(|p| p.into_inner());
+                if (*pass)(shard, &item) {
+                    permit.send(item);
                 }
             }
         });
     }
     rx
+}
+
+/// The shards' connections as one: `Lost` when the first shard is lost
+/// while all were up, `Back` once every shard is back (each has restored
+/// its subscriptions), so that the box's `Back` means what the broker
+/// contract says; the other events pass.
+fn connection_of_all(shards: usize) -> impl FnMut(usize, &BrokerEvent) -> bool + Send + 'static {
+    // A shard's broker reports its first connection as `Back`.
+    let mut up = vec![false; shards];
+    move |shard, event| match event {
+        BrokerEvent::Lost => {
+            let all_were_up = up.iter().all(|u| *u);
+            up[shard] = false;
+            all_were_up
+        }
+        BrokerEvent::Back => {
+            up[shard] = true;
+            up.iter().all(|u| *u)
+        }
+        _ => true,
+    }
 }
 
 /// History on several shards.
@@ -169,9 +206,10 @@ pub struct ShardedBroker {
 
 impl ShardedBroker {
     pub(crate) fn new(shards: Vec<Arc<RedisBroker>>) -> Self {
-        let receivers = shards.iter().filter_map(|b| b.take_events()).collect();
+        let receivers: Vec<_> = shards.iter().filter_map(|b| b.take_events()).collect();
+        let count = receivers.len();
         ShardedBroker {
-            events: Mutex::new(Some(merge(receivers))),
+            events: Mutex::new(Some(merge_with(receivers, connection_of_all(count)))),
             shards,
         }
     }
@@ -262,5 +300,31 @@ impl Directory for ShardedDirectory {
 
     fn take_events(&self) -> Option<mpsc::Receiver<ClusterEvent>> {
         self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_at_the_first_loss_back_once_every_shard_is_back() {
+        let mut pass = connection_of_all(2);
+        let saved = BrokerEvent::Reset {
+            group: "g".to_owned(),
+            position: StreamPosition::new(Epoch::from("e"), 0),
+        };
+        // First connections: Back once both are up.
+        assert!(!pass(0, &BrokerEvent::Back));
+        assert!(pass(1, &BrokerEvent::Back));
+        // Both lost, back in another order: one Lost, one Back.
+        assert!(pass(1, &BrokerEvent::Lost));
+        assert!(!pass(0, &BrokerEvent::Lost));
+        assert!(pass(0, &saved), "group events always pass");
+        assert!(!pass(1, &BrokerEvent::Back));
+        assert!(pass(0, &BrokerEvent::Back));
+        // One lost and back alone.
+        assert!(pass(0, &BrokerEvent::Lost));
+        assert!(pass(0, &BrokerEvent::Back));
     }
 }

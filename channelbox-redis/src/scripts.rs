@@ -31,6 +31,12 @@
 //! servers that differ can only cost an extra epoch move, never a reuse. Because the move is a
 //! compare-and-set on the old epoch inside one script, two servers noticing
 //! at once make one new epoch: the second finds the epoch changed already.
+//!
+//! What the scripts publish — `S` saved messages (append), `R` resets
+//! (flush), `M` moves (the rollback check) — is built here by hand, in the
+//! layout [`crate::wire`] defines and reads; `tests/wire_scripts.rs` runs
+//! these scripts and decodes their payloads with that codec, so a change to
+//! either side must change both.
 
 /// How many arguments every group script takes before its own.
 pub(crate) const COMMON_ARGS: usize = 6;

@@ -144,7 +144,7 @@ impl RedisStore {
         for a in self
             .inner
             .shared
-            .common_args(group, &self.oldest_allowed(), floor.as_ref())
+            .common_args(group, &self.oldest_allowed(group), floor.as_ref())
         {
             cmd.arg(a);
         }
@@ -166,9 +166,11 @@ impl RedisStore {
         Ok(head)
     }
 
-    /// The oldest timestamp a message may have now, as a script argument.
-    fn oldest_allowed(&self) -> String {
-        self.inner.limits.oldest_allowed(now_ms()).unwrap_or(0).to_string()
+    /// The oldest timestamp a message of `group` may have now (by its
+    /// namespace's age limit), as a script argument.
+    fn oldest_allowed(&self, group: &str) -> String {
+        let limits = self.inner.limits.limits_for(group);
+        limits.oldest_allowed(now_ms()).unwrap_or(0).to_string()
     }
 
     fn check(group: &str) -> Result<(), StoreError> {

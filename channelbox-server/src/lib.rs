@@ -28,7 +28,7 @@ use channelbox_store_memory::{MemoryConfig, MemoryStore};
 use channelbox_store_sled::{SledConfig, SledStore};
 use channelbox_warp::ServerConfig;
 
-pub use config::{Config, ConfigError, Http, StoreKind};
+pub use config::{Compression, Config, ConfigError, Http, StoreKind};
 
 /// How long shutdown waits for the store to flush and sockets to close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -81,9 +81,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(hooks) = config.hooks() {
         service.set_hooks(hooks);
     }
-    service.set_namespaces(channelbox_protocol::namespaces::Namespaces::new(
-        config.namespaces.clone(),
-    ));
+    service.set_namespaces(config.namespaces());
     // One descriptor per connection: take all the system allows.
     let open_files = match channelbox_warp::raise_open_file_limit() {
         Ok(limit) => {

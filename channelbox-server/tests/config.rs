@@ -120,6 +120,16 @@ fn unknown_keys_wrong_types_and_bad_values_are_refused_by_name() {
         ("queue = 0\n", "`queue`"),
         ("history_ttl = -5\n", "`history_ttl`"),
         ("config = \"other.toml\"\n", "`config`"),
+        (
+            "[namespaces.chat]\nhistory_messages = 0\n",
+            "`namespaces.chat.history_messages`",
+        ),
+        (
+            "[namespaces.chat]\nhistory_messages = \"2\"\n",
+            "`namespaces.chat.history_messages`",
+        ),
+        ("[namespaces.chat]\nhistory_ttl = 0\n", "`namespaces.chat.history_ttl`"),
+        ("[namespaces]\nchat = 5\n", "`namespaces.chat`"),
     ] {
         let path = file(dir.path(), text);
         let error = refusal(&["--config", path.to_str().expect("utf-8")]);
@@ -191,6 +201,44 @@ fn redis_urls_split_into_shards_and_each_password_is_masked() {
     let zero = file(dir.path(), "redis_wait_ms = 0\n");
     assert!(refusal(&["--config", zero.to_str().expect("utf-8")]).contains("redis_wait_ms"));
     assert!(refusal(&["--redis-wait-ms", "1001"]).contains("--redis-wait-ms"));
+}
+
+#[test]
+fn seconds_beyond_a_duration_are_refused_by_name() {
+    // Positive and finite, yet more seconds than a Duration holds: the server
+    // used to accept them and panic turning them into Durations at start.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for key in ["history_ttl", "hook_timeout", "expiry"] {
+        let path = file(dir.path(), &format!("{key} = 1e300\n"));
+        let error = refusal(&["--config", path.to_str().expect("utf-8"), "--print-config"]);
+        assert!(
+            error.contains(&format!("`{key}`")),
+            "{key} refused without naming it: {error}"
+        );
+        let flag = format!("--{}", key.replace('_', "-"));
+        let error = refusal(&[&flag, "1e300", "--print-config"]);
+        assert!(error.contains(&flag), "{flag} refused without naming it: {error}");
+    }
+}
+
+#[test]
+fn namespace_names_no_group_can_have_are_refused_by_name() {
+    // Groups take the part before their first `:`: these would never apply.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let long = "n".repeat(128);
+    for name in ["chat:private", "chat room", long.as_str()] {
+        let path = file(dir.path(), &format!("[namespaces.\"{name}\"]\nhistory_messages = 2\n"));
+        let error = refusal(&["--config", path.to_str().expect("utf-8"), "--print-config"]);
+        assert!(
+            error.contains(&format!("`namespaces.{name}`")),
+            "{name:?} refused without naming it: {error}"
+        );
+    }
+    let path = file(
+        dir.path(),
+        "[namespaces.\"\"]\nhistory_messages = 2\n[namespaces.\"café\"]\n",
+    );
+    effective(&["--config", path.to_str().expect("utf-8")], &[]);
 }
 
 #[test]

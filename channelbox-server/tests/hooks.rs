@@ -307,3 +307,39 @@ async fn the_connect_hook_names_the_user_joins_groups_and_sends_data() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn the_connect_hook_judges_event_streams_as_it_judges_upgrades() {
+    let backend = Backend::start(|_, body| match body["group"].as_str() {
+        Some("banned") => answer(200, json!({"allow": false, "code": "not_found", "message": "go away"})),
+        Some("broken") => answer(502, json!({})),
+        _ => answer(
+            200,
+            json!({"allow": true, "groups": ["extra"], "data": {"plan": "gold"}}),
+        ),
+    });
+    let hook = format!("{}/connect", backend.url);
+    let server = Server::start(&["--store", "memory", "--connect-hook", &hook]);
+    let mut sse = support::sse::Sse::open(&server.addr, "/sse/lobby?x=1", &[]).await;
+    let welcome = sse.event().await.json();
+    assert_eq!(welcome["hook_data"], json!({"plan": "gold"}), "{welcome}");
+    let asked = backend.requests("/connect");
+    assert_eq!(asked[0]["channel_id"], welcome["channel_id"]);
+    assert_eq!(
+        (asked[0]["group"].as_str(), &asked[0]["query"]),
+        (Some("lobby"), &json!({"x": "1"}))
+    );
+    assert!(
+        asked[0]["remote_addr"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{}",
+        asked[0]
+    );
+    let groups = get(&server.addr, "/api/groups").await.json();
+    assert_eq!(groups, json!({"lobby": 1, "extra": 1}), "joined before welcome");
+    for (path, status, code) in [("/sse/banned", 403, "not_found"), ("/sse/broken", 503, "unavailable")] {
+        let r = http(&server.addr, "GET", path, &[], b"").await;
+        assert_eq!((r.status, r.json()["code"].as_str()), (status, Some(code)), "{path}");
+    }
+}

@@ -7,12 +7,14 @@
 //! `cargo test` leaves the suite out (`test = false`) and each test refuses
 //! to run without that variable.
 
+mod deflate;
 mod support;
 
 use std::time::Duration;
 
 use serde_json::json;
 use support::raw::{client_frame, close_code, closed_within, upgrade};
+use support::sse::Sse;
 use support::{get, http, Client, Server};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -201,6 +203,49 @@ async fn recoveries_to_clients_that_never_read_are_closed_not_held() {
 
 /// Hole 5: histories of groups nobody is in were kept forever. 5,000 groups
 /// written once each against a 2 MiB total budget.
+/// Hole 6: event streams whose clients never read again. Each is closed as
+/// a slow consumer; and since such a client keeps its receive window shut,
+/// the server could hold its socket (and what hyper buffered for it) for as
+/// long as the client lives: the connection is dropped 10 s after its close
+/// deadline instead.
+#[tokio::test]
+async fn event_streams_that_never_read_are_closed_and_their_sockets_dropped() {
+    support::hostile_suite_requested();
+    let server = Server::start(&["--store", "memory", "--queue", "16", "--queue-bytes", "262144"]);
+    let pid = server.child.id();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    let before = fds();
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let mut s = Sse::open_with_buffer(&server.addr, "/sse/flood", &[], Some(4096)).await;
+        assert_eq!(s.event().await.event.as_deref(), Some("welcome"));
+        streams.push(s);
+    }
+    let text = "x".repeat(48 * 1024);
+    let mut sent = 0;
+    while server.metric("channelbox_slow_consumer_closes_total").await < 20.0 {
+        assert!(
+            sent < 5_000,
+            "not every stream was a slow consumer after {sent} messages"
+        );
+        for _ in 0..10 {
+            sent += 1;
+            let body = json!({"n": sent, "text": text}).to_string();
+            let r = http(&server.addr, "POST", "/api/groups/flood/messages", &[], body.as_bytes()).await;
+            assert_eq!(r.status, 200);
+        }
+    }
+    // Nobody reads again: within the close deadline (5 s) plus the grace
+    // (10 s) and a margin, every one of their sockets is closed.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while fds() > before + 2 {
+        assert!(Instant::now() < deadline, "{} sockets still held", fds() - before);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a_client_gets_through(&server).await;
+    drop(streams);
+}
+
 #[tokio::test]
 async fn histories_of_many_groups_stay_within_the_total_budget() {
     support::hostile_suite_requested();
@@ -264,6 +309,31 @@ async fn a_silent_peer_is_closed_by_heartbeats_and_a_live_one_stays() {
     let groups = get(&server.addr, "/api/groups").await.json();
     assert_eq!(groups, json!({"hb": 1}), "the silent one left its group");
     a_client_gets_through(&server).await;
+}
+
+/// Hole 9: a compressed message is inflated before it is judged. A deflate
+/// bomb of about 1 MB inflating to 1 GB (with a 2 MiB message limit, so
+/// that the bomb is within it before inflating and only the bound while
+/// inflating stops it): `too_large`, 1009, and memory stays bounded.
+#[tokio::test]
+async fn a_deflate_bomb_inflating_to_1_gb_is_refused_with_bounded_memory() {
+    support::hostile_suite_requested();
+    let server = Server::start(&["--store", "memory", "--max-message-bytes", "2097152"]);
+    let before = server.rss();
+    let (s, status, head) = support::raw::upgrade_with_head(&server.addr, "/ws/bomb", &[deflate::OFFER]).await;
+    assert_eq!(status, 101);
+    assert!(head.to_ascii_lowercase().contains(deflate::ANSWER), "{head}");
+    let bomb = deflate::zero_bomb(1 << 20, 1023);
+    eprintln!("the bomb: {} bytes inflating to 1 GiB", bomb.len());
+    assert!(bomb.len() < 2 << 20);
+    let mut reader = deflate::Reader::new(s);
+    reader.next_type("welcome").await;
+    let _ = reader.s.write_all(&client_frame(0x41, &bomb)).await;
+    let (errors, code) = reader.until_close().await;
+    assert_eq!(errors, ["too_large"]);
+    assert_eq!(code, Some(1009));
+    a_client_gets_through(&server).await;
+    assert_rss_below(&server, before + 32 * MB, "after a 1 GiB deflate bomb");
 }
 
 /// Hole 6: with sled on a full disk every saved publish failed until a

@@ -6,8 +6,9 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use bytes::Bytes;
 use channelbox_core::{
-    messages_to_trim, now_ms, BudgetedGroups, Capabilities, Epoch, Head, HistoryLimits, HistoryPage, HistoryStats,
-    HistoryStore, NewMessage, PayloadKind, PendingAppend, ReadQuery, StoreError, StoredMessage, TotalBudget,
+    messages_to_trim, now_ms, BudgetedGroups, Capabilities, Epoch, GroupLimits, Head, HistoryLimits, HistoryPage,
+    HistoryStats, HistoryStore, NewMessage, PayloadKind, PendingAppend, ReadQuery, StoreError, StoredMessage,
+    TotalBudget,
 };
 
 use crate::config::MemoryConfig;
@@ -86,8 +87,8 @@ impl Group {
         self.last + 1 - self.messages.len() as u64
     }
 
-    /// Applies the per-group limits; returns what the removed messages cost.
-    fn trim(&mut self, limits: &HistoryLimits, now: u64) -> u64 {
+    /// Applies the group's limits; returns what the removed messages cost.
+    fn trim(&mut self, limits: &GroupLimits, now: u64) -> u64 {
         let msgs = &self.messages;
         let n = messages_to_trim(limits, now, msgs.len() as u64, self.bytes, |i| {
             let m = &msgs[i as usize];
@@ -213,7 +214,7 @@ impl MemoryStore {
         let flushes = state.flushes;
         match state.groups.get_mut(group) {
             Some(g) => {
-                let released = g.trim(&self.limits, now);
+                let released = g.trim(&self.limits.limits_for(group), now);
                 let head = g.head(self.epoch(flushes, g.generation));
                 state.budget.release(released);
                 head
@@ -252,7 +253,7 @@ impl HistoryStore for MemoryStore {
         let packed = Packed::new(message);
         let cost = packed.cost();
         g.messages.push_back(packed);
-        let released = g.trim(&self.limits, now_ms());
+        let released = g.trim(&self.limits.limits_for(group), now_ms());
         let epoch = self.epoch(state.flushes, g.generation);
         state.budget.charge(group, cost);
         state.budget.release(released);
@@ -325,8 +326,8 @@ impl HistoryStore for MemoryStore {
         let state = &mut *state;
         let now = now_ms();
         let mut stats = HistoryStats::default();
-        for g in state.groups.values_mut() {
-            let released = g.trim(&self.limits, now);
+        for (name, g) in state.groups.iter_mut() {
+            let released = g.trim(&self.limits.limits_for(name), now);
             state.budget.release(released);
             stats.messages += g.messages.len() as u64;
             stats.bytes += g.bytes;

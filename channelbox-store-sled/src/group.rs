@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use channelbox_core::{messages_to_trim, now_ms, BudgetedGroups, HistoryLimits, TotalBudget};
+use channelbox_core::{messages_to_trim, now_ms, BudgetedGroups, GroupLimits, HistoryLimits, TotalBudget};
 
 use crate::layout::{group_key, group_value, message_prefix, KEY_EVICTIONS};
 use crate::undo::{Shown, Undo};
@@ -47,8 +47,8 @@ impl GroupState {
         }
     }
 
-    /// How many of the oldest retained messages the limits remove now.
-    pub(crate) fn to_trim(&self, limits: &HistoryLimits, now: u64) -> u64 {
+    /// How many of the oldest retained messages the group's limits remove now.
+    pub(crate) fn to_trim(&self, limits: &GroupLimits, now: u64) -> u64 {
         let r = &self.retained;
         messages_to_trim(limits, now, r.len() as u64, self.bytes, |i| r[i as usize])
     }
@@ -91,9 +91,10 @@ impl GroupState {
         before - self.cost(group)
     }
 
-    /// Removes what the limits say must go now; returns what it cost.
+    /// Removes what the group's limits ([`HistoryLimits::limits_for`] it)
+    /// say must go now; returns what it cost.
     pub(crate) fn trim(&mut self, group: &str, limits: &HistoryLimits, ops: &mut Vec<Op>) -> u64 {
-        let n = self.to_trim(limits, now_ms());
+        let n = self.to_trim(&limits.limits_for(group), now_ms());
         self.remove_oldest(group, n, ops)
     }
 

@@ -243,6 +243,7 @@ proptest! {
             max_messages: None,
             max_age: None,
             max_total_bytes: Some(budget),
+            ..HistoryLimits::default()
         };
         let config = SledConfig { limits, cache_bytes: 1 << 20, ..SledConfig::new(dir.path().join("history")) };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

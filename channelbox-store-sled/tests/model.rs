@@ -102,9 +102,8 @@ mod failures {
 
     type Waiting<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + 'a>>;
 
-    fn name(g: u8) -> String {
-        format!("group-{g}")
-    }
+    // The property tests' group names: some in namespaces with limits of their own.
+    use channelbox_core::testkit::model::group_name as name;
 
     /// The model, and how often each group's epoch must have changed besides
     /// the model's own resets.

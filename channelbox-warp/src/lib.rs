@@ -1,7 +1,8 @@
 //! # channelbox-warp
 //!
 //! The warp adapter: filters that upgrade `GET /ws/{group}` and attach the socket
-//! to a [`ChatService`] (and so to its `ChannelBox`), the HTTP API of docs/protocol.md,
+//! to a [`ChatService`] (and so to its `ChannelBox`), the stream of
+//! server-sent events `GET /sse/{group}`, the HTTP API of docs/protocol.md,
 //! `/metrics`, `/healthz` and the browser page. The protocol logic itself lives in
 //! `channelbox-protocol`, shared with the tokio-tungstenite transport; this crate
 //! only routes and converts warp's types at the edge.
@@ -26,7 +27,8 @@ use std::error::Error as _;
 
 use async_trait::async_trait;
 use channelbox_core::{Channel, CloseReason, Frame, FrameKind, FrameSink, SinkError};
-use channelbox_protocol::{ChatService, GroupEndpoint, HttpAnswer, Incoming};
+use channelbox_protocol::{ChatService, GroupEndpoint, HttpAnswer, Incoming, EVENT_STREAM_HEADERS};
+use channelbox_ws::server::PeerAddr;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, Stream, StreamExt};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -164,6 +166,43 @@ pub fn ws_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Res
                         service.run(admission, channel, incoming(stream)).await;
                     })
                     .into_response()
+            },
+        )
+}
+
+/// `GET /sse/{group}`: checks the group, origin, token, query and
+/// `Last-Event-ID`, then asks the connect hook (when there is one), before
+/// answering; then the stream of server-sent events.
+pub fn sse_route(service: ChatService) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    warp::path(GroupEndpoint::Events.segment())
+        .and(group_segment())
+        .and(warp::get())
+        .and(optional_query())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<PeerAddr>())
+        .and(with_service(service))
+        .then(
+            |group: String,
+             query: Option<String>,
+             headers: warp::http::HeaderMap,
+             peer: Option<PeerAddr>,
+             service: ChatService| async move {
+                let peer = peer.map(|p| p.0);
+                match channelbox_ws::server::admit_events(&group, query.as_deref(), &headers, peer, &service).await {
+                    Ok(admission) => {
+                        let stream = service.events(admission);
+                        let end = stream.end();
+                        let mut response = warp::reply::stream(stream).into_response();
+                        for (name, value) in EVENT_STREAM_HEADERS {
+                            response
+                                .headers_mut()
+                                .insert(name, warp::http::HeaderValue::from_static(value));
+                        }
+                        response.extensions_mut().insert(end);
+                        response
+                    }
+                    Err(refusal) => answer(refusal),
+                }
             },
         )
 }
@@ -320,6 +359,8 @@ pub fn site_routes(service: ChatService) -> impl Filter<Extract = (warp::reply::
 /// methods.
 pub fn routes(service: ChatService) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
     ws_route(service.clone())
+        .or(sse_route(service.clone()))
+        .unify()
         .or(api_routes(service.clone()))
         .unify()
         .or(site_routes(service))

@@ -124,3 +124,26 @@ async fn the_warp_upgrade_filter_parses_groups_like_every_adapter() {
     let (_c, welcome) = Client::join(&format!("ws://{addr}/ws/caf%C3%A9")).await;
     assert_eq!(welcome["group"], "café");
 }
+
+/// warp's own server (no accept loop): the event-stream filter streams the
+/// protocol's events, and the channel leaves its group when the client goes.
+#[tokio::test]
+async fn the_warp_event_stream_filter_streams_the_protocol() {
+    let addr = serve(ProtocolConfig::default()).await;
+    let mut sse = support::sse::Sse::open(&addr, "/sse/warp", &[]).await;
+    assert_eq!(sse.header("content-type").as_deref(), Some("text/event-stream"));
+    let welcome = sse.event().await;
+    assert_eq!(welcome.event.as_deref(), Some("welcome"));
+    let epoch = welcome.json()["epoch"].as_str().unwrap().to_owned();
+    let published = support::http(&addr, "POST", "/api/groups/warp/messages", &[], b"{\"n\":1}").await;
+    assert_eq!(published.status, 200);
+    let message = sse.event().await;
+    assert_eq!(message.id, Some(format!("{epoch}:1")));
+    assert_eq!(message.json()["data"], json!({"n": 1}));
+    drop(sse);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while get(&addr, "/api/groups").await.json() != json!({}) {
+        assert!(std::time::Instant::now() < deadline, "the stream's channel never left");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

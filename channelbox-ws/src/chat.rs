@@ -10,6 +10,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::inflate::Inflating;
+use crate::socket::attach_as;
 use crate::{accept, attach_with_id, websocket_config, Error};
 
 /// Serves the chat protocol on one raw connection: `GET /ws/{group}` upgrades,
@@ -62,10 +64,28 @@ pub async fn serve_upgraded<S>(service: &ChatService, admission: Admission, io: 
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    serve_upgraded_with(service, admission, io, None).await;
+}
+
+/// [`serve_upgraded`] on a connection whose upgrade answer accepted
+/// permessage-deflate ([`crate::deflate::negotiate`], its
+/// [`Agreed::response`](crate::deflate::Agreed::response) sent) when
+/// `deflate` is given: compressed client messages are inflated (bounded by
+/// `max_message_bytes` as they inflate) and data frames go out compressed.
+pub async fn serve_upgraded_with<S>(
+    service: &ChatService,
+    admission: Admission,
+    io: S,
+    deflate: Option<crate::deflate::Agreed>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let io = Counted {
         io,
         writes: service.socket_writes(),
     };
+    let max = service.config().max_message_bytes;
+    let io = Inflating::new(io, deflate.map(|_| max));
     // Boxed: its state (the socket, then the WebSocket) is only needed
     // here, and would otherwise be laid out in the future every connection
     // keeps while it waits.
@@ -75,7 +95,13 @@ where
         Some(service_websocket_config(service)),
     ))
     .await;
-    let (channel, incoming) = attach_with_id(ws, service.channel_config(), admission.channel_id());
+    let (channel, incoming) = attach_as(
+        ws,
+        service.channel_config(),
+        Role::Server,
+        admission.channel_id(),
+        deflate.is_some(),
+    );
     service.run(admission, channel, incoming).await;
 }
 

@@ -45,12 +45,15 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 mod chat;
 #[cfg(feature = "client")]
 pub mod client;
+pub mod deflate;
+#[cfg(feature = "chat")]
+mod inflate;
 #[cfg(feature = "server")]
 pub mod server;
 mod socket;
 
 #[cfg(feature = "chat")]
-pub use chat::{serve_chat, serve_upgraded, service_websocket_config};
+pub use chat::{serve_chat, serve_upgraded, serve_upgraded_with, service_websocket_config};
 pub use socket::{accept, attach, attach_with_id, connect, incoming_from, Handshake, IncomingFrames};
 
 /// Why a connection could not be set up.

@@ -4,6 +4,10 @@
 //! `/ws/{group}` are answered here (hyper's upgrade, then tokio-tungstenite
 //! on the upgraded socket with the transport's small buffers), every other
 //! request by the framework's routes — warp's or axum's, any tower service.
+//! A route that answers with a stream of server-sent events (`/sse/{group}`,
+//! built by [`events`] or [`event_response`]) is seen here by its
+//! [`channelbox_protocol::EventsEnd`]: its connection leaves the pending
+//! ones, and is dropped [`STREAM_GRACE`] after its channel closed.
 //!
 //! Nothing peeks at sockets or waits in a sleep loop: a connection costs
 //! nothing until hyper has a complete request head, and one that does not
@@ -33,7 +37,9 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+mod events;
 mod pending;
+pub use events::{admit_events, event_response, events, PeerAddr, STREAM_GRACE};
 use pending::{Busy, Pending, Watch, Watched};
 
 /// An error of a response body.
@@ -161,11 +167,16 @@ where
             }
         };
         let (id, evicted, watch) = pending.enter();
+        let entry = events::Entry {
+            pending: pending.clone(),
+            id,
+            evicted: evicted.clone(),
+        };
         let connection = serve_connection(
             stream,
             peer,
             (service.clone(), web.clone()),
-            watch,
+            (watch, entry),
             config.header_timeout,
         );
         let pending = pending.clone();
@@ -173,7 +184,7 @@ where
             tokio::select! {
                 () = connection => {}
                 () = evicted.notified() => {
-                    tracing::debug!(%peer, "closed: too many connections waiting to upgrade");
+                    tracing::debug!(%peer, "closed: idle while pending, or an event stream past its end");
                 }
             }
             pending.leave(id);
@@ -186,7 +197,7 @@ async fn serve_connection<W, B>(
     stream: TcpStream,
     peer: SocketAddr,
     (service, web): (ChatService, W),
-    watch: Arc<Watch>,
+    (watch, entry): (Arc<Watch>, events::Entry),
     header_timeout: Duration,
 ) where
     W: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone + Send + Sync + 'static,
@@ -200,8 +211,8 @@ async fn serve_connection<W, B>(
         stream,
         watch: Some(watch.clone()),
     };
-    let handler = service_fn(move |req: Request<Body>| {
-        let (service, web) = (service.clone(), web.clone());
+    let handler = service_fn(move |mut req: Request<Body>| {
+        let (service, web, entry) = (service.clone(), web.clone(), entry.clone());
         let busy = Busy::start(&watch);
         async move {
             if let Some(group) = websocket_group(req.method(), req.uri().path(), req.headers()) {
@@ -212,10 +223,14 @@ async fn serve_connection<W, B>(
                 return Ok::<_, Infallible>(response);
             }
             let _busy = busy;
+            req.extensions_mut().insert(PeerAddr(peer));
             let wanted_upgrade = req.headers().contains_key(header::UPGRADE);
             let mut response = web.call(req).await?.map(|b| b.map_err(Into::into).boxed_unsync());
             if wanted_upgrade && response.status() != StatusCode::SWITCHING_PROTOCOLS {
                 close_after(&mut response);
+            }
+            if let Some(end) = response.extensions_mut().remove::<channelbox_protocol::EventsEnd>() {
+                entry.streaming(end);
             }
             Ok(response)
         }
@@ -279,11 +294,17 @@ pub async fn upgrade<T>(
         return status(StatusCode::BAD_REQUEST);
     };
     let accept = derive_accept_key(key.as_bytes());
+    let deflate = if service.config().compression {
+        let offers = req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS);
+        crate::deflate::negotiate(offers.iter().filter_map(|v| v.to_str().ok()))
+    } else {
+        None
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let service = service.clone();
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => crate::serve_upgraded(&service, admission, TokioIo::new(upgraded)).await,
+            Ok(upgraded) => crate::serve_upgraded_with(&service, admission, TokioIo::new(upgraded), deflate).await,
             Err(err) => tracing::debug!(?peer, error = %err, "the upgrade did not complete"),
         }
     });
@@ -293,6 +314,12 @@ pub async fn upgrade<T>(
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     if let Ok(value) = HeaderValue::from_str(&accept) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    if let Some(agreed) = deflate {
+        headers.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(agreed.response()),
+        );
     }
     response
 }
@@ -307,31 +334,49 @@ struct Shown {
     user_agent: Option<String>,
     cookie: Option<String>,
     authorization: Option<String>,
+    /// `Some` for a stream of events, with its `Last-Event-ID` header.
+    events: Option<Option<String>>,
 }
 
 impl Shown {
     fn of<T>(req: &Request<T>) -> Shown {
-        let headers = req.headers();
+        Shown::from_parts(req.uri().query(), req.headers())
+    }
+
+    fn from_parts(query: Option<&str>, headers: &HeaderMap) -> Shown {
         let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         Shown {
-            query: req.uri().query().map(str::to_owned),
+            query: query.map(str::to_owned),
             origin: text(header::ORIGIN),
             user_agent: text(header::USER_AGENT),
             cookie: text(header::COOKIE),
             authorization: text(header::AUTHORIZATION),
+            events: None,
         }
+    }
+
+    /// The same, for a stream of events.
+    fn for_events(mut self, headers: &HeaderMap) -> Shown {
+        let id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+        self.events = Some(id.map(str::to_owned));
+        self
     }
 }
 
-/// The upgrade's admission: [`ChatService::admit_from`], then the connect
-/// hook (when there is one) with the request's query and headers.
+/// The upgrade's (or event stream's) admission: [`ChatService::admit_from`]
+/// (or [`ChatService::admit_events`]), then the connect hook (when there is
+/// one) with the request's query and headers.
 async fn admit(
     shown: Shown,
     group: &str,
     peer: Option<SocketAddr>,
     service: &ChatService,
 ) -> Result<channelbox_protocol::Admission, HttpAnswer> {
-    let admission = service.admit_from(group, shown.query.as_deref(), shown.origin.as_deref())?;
+    let (query, origin) = (shown.query.as_deref(), shown.origin.as_deref());
+    let admission = match &shown.events {
+        Some(id) => service.admit_events(group, query, origin, id.as_deref())?,
+        None => service.admit_from(group, query, origin)?,
+    };
     let admission = match peer {
         Some(peer) => admission.with_peer(peer),
         None => admission,

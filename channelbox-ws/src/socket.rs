@@ -52,6 +52,10 @@ struct Conn<S> {
     channel: Option<Channel>,
     /// The last write found the send buffer full.
     blocked: bool,
+    /// The peer negotiated permessage-deflate: data frames worth it go out
+    /// compressed, the one compressed copy of each frame shared by every
+    /// such connection.
+    deflate: bool,
 }
 
 type SharedConn<S> = Arc<Mutex<Conn<S>>>;
@@ -83,19 +87,14 @@ fn encode(frame: &Frame, out: &mut Vec<u8>) {
         FrameKind::Ping => 0x89,
     };
     let data = frame.data();
-    out.push(opcode);
-    match data.len() {
-        n if n < 126 => out.push(n as u8),
-        n if n <= usize::from(u16::MAX) => {
-            out.push(126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
+    crate::deflate::header(out, opcode, data.len());
     out.extend_from_slice(data);
+}
+
+/// The frame's compressed encoding when compressing it pays (made once,
+/// by whichever connection writes the frame first).
+fn compressed(frame: &Frame) -> Option<&bytes::Bytes> {
+    frame.compressed(crate::deflate::compress_frame)
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -111,9 +110,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 return Poll::Ready(Err(SinkError::new(WsError::AlreadyClosed)));
             }
             // One allocation for the whole batch, not one per doubling.
-            self.out
-                .reserve_exact(frames.iter().map(|f| encoded_len(f.len())).sum());
-            frames.iter().for_each(|f| encode(f, &mut self.out));
+            if self.deflate {
+                let len = |f: &Frame| compressed(f).map_or_else(|| encoded_len(f.len()), |c| c.len());
+                self.out.reserve_exact(frames.iter().map(len).sum());
+                for frame in frames {
+                    match compressed(frame) {
+                        Some(bytes) => self.out.extend_from_slice(bytes),
+                        None => encode(frame, &mut self.out),
+                    }
+                }
+            } else {
+                self.out
+                    .reserve_exact(frames.iter().map(|f| encoded_len(f.len())).sum());
+                frames.iter().for_each(|f| encode(f, &mut self.out));
+            }
             self.written = 0;
         }
         while self.written < self.out.len() {
@@ -310,7 +320,7 @@ pub fn attach<S>(ws: WebSocketStream<S>, config: ChannelConfig) -> (Channel, Inc
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    attach_as(ws, config, Role::Server, uuid::Uuid::new_v4())
+    attach_as(ws, config, Role::Server, uuid::Uuid::new_v4(), false)
 }
 
 /// [`attach`] with the channel id given: the id an admission was told
@@ -319,16 +329,19 @@ pub fn attach_with_id<S>(ws: WebSocketStream<S>, config: ChannelConfig, id: uuid
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    attach_as(ws, config, Role::Server, id)
+    attach_as(ws, config, Role::Server, id, false)
 }
 
 /// [`attach`] for either side: a client's frames are masked, so they go
-/// through tungstenite one by one instead of being encoded here.
-fn attach_as<S>(
+/// through tungstenite one by one instead of being encoded here. With
+/// `deflate` (a server whose peer negotiated permessage-deflate, its reads
+/// going through [`crate::inflate`]) data frames go out compressed.
+pub(crate) fn attach_as<S>(
     ws: WebSocketStream<S>,
     config: ChannelConfig,
     role: Role,
     id: uuid::Uuid,
+    deflate: bool,
 ) -> (Channel, IncomingFrames<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -343,6 +356,7 @@ where
         through_tungstenite: (role == Role::Client).then_some(0),
         channel: None,
         blocked: false,
+        deflate: deflate && role == Role::Server,
     }));
     let channel = Channel::open_with_id(id, config, WsSink { conn: conn.clone() });
     lock(&conn).channel = Some(channel.clone());
@@ -421,7 +435,7 @@ pub async fn connect(
     let (ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .map_err(|e| Error::Handshake(e.to_string()))?;
-    Ok(attach_as(ws, config, Role::Client, uuid::Uuid::new_v4()))
+    Ok(attach_as(ws, config, Role::Client, uuid::Uuid::new_v4(), false))
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ pub(crate) struct Plan {
     pub(crate) cluster: bool,
     /// The recovery storm instead (`--storm`).
     pub(crate) storm: bool,
+    /// Compression on against off instead (`--compression`).
+    pub(crate) compression: bool,
 }
 
 impl Plan {
@@ -34,6 +36,7 @@ impl Plan {
             runs: 3,
             cluster: false,
             storm: false,
+            compression: false,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -48,6 +51,7 @@ impl Plan {
                 "--loopback-only" => plan.loopback_only = true,
                 "--cluster" => plan.cluster = true,
                 "--storm" => plan.storm = true,
+                "--compression" => plan.compression = true,
                 "--sizes" => {
                     plan.sizes = value()?
                         .split(',')

@@ -6,6 +6,7 @@
 //!   (default 10,000), in release mode.
 //! - `cargo xtask bench [--quick]`: the criterion benchmarks, then the loopback
 //!   server benchmark against a baseline server; `--quick` is CI's smoke run.
+//!   `--compression`: permessage-deflate on against off, 1,000 subscribers.
 //! - `cargo xtask fuzz [--cases N]`: the frame decoder and dispatcher fuzzed
 //!   with arbitrary input (default 50,000 cases; CI runs 128 with the tests).
 //! - `cargo xtask soak [--connections N] [--seconds S]`: the chat server under
@@ -24,6 +25,7 @@ use std::process::{Command, ExitCode};
 mod bench;
 mod chaos;
 mod cluster_bench;
+mod compression_bench;
 mod loopback;
 mod redis_setups;
 mod storm_bench;
@@ -32,7 +34,7 @@ mod tidy;
 
 /// channelbox-server's test suites that hold for every web framework adapter
 /// (channelbox-warp's `filters` suite tests warp's own filters).
-const TRANSPORT_SUITES: [&str; 10] = [
+const TRANSPORT_SUITES: [&str; 11] = [
     "protocol",
     "http_api",
     "recovery",
@@ -43,6 +45,7 @@ const TRANSPORT_SUITES: [&str; 10] = [
     "cluster",
     "hooks",
     "namespaces",
+    "sse",
 ];
 
 /// Property tests are named `*_matches_the_model`; this filter selects them.
@@ -69,7 +72,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S] [-- server flags] | chaos [--seed S] [--minutes N] [--store memory|sled|redis] [--mutation NAME] [--shrink] [--no-build]>";
+const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] [--cluster | --storm | --compression] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S] [-- server flags] | chaos [--seed S] [--minutes N] [--store memory|sled|redis] [--mutation NAME] [--shrink] [--no-build]>";
 
 /// Runs `cargo` with these arguments and environment, failing on a non-zero exit.
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
@@ -376,6 +379,10 @@ fn bench(args: &[String]) -> Result<(), String> {
     if plan.storm {
         build_server_tools()?;
         return storm_bench::run(&plan);
+    }
+    if plan.compression {
+        build_server_tools()?;
+        return compression_bench::run(&plan);
     }
     // 1. Criterion: core fan-out and sled appends (`--test` runs each once).
     let mut criterion = vec!["bench", "--workspace", "-j2"];

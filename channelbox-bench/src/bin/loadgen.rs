@@ -47,6 +47,15 @@ struct Args {
     /// Payload bytes (padding included).
     #[arg(long, default_value_t = 64)]
     payload: usize,
+    /// The payload is a chat message as an app would send it (user, text
+    /// of chat sentences, mentions, reactions) of about `--payload` bytes,
+    /// instead of padding: text that compresses like chat.
+    #[arg(long)]
+    chat: bool,
+    /// Subscribers offer permessage-deflate, as browsers do, and inflate
+    /// what comes compressed.
+    #[arg(long)]
+    deflate: bool,
     /// Gives up after this many seconds: a server that stalls fails its
     /// measurement instead of holding up the whole benchmark.
     #[arg(long, default_value_t = 300)]
@@ -82,12 +91,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sockets = Vec::with_capacity(args.subscribers);
     let readers_wanted = args.subscribers.saturating_sub(1);
     for chunk in (0..readers_wanted).collect::<Vec<_>>().chunks(200) {
-        let batch =
-            futures_util::future::join_all(chunk.iter().map(|_| raw::connect(&args.server.addr, "/ws/bench"))).await;
+        let batch = futures_util::future::join_all(
+            chunk
+                .iter()
+                .map(|_| raw::connect_with(&args.server.addr, "/ws/bench", args.deflate)),
+        )
+        .await;
         for r in batch {
             sockets.push(r?);
         }
     }
+    let negotiated = sockets.iter().filter(|s| s.deflate()).count();
     let (publisher, _) = tokio_tungstenite::connect_async(url.clone()).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -119,8 +133,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let done = Arc::new(AtomicU64::new(0));
     let echoed = Arc::new(AtomicU64::new(0));
-    // received, duplicates, latency, subscribers that ended early, the first reason
-    let totals = Arc::new(Mutex::new((0u64, 0u64, Histogram::default(), 0u64, None::<String>)));
+    // received, duplicates, latency, subscribers that ended early, the first
+    // reason, bytes read off the wire
+    let totals = Arc::new(Mutex::new((
+        0u64,
+        0u64,
+        Histogram::default(),
+        0u64,
+        None::<String>,
+        0u64,
+    )));
     let (mut pub_tx, mut pub_rx) = publisher.split();
     let last_receive = Arc::new(AtomicU64::new(0));
     // Frames received by all subscribers together, for the in-flight window.
@@ -160,6 +182,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             last.fetch_max(now_us(), Ordering::Relaxed);
             let mut t = totals.lock().expect("totals");
+            t.5 += ws.wire_bytes();
             t.0 += tally.received;
             t.1 += tally.duplicates;
             t.2.merge(&tally.latency);
@@ -213,7 +236,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let due = started + every.mul_f64(seq as f64);
             tokio::time::sleep_until(due.into()).await;
         }
-        let data = json!({"seq": seq, "t": now_us(), "p": pad});
+        let data = if args.chat {
+            chat_message(seq, now_us(), args.payload)
+        } else {
+            json!({"seq": seq, "t": now_us(), "p": pad})
+        };
         let frame = json!({"type": "publish", "data": data, "history": args.history});
         pub_tx.send(Message::text(frame.to_string())).await?;
     }
@@ -240,9 +267,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         r.abort();
     }
     pub_tally.abort();
-    let (received, duplicates, latency, ended_early, first_end) = {
+    let (received, duplicates, latency, ended_early, first_end, wire_bytes) = {
         let t = totals.lock().expect("totals");
-        (t.0, t.1, t.2.clone(), t.3, t.4.clone())
+        (t.0, t.1, t.2.clone(), t.3, t.4.clone(), t.5)
     };
     let expected = args.messages * readers.len() as u64;
     let deliveries = received;
@@ -265,10 +292,67 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "first_early_end": first_end,
         "timed_out": timed_out,
         "writes": per_send,
+        "deflate_negotiated": negotiated,
+        "wire_bytes": wire_bytes,
+        "wire_bytes_per_delivery": wire_bytes as f64 / deliveries.max(1) as f64,
+        "server_cpu_us_per_delivery": cpu * 1e6 / deliveries.max(1) as f64,
         "rss_before": rss_before,
         "rss_connected": rss_connected,
         "rss_per_connection": (rss_connected.saturating_sub(rss_before)) as f64 / args.subscribers as f64,
     });
     println!("{report}");
     Ok(())
+}
+
+/// A chat message as an app sends it, of about `size` bytes of JSON: the
+/// stamps first, then a user, text made of chat sentences (picked by a
+/// fixed pseudo-random sequence from `seq`, so every message differs),
+/// mentions and reactions.
+fn chat_message(seq: u64, t: u64, size: usize) -> serde_json::Value {
+    const SENTENCES: &[&str] = &[
+        "Did anyone get a chance to look at the pull request for the billing service?",
+        "The deploy to staging failed again, the logs show a timeout talking to the database.",
+        "I think we should move the retro to Thursday afternoon, half the team is out tomorrow.",
+        "Thanks, that fixed it for me!",
+        "Can you share the link to the dashboard? I can't find it in the wiki.",
+        "Heads up: the CI runners are being upgraded tonight between 10 and 11 pm.",
+        "Looks good to me, just left two small comments about naming.",
+        "Is the customer call still at 3? I have a conflict and might join ten minutes late.",
+        "We hit the rate limit on the email provider again, I opened a ticket with them.",
+        "Lunch order is going out in 15 minutes, reply here if you want something.",
+        "The new onboarding flow is live for 10% of users, conversion looks slightly better so far.",
+        "Who owns the search indexer these days? It has been lagging since yesterday.",
+        "I'm rolling back the release, error rates doubled after the last deploy.",
+        "Reminder: please update your tickets before the sprint review on Friday.",
+        "Great work everyone, the launch went smoothly!",
+        "Could someone review the migration script? It touches the users table.",
+    ];
+    let mut state = seq
+        .wrapping_mul(6_364_136_223_846_793_005)
+        .wrapping_add(1_442_695_040_888_963_407);
+    let mut text = String::new();
+    let mut message = serde_json::Value::Null;
+    for _ in 0..64 {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        text.push_str(SENTENCES[(state >> 33) as usize % SENTENCES.len()]);
+        message = json!({
+            "seq": seq,
+            "t": t,
+            "id": format!("msg-{seq:08}"),
+            "user": {"id": 4821 + seq % 7, "name": "Alice Martin", "avatar": format!("https://cdn.example.com/avatars/{}-64.png", 4821 + seq % 7)},
+            "text": text,
+            "mentions": [{"id": 1177, "name": "Bob Chen"}],
+            "reactions": {"thumbsup": seq % 5, "tada": seq % 3},
+            "client": "web/2.14.1",
+        });
+        if message.to_string().len() >= size {
+            break;
+        }
+    }
+    message
 }

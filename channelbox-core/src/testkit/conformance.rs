@@ -19,25 +19,32 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::history::{now_ms, HistoryLimits, HistoryStore, NewMessage, ReadQuery};
+use crate::history::{now_ms, HistoryStore, NewMessage, ReadQuery};
+use crate::limits::HistoryLimits;
 use crate::payload::PayloadKind;
 use crate::position::StreamPosition;
 
-fn msg(payload: &str) -> NewMessage {
+mod namespaces;
+pub use namespaces::{
+    a_count_limit_of_zero_keeps_the_newest, a_roomier_namespace_keeps_more_on_every_path,
+    namespaces_keep_their_own_limits,
+};
+
+pub(crate) fn msg(payload: &str) -> NewMessage {
     NewMessage::new(PayloadKind::Json, Bytes::copy_from_slice(payload.as_bytes()))
 }
 
-fn sized(n: usize) -> NewMessage {
+pub(crate) fn sized(n: usize) -> NewMessage {
     NewMessage::new(PayloadKind::Binary, Bytes::from(vec![7u8; n]))
 }
 
-async fn append(store: &dyn HistoryStore, group: &str, m: NewMessage) -> u64 {
+pub(crate) async fn append(store: &dyn HistoryStore, group: &str, m: NewMessage) -> u64 {
     let pending = store.append(group, m).expect("append");
     let offset = pending.wait().await.expect("append becomes durable").offset;
     offset
 }
 
-fn offsets(messages: &[crate::StoredMessage]) -> Vec<u64> {
+pub(crate) fn offsets(messages: &[crate::StoredMessage]) -> Vec<u64> {
     messages.iter().map(|m| m.offset).collect()
 }
 
@@ -83,6 +90,7 @@ where
         .await,
     )
     .await;
+    namespaces::run_all(&make).await;
     unknown_group_is_empty_with_stable_epoch(make(HistoryLimits::default()).await).await;
     flush_group_resets_one_group(make(HistoryLimits::default()).await).await;
     flush_all_resets_every_group(make(HistoryLimits::default()).await).await;

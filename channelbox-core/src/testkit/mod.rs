@@ -1,10 +1,13 @@
 //! Test support for stores and applications (feature `testkit`):
 //! - [`conformance`]: the `HistoryStore` contract as an executable suite that
 //!   every store runs from its own tests;
+//! - [`broker_conformance`]: the `Broker` contract as an executable suite
+//!   that every broker runs with its engine's forms;
 //! - [`model`]: a plain reference model of the history contract, for property tests;
 //! - [`test_channel`]: an in-process channel that records what it receives and
 //!   can be made to stall like a client that stops reading.
 
+pub mod broker_conformance;
 pub mod conformance;
 pub mod model;
 

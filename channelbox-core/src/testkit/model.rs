@@ -4,7 +4,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::history::{messages_to_trim, HistoryLimits, NewMessage, ReadQuery, StoredMessage};
+use crate::history::{NewMessage, ReadQuery, StoredMessage};
+use crate::limits::{messages_to_trim, GroupLimits, HistoryLimits};
 use crate::position::Epoch;
 
 #[derive(Debug, Default, Clone)]
@@ -39,7 +40,7 @@ impl HistoryModel {
     }
 
     fn trim(&mut self, group: &str, now_ms: u64) {
-        let limits = self.limits.clone();
+        let limits = self.limits.limits_for(group);
         let g = self.group(group);
         let bytes: u64 = g.messages.iter().map(|m| m.payload.len() as u64).sum();
         let msgs = &g.messages;
@@ -159,18 +160,49 @@ pub fn history_ops(max_len: usize, reopen: bool) -> impl proptest::strategy::Str
     proptest::collection::vec(op, 0..max_len)
 }
 
-/// A strategy for small limits that make trims happen often: a byte budget of
-/// 20 to 200, sometimes a message count, sometimes a one-hour age limit (which
-/// removes exactly the messages [`HistoryOp::Append`] stamps as old).
-pub fn small_limits() -> impl proptest::strategy::Strategy<Value = HistoryLimits> {
+/// The name of group `g` of a property test: group 0 is in no namespace,
+/// group 1 in namespace `ns1` and group 2 in `ns2`, which [`small_limits`]
+/// may give limits of their own.
+pub fn group_name(g: u8) -> String {
+    match g {
+        0 => "group-0".to_owned(),
+        g => format!("ns{g}:group-{g}"),
+    }
+}
+
+/// A strategy for small per-group limits: a byte budget of 20 to 200,
+/// sometimes a message count, sometimes a one-hour age limit (which removes
+/// exactly the messages [`HistoryOp::Append`] stamps as old).
+fn small_group_limits() -> impl proptest::strategy::Strategy<Value = GroupLimits> {
     use proptest::prelude::*;
-    (20u64..200, proptest::option::of(1u64..8), any::<bool>()).prop_map(|(max_bytes, max_messages, aged)| {
-        HistoryLimits {
-            max_bytes,
-            max_messages,
-            max_age: aged.then(|| std::time::Duration::from_secs(3600)),
+    (20u64..200, proptest::option::of(1u64..8), any::<bool>()).prop_map(|(max_bytes, max_messages, aged)| GroupLimits {
+        max_bytes,
+        max_messages,
+        max_age: aged.then(|| std::time::Duration::from_secs(3600)),
+    })
+}
+
+/// A strategy for small limits that make trims happen often (see
+/// `small_group_limits`), and for each of the namespaces `ns1` and `ns2` of
+/// [`group_name`] sometimes small limits of its own, so that groups in
+/// different namespaces trim differently.
+pub fn small_limits() -> impl proptest::strategy::Strategy<Value = HistoryLimits> {
+    use proptest::option::of;
+    use proptest::strategy::Strategy;
+    (small_group_limits(), of(small_group_limits()), of(small_group_limits())).prop_map(|(top, ns1, ns2)| {
+        let mut limits = HistoryLimits {
+            max_bytes: top.max_bytes,
+            max_messages: top.max_messages,
+            max_age: top.max_age,
             max_total_bytes: None,
+            namespaces: BTreeMap::new(),
+        };
+        for (name, own) in [("ns1", ns1), ("ns2", ns2)] {
+            if let Some(own) = own {
+                limits = limits.with_namespace(name, own);
+            }
         }
+        limits
     })
 }
 
@@ -188,7 +220,7 @@ where
     let mut model = HistoryModel::new(limits);
     let mut store = Some(open());
     let mut epochs: BTreeMap<String, (u64, Epoch)> = BTreeMap::new();
-    let name = |g: u8| format!("group-{g}");
+    let name = group_name;
     for (step, op) in ops.iter().enumerate() {
         let now = crate::now_ms();
         let s = store.as_ref().expect("store is open").clone();

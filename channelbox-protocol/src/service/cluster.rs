@@ -3,18 +3,18 @@
 //! `direct`), member counts and presence, member events, admin close-all.
 //!
 //! A [`Directory`] keeps this server's records in the shared engine and reads
-//! the others'; no request waits on every server answering. This file wires
-//! it into the service: local joins and leaves go out, [`ClusterEvent`]s from
-//! other servers come in.
+//! the others'; no request waits on every server answering. The contract
+//! (`Directory`, [`ClusterEvent`], [`Member`], [`Change`]) lives in
+//! `channelbox-core`, so that an engine implements it without depending on
+//! the protocol; this file wires it into the service: local joins and leaves
+//! go out, [`ClusterEvent`]s from other servers come in.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 
-use async_trait::async_trait;
-use channelbox_core::{CloseReason, Frame, StoreError};
+pub use channelbox_core::{Change, ClusterEvent, Directory, Member};
+use channelbox_core::{CloseReason, Frame};
 use serde_json::json;
-use tokio::sync::mpsc;
-use uuid::Uuid;
 
 use super::peers::MAX_PRESENCE;
 use super::session::store_error;
@@ -22,87 +22,12 @@ use super::{ChatService, Inner};
 use crate::fields::GroupName;
 use crate::frames::ProtocolError;
 
-/// One member of a group, on some server.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Member {
-    /// The member's channel.
-    pub channel_id: Uuid,
-    /// Its user (`sub` of its token), when tokens are used.
-    pub user: Option<String>,
-}
-
-/// A member joined or left.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Change {
-    /// It joined the group.
-    Joined,
-    /// It left the group, for any reason.
-    Left,
-}
-
-impl Change {
-    /// The member event's `type`.
-    pub fn event_type(self) -> &'static str {
-        match self {
-            Change::Joined => "member_joined",
-            Change::Left => "member_left",
-        }
+/// The member event's `type`.
+pub(super) fn event_type(change: Change) -> &'static str {
+    match change {
+        Change::Joined => "member_joined",
+        Change::Left => "member_left",
     }
-}
-
-/// What arrives from the other servers.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ClusterEvent {
-    /// A text frame for one of this server's channels (a `direct`).
-    Direct {
-        /// The channel.
-        to: Uuid,
-        /// The frame's text.
-        frame: String,
-    },
-    /// Another server was asked to close every connection of the cluster.
-    CloseAll,
-    /// A member of a group joined or left on another server.
-    Member {
-        /// The group.
-        group: String,
-        /// Joined or left.
-        change: Change,
-        /// Who.
-        member: Member,
-    },
-}
-
-/// The cluster's shared records and control messages.
-#[async_trait]
-pub trait Directory: Send + Sync + std::fmt::Debug + 'static {
-    /// A channel of this server joined or left a group: recorded (soon
-    /// visible to every server) and announced to the group's other servers.
-    fn changed(&self, group: &str, change: Change, member: Member);
-
-    /// A channel of this server opened: recorded where `direct` finds it
-    /// before this resolves (its `welcome` comes after).
-    async fn connected(&self, channel: Uuid) -> Result<(), StoreError>;
-
-    /// A channel of this server closed: forgotten in the background.
-    fn disconnected(&self, channel: Uuid);
-
-    /// Member counts of every group over every live server.
-    async fn groups(&self) -> Result<BTreeMap<String, usize>, StoreError>;
-
-    /// A group's members over every live server, at most `max`; whether the
-    /// list was cut.
-    async fn presence(&self, group: &str, max: usize) -> Result<(Vec<Member>, bool), StoreError>;
-
-    /// Hands a text frame to a channel of another server; `false` when no
-    /// live server has it.
-    async fn direct(&self, to: Uuid, frame: String) -> Result<bool, StoreError>;
-
-    /// Asks every other server to close its connections.
-    async fn close_all(&self) -> Result<(), StoreError>;
-
-    /// The events from other servers, handed out once.
-    fn take_events(&self) -> Option<mpsc::Receiver<ClusterEvent>>;
 }
 
 /// Applies other servers' events to this service until the directory stops.

@@ -26,10 +26,12 @@ use crate::metrics::Metrics;
 mod answer;
 mod api;
 mod cluster;
+mod events;
 
 pub use answer::HttpAnswer;
 pub use api::PublishTicket;
 pub use cluster::{Change, ClusterEvent, Directory, Member};
+pub use events::{EventStream, EventsEnd, EVENT_STREAM_HEADERS};
 mod handlers;
 mod heartbeat;
 mod hooks;
@@ -209,10 +211,40 @@ impl ChatService {
         query: Option<&str>,
         origin: Option<&str>,
     ) -> Result<Admission, HttpAnswer> {
+        self.admit_with(raw_group, query, origin, None)
+    }
+
+    /// Checks a request for a stream of server-sent events (`GET
+    /// /sse/{group}`) as [`ChatService::admit_from`] checks an upgrade; a
+    /// `Last-Event-ID` header (`<epoch>:<offset>`, what an `EventSource`
+    /// sends when it reconnects) recovers from there, over the query's
+    /// `since`/`epoch`. A malformed one is refused with 400, as a bad query.
+    pub fn admit_events(
+        &self,
+        raw_group: &str,
+        query: Option<&str>,
+        origin: Option<&str>,
+        last_event_id: Option<&str>,
+    ) -> Result<Admission, HttpAnswer> {
+        self.admit_with(raw_group, query, origin, Some(last_event_id))
+    }
+
+    /// The checks of an upgrade or an event stream (`resume`: `Some` for an
+    /// event stream, with its `Last-Event-ID`), in docs/protocol.md's order.
+    fn admit_with(
+        &self,
+        raw_group: &str,
+        query: Option<&str>,
+        origin: Option<&str>,
+        resume: Option<Option<&str>>,
+    ) -> Result<Admission, HttpAnswer> {
         let group = GroupName::from_path_segment(raw_group).map_err(|e| HttpAnswer::refusal(400, &e))?;
         self.check_origin(origin)?;
         let user = self.upgrade_user(&group, query)?;
-        let replay = replay_of(query).map_err(|e| HttpAnswer::refusal(400, &e))?;
+        let mut replay = replay_of(query).map_err(|e| HttpAnswer::refusal(400, &e))?;
+        if let Some(Some(id)) = resume {
+            replay = events::resume_from(id).map_err(|e| HttpAnswer::refusal(400, &e))?;
+        }
         let events = query_param(query, "events").is_some_and(|v| v == "1" || v == "true");
         if events && !self.namespace(group.as_str()).events {
             return Err(HttpAnswer::refusal(
@@ -257,7 +289,7 @@ impl ChatService {
             Some(o) if !allowed.is_empty() && !allowed.iter().any(|a| a == o) => Err(HttpAnswer::error(
                 403,
                 "forbidden",
-                "this origin may not open WebSocket connections",
+                "this origin may not open connections",
             )),
             _ => Ok(()),
         }

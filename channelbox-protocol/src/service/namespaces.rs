@@ -13,8 +13,19 @@ static DEFAULTS: std::sync::LazyLock<Namespace> = std::sync::LazyLock::new(Names
 
 impl ChatService {
     /// Sets the namespaces, once, before serving; `false` (and nothing
-    /// changed) when they were set already.
+    /// changed) when they were set already. Their history limits are the
+    /// store's to apply: build its `HistoryLimits` with
+    /// [`Namespaces::with_history_limits`]; those the store does not apply
+    /// are logged as a warning.
     pub fn set_namespaces(&self, namespaces: Namespaces) -> bool {
+        let unapplied = namespaces.unapplied_history_limits(self.inner.channels.store().limits());
+        if !unapplied.is_empty() {
+            tracing::warn!(
+                namespaces = ?unapplied,
+                "the store does not apply these namespaces' history limits \
+                 (build its limits with Namespaces::with_history_limits)"
+            );
+        }
         self.inner.namespaces.set(namespaces).is_ok()
     }
 
@@ -32,16 +43,16 @@ impl ChatService {
     }
 
     /// `GET /api/namespaces` (admin token): every namespace with every
-    /// option in effect.
+    /// option in effect, its history limits as the store applies them.
     pub fn api_namespaces(&self, authorization: Option<&str>) -> HttpAnswer {
         if let Err(e) = self.admin(authorization) {
             return e;
         }
-        let described = self
-            .inner
-            .namespaces
-            .get()
-            .map_or_else(|| Value::Object(Default::default()), Namespaces::describe);
+        let limits = self.inner.channels.store().limits();
+        let described = match self.inner.namespaces.get() {
+            Some(namespaces) => namespaces.describe(limits),
+            None => Value::Object(Default::default()),
+        };
         HttpAnswer::ok(described)
     }
 }

@@ -13,7 +13,7 @@ use channelbox_core::{Channel, Frame, MembershipObserver};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::cluster::{describe, Change, Member};
+use super::cluster::{describe, event_type, Change, Member};
 use super::Inner;
 
 /// The most members one `presence` answer lists.
@@ -84,7 +84,7 @@ impl Peers {
     /// Tells this server's listeners of `group` of a member of another server.
     pub(super) fn tell_remote(&self, group: &str, change: Change, member: &Member) {
         let mut event = describe(member);
-        event["type"] = json!(change.event_type());
+        event["type"] = json!(event_type(change));
         event["group"] = json!(group);
         self.send_to_listeners(group, member.channel_id, Frame::text(event.to_string()));
     }
@@ -121,7 +121,7 @@ impl Peers {
     fn tell(&self, group: &str, channel: Uuid, change: Change) -> Member {
         let member = Self::member(&lock(&self.running), channel);
         let mut event = describe(&member);
-        event["type"] = json!(change.event_type());
+        event["type"] = json!(event_type(change));
         event["group"] = json!(group);
         self.send_to_listeners(group, channel, Frame::text(event.to_string()));
         member

@@ -4,6 +4,7 @@
 
 pub mod ledger;
 pub mod raw;
+pub mod sse;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -10,6 +10,12 @@ use tokio::net::TcpStream;
 /// Opens a TCP connection and performs a WebSocket upgrade to `path` with
 /// these extra headers; returns the socket and the HTTP status.
 pub async fn upgrade(addr: &str, path: &str, headers: &[(&str, &str)]) -> (TcpStream, u16) {
+    let (s, status, _) = upgrade_with_head(addr, path, headers).await;
+    (s, status)
+}
+
+/// [`upgrade`], also returning the response head as text.
+pub async fn upgrade_with_head(addr: &str, path: &str, headers: &[(&str, &str)]) -> (TcpStream, u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let mut req = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
@@ -33,9 +39,9 @@ pub async fn upgrade(addr: &str, path: &str, headers: &[(&str, &str)]) -> (TcpSt
         }
         head.push(byte[0]);
     }
-    let text = String::from_utf8_lossy(&head);
+    let text = String::from_utf8_lossy(&head).into_owned();
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (s, status)
+    (s, status, text)
 }
 
 /// A masked client frame (clients must mask) with this opcode and payload.

@@ -19,6 +19,17 @@
 //
 // Requests return promises settled by their `ref`: resolved with the reply,
 // rejected with a `ChannelboxError` carrying the protocol's error code.
+//
+// Where a WebSocket cannot be opened (a proxy that refuses upgrades, a
+// handshake that times out), the client falls back to Server-Sent Events
+// (`transports`): it listens on `/sse/{group}` and sends through the HTTP API
+// (see sse.ts). Every connection tries the transports in order, moving to the
+// next one when a connection fails before `welcome`; the positions it recovers
+// from are the same whichever transport delivered them.
+
+import { SseSocket } from "./sse.js";
+
+export { sseUrl } from "./sse.js";
 
 /** The part of the WebSocket API the client uses (browsers', Node's, `ws`). */
 export interface SocketLike {
@@ -36,10 +47,24 @@ export interface SocketLike {
 /** A WebSocket constructor. */
 export type SocketFactory = new (url: string) => SocketLike;
 
+/** A way to reach the server: a WebSocket, or Server-Sent Events plus the HTTP API. */
+export type Transport = "websocket" | "sse";
+
 /** How the client connects and reconnects. */
 export interface Options {
   /** The WebSocket implementation; default `globalThis.WebSocket`. */
   WebSocket?: SocketFactory;
+  /** The transports to try, in order; default `["websocket", "sse"]`. Over
+   * `sse` the client receives every group's frames as a WebSocket would, and
+   * publishes (and reads history, presence and groups) through the HTTP API;
+   * `join`, `leave` and `direct` are refused with `unsupported`. */
+  transports?: Transport[];
+  /** The `fetch` implementation for the `sse` transport; default `globalThis.fetch`. */
+  fetch?: typeof fetch;
+  /** While connected over `sse`, how often the client tries whether a
+   * WebSocket can be opened again, in ms (the first try follows the stream's
+   * `welcome` at once); when one can, it switches back, recovering. */
+  websocketRetryMs?: number;
   /** A token for servers that require one (`?token=`). */
   token?: string;
   /** Member events of the URL group (`?events=1`). */
@@ -99,7 +124,10 @@ export interface RejoinFailed {
   code: string;
   message: string;
   /** True for `unavailable`: the client reconnects (with backoff) and tries
-   * again. Otherwise the group is dropped: join it again to get it back. */
+   * again; and for `unsupported`, a connection over Server-Sent Events, which
+   * cannot join: the group and its position are kept, and the next WebSocket
+   * connection recovers it. Otherwise the group is dropped: join it again to
+   * get it back. */
   retrying: boolean;
 }
 
@@ -123,7 +151,8 @@ export interface Events {
 /** A request the server refused, or one that could not be answered. */
 export class ChannelboxError extends Error {
   /** The protocol's error code (`forbidden`, `unavailable`, …), or
-   * `disconnected` / `timeout` / `closed` from the client itself. */
+   * `disconnected` / `timeout` / `closed` / `unsupported` (a request a
+   * Server-Sent Events connection cannot make) from the client itself. */
   readonly code: string;
   constructor(code: string, message: string) {
     super(`${code}: ${message}`);
@@ -158,7 +187,15 @@ const OPEN = 1;
 /** Requests queued while the connection is down before new ones are refused. */
 const MAX_QUEUED = 1000;
 type Timer = ReturnType<typeof setTimeout>;
-type Tuning = "minBackoffMs" | "maxBackoffMs" | "requestTimeoutMs" | "connectTimeoutMs" | "stableMs" | "pingIntervalMs" | "pongTimeoutMs";
+type Tuning =
+  | "minBackoffMs"
+  | "maxBackoffMs"
+  | "requestTimeoutMs"
+  | "connectTimeoutMs"
+  | "stableMs"
+  | "pingIntervalMs"
+  | "pongTimeoutMs"
+  | "websocketRetryMs";
 
 /** Connects to `url` (`ws://host:port/ws/{group}`) and keeps the connection. */
 export function connect(url: string, options: Options = {}): Client {
@@ -199,6 +236,15 @@ export class Client {
   private first = true;
   /** This connection's URL asked for a replay of the newest messages. */
   private replaying = false;
+  /** Which of `transports` the current (or next) connection uses. */
+  private transportAt = 0;
+  /** The current connection reached `welcome`. */
+  private reached = false;
+  /** The server answered `/healthz` right before the current connection. */
+  private verified = false;
+  /** Over `sse`: a WebSocket opened to try whether one can be, and the wait before the next try. */
+  private probe: SocketLike | null = null;
+  private probeTimer: Timer | null = null;
 
   constructor(url: string, options: Options) {
     const parsed = new URL(url);
@@ -214,6 +260,7 @@ export class Client {
       stableMs: 10_000,
       pingIntervalMs: 20_000,
       pongTimeoutMs: 10_000,
+      websocketRetryMs: 30_000,
       ...options,
     };
     this.open();
@@ -230,6 +277,16 @@ export class Client {
   /** The connection's state now. */
   get currentState(): State {
     return this.state;
+  }
+
+  /** The transport of the current (or next) connection. */
+  get currentTransport(): Transport {
+    return this.transports()[this.transportAt] ?? "websocket";
+  }
+
+  private transports(): Transport[] {
+    const t = this.options.transports ?? ["websocket", "sse"];
+    return t.length > 0 ? t : ["websocket"];
   }
 
   /** Publishes to a group (default: the URL group); resolves once saved. */
@@ -336,13 +393,24 @@ export class Client {
     return query ? `${this.base}?${query}` : this.base;
   }
 
-  private open(): void {
-    this.timer = null;
+  /** A connection on the current transport. */
+  private socketFor(url: string): SocketLike {
+    if (this.currentTransport === "sse") {
+      const fetchImpl = this.options.fetch ?? globalThis.fetch;
+      if (!fetchImpl) throw new ChannelboxError("bad_request", "no fetch implementation: pass options.fetch");
+      return new SseSocket(url, { fetch: fetchImpl.bind(globalThis), token: this.options.token });
+    }
     const Socket = this.options.WebSocket ?? (globalThis as { WebSocket?: SocketFactory }).WebSocket;
     if (!Socket) throw new ChannelboxError("bad_request", "no WebSocket implementation: pass options.WebSocket");
+    return new Socket(url);
+  }
+
+  private open(): void {
+    this.timer = null;
+    this.reached = false;
     let socket: SocketLike;
     try {
-      socket = new Socket(this.url());
+      socket = this.socketFor(this.url());
     } catch (err) {
       // A socket that cannot even be made (a browser offline, a bad URL)
       // is a failed attempt like any other: back off and try again.
@@ -385,7 +453,66 @@ export class Client {
     this.dropped(1006, reason);
   }
 
+  /** Over `sse`, tries a WebSocket after `delay` ms: a server that takes one
+   * again (the connection failed while the server was down, say, and the
+   * stream got there first) gets the connection back on a WebSocket. */
+  private probeLater(current: SocketLike, delay: number): void {
+    if (this.currentTransport !== "sse" || !this.transports().includes("websocket")) return;
+    this.probeTimer = setTimeout(() => this.probeNow(current), delay);
+  }
+
+  private probeNow(current: SocketLike): void {
+    this.probeTimer = null;
+    const Socket = this.options.WebSocket ?? (globalThis as { WebSocket?: SocketFactory }).WebSocket;
+    if (current !== this.socket || !Socket) return;
+    const q = new URLSearchParams();
+    if (this.options.token) q.set("token", this.options.token);
+    let probe: SocketLike;
+    try {
+      const query = q.toString();
+      probe = new Socket(query ? `${this.base}?${query}` : this.base);
+    } catch {
+      this.probeLater(current, this.options.websocketRetryMs);
+      return;
+    }
+    this.probe = probe;
+    const giveUp = setTimeout(() => done(false), this.options.connectTimeoutMs);
+    const done = (opened: boolean): void => {
+      clearTimeout(giveUp);
+      if (this.probe !== probe) return;
+      this.probe = null;
+      probe.onmessage = probe.onclose = null;
+      try {
+        probe.close(1000, "");
+      } catch {
+        // Not open yet: dropping it is enough.
+      }
+      if (current !== this.socket) return;
+      if (opened) this.abandon(current, "a WebSocket can be opened again");
+      else this.probeLater(current, this.options.websocketRetryMs);
+    };
+    probe.onmessage = (ev) => {
+      if (String(ev.data).includes('"welcome"')) done(true);
+    };
+    probe.onclose = () => done(false);
+    probe.onerror = () => {
+      /* onclose follows */
+    };
+  }
+
   private stopTimers(): void {
+    if (this.probeTimer) clearTimeout(this.probeTimer);
+    this.probeTimer = null;
+    const probe = this.probe;
+    this.probe = null;
+    if (probe) {
+      probe.onmessage = probe.onclose = null;
+      try {
+        probe.close(1000, "");
+      } catch {
+        // Not open yet: dropping it is enough.
+      }
+    }
     for (const t of [this.stableTimer, this.pongTimer]) if (t) clearTimeout(t);
     if (this.pingTimer) clearInterval(this.pingTimer);
     this.stableTimer = this.pongTimer = this.pingTimer = null;
@@ -393,6 +520,10 @@ export class Client {
 
   private dropped(code: number, reason: string): void {
     this.socket = null;
+    // After a connection that reached `welcome`, the first transport is
+    // tried again; after one that did not, the next one may be.
+    const failed = !this.reached;
+    if (!failed) this.transportAt = 0;
     this.stopTimers();
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
@@ -405,7 +536,41 @@ export class Client {
     // one that the server closes right away waits longer each time.
     const ceiling = Math.min(this.options.maxBackoffMs, this.options.minBackoffMs * 2 ** Math.min(this.attempt++, 30));
     // Jitter: between half and all of the ceiling, so clients spread out.
-    this.timer = setTimeout(() => this.open(), ceiling / 2 + Math.random() * (ceiling / 2));
+    const wait = ceiling / 2 + Math.random() * (ceiling / 2);
+    this.timer = setTimeout(() => (failed ? this.openNext() : this.open()), wait);
+  }
+
+  /** Opens a connection after one failed before `welcome`: on the next
+   * transport, except that falling back to `sse` needs a WebSocket that
+   * failed although the server answered plain HTTP (`/healthz`) just before
+   * it. A server that does not answer is down or unreachable, not blocking
+   * WebSockets, and one that just came back takes the WebSocket again. */
+  private openNext(): void {
+    this.timer = null;
+    const list = this.transports();
+    const next = (this.transportAt + 1) % list.length;
+    const fetchImpl = this.options.fetch ?? globalThis.fetch;
+    const verified = this.verified;
+    this.verified = false;
+    if (list[next] !== "sse" || !fetchImpl || verified) {
+      this.transportAt = next;
+      this.open();
+      return;
+    }
+    const health = new URL(this.base);
+    health.protocol = health.protocol === "wss:" ? "https:" : "http:";
+    health.pathname = "/healthz";
+    const abort = new AbortController();
+    const giveUp = setTimeout(() => abort.abort(), this.options.connectTimeoutMs);
+    fetchImpl
+      .call(globalThis, health.toString(), { signal: abort.signal })
+      .then((r) => r.status === 200, () => false)
+      .then((up) => {
+        clearTimeout(giveUp);
+        if (this.state === "closed" || this.socket || this.timer) return;
+        this.verified = up;
+        this.open();
+      });
   }
 
   /** Pings when the server has been silent for `pingIntervalMs`; gives the
@@ -472,11 +637,13 @@ export class Client {
     const socket = this.socket;
     if (!socket) return;
     this.first = false;
+    this.reached = true;
     this.stableTimer = setTimeout(() => {
       this.stableTimer = null;
       this.attempt = 0;
     }, this.options.stableMs);
     this.startLiveness(socket);
+    this.probeLater(socket, this.options.minBackoffMs);
     this.emit("welcome", m as never);
     const start = Client.position(m);
     if (start) {
@@ -492,6 +659,13 @@ export class Client {
     this.setState("connected");
     // Rejoin (and recover) every other group first, then what waited.
     for (const [group, events] of this.joined) {
+      if (this.currentTransport === "sse") {
+        // A stream cannot join: the group and its position are kept for the
+        // next WebSocket connection, which recovers it.
+        const message = "joining is not available over Server-Sent Events";
+        this.emit("rejoin_failed", { group, code: "unsupported", message, retrying: true });
+        continue;
+      }
       const since = this.since(group);
       const ref = `rejoin:${this.nextRef++}`;
       this.rejoins.set(ref, { group, events, recovering: "since" in since });

@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use channelbox_protocol::hooks::{Hooks, DEFAULT_TIMEOUT as DEFAULT_HOOK_TIMEOUT};
-use channelbox_protocol::namespaces::Namespace;
+use channelbox_protocol::namespaces::{Namespace, Namespaces};
 use channelbox_protocol::{ProtocolConfig, TokenVerifier};
-use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
+
+mod file;
 
 /// The listen address when none is configured.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
@@ -66,6 +67,16 @@ pub enum Http {
     Warp,
     /// channelbox-axum.
     Axum,
+}
+
+/// Whether WebSocket connections may be compressed (permessage-deflate).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Negotiated with every client that offers it.
+    On,
+    /// Never negotiated: every frame goes out plain.
+    Off,
 }
 
 /// The protocol's defaults, the one source of the flags' default values.
@@ -166,7 +177,7 @@ pub struct Config {
     /// Groups one connection may be in at once.
     #[arg(long, default_value_t = defaults().max_groups_per_connection)]
     pub max_groups: usize,
-    /// Open WebSocket connections the server accepts.
+    /// Open connections (WebSockets and event streams) the server accepts.
     #[arg(long, default_value_t = defaults().max_connections)]
     pub max_connections: usize,
     /// Enables the admin API (and the admin page) with this bearer token.
@@ -177,7 +188,7 @@ pub struct Config {
     #[arg(long, env = "CHANNELBOX_TOKEN_SECRET")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret: Option<String>,
-    /// Origins allowed to open WebSockets, matched exactly (repeatable; the
+    /// Origins allowed to open WebSockets and event streams, matched exactly (repeatable; the
     /// variable is comma-separated). Default: any.
     #[arg(long, env = "CHANNELBOX_ALLOWED_ORIGINS", value_delimiter = ',')]
     #[serde(default)]
@@ -212,11 +223,22 @@ pub struct Config {
     /// Seconds a backend hook may take; then it fails closed.
     #[arg(long, value_parser = positive_seconds, default_value_t = DEFAULT_HOOK_TIMEOUT.as_secs_f64())]
     pub hook_timeout: f64,
+    /// permessage-deflate for the WebSocket clients that offer it: each
+    /// message compressed once for all its receivers (`on` or `off`).
+    #[arg(long, env = "CHANNELBOX_COMPRESSION", value_enum, default_value = "on")]
+    #[serde(default = "compression_on")]
+    pub compression: Compression,
+}
+
+fn compression_on() -> Compression {
+    Compression::On
 }
 
 fn positive_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        // Finite is not enough: each value becomes a `Duration`, which
+        // panics on more seconds than it holds.
+        Ok(v) if v > 0.0 && Duration::try_from_secs_f64(v).is_ok() => Ok(v),
         _ => Err(format!("{s:?} is not a positive number of seconds")),
     }
 }
@@ -268,44 +290,6 @@ impl Config {
             Some(path) => given.with_file(&matches, &path)?,
         };
         config.check()?;
-        Ok(config)
-    }
-
-    /// The values of the file at `path` where neither a flag nor the
-    /// environment set one.
-    fn with_file(self, matches: &ArgMatches, path: &std::path::Path) -> Result<Config, ConfigError> {
-        let file_error = |message: String| ConfigError::File {
-            path: path.to_owned(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-        let file: toml::Table = text.parse().map_err(|e: toml::de::Error| file_error(e.to_string()))?;
-        let mut merged = toml::Table::try_from(&self).map_err(|e| file_error(e.to_string()))?;
-        for (key, value) in file {
-            if !file_keys().any(|k| k == key) {
-                return Err(ConfigError::UnknownKey {
-                    path: path.to_owned(),
-                    key,
-                });
-            }
-            // The type is checked even where a flag wins, so that a broken
-            // file is found before the day the flag is dropped.
-            let mut probe = merged.clone();
-            probe.insert(key.clone(), value.clone());
-            probe.try_into::<Config>().map_err(|e| value_error(&key, e.message()))?;
-            // `namespaces` is the file's alone: no flag or variable sets it.
-            let from_user = key != NAMESPACES
-                && matches!(
-                    matches.value_source(&key),
-                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-                );
-            if !from_user {
-                merged.insert(key, value);
-            }
-        }
-        let mut config: Config = merged.try_into().map_err(|e| file_error(e.to_string()))?;
-        config.config = self.config;
-        config.print_config = self.print_config;
         Ok(config)
     }
 
@@ -367,6 +351,13 @@ impl Config {
                 *secret = Some(MASK.to_owned());
             }
         }
+        // Each namespace's history limits in effect: what it leaves unset
+        // is the top-level's.
+        for ns in shown.namespaces.values_mut() {
+            ns.history_bytes = ns.history_bytes.or(Some(self.history_bytes));
+            ns.history_messages = ns.history_messages.or(self.history_messages);
+            ns.history_ttl = ns.history_ttl.or(self.history_ttl);
+        }
         shown.redis_url = channelbox_redis::split_url_list(&shown.redis_url)
             .iter()
             .map(|u| mask_url_password(u))
@@ -394,6 +385,7 @@ impl Config {
             allowed_origins: self.allowed_origin.clone(),
             ping_interval: (self.ping_interval > 0).then(|| Duration::from_secs(self.ping_interval)),
             pong_timeout: Duration::from_secs(self.pong_timeout),
+            compression: self.compression == Compression::On,
         })
     }
 
@@ -417,31 +409,24 @@ impl Config {
         Some(hooks)
     }
 
-    /// The history limits of every group.
+    /// The history limits of every group: the top-level ones, and those of
+    /// each namespace that sets any (what it leaves unset is the top-level's).
     pub fn history_limits(&self) -> channelbox_core::HistoryLimits {
-        channelbox_core::HistoryLimits {
+        let top = channelbox_core::HistoryLimits {
             max_bytes: self.history_bytes,
             max_messages: self.history_messages,
             max_age: self.history_ttl.map(Duration::from_secs_f64),
             max_total_bytes: Some(self.history_total_bytes.unwrap_or(channelbox_core::DEFAULT_TOTAL_BYTES)),
-        }
+            namespaces: BTreeMap::new(),
+        };
+        self.namespaces().with_history_limits(top)
+    }
+
+    /// The configured namespaces.
+    pub fn namespaces(&self) -> Namespaces {
+        Namespaces::new(self.namespaces.clone())
     }
 }
-
-/// The keys a configuration file may hold: every flag but `--config`,
-/// `--print-config`, `--help` and `--version`.
-fn file_keys() -> impl Iterator<Item = String> {
-    Config::command()
-        .get_arguments()
-        .map(|a| a.get_id().to_string())
-        .filter(|id| !["config", "print_config", "help", "version"].contains(&id.as_str()))
-        .chain([NAMESPACES.to_owned()])
-        .collect::<Vec<_>>()
-        .into_iter()
-}
-
-/// The file's table of namespaces.
-const NAMESPACES: &str = "namespaces";
 
 fn value_error(key: &str, message: &str) -> ConfigError {
     ConfigError::Value {
@@ -478,6 +463,9 @@ mod tests {
         assert_eq!(protocol.max_message_bytes, expected.max_message_bytes);
         assert_eq!(protocol.ping_interval, expected.ping_interval);
         assert_eq!(protocol.pong_timeout, expected.pong_timeout);
+        assert_eq!(protocol.compression, expected.compression);
+        let off = Config::try_parse_from(["channelbox", "--compression", "off"]).expect("parses");
+        assert!(!off.protocol().expect("valid").compression);
     }
 
     #[test]
@@ -487,13 +475,5 @@ mod tests {
             "redis://u:********@h:6379/"
         );
         assert_eq!(mask_url_password("redis://h:6379/"), "redis://h:6379/");
-    }
-
-    #[test]
-    fn every_field_is_a_file_key() {
-        let keys: Vec<String> = file_keys().collect();
-        assert!(keys.contains(&"allowed_origin".to_owned()));
-        assert!(keys.contains(&"history_bytes".to_owned()));
-        assert!(!keys.contains(&"config".to_owned()));
     }
 }
