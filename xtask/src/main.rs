@@ -12,9 +12,9 @@
 //! - `cargo xtask soak [--connections N] [--seconds S]`: the chat server under
 //!   connect/publish/recover/disconnect churn; checks nothing leaked.
 //! - `cargo xtask chaos [--seed S] [--minutes N] [--store memory|sled|redis]
-//!   [--mutation NAME] [--shrink] [--no-build]`: servers, Redis and clients under a seeded
-//!   schedule of faults, then a check of every client's log and the final
-//!   histories (see `chaos`).
+//!   [--mutation NAME | --mutations] [--shrink] [--no-build]`: servers,
+//!   Redis and clients under a seeded schedule of faults, then a check of
+//!   every client's log and the final histories (see `chaos`).
 //! - `cargo xtask e2e`: the browser tests of the chat page and the admin page
 //!   in headless Chromium
 //!   (needs Debian's `chromium` and Node.js; `.ci/run` installs them).
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] [--cluster | --storm | --compression] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S] [-- server flags] | chaos [--seed S] [--minutes N] [--store memory|sled|redis] [--mutation NAME] [--shrink] [--no-build]>";
+const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] [--cluster | --storm | --compression] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S] [-- server flags] | chaos [--seed S] [--minutes N] [--store memory|sled|redis] [--mutation NAME | --mutations] [--shrink] [--no-build]>";
 
 /// Runs `cargo` with these arguments and environment, failing on a non-zero exit.
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {

@@ -9,7 +9,9 @@
 //!
 //! `--mutation NAME` runs servers built with the `chaos-mutations` feature
 //! and `CHANNELBOX_MUTATION=NAME`: a deliberately injected bug the run must
-//! catch (see `channelbox-core`'s `mutation` module).
+//! catch (see `channelbox-core`'s `mutation` module). `--mutations` runs
+//! every one of [`MUTATIONS`] on the seed that catches it and fails if any
+//! run passes.
 
 mod checker;
 mod cluster;
@@ -46,6 +48,9 @@ pub(crate) struct Options {
     /// Use the binaries already built (`--no-build`): a sweep of many seeds
     /// on one build, while the sources change.
     pub(crate) no_build: bool,
+    /// Run every injected bug of [`MUTATIONS`] and require each to be
+    /// caught (`--mutations`).
+    pub(crate) all_mutations: bool,
 }
 
 impl Options {
@@ -58,13 +63,18 @@ impl Options {
             shrink: false,
             print_only: false,
             no_build: false,
+            all_mutations: false,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
-            if matches!(flag.as_str(), "--shrink" | "--print-schedule" | "--no-build") {
+            if matches!(
+                flag.as_str(),
+                "--shrink" | "--print-schedule" | "--no-build" | "--mutations"
+            ) {
                 o.shrink |= flag == "--shrink";
                 o.print_only |= flag == "--print-schedule";
                 o.no_build |= flag == "--no-build";
+                o.all_mutations |= flag == "--mutations";
                 continue;
             }
             let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -83,11 +93,14 @@ impl Options {
 }
 
 /// The flags of `cargo xtask chaos`.
-pub(crate) const USAGE: &str = "usage: cargo xtask chaos [--seed S] [--minutes N | --seconds N] [--store memory|sled|redis] [--mutation NAME] [--shrink] [--print-schedule] [--no-build]";
+pub(crate) const USAGE: &str = "usage: cargo xtask chaos [--seed S] [--minutes N | --seconds N] [--store memory|sled|redis] [--mutation NAME | --mutations] [--shrink] [--print-schedule] [--no-build]";
 
 /// Builds what a run needs, runs the schedule of the seed, and fails with a
 /// report when the checker finds a violation.
 pub(crate) fn chaos(o: &Options) -> Result<(), String> {
+    if o.all_mutations {
+        return mutations(o.no_build);
+    }
     let schedule = nemesis::schedule(o.seed, o.store, o.seconds.saturating_sub(3) * 1000);
     if o.print_only {
         schedule.iter().for_each(|step| println!("{step}"));
@@ -132,6 +145,71 @@ pub(crate) fn chaos(o: &Options) -> Result<(), String> {
             .map(|m| format!(" --mutation {m}"))
             .unwrap_or_default()
     ))
+}
+
+/// Every injected bug, with a run that catches it: the store, the seed and
+/// the seconds. Each of these passes without the bug (the seeds of CI's
+/// smoke runs, or of the sweep that found them).
+pub(crate) const MUTATIONS: [(&str, Store, u64, u64); 4] = [
+    // A rollback to an older snapshot (17 s) keeps its epoch.
+    ("skip_epoch_change", Store::Redis, 2, 30),
+    ("recover_always_complete", Store::Memory, 4, 20),
+    ("ack_before_durable", Store::Sled, 1, 20),
+    ("drop_gap_fill", Store::Redis, 1, 20),
+];
+
+/// Runs every one of [`MUTATIONS`]; fails unless each was caught.
+fn mutations(no_build: bool) -> Result<(), String> {
+    std::env::set_current_dir(crate::root()).map_err(|e| e.to_string())?;
+    if !no_build {
+        build(true)?;
+    }
+    let mut results = Vec::new();
+    for (name, store, seed, seconds) in MUTATIONS {
+        let o = Options {
+            seed,
+            seconds,
+            store,
+            mutation: Some(name.to_owned()),
+            shrink: false,
+            print_only: false,
+            no_build: true,
+            all_mutations: false,
+        };
+        let schedule = nemesis::schedule(seed, store, seconds.saturating_sub(3) * 1000);
+        // A run that could not finish (a client failed) caught nothing: it is
+        // reported, and the other mutations still run.
+        let outcome = match run(&o, &schedule) {
+            Ok(violations) if violations.is_empty() => Err("every check passed".to_owned()),
+            Ok(violations) => {
+                let path = run_dir(&o).join("violations.txt");
+                let _ = std::fs::write(&path, violations.join("\n") + "\n");
+                eprintln!("xtask chaos: mutation {name}: the first violation: {}", violations[0]);
+                Ok(violations.len())
+            }
+            Err(err) => Err(format!("the run failed: {err}")),
+        };
+        results.push((name, store, seed, seconds, outcome));
+    }
+    eprintln!("xtask chaos: the mutations:");
+    let mut escaped = Vec::new();
+    for (name, store, seed, seconds, outcome) in &results {
+        let what = match outcome {
+            Ok(n) => format!("caught, {n} violations"),
+            Err(why) => {
+                escaped.push(*name);
+                format!("NOT caught: {why}")
+            }
+        };
+        eprintln!(
+            "  {name:<24} store {:<6} seed {seed:<3} {seconds:>3} s  {what}",
+            store.name()
+        );
+    }
+    if escaped.is_empty() {
+        return Ok(());
+    }
+    Err(format!("the checker missed the injected bugs {escaped:?}"))
 }
 
 fn report(o: &Options, schedule: &[Step], violations: &[String]) {
