@@ -330,7 +330,8 @@ async fn groups_left_are_neither_rejoined_nor_delivered_after_a_reconnect() {
     // Left before its `joined` came back: both requests are queued before
     // the server answers the first.
     let (joined, left) = tokio::join!(client.join("race"), client.leave("race"));
-    (joined.unwrap(), left.unwrap());
+    joined.unwrap();
+    left.unwrap();
     // The URL group, which every new connection joins by its URL.
     client.leave("home").await.unwrap();
     proxy.cut();
