@@ -118,6 +118,7 @@ fn unknown_keys_wrong_types_and_bad_values_are_refused_by_name() {
         ("store = \"floppy\"\n", "`store`"),
         ("allowed_origin = \"https://a.example\"\n", "`allowed_origin`"),
         ("queue = 0\n", "`queue`"),
+        ("history_messages = 0\n", "`history_messages`"),
         ("history_ttl = -5\n", "`history_ttl`"),
         ("config = \"other.toml\"\n", "`config`"),
         (
@@ -201,6 +202,15 @@ fn redis_urls_split_into_shards_and_each_password_is_masked() {
     let zero = file(dir.path(), "redis_wait_ms = 0\n");
     assert!(refusal(&["--config", zero.to_str().expect("utf-8")]).contains("redis_wait_ms"));
     assert!(refusal(&["--redis-wait-ms", "1001"]).contains("--redis-wait-ms"));
+}
+
+#[test]
+fn a_history_of_no_message_is_refused_as_in_a_namespace() {
+    assert!(refusal(&["--history-messages", "0", "--print-config"]).contains("--history-messages"));
+    assert_eq!(
+        effective(&["--history-messages", "1"], &[])["history_messages"].as_integer(),
+        Some(1)
+    );
 }
 
 #[test]

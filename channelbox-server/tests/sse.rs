@@ -1,8 +1,10 @@
 //! Server-Sent Events against the real binary (docs/protocol.md "Server-Sent
 //! Events"): the receive side of the protocol over `GET /sse/{group}` —
 //! messages with their ids, `Last-Event-ID` recovery, heartbeat comments,
-//! membership and `direct`, the close event of close-all and of a slow
-//! consumer, the refusals before the stream, and a cluster on Redis.
+//! membership and `direct`, the close events of close-all, of a slow
+//! consumer, of a cluster that lost a group's history (4002) and of a
+//! stream that takes nothing (4003), the refusals before the stream, and a
+//! cluster on Redis.
 
 mod support;
 
@@ -55,8 +57,9 @@ async fn http_publishes_arrive_as_events_with_ids_and_pings_as_comments() {
     assert_eq!(sse.header("content-type").as_deref(), Some("text/event-stream"));
     let welcome = sse.event().await;
     assert_eq!(welcome.event.as_deref(), Some("welcome"));
-    assert_eq!(welcome.id, None, "only saved messages carry ids");
     let epoch = welcome.json()["epoch"].as_str().expect("epoch").to_owned();
+    let at_join = format!("{epoch}:0");
+    assert_eq!(welcome.id.as_deref(), Some(at_join.as_str()), "the position at join");
     for n in 1..=3u64 {
         let data = json!({"n": n, "text": "line one\nline two"});
         let answer = publish(&server.addr, "chat", &data).await;
@@ -112,6 +115,72 @@ async fn last_event_id_recovers_over_the_query_completely_or_says_it_cannot() {
     let recovered = lost.event().await;
     assert_eq!(recovered.event.as_deref(), Some("recovered"), "{recovered:?}");
     assert_eq!(recovered.json()["complete"], false);
+}
+
+/// A browser's `EventSource` sends `Last-Event-ID` only once it saw an id:
+/// `welcome` carries the group's position at join, so a stream that drops
+/// before any saved message arrived still recovers what came in between.
+#[tokio::test]
+async fn reconnecting_with_the_id_of_welcome_recovers_what_was_published_in_between() {
+    let server = Server::memory();
+    for n in 1..=2u64 {
+        publish(&server.addr, "room", &json!({"n": n})).await;
+    }
+    let mut sse = Sse::open(&server.addr, "/sse/room", &[]).await;
+    let welcome = sse.event().await;
+    assert_eq!(welcome.event.as_deref(), Some("welcome"));
+    let w = welcome.json();
+    let epoch = w["epoch"].as_str().expect("epoch").to_owned();
+    assert_eq!(w["offset"], 2);
+    let id = welcome.id.clone().expect("welcome carries an id");
+    assert_eq!(id, format!("{epoch}:2"));
+    drop(sse);
+    eventually(&server.addr, "/api/groups", |g| g.get("room").is_none_or(|n| n == 0)).await;
+    publish(&server.addr, "room", &json!({"n": 3})).await;
+
+    let mut back = Sse::open(&server.addr, "/sse/room", &[("Last-Event-ID", &id)]).await;
+    let welcome = back.event().await;
+    assert_eq!(welcome.event.as_deref(), Some("welcome"));
+    assert_eq!(
+        welcome.id, None,
+        "a recovering stream's welcome has no id: a drop before the replay must not skip it"
+    );
+    assert_message(&back.event().await, &epoch, 3, &json!({"n": 3}));
+    let recovered = back.event().await;
+    assert_eq!(recovered.event.as_deref(), Some("recovered"), "{recovered:?}");
+    let r = recovered.json();
+    assert_eq!(
+        (r["from"].as_u64(), r["to"].as_u64(), r["complete"].as_bool()),
+        (Some(2), Some(3), Some(true))
+    );
+    let after_replay = format!("{epoch}:3");
+    assert_eq!(
+        recovered.id.as_deref(),
+        Some(after_replay.as_str()),
+        "recovered carries the position live delivery starts after"
+    );
+    publish(&server.addr, "room", &json!({"n": 4})).await;
+    assert_message(&back.event().await, &epoch, 4, &json!({"n": 4}));
+}
+
+/// After a recovery that found the history gone, `recovered`'s id is the
+/// new position at join, so a stream that drops before the next message
+/// does not ask for the lost epoch again.
+#[tokio::test]
+async fn after_an_incomplete_recovery_the_id_moves_to_the_position_at_join() {
+    let server = Server::memory();
+    let epoch = publish(&server.addr, "room", &json!({"n": 1})).await["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    let mut sse = Sse::open(&server.addr, "/sse/room?since=7&epoch=gone-1.0", &[]).await;
+    assert_eq!(sse.event().await.id, None);
+    let recovered = sse.event().await;
+    assert_eq!(recovered.json()["complete"], false, "{recovered:?}");
+    let at_join = format!("{epoch}:1");
+    assert_eq!(recovered.id.as_deref(), Some(at_join.as_str()));
+    publish(&server.addr, "room", &json!({"n": 2})).await;
+    assert_message(&sse.event().await, &epoch, 2, &json!({"n": 2}));
 }
 
 #[tokio::test]
@@ -278,4 +347,104 @@ async fn a_stream_on_one_server_receives_what_another_server_publishes() {
         assert_message(&again.event().await, &epoch, start + n, &json!({"n": n}));
     }
     assert_eq!(again.event().await.json()["complete"], true);
+}
+
+/// The next `close` event, reading past everything else; then the end.
+async fn close_event(sse: &mut Sse) -> Value {
+    let close = loop {
+        let e = sse.next().await.expect("a close event before the end");
+        if e.event.as_deref() == Some("close") {
+            break e.json();
+        }
+    };
+    assert!(sse.next().await.is_none(), "the stream ends after its close event");
+    close
+}
+
+/// Redis restarted empty under a cluster: the group's history is gone, so a
+/// stream is closed with 4002 `insufficient state`, as a WebSocket is, and
+/// reconnecting with its last id is told that nothing can be recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_lost_in_a_cluster_closes_a_stream_with_4002() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let args = ["--store", "redis", "--redis-url", &url];
+    let (listener, publisher) = (Server::start(&args), Server::start(&args));
+    let mut sse = Sse::open(&listener.addr, "/sse/g", &[]).await;
+    let welcome = sse.event().await;
+    let mut last = welcome.id.clone().expect("welcome's id");
+    for n in 1..=5u64 {
+        publish(&publisher.addr, "g", &json!({"n": n})).await;
+        last = sse.until("message").await.id.expect("a saved message's id");
+    }
+    redis.kill();
+    redis.restart();
+    assert_eq!(
+        close_event(&mut sse).await,
+        json!({"code": 4002, "reason": "insufficient state"})
+    );
+    // The server answers 503 until it is back on Redis.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut back = loop {
+        let s = Sse::open(&listener.addr, "/sse/g", &[("Last-Event-ID", &last)]).await;
+        if s.status == 200 {
+            break s;
+        }
+        assert_eq!(s.status, 503, "{}", s.head);
+        assert!(Instant::now() < deadline, "still refused 10 s after Redis came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let welcome = back.event().await.json();
+    assert_ne!(
+        Some(welcome["epoch"].as_str().expect("epoch")),
+        last.rsplit_once(':').map(|(e, _)| e)
+    );
+    let recovered = back.until("recovered").await.json();
+    assert_eq!(recovered["complete"], false, "history was lost: {recovered}");
+}
+
+/// A stream whose client stops reading takes nothing, not even the `: ping`
+/// comments: once its socket is full it is silent, and with a queue large
+/// enough not to overflow first it is closed with 4003 `no pong`; it leaves
+/// its group at once, and a client that reads again finds the close event.
+#[tokio::test]
+async fn a_stream_that_takes_nothing_is_closed_with_4003() {
+    // Twice what the server's send buffer can grow to (tcp_wmem's maximum,
+    // 4 MB by default), so that the body is no longer taken; the queue holds
+    // four times that, so that it does not overflow first.
+    let text = "x".repeat(48 * 1024);
+    let messages = 2 * send_buffer_max() / text.len() + 20;
+    let queue_bytes = (4 * messages * (text.len() + 1024)).to_string();
+    let server = Server::start(&[
+        "--store",
+        "memory",
+        "--ping-interval",
+        "1",
+        "--pong-timeout",
+        "1",
+        "--queue",
+        "100000",
+        "--queue-bytes",
+        &queue_bytes,
+    ]);
+    let mut stuck = Sse::open_with_buffer(&server.addr, "/sse/silent", &[], Some(4096)).await;
+    assert_eq!(stuck.event().await.event.as_deref(), Some("welcome"));
+    for n in 1..=messages as u64 {
+        publish(&server.addr, "silent", &json!({"n": n, "text": text})).await;
+    }
+    eventually(&server.addr, "/api/groups", |g| g.get("silent").is_none_or(|n| n == 0)).await;
+    assert_eq!(
+        close_event(&mut stuck).await,
+        json!({"code": 4003, "reason": "no pong"})
+    );
+    assert_eq!(server.metric("channelbox_slow_consumer_closes_total").await, 0.0);
+}
+
+/// The largest send buffer the kernel grows a TCP socket's to (the third
+/// figure of `net.ipv4.tcp_wmem`), or Linux's default of 4 MB.
+fn send_buffer_max() -> usize {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 << 20)
 }

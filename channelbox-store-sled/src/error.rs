@@ -32,6 +32,9 @@ pub(crate) enum SledError {
     Flush(PathBuf, String),
     #[error("sled store: a group name must not be empty")]
     EmptyGroup,
+    /// A group name longer than a record's 16-bit length prefix can hold.
+    #[error("sled store: a group name may have at most 65535 bytes, not {0}")]
+    GroupNameTooLong(usize),
     #[error("history directory {0}: the store is closed")]
     Closed(PathBuf),
     #[error("history directory {0}: too many writes are waiting for the disk; retry shortly")]
@@ -52,7 +55,7 @@ impl From<SledError> for StoreError {
             SledError::Incompatible { .. } | SledError::Foreign(_) => StoreErrorKind::Incompatible,
             SledError::Sled(..) | SledError::Flush(..) => StoreErrorKind::Io,
             SledError::Corrupt { .. } => StoreErrorKind::Corrupt,
-            SledError::EmptyGroup => StoreErrorKind::InvalidInput,
+            SledError::EmptyGroup | SledError::GroupNameTooLong(_) => StoreErrorKind::InvalidInput,
             SledError::Closed(_) => StoreErrorKind::Closed,
             SledError::Busy(_) => StoreErrorKind::Busy,
         };

@@ -194,8 +194,11 @@ impl Inner {
     }
 
     fn check(&self, group: &str) -> Result<(), SledError> {
-        if group.is_empty() || group.len() > u16::MAX as usize {
+        if group.is_empty() {
             return Err(SledError::EmptyGroup);
+        }
+        if group.len() > u16::MAX as usize {
+            return Err(SledError::GroupNameTooLong(group.len()));
         }
         Ok(())
     }

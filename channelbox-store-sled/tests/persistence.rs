@@ -129,6 +129,21 @@ async fn an_empty_group_name_is_rejected() {
     assert_eq!(err.kind(), StoreErrorKind::InvalidInput);
 }
 
+#[tokio::test]
+async fn a_group_name_longer_than_a_record_holds_is_rejected_by_its_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(SledConfig::new(dir.path())).unwrap();
+    let err = store.append(&"g".repeat(65_536), text("x")).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::InvalidInput);
+    assert!(err.to_string().contains("65536"), "{err}");
+    store
+        .append(&"g".repeat(65_535), text("x"))
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+}
+
 /// Reads racing appends that trim: every page is a run without holes that
 /// starts where its head says the history starts (or where the reader asked),
 /// and flushes racing reads never mix generations.

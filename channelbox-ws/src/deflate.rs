@@ -20,8 +20,8 @@ use flate2::{Compress, Compression, FlushCompress, Status};
 pub const ACCEPTED: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
 /// Frames with fewer payload bytes go out uncompressed. Measured with
-/// `cargo test -p channelbox-ws --lib deflate::tests::threshold -- --ignored
-/// --nocapture` on the frames of a chat conversation (docs/protocol.md's
+/// `cargo test -p channelbox-ws --lib threshold -- --nocapture` (which also
+/// asserts where it starts to pay) on the frames of a chat conversation (docs/protocol.md's
 /// `message` frames and the short frames between them): up to 64 bytes the
 /// compressed frame is 2-12% longer than the plain one (the block header and
 /// Huffman table cost more than the few repeats save), at 80 bytes it is 8%

@@ -1,3 +1,6 @@
+//! Tests of `inflate.rs`: compressed client messages inflated under the
+//! message limit, every other byte passed through.
+
 use super::*;
 use crate::deflate::deflate;
 use futures_util::StreamExt;

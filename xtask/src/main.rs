@@ -15,8 +15,8 @@
 //!   [--mutation NAME | --mutations] [--shrink] [--no-build]`: servers,
 //!   Redis and clients under a seeded schedule of faults, then a check of
 //!   every client's log and the final histories (see `chaos`).
-//! - `cargo xtask e2e`: the browser tests of the chat page and the admin page
-//!   in headless Chromium
+//! - `cargo xtask e2e`: the browser tests of the chat page, the admin page
+//!   and the client's fallback to Server-Sent Events in headless Chromium
 //!   (needs Debian's `chromium` and Node.js; `.ci/run` installs them).
 
 use std::path::{Path, PathBuf};
@@ -286,8 +286,6 @@ fn run(program: &str, args: &[&str], env: &[(&str, &str)], dir: &Path) -> Result
     Ok(())
 }
 
-/// The browser test: the chat example in debug mode, driven in headless
-/// Chromium by `e2e/browser.mjs`; the screenshot goes to target/browser/.
 /// The TypeScript client: built with its lockfile's compiler, its bundle
 /// checked against the copy the server embeds, its tests run against the
 /// chat server `bin`.
@@ -311,6 +309,10 @@ fn typescript_client(root: &Path, bin: &str) -> Result<(), String> {
     run("npm", &["test"], &[("CHAT_BIN", bin)], &client)
 }
 
+/// The browser tests: the chat example in debug mode, driven in headless
+/// Chromium by `e2e/browser.mjs` (the chat page), `e2e/admin.mjs` (the admin
+/// page) and `e2e/fallback.mjs` (the client bundle's fallback to Server-Sent
+/// Events); the screenshots go to target/browser/.
 fn e2e() -> Result<(), String> {
     system_packages()?;
     let root = root();
@@ -333,7 +335,10 @@ fn e2e() -> Result<(), String> {
         &["e2e/admin.mjs", "target/browser/admin.png"],
         &[("CHAT_BIN", &bin)],
         &root,
-    )
+    )?;
+    // The client bundle's fallback to Server-Sent Events, in Chromium,
+    // behind a proxy that refuses WebSocket upgrades.
+    run("node", &["e2e/fallback.mjs"], &[("CHAT_BIN", &bin)], &root)
 }
 
 /// `--cases N`, or the default.

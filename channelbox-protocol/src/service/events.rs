@@ -6,10 +6,16 @@
 //!
 //! ```text
 //! event: message
-//! id: <epoch>:<offset>          (saved messages only)
+//! id: <epoch>:<offset>          (saved messages; welcome or recovered, below)
 //! data: {"type":"message",…}
 //!
 //! ```
+//!
+//! The `welcome` event also carries the group's position at join as its id
+//! — or, when the stream recovers (`since`, `Last-Event-ID`), the
+//! `recovered` event does, after the replay — so that an `EventSource` that
+//! reconnects before any saved message arrived resumes from there: a browser
+//! sends `Last-Event-ID` only once it saw an id.
 //!
 //! The channel's own bounded queue is the only queue in front of that slot,
 //! so a client that stops reading overflows it exactly as over WebSocket and
@@ -60,7 +66,11 @@ impl ChatService {
             expiry: None,
             ..self.channel_config()
         };
-        let channel = Channel::open_with_id(admission.channel_id(), config, EventSink { chunks });
+        let ids = Ids {
+            recovering: matches!(admission.0.replay, Replay::Since(_)),
+            start: None,
+        };
+        let channel = Channel::open_with_id(admission.channel_id(), config, EventSink { chunks, ids });
         let service = self.clone();
         let running = channel.clone();
         tokio::spawn(async move {
@@ -156,13 +166,48 @@ impl Stream for Departure {
 /// take the previous one (the slot holds one).
 struct EventSink {
     chunks: mpsc::Sender<Bytes>,
+    ids: Ids,
+}
+
+/// Which events carry the position of the stream's group as their id
+/// besides saved messages: `welcome` with the group's position at join, or,
+/// when a recovery follows it, the `recovered` after the replay with that
+/// same position (everything up to it was replayed or reported lost; an id
+/// on `welcome` then would skip the replay if the stream dropped before it).
+#[derive(Debug, Default)]
+struct Ids {
+    /// The stream asked for a recovery: `recovered` follows the replay.
+    recovering: bool,
+    /// `<epoch>:<offset>` of `welcome`, for the `recovered` that follows.
+    start: Option<String>,
+}
+
+impl Ids {
+    /// The id of an event of `kind` whose frame has this head, if any.
+    fn of(&mut self, kind: &str, head: &Head<'_>) -> Option<String> {
+        let position = match (head.epoch.as_deref(), head.offset) {
+            (Some(epoch), Some(offset)) if one_line(epoch) => Some(format!("{epoch}:{offset}")),
+            _ => None,
+        };
+        match kind {
+            "message" => position,
+            "welcome" if self.recovering => {
+                self.start = position;
+                None
+            }
+            "welcome" => position,
+            // Only the stream's group recovers (a stream cannot join), once.
+            "recovered" => self.start.take(),
+            _ => None,
+        }
+    }
 }
 
 #[async_trait]
 impl FrameSink for EventSink {
     async fn send(&mut self, frames: &[Frame]) -> Result<(), SinkError> {
         let mut out = Vec::with_capacity(frames.iter().map(|f| f.len() + 64).sum());
-        frames.iter().for_each(|f| render(f, &mut out));
+        frames.iter().for_each(|f| render(f, &mut self.ids, &mut out));
         self.chunks.send(Bytes::from(out)).await.map_err(|_| gone())
     }
 
@@ -194,8 +239,9 @@ fn one_line(s: &str) -> bool {
     !s.is_empty() && !s.contains(['\n', '\r'])
 }
 
-/// Appends one frame as one event (a ping as a comment).
-fn render(frame: &Frame, out: &mut Vec<u8>) {
+/// Appends one frame as one event (a ping as a comment), with its id if
+/// `ids` gives it one.
+fn render(frame: &Frame, ids: &mut Ids, out: &mut Vec<u8>) {
     if frame.kind() == FrameKind::Ping {
         out.extend_from_slice(b": ping\n\n");
         return;
@@ -206,10 +252,8 @@ fn render(frame: &Frame, out: &mut Vec<u8>) {
             out.extend_from_slice(b"event: ");
             out.extend_from_slice(kind.as_bytes());
             out.push(b'\n');
-            if let (true, Some(epoch), Some(offset)) = (kind == "message", head.epoch.as_deref(), head.offset) {
-                if one_line(epoch) {
-                    out.extend_from_slice(format!("id: {epoch}:{offset}\n").as_bytes());
-                }
+            if let Some(id) = ids.of(kind, &head) {
+                out.extend_from_slice(format!("id: {id}\n").as_bytes());
             }
         }
     }
@@ -234,8 +278,12 @@ mod tests {
     use super::*;
 
     fn rendered(frame: &Frame) -> String {
+        rendered_with(frame, &mut Ids::default())
+    }
+
+    fn rendered_with(frame: &Frame, ids: &mut Ids) -> String {
         let mut out = Vec::new();
-        render(frame, &mut out);
+        render(frame, ids, &mut out);
         String::from_utf8(out).unwrap()
     }
 
@@ -252,13 +300,41 @@ mod tests {
             rendered(&Frame::text(unsaved)),
             format!("event: message\ndata: {unsaved}\n\n")
         );
-        let welcome = r#"{"type":"welcome","epoch":"e","offset":3}"#;
+        let joined = r#"{"type":"joined","epoch":"e","offset":3}"#;
         assert_eq!(
-            rendered(&Frame::text(welcome)),
-            format!("event: welcome\ndata: {welcome}\n\n")
+            rendered(&Frame::text(joined)),
+            format!("event: joined\ndata: {joined}\n\n")
         );
         assert_eq!(rendered(&Frame::ping()), ": ping\n\n");
         assert_eq!(rendered(&Frame::text("a\nb")), "data: a\ndata: b\n\n");
+    }
+
+    #[test]
+    fn welcome_carries_the_join_position_unless_a_recovery_follows() {
+        let welcome = r#"{"type":"welcome","channel_id":"c","group":"g","epoch":"e-1.0","offset":3}"#;
+        let recovered = r#"{"type":"recovered","group":"g","from":1,"to":3,"complete":true}"#;
+        let mut live = Ids::default();
+        assert_eq!(
+            rendered_with(&Frame::text(welcome), &mut live),
+            format!("event: welcome\nid: e-1.0:3\ndata: {welcome}\n\n")
+        );
+        let mut recovering = Ids {
+            recovering: true,
+            start: None,
+        };
+        assert_eq!(
+            rendered_with(&Frame::text(welcome), &mut recovering),
+            format!("event: welcome\ndata: {welcome}\n\n")
+        );
+        assert_eq!(
+            rendered_with(&Frame::text(recovered), &mut recovering),
+            format!("event: recovered\nid: e-1.0:3\ndata: {recovered}\n\n")
+        );
+        assert_eq!(
+            rendered_with(&Frame::text(recovered), &mut recovering),
+            format!("event: recovered\ndata: {recovered}\n\n"),
+            "only the recovery that follows welcome"
+        );
     }
 
     #[test]

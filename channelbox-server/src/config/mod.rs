@@ -150,8 +150,8 @@ pub struct Config {
     /// group's history and epoch are removed from Redis.
     #[arg(long, default_value_t = DEFAULT_META_TTL_SECS, value_parser = clap::value_parser!(u64).range(1..))]
     pub history_meta_ttl: u64,
-    /// Per-group history limit in messages (default: unlimited).
-    #[arg(long)]
+    /// Per-group history limit in messages, at least 1 (default: unlimited).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history_messages: Option<u64>,
     /// Seconds a saved message is kept (default: unlimited).
@@ -304,6 +304,10 @@ impl Config {
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(value_error(key, "must be at least 1"));
+        }
+        // As in a namespace: a limit of no message would be no history.
+        if self.history_messages == Some(0) {
+            return Err(value_error("history_messages", "must be at least 1"));
         }
         if !(1..=DEFAULT_REDIS_WAIT_MS).contains(&self.redis_wait_ms) {
             return Err(value_error("redis_wait_ms", "must be 1 to 1000"));
