@@ -12,7 +12,10 @@
 //!   `is_complete` and `ReplayPlan::new`): every recovery claims to be
 //!   complete, across a new epoch too;
 //! - `ack_before_durable` (channelbox-store-sled, `writer.rs`, where a batch
-//!   is flushed): a write counts as durable without sled's flush.
+//!   is flushed): a write counts as durable without sled's flush;
+//! - `skip_epoch_change` (channelbox-redis, `scripts.rs`, `check`): a group
+//!   whose head in Redis came back below the caller's floor (a restart from
+//!   an older snapshot) keeps its epoch, and its offsets are handed out again.
 
 /// Whether the injected bug `name` is active in this process.
 #[cfg(feature = "chaos-mutations")]

@@ -22,7 +22,13 @@
 //! Every script therefore first compares the head with the caller's floor
 //! and with the stream ([`CHECK`]); when the head is behind the floor in the
 //! floor's epoch, or head and stream disagree, the same script moves the
-//! group to a new epoch before anything else happens. Because the move is a
+//! group to a new epoch before anything else happens. A head in an epoch
+//! *made before* the floor's is a rollback too: Redis lost the group, a new
+//! epoch replaced it, and a snapshot from before the loss brought the old
+//! epoch back, whose offsets past the snapshot were handed out already.
+//! Epochs say when they were made (`store::new_epoch`: milliseconds, then
+//! random digits); epochs of another form are never judged older. Clocks of
+//! servers that differ can only cost an extra epoch move, never a reuse. Because the move is a
 //! compare-and-set on the old epoch inside one script, two servers noticing
 //! at once make one new epoch: the second finds the epoch changed already.
 //!
@@ -61,15 +67,21 @@ end
 
 /// The rollback check (see the module docs): after `ENSURE_EPOCH`, moves the
 /// group to the new epoch `ARGV[1]` when its head is below the caller's
-/// floor in the floor's epoch, or when the head's count and the stream's
+/// floor in the floor's epoch or in an epoch made before the floor's
+/// (`born`), or when the head's count and the stream's
 /// length differ (a stream evicted or lost while its head survived, stale
 /// counters). The new epoch keeps the surviving messages under their offsets,
 /// recounts `b` and `n` from them, continues after the newest offset either
 /// side knew, and is announced on the group's channel as `M<epoch>\n<last>`
 /// before anything else of it.
 const CHECK: &str = r#"
+local function born(e)
+  local t = string.match(e, '^(%x%x%x%x%x%x%x%x%x%x%x%x)%-%x+$')
+  return t and tonumber(t, 16)
+end
 if not created then
-  local behind = ARGV[3] ~= '' and ARGV[3] == epoch and last < tonumber(ARGV[4])
+  local before = born(epoch) and born(ARGV[3]) and born(epoch) < born(ARGV[3])
+  local behind = ARGV[3] ~= '' and ((ARGV[3] == epoch and last < tonumber(ARGV[4])) or before)
   if behind or redis.call('XLEN', KEYS[2]) ~= count then
     bytes, count = 0, 0
     for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
@@ -133,11 +145,26 @@ local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
 if oldest then first = tonumber(string.match(oldest[1], '^(%d+)')) end
 "#;
 
+/// The line of [`CHECK`] that compares the head with the caller's floor.
+const BEHIND: &str = "local behind = ARGV[3] ~= ''";
+
 /// What every group script starts with.
 fn prelude() -> String {
     // The head's locals come first: `trim` uses them as upvalues.
     let ensure = ENSURE_EPOCH.replace("READ_EPOCH_TTL", &READ_EPOCH_TTL_SECS.to_string());
-    format!("{ensure}{TRIM}{CHECK}")
+    format!("{ensure}{TRIM}{}", check())
+}
+
+/// [`CHECK`]; with the injected bug `skip_epoch_change` (a build with
+/// `channelbox-core/chaos-mutations`, see `channelbox_core::mutation`) one
+/// that never finds the head behind the floor, so that a rollback keeps the
+/// epoch and hands its offsets out again — which `cargo xtask chaos` must
+/// catch.
+fn check() -> String {
+    if channelbox_core::mutation::active("skip_epoch_change") {
+        return CHECK.replace(BEHIND, "local behind = false and ARGV[3] ~= ''");
+    }
+    CHECK.to_owned()
 }
 
 /// Append. ARGV after the common ones: 7 encoded message, 8 payload size,
@@ -226,3 +253,14 @@ pub(crate) const APPEND: usize = 0;
 pub(crate) const HEAD_SCRIPT: usize = 1;
 pub(crate) const READ: usize = 2;
 pub(crate) const FLUSH: usize = 3;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_injected_bug_finds_the_line_it_replaces() {
+        assert!(CHECK.contains(BEHIND), "the skip_epoch_change seam lost its line");
+        assert!(prelude().contains(BEHIND));
+    }
+}

@@ -221,8 +221,16 @@ async fn check_after_reconnects(store: std::sync::Weak<StoreInner>, came_up: Arc
 }
 
 /// A fresh epoch: offered to every script, used when the group has none.
+/// It starts with when it was made — 12 hex digits of milliseconds since
+/// the Unix epoch, then `-` and 20 random hex digits — so that a script can
+/// tell an epoch that Redis brought back from an older snapshot from one
+/// that replaced it (see `scripts`).
 pub(crate) fn new_epoch() -> String {
-    Uuid::new_v4().simple().to_string()
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let random = Uuid::new_v4().simple().to_string();
+    format!("{:012x}-{}", ms & 0xffff_ffff_ffff, &random[..20])
 }
 
 #[async_trait]
@@ -426,4 +434,22 @@ fn parse_entry(v: &Value) -> Option<StoredMessage> {
         })?;
     let m = NewMessage::decode(body)?;
     Some(StoredMessage::from_new(offset, m))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_epoch_says_when_it_was_made() {
+        let e = super::new_epoch();
+        let (born, random) = e.split_once('-').expect("a dash");
+        assert_eq!((born.len(), random.len()), (12, 20), "{e}");
+        let ms = u64::from_str_radix(born, 16).expect("hex");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64;
+        // Made now: not before 2026, not after this test looked at the clock.
+        assert!((1_767_225_600_000..=now).contains(&ms), "{e}");
+        assert!(super::new_epoch() != e);
+    }
 }

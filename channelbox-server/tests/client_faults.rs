@@ -4,7 +4,9 @@
 //! forwarding without closing) and a handshake that never completes are given
 //! up and replaced; a server that closes at once (4002) or refuses a rejoin is
 //! not reconnected to every few milliseconds; refused rejoins and every
-//! publish's outcome are reported by ref.
+//! publish's outcome are reported by ref; a group left — the URL group too,
+//! or one left before its join was answered — is not rejoined after a
+//! reconnect, and nothing of it is delivered.
 
 mod faults;
 mod support;
@@ -315,4 +317,50 @@ async fn the_backoff_starts_over_once_a_connection_stayed_up() {
         g[5] < Duration::from_millis(800),
         "reset after a stable connection: {g:?}"
     );
+}
+
+#[tokio::test]
+async fn groups_left_are_neither_rejoined_nor_delivered_after_a_reconnect() {
+    let server = Server::memory();
+    let (proxy, addr) = Proxy::start(server.addr.clone()).await;
+    let mut client = ChatClient::connect(config(&addr)).await.unwrap();
+    client.join("stay").await.unwrap();
+    client.join("side").await.unwrap();
+    client.leave("side").await.unwrap();
+    // Left before its `joined` came back: both requests are queued before
+    // the server answers the first.
+    let (joined, left) = tokio::join!(client.join("race"), client.leave("race"));
+    joined.unwrap();
+    left.unwrap();
+    // The URL group, which every new connection joins by its URL.
+    client.leave("home").await.unwrap();
+    proxy.cut();
+    events_until(&mut client, |e| matches!(e, Event::Disconnected { .. })).await;
+    proxy.open();
+    // The client's frames after `welcome` are read in order: once `stay` is
+    // recovered, anything it sent before that rejoin was read too.
+    let mut events = events_until(
+        &mut client,
+        |e| matches!(e, Event::Recovered { group, .. } if group == "stay"),
+    )
+    .await;
+    for group in ["home", "side", "race", "stay"] {
+        post(&server.addr, group, json!(group)).await;
+    }
+    events.extend(
+        events_until(
+            &mut client,
+            |e| matches!(e, Event::Message { group, .. } if group == "stay"),
+        )
+        .await,
+    );
+    let left = |g: &str| ["home", "side", "race"].contains(&g);
+    let wrong: Vec<&Event> = events
+        .iter()
+        .filter(|e| match e {
+            Event::Message { group, .. } | Event::Joined { group, .. } | Event::Recovered { group, .. } => left(group),
+            _ => false,
+        })
+        .collect();
+    assert!(wrong.is_empty(), "a group left came back: {wrong:#?}");
 }

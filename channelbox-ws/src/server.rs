@@ -215,10 +215,14 @@ async fn serve_connection<W, B>(
         let (service, web, entry) = (service.clone(), web.clone(), entry.clone());
         let busy = Busy::start(&watch);
         async move {
-            let _busy = busy;
             if let Some(group) = websocket_group(req.method(), req.uri().path(), req.headers()) {
-                return Ok::<_, Infallible>(upgrade(req, &group, Some(peer), &service).await);
+                let response = upgrade(req, &group, Some(peer), &service).await;
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    busy.upgraded();
+                }
+                return Ok::<_, Infallible>(response);
             }
+            let _busy = busy;
             req.extensions_mut().insert(PeerAddr(peer));
             let wanted_upgrade = req.headers().contains_key(header::UPGRADE);
             let mut response = web.call(req).await?.map(|b| b.map_err(Into::into).boxed_unsync());

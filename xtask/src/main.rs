@@ -16,9 +16,9 @@
 //!   reports the server's RSS at start, after the load, at peak and once the
 //!   clients are gone and history is flushed.
 //! - `cargo xtask chaos [--seed S] [--minutes N] [--store memory|sled|redis]
-//!   [--mutation NAME] [--shrink]`: servers, Redis and clients under a seeded
-//!   schedule of faults, then a check of every client's log and the final
-//!   histories (see `chaos`).
+//!   [--mutation NAME | --mutations] [--shrink] [--no-build]`: servers,
+//!   Redis and clients under a seeded schedule of faults, then a check of
+//!   every client's log and the final histories (see `chaos`).
 //! - `cargo xtask e2e`: the browser tests of the chat page, the admin page
 //!   and the client's fallback to Server-Sent Events in headless Chromium
 //!   (needs Debian's `chromium` and Node.js; `.ci/run` installs them).
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] [--cluster | --storm | --compression | --light [--seconds S] [--write-delays a,b]] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S] [-- server flags] | chaos [--seed S] [--minutes N] [--store memory|sled|redis] [--mutation NAME] [--shrink]>";
+const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] [--cluster | --storm | --compression | --light [--seconds S] [--write-delays a,b]] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S] [-- server flags] | chaos [--seed S] [--minutes N] [--store memory|sled|redis] [--mutation NAME | --mutations] [--shrink] [--no-build]>";
 
 /// Runs `cargo` with these arguments and environment, failing on a non-zero exit.
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {

@@ -231,8 +231,8 @@ async fn leave(client: &mut ChatClient, log: &mut Log, group: String) {
     )
     .await;
     // Logged after the reply and the events before it: nothing of the group
-    // follows `left`, except after a reconnect (the client rejoins every
-    // group it ever joined).
+    // follows `left` (the client delivers nothing of a group it left, and
+    // does not rejoin it after a reconnect).
     log.drain(client);
     log.write(json!({"k": "left", "g": group, "ok": matches!(reply, Ok(Ok(_)))}));
 }

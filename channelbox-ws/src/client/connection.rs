@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tokio_tungstenite::tungstenite::Message;
@@ -160,9 +160,17 @@ impl Link<'_> {
         ended
     }
 
-    /// The `welcome`, then a rejoin (with a ref, recovering) of every other group.
+    /// The `welcome`, then a leave of the URL group if the application left
+    /// it (the URL joined it again), then a rejoin (with a ref, recovering)
+    /// of every other group.
     async fn start(&mut self, welcome: &Value) -> Result<(), Ended> {
         self.handle(welcome).await?;
+        if self.groups.url_left() {
+            let reference = self.refs.fetch_add(1, Ordering::Relaxed);
+            let frame = json!({"type": "leave", "group": self.groups.url(), "ref": reference});
+            self.conn.expect(reference, Kind::Other, None);
+            self.send(Message::text(frame.to_string())).await?;
+        }
         for group in self.groups.others() {
             let reference = self.refs.fetch_add(1, Ordering::Relaxed);
             let frame = self.groups.join_frame(&group, reference);
@@ -175,6 +183,7 @@ impl Link<'_> {
                 group,
                 replay,
                 rejoin: true,
+                left: false,
             };
             self.conn.expect(reference, kind, None);
             self.send(Message::text(frame.to_string())).await?;
@@ -261,8 +270,7 @@ impl Link<'_> {
             reference,
             reply,
         } = request;
-        let kind = Kind::of(&frame, self.groups);
-        self.conn.expect(reference, kind, reply);
+        self.conn.request(self.groups, &frame, reference, reply);
         self.send(Message::text(frame.to_string())).await
     }
 

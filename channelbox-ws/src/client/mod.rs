@@ -347,7 +347,11 @@ impl ChatClient {
         self.request(json!({"type": "join", "group": group})).await
     }
 
-    /// Leaves a group: it is not rejoined after a reconnect.
+    /// Leaves a group, at once: nothing more of it is delivered, not even
+    /// what the server sent before it read the `leave`, and it is not
+    /// rejoined after a reconnect — nor when a `join` of it was still
+    /// unanswered. The URL group may be left too: every new connection joins
+    /// it by its URL, and the client leaves it again before anything else.
     pub async fn leave(&self, group: &str) -> Result<Value, ClientError> {
         self.request(json!({"type": "leave", "group": group})).await
     }

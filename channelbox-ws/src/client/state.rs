@@ -29,7 +29,8 @@ impl Position {
 
 /// The groups the client is in, each with its position: the last saved
 /// message delivered, or where live delivery started; `None` until the
-/// server named one.
+/// server named one. The URL group is among them until the application
+/// leaves it (each connection still joins it, and leaves it again at once).
 #[derive(Debug)]
 pub(super) struct Groups {
     url: String,
@@ -64,6 +65,17 @@ impl Groups {
         }
     }
 
+    /// Whether the application left the URL group: a new connection, which
+    /// joins it by its URL, must leave it again.
+    pub(super) fn url_left(&self) -> bool {
+        !self.at.contains_key(&self.url)
+    }
+
+    /// Whether the client is in `group`.
+    fn member(&self, group: &str) -> bool {
+        self.at.contains_key(group)
+    }
+
     /// The groups to rejoin after a reconnect: all but the URL group.
     pub(super) fn others(&self) -> Vec<String> {
         self.at.keys().filter(|g| **g != self.url).cloned().collect()
@@ -88,8 +100,9 @@ impl Groups {
     }
 
     /// Whether a saved message is new (and records it): offsets already
-    /// delivered in the same epoch are dropped. A group the client is not in
-    /// (left meanwhile) records nothing.
+    /// delivered in the same epoch are dropped, and so is everything of a
+    /// group the client is not in (left, the request perhaps still in
+    /// flight).
     pub(super) fn take(&mut self, group: &str, epoch: &str, offset: u64) -> bool {
         match self.at.get_mut(group) {
             Some(Some(p)) if p.epoch == epoch && offset <= p.offset => false,
@@ -100,15 +113,14 @@ impl Groups {
                 });
                 true
             }
-            None => true,
+            None => false,
         }
     }
 
-    /// Forgets a group (left, or refused for good); the URL group stays.
+    /// Forgets a group (left, or refused for good), the URL group too: it is
+    /// not rejoined, nor recovered, after a reconnect.
     pub(super) fn remove(&mut self, group: &str) {
-        if group != self.url {
-            self.at.remove(group);
-        }
+        self.at.remove(group);
     }
 }
 
@@ -131,6 +143,9 @@ pub(super) enum Kind {
         group: String,
         replay: Replay,
         rejoin: bool,
+        /// The application left the group after this join was sent: its
+        /// `joined` must not make the client a member again.
+        left: bool,
     },
     Other,
 }
@@ -154,6 +169,7 @@ impl Kind {
                         Replay::Nothing
                     },
                     rejoin: false,
+                    left: false,
                 },
                 None => Kind::Other,
             },
@@ -196,14 +212,34 @@ impl Connection {
         self.pending.insert(reference, Pending { kind, reply });
     }
 
+    /// Records a request frame of the application: what its reply will mean,
+    /// and for a `leave`, that the group is left at once — neither a join of
+    /// it still in flight nor a reconnect makes the client a member again.
+    pub(super) fn request(&mut self, groups: &mut Groups, frame: &Value, reference: u64, reply: Option<Reply>) {
+        let kind = Kind::of(frame, groups);
+        if let (Some("leave"), Some(g)) = (frame["type"].as_str(), frame["group"].as_str()) {
+            for pending in self.pending.values_mut() {
+                if let Kind::Join { group, left, .. } = &mut pending.kind {
+                    *left |= group == g;
+                }
+            }
+            self.starts.remove(g);
+        }
+        self.expect(reference, kind, reply);
+    }
+
     /// Handles one server frame: pushes its events; `Some(reason)` when the
     /// connection must end.
     pub(super) fn on_frame(&mut self, groups: &mut Groups, v: &Value, out: &mut Vec<Event>) -> Option<&'static str> {
         match v["type"].as_str().unwrap_or_default() {
             "welcome" => self.welcome(groups, v, out),
-            "message" => out.push(message(groups, v)),
+            "message" => out.extend(message(groups, v)),
             "recovered" => {
                 let group = text(v, "group");
+                if !groups.member(&group) {
+                    // The recovery of a group left meanwhile.
+                    return None;
+                }
                 if let Some(start) = self.starts.remove(&group) {
                     // Every saved message up to the start was replayed or
                     // reported lost: live ones follow it.
@@ -250,8 +286,17 @@ impl Connection {
             return;
         };
         match (v["type"].as_str(), kind) {
-            // A rejoin of a group the application left meanwhile is not kept.
-            (Some("joined"), Kind::Join { group, replay, rejoin }) if !rejoin || groups.at.contains_key(&group) => {
+            // A join or rejoin of a group the application left meanwhile is
+            // not kept.
+            (
+                Some("joined"),
+                Kind::Join {
+                    group,
+                    replay,
+                    rejoin,
+                    left,
+                },
+            ) if !left && (!rejoin || groups.member(&group)) => {
                 self.joined(groups, &group, replay, v, reference, out);
             }
             (Some("published"), Kind::Publish(group)) => out.push(Event::Published {
@@ -312,7 +357,8 @@ impl Connection {
             Kind::Join {
                 group, rejoin: true, ..
             } => {
-                let retrying = code == "unavailable";
+                // A group left meanwhile is not worth a reconnect.
+                let retrying = code == "unavailable" && groups.member(&group);
                 if retrying {
                     // The store cannot take it now: reconnect after a
                     // backoff that grows until a connection stays up.
@@ -357,27 +403,33 @@ impl Connection {
     }
 }
 
-/// A `message` frame: delivered, or a duplicate of one delivered already.
-fn message(groups: &mut Groups, v: &Value) -> Event {
+/// A `message` frame: delivered, a duplicate of one delivered already, or
+/// nothing for a group the client left (the server may send a few before it
+/// reads the `leave`, and a new connection joins the URL group until it
+/// reads the `leave` the client sends again).
+fn message(groups: &mut Groups, v: &Value) -> Option<Event> {
     let group = text(v, "group");
+    if !groups.member(&group) {
+        return None;
+    }
     let epoch = v["epoch"].as_str().map(str::to_owned);
     let offset = v["offset"].as_u64();
     if let (Some(e), Some(o)) = (&epoch, offset) {
         if !groups.take(&group, e, o) {
-            return Event::Duplicate {
+            return Some(Event::Duplicate {
                 group,
                 epoch: e.clone(),
                 offset: o,
-            };
+            });
         }
     }
-    Event::Message {
+    Some(Event::Message {
         group,
         epoch,
         offset,
         from: v["from"].as_str().map(str::to_owned),
         data: v["data"].clone(),
-    }
+    })
 }
 
 #[cfg(test)]

@@ -18,8 +18,8 @@ fn saved_messages_are_delivered_once_per_epoch() {
     assert!(!g.take("g", "e1", 1), "so is an older one");
     assert_eq!(g.url_query(), "?since=2&epoch=e1");
     assert!(g.take("g", "e2", 1), "a new epoch starts over");
-    assert!(g.take("left", "e1", 1), "a group not joined is delivered…");
-    assert!(g.others().is_empty(), "…and not recorded");
+    assert!(!g.take("left", "e1", 1), "a group not joined is not delivered…");
+    assert!(g.others().is_empty(), "…nor recorded");
 }
 
 #[test]
@@ -72,6 +72,7 @@ fn a_recovering_join_takes_the_joined_position_after_recovered() {
         group: "side".into(),
         replay: Replay::Since,
         rejoin: true,
+        left: false,
     };
     c.expect(1, kind, None);
     frame(
@@ -108,6 +109,7 @@ fn refused_rejoins_and_publishes_are_reported() {
             group: group.into(),
             replay: Replay::Nothing,
             rejoin: true,
+            left: false,
         };
         c.expect(r, kind, None);
     }
@@ -131,4 +133,54 @@ fn refused_rejoins_and_publishes_are_reported() {
         matches!(&out[..], [Event::PublishUnanswered { reference: 4, .. }]),
         "{out:?}"
     );
+}
+
+#[test]
+fn a_group_left_stays_left_even_when_its_join_is_answered_later() {
+    let (mut g, mut c) = (Groups::new("home"), Connection::default());
+    // The application joins and leaves before the `joined` arrives.
+    c.request(&mut g, &json!({"type": "join", "group": "side"}), 1, None);
+    c.request(&mut g, &json!({"type": "leave", "group": "side"}), 2, None);
+    let (out, _) = frame(
+        &mut c,
+        &mut g,
+        json!({"type": "joined", "group": "side", "epoch": "s", "offset": 3, "ref": 1}),
+    );
+    assert!(out.is_empty(), "{out:?}");
+    assert!(g.others().is_empty(), "a group left is not rejoined");
+    let (out, _) = frame(
+        &mut c,
+        &mut g,
+        json!({"type": "message", "group": "side", "epoch": "s", "offset": 4}),
+    );
+    assert!(out.is_empty(), "nothing of a group left is delivered: {out:?}");
+}
+
+#[test]
+fn the_url_group_left_is_neither_recovered_nor_delivered() {
+    let (mut g, mut c) = (Groups::new("home"), Connection::default());
+    frame(
+        &mut c,
+        &mut g,
+        json!({"type": "welcome", "channel_id": "x", "epoch": "e", "offset": 4}),
+    );
+    assert!(!g.url_left());
+    c.request(&mut g, &json!({"type": "leave", "group": "home"}), 1, None);
+    assert!(g.url_left(), "a new connection must leave it again");
+    assert_eq!(g.url_query(), "", "and does not recover it");
+    let (out, _) = frame(
+        &mut c,
+        &mut g,
+        json!({"type": "message", "group": "home", "epoch": "e", "offset": 5}),
+    );
+    assert!(out.is_empty(), "{out:?}");
+    // Joined again, it is the URL group as before.
+    c.request(&mut g, &json!({"type": "join", "group": "home"}), 2, None);
+    frame(
+        &mut c,
+        &mut g,
+        json!({"type": "joined", "group": "home", "epoch": "e", "offset": 6, "ref": 2}),
+    );
+    assert!(!g.url_left());
+    assert_eq!(g.url_query(), "?since=6&epoch=e");
 }

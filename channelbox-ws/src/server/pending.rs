@@ -134,18 +134,29 @@ impl Pending {
 }
 
 /// Marks a connection busy while one of its requests is answered.
-pub(super) struct Busy(Arc<Watch>);
+pub(super) struct Busy(Option<Arc<Watch>>);
 
 impl Busy {
     pub(super) fn start(watch: &Arc<Watch>) -> Busy {
         watch.busy.store(true, Ordering::Release);
-        Busy(watch.clone())
+        Busy(Some(watch.clone()))
+    }
+
+    /// The request was answered with an upgrade: the connection stays busy
+    /// until it leaves the pending ones. Between the answer and hyper handing
+    /// the socket over it is no idle socket, and a slow handshake (a slow
+    /// connect hook) would otherwise make it look like one past its grace,
+    /// to be closed right after it was let in.
+    pub(super) fn upgraded(mut self) {
+        self.0 = None;
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.busy.store(false, Ordering::Release);
+        if let Some(watch) = &self.0 {
+            watch.busy.store(false, Ordering::Release);
+        }
     }
 }
 
