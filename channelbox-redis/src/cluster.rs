@@ -210,6 +210,91 @@ fn home_of(owners: &[u16], index: usize) -> Option<String> {
         .map(|n| format!("{}:{{cb-{n}}}", keys::PREFIX))
 }
 
+/// Reads the slot map from the first of `seeds` that answers with a slot
+/// assigned, trying them all again every 100 ms until `deadline`.
+async fn read_slot_map(seeds: &[(String, u16)], deadline: tokio::time::Instant) -> Result<Vec<Range>, StoreError> {
+    loop {
+        let mut last = None;
+        for seed in seeds {
+            match ask_slots(seed).await {
+                Ok(ranges) if !ranges.is_empty() => {
+                    last = Some(Ok(ranges));
+                    break;
+                }
+                Ok(_) => last = Some(Err(StoreError::new(StoreErrorKind::Unusable, "no slot is assigned"))),
+                Err(err) => last = Some(Err(err)),
+            }
+        }
+        match last {
+            Some(Ok(ranges)) => return Ok(ranges),
+            Some(Err(err)) if tokio::time::Instant::now() >= deadline => {
+                return Err(StoreError::new(
+                    StoreErrorKind::Unusable,
+                    format!("redis cluster at {}: {err}", address_list(seeds)),
+                ))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Starts an engine per master (in `masters`' order) with `config`'s
+/// settings, each under its home prefix (see [`home_of`]).
+fn start_engines(
+    masters: &[(String, u16)],
+    owners: &[u16],
+    config: &RedisConfig,
+) -> Result<Vec<RedisEngine>, StoreError> {
+    let mut engines = Vec::with_capacity(masters.len());
+    for (i, (host, port)) in masters.iter().enumerate() {
+        let home = home_of(owners, i).ok_or_else(|| {
+            StoreError::new(
+                StoreErrorKind::Unusable,
+                format!("the master {host}:{port} serves no slot"),
+            )
+        })?;
+        let client = Client::open((host.as_str(), *port)).map_err(|e| {
+            StoreError::new(
+                StoreErrorKind::InvalidInput,
+                format!("redis cluster master {host}:{port}: {e}"),
+            )
+        })?;
+        engines.push(RedisEngine::start_on(
+            Arc::new(Target::Single(client)),
+            config,
+            &home,
+            true,
+        )?);
+    }
+    Ok(engines)
+}
+
+/// Waits until each master's engine answers, each for what is left until
+/// `deadline` (500 ms at least), and checks `config.total_bytes` on each.
+async fn wait_engines(
+    engines: &[RedisEngine],
+    masters: &[(String, u16)],
+    config: &RedisConfig,
+    deadline: tokio::time::Instant,
+) -> Result<(), StoreError> {
+    for (engine, (host, port)) in engines.iter().zip(masters) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !engine.wait_ready(left.max(Duration::from_millis(500))).await {
+            return Err(StoreError::new(
+                StoreErrorKind::Unusable,
+                format!(
+                    "the redis cluster master {host}:{port} did not answer within {:?}",
+                    config.connect_timeout
+                ),
+            ));
+        }
+        if let Some(total) = config.total_bytes {
+            crate::check_total_bytes(&engine.link, total, &format!("{host}:{port}")).await?;
+        }
+    }
+    Ok(())
+}
+
 /// One server's connections to a Redis Cluster: an engine per master,
 /// routed by hash slot.
 #[derive(Debug)]
@@ -235,29 +320,7 @@ impl ClusterEngine {
             return Err(invalid(format!("{} is not a redis+cluster:// URL", config.url)));
         };
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
-        let ranges = loop {
-            let mut last = None;
-            for seed in &seeds {
-                match ask_slots(seed).await {
-                    Ok(ranges) if !ranges.is_empty() => {
-                        last = Some(Ok(ranges));
-                        break;
-                    }
-                    Ok(_) => last = Some(Err(StoreError::new(StoreErrorKind::Unusable, "no slot is assigned"))),
-                    Err(err) => last = Some(Err(err)),
-                }
-            }
-            match last {
-                Some(Ok(ranges)) => break ranges,
-                Some(Err(err)) if tokio::time::Instant::now() >= deadline => {
-                    return Err(StoreError::new(
-                        StoreErrorKind::Unusable,
-                        format!("redis cluster at {}: {err}", address_list(&seeds)),
-                    ))
-                }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
+        let ranges = read_slot_map(&seeds, deadline).await?;
         let mut masters: Vec<(String, u16)> = ranges.iter().map(|r| r.master.clone()).collect();
         masters.sort();
         masters.dedup();
@@ -271,38 +334,8 @@ impl ClusterEngine {
                 ),
             ));
         }
-        let mut engines = Vec::with_capacity(masters.len());
-        for (i, (host, port)) in masters.iter().enumerate() {
-            let home = home_of(&owners, i).ok_or_else(|| {
-                StoreError::new(
-                    StoreErrorKind::Unusable,
-                    format!("the master {host}:{port} serves no slot"),
-                )
-            })?;
-            let client = Client::open((host.as_str(), *port))
-                .map_err(|e| invalid(format!("redis cluster master {host}:{port}: {e}")))?;
-            engines.push(RedisEngine::start_on(
-                Arc::new(Target::Single(client)),
-                &config,
-                &home,
-                true,
-            )?);
-        }
-        for (engine, (host, port)) in engines.iter().zip(&masters) {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if !engine.wait_ready(left.max(Duration::from_millis(500))).await {
-                return Err(StoreError::new(
-                    StoreErrorKind::Unusable,
-                    format!(
-                        "the redis cluster master {host}:{port} did not answer within {:?}",
-                        config.connect_timeout
-                    ),
-                ));
-            }
-            if let Some(total) = config.total_bytes {
-                crate::check_total_bytes(&engine.link, total, &format!("{host}:{port}")).await?;
-            }
-        }
+        let engines = start_engines(&masters, &owners, &config)?;
+        wait_engines(&engines, &masters, &config, deadline).await?;
         let mut ask = masters.clone();
         ask.extend(seeds.iter().filter(|s| !masters.contains(s)).cloned());
         let slots = Arc::new(Slots {

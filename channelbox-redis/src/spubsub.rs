@@ -186,6 +186,23 @@ impl Connection {
         matches!(written, Ok(Ok(())))
     }
 
+    /// Pings, unless a ping is unanswered for twice the command timeout:
+    /// then the connection is dead (a pong waits behind the messages before
+    /// it, so one late round is not enough to say); `false` then, or when
+    /// the ping cannot be written.
+    async fn ping(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let late = self
+            .pending
+            .iter()
+            .any(|p| matches!(p, Pending::Ping(sent) if now.duration_since(*sent) > COMMAND_TIMEOUT * 2));
+        if late {
+            return false;
+        }
+        self.send(&redis::cmd("PING").get_packed_command(), Pending::Ping(now))
+            .await
+    }
+
     async fn subscribe(
         &mut self,
         channel: &str,
@@ -220,42 +237,12 @@ pub(crate) async fn run(
     let mut wanted: HashSet<String> = [keys::node_channel(routes.node), keys::ALL_CHANNEL.to_owned()].into();
     loop {
         let Some(mut conn) = Connection::open(&target).await else {
-            let wait = tokio::time::sleep(RECONNECT_WAIT);
-            tokio::pin!(wait);
-            loop {
-                tokio::select! {
-                    _ = &mut wait => break,
-                    cmd = commands.recv() => match cmd {
-                        None => return,
-                        Some(Command::Subscribe(_, tx)) => { let _ = tx.send(Err(unavailable("not connected"))); }
-                        Some(Command::Unsubscribe(ch)) => { wanted.remove(&ch); }
-                    },
-                }
+            if !wait_to_reconnect(&mut commands, &mut wanted).await {
+                return;
             }
             continue;
         };
-        // Everything wanted, confirmed before `Back`.
-        let mut ok = true;
-        for ch in wanted.clone() {
-            ok = ok && conn.subscribe(&ch, None).await;
-        }
-        let confirmed = ok
-            && tokio::time::timeout(COMMAND_TIMEOUT * 2, async {
-                while !conn.pending.is_empty() {
-                    match conn.frames.recv().await {
-                        Some(Ok(frame)) => {
-                            if !handle(&routes, &moved, &mut conn, &mut wanted, frame).await {
-                                return false;
-                            }
-                        }
-                        _ => return false,
-                    }
-                }
-                true
-            })
-            .await
-            .unwrap_or(false);
-        if !confirmed {
+        if !subscribe_wanted(&routes, &moved, &mut conn, &mut wanted).await {
             tokio::time::sleep(RECONNECT_WAIT).await;
             continue;
         }
@@ -264,58 +251,8 @@ pub(crate) async fn run(
         if routes.events.send(BrokerEvent::Back).await.is_err() {
             return;
         }
-        let mut ping = tokio::time::interval(PING_EVERY);
-        loop {
-            tokio::select! {
-                cmd = commands.recv() => match cmd {
-                    None => return,
-                    Some(Command::Subscribe(ch, tx)) => {
-                        if wanted.contains(&ch) {
-                            let _ = tx.send(Ok(()));
-                            continue;
-                        }
-                        // Wanted from now on (an unsubscribe made before the
-                        // confirmation comes then wins); a refusal removes it.
-                        wanted.insert(ch.clone());
-                        if !conn.subscribe(&ch, Some(tx)).await {
-                            break;
-                        }
-                    }
-                    Some(Command::Unsubscribe(ch)) => {
-                        wanted.remove(&ch);
-                        if !conn.unsubscribe(&ch).await {
-                            break;
-                        }
-                    }
-                },
-                frame = conn.frames.recv() => match frame {
-                    Some(Ok(frame)) => {
-                        if !handle(&routes, &moved, &mut conn, &mut wanted, frame).await {
-                            break;
-                        }
-                    }
-                    Some(Err(err)) => {
-                        tracing::warn!(%err, "the redis cluster subscription connection sent garbage");
-                        break;
-                    }
-                    None => break,
-                },
-                _ = ping.tick() => {
-                    // A ping unanswered for twice the command timeout: the
-                    // connection is dead (a pong waits behind the messages
-                    // before it, so one late round is not enough to say).
-                    let now = tokio::time::Instant::now();
-                    let late = conn.pending.iter().any(|p| {
-                        matches!(p, Pending::Ping(sent) if now.duration_since(*sent) > COMMAND_TIMEOUT * 2)
-                    });
-                    if late {
-                        break;
-                    }
-                    if !conn.send(&redis::cmd("PING").get_packed_command(), Pending::Ping(now)).await {
-                        break;
-                    }
-                }
-            }
+        if !serve(&routes, &moved, &mut conn, &mut wanted, &mut commands).await {
+            return;
         }
         // Callers waiting for a confirmation learn it did not come.
         for p in conn.pending.drain(..) {
@@ -327,6 +264,104 @@ pub(crate) async fn run(
         tracing::warn!("lost the redis cluster subscription connection");
         if routes.events.send(BrokerEvent::Lost).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Waits [`RECONNECT_WAIT`] before the next connection attempt, refusing
+/// subscriptions meanwhile and forgetting channels unsubscribed; `false`
+/// once the broker is gone (no more commands).
+async fn wait_to_reconnect(commands: &mut mpsc::UnboundedReceiver<Command>, wanted: &mut HashSet<String>) -> bool {
+    let wait = tokio::time::sleep(RECONNECT_WAIT);
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            _ = &mut wait => return true,
+            cmd = commands.recv() => match cmd {
+                None => return false,
+                Some(Command::Subscribe(_, tx)) => { let _ = tx.send(Err(unavailable("not connected"))); }
+                Some(Command::Unsubscribe(ch)) => { wanted.remove(&ch); }
+            },
+        }
+    }
+}
+
+/// Subscribes everything wanted on a new connection; `true` once every
+/// subscription is confirmed (within twice the command timeout), before
+/// `Back`.
+async fn subscribe_wanted(routes: &Routes, moved: &Moved, conn: &mut Connection, wanted: &mut HashSet<String>) -> bool {
+    let mut ok = true;
+    for ch in wanted.clone() {
+        ok = ok && conn.subscribe(&ch, None).await;
+    }
+    ok && tokio::time::timeout(COMMAND_TIMEOUT * 2, async {
+        while !conn.pending.is_empty() {
+            match conn.frames.recv().await {
+                Some(Ok(frame)) => {
+                    if !handle(routes, moved, conn, wanted, frame).await {
+                        return false;
+                    }
+                }
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Serves a connected connection: the broker's commands, the frames read,
+/// and a ping every [`PING_EVERY`]. Returns when the connection must be
+/// dropped (`true`) or the broker is gone (`false`).
+async fn serve(
+    routes: &Routes,
+    moved: &Moved,
+    conn: &mut Connection,
+    wanted: &mut HashSet<String>,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+) -> bool {
+    let mut ping = tokio::time::interval(PING_EVERY);
+    loop {
+        tokio::select! {
+            cmd = commands.recv() => match cmd {
+                None => return false,
+                Some(Command::Subscribe(ch, tx)) => {
+                    if wanted.contains(&ch) {
+                        let _ = tx.send(Ok(()));
+                        continue;
+                    }
+                    // Wanted from now on (an unsubscribe made before the
+                    // confirmation comes then wins); a refusal removes it.
+                    wanted.insert(ch.clone());
+                    if !conn.subscribe(&ch, Some(tx)).await {
+                        return true;
+                    }
+                }
+                Some(Command::Unsubscribe(ch)) => {
+                    wanted.remove(&ch);
+                    if !conn.unsubscribe(&ch).await {
+                        return true;
+                    }
+                }
+            },
+            frame = conn.frames.recv() => match frame {
+                Some(Ok(frame)) => {
+                    if !handle(routes, moved, conn, wanted, frame).await {
+                        return true;
+                    }
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(%err, "the redis cluster subscription connection sent garbage");
+                    return true;
+                }
+                None => return true,
+            },
+            _ = ping.tick() => {
+                if !conn.ping().await {
+                    return true;
+                }
+            }
         }
     }
 }

@@ -1,0 +1,205 @@
+//! [`ShardedBroker`]: pub/sub on several shards (or the masters of a Redis
+//! Cluster), the shards' events merged into one queue, and a subscription
+//! that follows its group's slot when it moves.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use channelbox_core::{Broker, BrokerEvent, BrokerFuture, NewMessage, StoreError};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::{connection_of_all, merge, merge_with, Placement, REDIRECT_FOR};
+use crate::link::is_redirect;
+use crate::RedisBroker;
+
+/// Pub/sub on several shards (or the masters of a Redis Cluster).
+#[derive(Debug)]
+pub struct ShardedBroker {
+    shards: Vec<Arc<RedisBroker>>,
+    placement: Placement,
+    /// The engine each subscribed group is subscribed on: its unsubscribe
+    /// goes there too. On a Cluster, a group whose slot moved is subscribed
+    /// again on the new master (see `follow_moved_slots`).
+    subscribed: Arc<Mutex<HashMap<String, usize>>>,
+    events: Mutex<Option<mpsc::Receiver<BrokerEvent>>>,
+}
+
+impl ShardedBroker {
+    pub(crate) fn new(shards: Vec<Arc<RedisBroker>>, placement: Placement) -> Self {
+        let mut receivers: Vec<_> = shards.iter().filter_map(|b| b.take_events()).collect();
+        let count = receivers.len();
+        // `Back` after a group whose Cluster slot moved is subscribed where
+        // the slot is now: the box then checks every group's head, which
+        // finds what was published while the group was not subscribed.
+        let (back_tx, back_rx) = mpsc::channel(1);
+        receivers.push(back_rx);
+        let mut connections = connection_of_all(count);
+        let pass = move |shard: usize, event: &BrokerEvent| shard == count || connections(shard, event);
+        let broker = ShardedBroker {
+            events: Mutex::new(Some(merge_with(receivers, pass))),
+            shards,
+            placement,
+            subscribed: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let moved: Vec<_> = broker.shards.iter().filter_map(|b| b.take_moved()).collect();
+        if matches!(broker.placement, Placement::Slots(_)) {
+            tokio::spawn(follow_moved_slots(
+                merge(moved),
+                broker.shards.clone(),
+                broker.placement.clone(),
+                broker.subscribed.clone(),
+                back_tx,
+            ));
+        }
+        broker
+    }
+}
+
+fn failed(err: StoreError) -> BrokerFuture {
+    Box::pin(async move { Err(err) })
+}
+
+/// Waits for a subscription `placed` on a group's engine; when that
+/// engine's node refuses it (the slot moved), places it again where the
+/// slot is now — under the lock, so that an unsubscribe made meanwhile comes
+/// after it on the same engine — and records where.
+async fn subscribe_placed(
+    shards: &[Arc<RedisBroker>],
+    placement: &Placement,
+    subscribed: &Mutex<HashMap<String, usize>>,
+    group: &str,
+    mut placed: BrokerFuture,
+) -> Result<(), StoreError> {
+    let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
+    loop {
+        match placed.await {
+            Err(err) if is_redirect(&err) && placement.follow(deadline).await => {
+                let shard = placement.of(group)?;
+                let mut subscribed = subscribed.lock().unwrap_or_else(|p| p.into_inner());
+                match subscribed.get_mut(group) {
+                    Some(at) => {
+                        *at = shard;
+                        placed = shards[shard].subscribe(group);
+                    }
+                    // Unsubscribed meanwhile.
+                    None => return Ok(()),
+                }
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Follows groups whose Cluster master dropped their subscription because
+/// their slot moved: each still subscribed is subscribed where its slot is
+/// now, then `Back` tells the box to check every group's head.
+async fn follow_moved_slots(
+    mut moved: mpsc::Receiver<String>,
+    shards: Vec<Arc<RedisBroker>>,
+    placement: Placement,
+    subscribed: Arc<Mutex<HashMap<String, usize>>>,
+    back: mpsc::Sender<BrokerEvent>,
+) {
+    while let Some(group) = moved.recv().await {
+        let mut groups = vec![group];
+        while let Ok(more) = moved.try_recv() {
+            groups.push(more);
+        }
+        if let Placement::Slots(slots) = &placement {
+            slots.refresh().await;
+        }
+        for group in groups {
+            // Placed under the lock, so that an unsubscribe made meanwhile
+            // comes after it on the same engine.
+            let placed = {
+                let mut subscribed = subscribed.lock().unwrap_or_else(|p| p.into_inner());
+                match (subscribed.get_mut(&group), placement.of(&group)) {
+                    (Some(at), Ok(now)) => {
+                        *at = now;
+                        Some(shards[now].subscribe(&group))
+                    }
+                    _ => None,
+                }
+            };
+            let Some(placed) = placed else { continue };
+            if let Err(err) = subscribe_placed(&shards, &placement, &subscribed, &group, placed).await {
+                tracing::warn!(%err, group, "a group whose slot moved is not subscribed again yet");
+            }
+        }
+        if back.send(BrokerEvent::Back).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Broker for ShardedBroker {
+    fn subscribe(&self, group: &str) -> BrokerFuture {
+        let mut subscribed = self.subscribed.lock().unwrap_or_else(|p| p.into_inner());
+        let shard = match subscribed.get(group) {
+            Some(shard) => *shard,
+            None => match self.placement.of(group) {
+                Ok(shard) => shard,
+                Err(err) => return failed(err),
+            },
+        };
+        subscribed.insert(group.to_owned(), shard);
+        drop(subscribed);
+        if matches!(self.placement, Placement::Jump(_)) {
+            return self.shards[shard].subscribe(group);
+        }
+        // The subscription command is placed now, in call order; only a
+        // refusal (the slot moved) is followed afterwards.
+        let first = self.shards[shard].subscribe(group);
+        let (shards, placement, subscribed, group) = (
+            self.shards.clone(),
+            self.placement.clone(),
+            self.subscribed.clone(),
+            group.to_owned(),
+        );
+        Box::pin(async move { subscribe_placed(&shards, &placement, &subscribed, &group, first).await })
+    }
+
+    fn unsubscribe(&self, group: &str) -> BrokerFuture {
+        let shard = self.subscribed.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
+        match shard.map_or_else(|| self.placement.of(group), Ok) {
+            Ok(shard) => self.shards[shard].unsubscribe(group),
+            Err(err) => failed(err),
+        }
+    }
+
+    fn publish_unsaved(&self, group: &str, message: &NewMessage, except: Option<Uuid>) -> BrokerFuture {
+        let first = match self.placement.of(group) {
+            Ok(shard) => self.shards[shard].publish_unsaved(group, message, except),
+            Err(err) => return failed(err),
+        };
+        if matches!(self.placement, Placement::Jump(_)) {
+            return first;
+        }
+        // A refused SPUBLISH did not run: it is sent again where the slot is.
+        let (shards, placement, group, message) = (
+            self.shards.clone(),
+            self.placement.clone(),
+            group.to_owned(),
+            message.clone(),
+        );
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
+            let mut result = first.await;
+            while matches!(&result, Err(err) if is_redirect(err)) && placement.follow(deadline).await {
+                result = shards[placement.of(&group)?]
+                    .publish_unsaved(&group, &message, except)
+                    .await;
+            }
+            result
+        })
+    }
+
+    fn take_events(&self) -> Option<mpsc::Receiver<BrokerEvent>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn connected(&self) -> bool {
+        self.shards.iter().any(|b| b.connected())
+    }
+}

@@ -1,0 +1,153 @@
+//! [`ShardedDirectory`]: the chat service's directory on several shards (or
+//! the masters of a Redis Cluster), a group's records handed over to the
+//! new master when its slot moves.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use channelbox_core::{Change, ClusterEvent, Directory, Member, StoreError};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::{merge, Placement};
+use crate::RedisDirectory;
+
+/// The chat service's directory on several shards (or the masters of a
+/// Redis Cluster).
+#[derive(Debug)]
+pub struct ShardedDirectory {
+    inner: Arc<DirectoryInner>,
+    events: Mutex<Option<mpsc::Receiver<ClusterEvent>>>,
+}
+
+#[derive(Debug)]
+struct DirectoryInner {
+    shards: Vec<Arc<RedisDirectory>>,
+    placement: Placement,
+    /// Groups with members here: the engine whose directory keeps their
+    /// records, and the members. On a Cluster, a group whose slot moved is
+    /// handed over to the new master's directory (at its next change, and
+    /// every [`crate::FLUSH_EVERY`]).
+    kept: Mutex<HashMap<String, (usize, HashSet<Uuid>)>>,
+}
+
+impl DirectoryInner {
+    /// The engine that keeps `group`'s records now, handing them over first
+    /// when the group's Cluster slot moved.
+    fn keeper(&self, kept: &mut HashMap<String, (usize, HashSet<Uuid>)>, group: &str) -> Result<usize, StoreError> {
+        let now = self.placement.of(group);
+        match (kept.get_mut(group), now) {
+            (Some((at, _)), Ok(now)) if *at != now => {
+                let members = self.shards[*at].hand_over(group);
+                self.shards[now].take_over(group, members);
+                *at = now;
+                Ok(now)
+            }
+            (Some((at, _)), _) => Ok(*at),
+            (None, now) => now,
+        }
+    }
+}
+
+/// Every [`crate::FLUSH_EVERY`], hands the records of groups whose Cluster
+/// slot moved over to their new master's directory.
+async fn follow_moved_records(inner: std::sync::Weak<DirectoryInner>) {
+    loop {
+        tokio::time::sleep(crate::FLUSH_EVERY).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let mut kept = inner.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let groups: Vec<String> = kept.keys().cloned().collect();
+        for group in groups {
+            let _ = inner.keeper(&mut kept, &group);
+        }
+    }
+}
+
+impl ShardedDirectory {
+    pub(crate) fn new(shards: Vec<Arc<RedisDirectory>>, placement: Placement) -> Self {
+        let receivers = shards.iter().filter_map(|d| d.take_events()).collect();
+        let slots = matches!(placement, Placement::Slots(_));
+        let inner = Arc::new(DirectoryInner {
+            shards,
+            placement,
+            kept: Mutex::new(HashMap::new()),
+        });
+        if slots {
+            tokio::spawn(follow_moved_records(Arc::downgrade(&inner)));
+        }
+        ShardedDirectory {
+            events: Mutex::new(Some(merge(receivers))),
+            inner,
+        }
+    }
+
+    fn of(&self, group: &str) -> Result<&RedisDirectory, StoreError> {
+        Ok(&self.inner.shards[self.inner.placement.of(group)?])
+    }
+}
+
+#[async_trait]
+impl Directory for ShardedDirectory {
+    fn changed(&self, group: &str, change: Change, member: Member) {
+        let mut kept = self.inner.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let shard = match self.inner.keeper(&mut kept, group) {
+            Ok(shard) => shard,
+            Err(err) => {
+                tracing::warn!(%err, group, "member change not recorded");
+                return;
+            }
+        };
+        let members = &mut kept
+            .entry(group.to_owned())
+            .or_insert_with(|| (shard, HashSet::new()))
+            .1;
+        match change {
+            Change::Joined => {
+                members.insert(member.channel_id);
+            }
+            Change::Left => {
+                members.remove(&member.channel_id);
+            }
+        }
+        if members.is_empty() {
+            kept.remove(group);
+        }
+        // Under the lock: a hand-over cannot come between.
+        self.inner.shards[shard].changed(group, change, member);
+    }
+
+    async fn connected(&self, channel: Uuid) -> Result<(), StoreError> {
+        self.inner.shards[0].connected(channel).await
+    }
+
+    fn disconnected(&self, channel: Uuid) {
+        self.inner.shards[0].disconnected(channel);
+    }
+
+    async fn groups(&self) -> Result<BTreeMap<String, usize>, StoreError> {
+        let mut all = BTreeMap::new();
+        for d in &self.inner.shards {
+            for (group, n) in d.groups().await? {
+                *all.entry(group).or_insert(0) += n;
+            }
+        }
+        Ok(all)
+    }
+
+    async fn presence(&self, group: &str, max: usize) -> Result<(Vec<Member>, bool), StoreError> {
+        self.of(group)?.presence(group, max).await
+    }
+
+    async fn direct(&self, to: Uuid, frame: String) -> Result<bool, StoreError> {
+        self.inner.shards[0].direct(to, frame).await
+    }
+
+    async fn close_all(&self) -> Result<(), StoreError> {
+        self.inner.shards[0].close_all().await
+    }
+
+    fn take_events(&self) -> Option<mpsc::Receiver<ClusterEvent>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
