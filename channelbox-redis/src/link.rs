@@ -212,6 +212,12 @@ impl Link {
     /// Runs a pipeline that may take `extra` longer than a command (one that
     /// ends with a `WAIT`).
     pub(crate) async fn pipeline_within(&self, pipe: &Pipeline, extra: Duration) -> Result<Vec<Value>, StoreError> {
+        // redis-rs refuses an empty pipeline ("empty command"); it has no
+        // answers to wait for. (A presence read on a server alone in its
+        // cluster asks no other node's records.)
+        if pipe.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut conn = self.connection()?;
         let result = tokio::time::timeout(COMMAND_TIMEOUT + extra, pipe.query_async::<Vec<Value>>(&mut conn)).await;
         self.settle(result)

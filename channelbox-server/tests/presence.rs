@@ -7,6 +7,7 @@ mod support;
 
 use std::time::Duration;
 
+use channelbox_redis::testkit::RedisServer;
 use serde_json::{json, Value};
 use support::raw::upgrade;
 use support::{http, Client, Server};
@@ -47,6 +48,22 @@ async fn presence_lists_the_members_over_websocket_and_http() {
     let h = http(&server.addr, "GET", "/api/groups/room/presence", &[], b"").await;
     assert_eq!(h.status, 200);
     assert_eq!(ids(&h.json()), want);
+}
+
+/// On Redis, a server alone in its cluster has no other server's records
+/// to read: presence lists its own members (it answered `unavailable`,
+/// "empty command", when the read of the others had nothing to ask).
+#[tokio::test]
+async fn presence_on_redis_with_one_server_lists_its_members() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let server = Server::start(&["--store", "redis", "--redis-url", &url]);
+    let (mut a, wa) = Client::join(&server.ws_url("/ws/room")).await;
+    let p = a.request(json!({"type": "presence"}), "p").await;
+    assert_eq!(p["type"], "presence", "{p}");
+    assert_eq!(ids(&p), [wa["channel_id"].as_str().unwrap().to_owned()]);
+    let groups = a.request(json!({"type": "groups"}), "g").await;
+    assert_eq!(groups["groups"]["room"], 1, "{groups}");
 }
 
 /// The next member event `c` receives, skipping other frames.
