@@ -128,5 +128,7 @@ async fn the_router_serves_event_streams() {
     let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
     assert!(text.starts_with("http/1.1 200"), "{text}");
     assert!(text.contains("content-type: text/event-stream"), "{text}");
-    assert!(text.contains("event: welcome\ndata: {"), "{text}");
+    // `welcome` carries the group's position at join as its id.
+    assert!(text.contains("event: welcome\nid: "), "{text}");
+    assert!(text.contains("\ndata: {\"channel_id\""), "{text}");
 }
