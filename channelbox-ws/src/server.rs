@@ -35,6 +35,7 @@ use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 mod events;
@@ -84,7 +85,11 @@ pub struct ServerConfig {
     /// none is, the server stops accepting until one upgrades or ages.
     pub max_pending: usize,
     /// How long a legitimate handshake may take from accept to upgrade:
-    /// younger connections are never closed to make room.
+    /// younger connections are never closed to make room. The default, 1 s,
+    /// lets a request whose first segment was lost arrive by retransmission
+    /// (TCP's retransmission timeout is about three round trips after the
+    /// handshake: 1 s at 330 ms), and a client process briefly starved of
+    /// CPU send its request late.
     pub pending_grace: Duration,
 }
 
@@ -94,7 +99,7 @@ impl Default for ServerConfig {
             header_timeout: Duration::from_secs(10),
             backlog: 4096,
             max_pending: 1024,
-            pending_grace: Duration::from_millis(500),
+            pending_grace: Duration::from_secs(1),
         }
     }
 }
@@ -166,7 +171,9 @@ where
                 continue;
             }
         };
-        let (id, evicted, watch) = pending.enter();
+        let (id, watch) = pending.enter();
+        // Ends the connection once its stream of events is over.
+        let evicted = Arc::new(Notify::new());
         let entry = events::Entry {
             pending: pending.clone(),
             id,
@@ -184,7 +191,7 @@ where
             tokio::select! {
                 () = connection => {}
                 () = evicted.notified() => {
-                    tracing::debug!(%peer, "closed: idle while pending, or an event stream past its end");
+                    tracing::debug!(%peer, "closed: an event stream past its end");
                 }
             }
             pending.leave(id);

@@ -83,7 +83,7 @@ pub fn event_response(stream: EventStream) -> Response<HttpBody> {
 pub(super) struct Entry {
     pub(super) pending: Arc<Pending>,
     pub(super) id: u64,
-    /// Ends the connection (the accept loop's eviction signal).
+    /// Ends the connection once its stream is over.
     pub(super) evicted: Arc<Notify>,
 }
 
