@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::nemesis::{Fault, Link, RedisData, Store};
 use super::proxy::{LinkState, Proxy};
 use crate::bench::{listening, pinned};
-use crate::redis_setups::{free_port, node_args, redis_command, spawn_redis};
+use crate::redis_setups::{node_args, redis_command, spawn_redis};
 
 /// A chat server and where it listens.
 struct Server {
@@ -61,7 +61,7 @@ impl Cluster {
             mount_tmpfs(&dir.join("disk"))?;
         }
         if store == Store::Redis {
-            let port = free_port()?;
+            let port = redis_port()?;
             let rdir = dir.join("redis");
             std::fs::create_dir_all(&rdir).map_err(|e| e.to_string())?;
             let redis = Redis {
@@ -132,6 +132,9 @@ impl Cluster {
                 let s = &mut self.servers[server];
                 let _ = s.child.kill();
                 let _ = s.child.wait();
+                // Its port is free now, and a server of another run may take
+                // it: the clients' reconnects must not reach that one.
+                self.client_proxies[server].unplug();
                 sleep(down_ms);
                 let fresh = self.start_server(server)?;
                 self.client_proxies[server].retarget(&fresh.addr);
@@ -195,6 +198,9 @@ impl Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+        for proxy in &self.redis_proxies {
+            proxy.unplug();
+        }
         // Empty: no file; Snapshot: the older copy (empty when none was
         // taken yet); Current: the file the SAVE above wrote.
         let dump = redis.dir.join("dump.rdb");
@@ -213,6 +219,10 @@ impl Cluster {
         }
         std::thread::sleep(Duration::from_millis(down_ms));
         redis.child = Some(start_redis(redis.port, &redis.dir)?);
+        let upstream = format!("127.0.0.1:{}", redis.port);
+        for proxy in &self.redis_proxies {
+            proxy.retarget(&upstream);
+        }
         Ok(())
     }
 
@@ -286,6 +296,20 @@ fn signal(sig: &str, pid: &str) -> Result<(), String> {
         return Err(format!("kill {sig} {pid} failed"));
     }
     Ok(())
+}
+
+/// A free port for the run's Redis below the kernel's ephemeral range
+/// (32768 and up): Redis restarts on the same port, and while it is down a
+/// server started on port 0 (of this run or a parallel one) must not take it.
+/// Parallel runs start looking at different ports (their process ids).
+fn redis_port() -> Result<u16, String> {
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = std::process::id() % SPAN;
+    (0..SPAN)
+        .map(|i| (LOW + (start + i * 7) % SPAN) as u16)
+        .find(|&port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .ok_or_else(|| "no free port for Redis below 32768".to_owned())
 }
 
 /// Starts redis-server on `port` with `dir` (loading its dump.rdb, if any)

@@ -62,6 +62,14 @@ impl Proxy {
         *lock(&self.shared.upstream) = upstream.to_owned();
     }
 
+    /// The upstream is down (a killed server, a stopped Redis): new
+    /// connections are refused, not sent to its address, which another
+    /// process (another run's server) may take meanwhile. [`Proxy::retarget`]
+    /// plugs it in again.
+    pub(crate) fn unplug(&self) {
+        lock(&self.shared.upstream).clear();
+    }
+
     /// Changes what the link does; a partition also cuts what is open.
     pub(crate) fn set(&self, state: LinkState) {
         *lock(&self.shared.state) = state;
@@ -102,6 +110,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         }
         let upstream = lock(&shared.upstream).clone();
+        if upstream.is_empty() {
+            continue;
+        }
         let Ok(server) = TcpStream::connect_timeout(
             &upstream.parse().unwrap_or_else(|_| ([127, 0, 0, 1], 1).into()),
             Duration::from_secs(2),
