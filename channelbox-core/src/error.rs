@@ -24,6 +24,12 @@ pub enum StoreErrorKind {
     /// More writes are waiting for the disk than the store queues; retry once
     /// earlier ones are acknowledged.
     Busy,
+    /// The request was sent but its answer never came (it timed out, the
+    /// connection broke with it in flight, replicas did not confirm it in
+    /// time): it may have taken effect. An append may still be saved and
+    /// delivered, once, under one offset; unlike the other kinds, this one
+    /// does not say that nothing happened.
+    Unanswered,
 }
 
 /// An error from a history store, naming the backend and what it was working on.

@@ -25,7 +25,7 @@ use crate::floors::Floors;
 
 /// How long appends wait after reconnecting to a restarted Redis.
 pub(crate) const RESTART_HOLD: Duration = Duration::from_millis(1000);
-use crate::link::{unavailable, Link};
+use crate::link::Link;
 use crate::store::{corrupt, int, new_epoch, text, APPEND_BATCH};
 use crate::{keys, scripts};
 
@@ -244,9 +244,8 @@ fn per_job(result: Result<Vec<Value>, StoreError>, n: usize) -> Vec<Result<Value
             }
             out
         }
-        Err(err) => {
-            let text = err.to_string();
-            (0..n).map(|_| Err(unavailable(&text))).collect()
-        }
+        // Every job shares the pipeline's fate, and its kind: an unanswered
+        // pipeline may have run.
+        Err(err) => (0..n).map(|_| Err(err.clone())).collect(),
     }
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use channelbox_core::StoreError;
 use redis::{Pipeline, Value};
 
-use crate::link::{unavailable, Link};
+use crate::link::{unanswered, Link};
 
 /// The longest `--redis-wait-ms` taken.
 pub const MAX_WAIT: Duration = Duration::from_millis(1000);
@@ -46,12 +46,13 @@ impl ReplicaWait {
     fn settle(&self, mut values: Vec<Value>) -> Result<Vec<Value>, StoreError> {
         match values.pop() {
             Some(Value::Int(n)) if n >= i64::from(self.replicas) => Ok(values),
-            Some(Value::Int(n)) => Err(unavailable(format!(
+            Some(Value::Int(n)) => Err(unanswered(format!(
                 "durability unknown: {n} of {} replicas acknowledged within {:?}",
                 self.replicas, self.wait
             ))),
-            Some(Value::ServerError(e)) => Err(unavailable(format!("WAIT failed: {}", e.code()))),
-            _ => Err(unavailable("WAIT gave no answer")),
+            // The appends before it ran either way.
+            Some(Value::ServerError(e)) => Err(unanswered(format!("WAIT failed: {}", e.code()))),
+            _ => Err(unanswered("WAIT gave no answer")),
         }
     }
 }
@@ -85,6 +86,7 @@ mod tests {
             .settle(vec![Value::Okay, Value::Int(1)])
             .expect_err("one replica is short");
         assert!(err.to_string().contains("durability unknown"), "{err}");
+        assert_eq!(err.kind(), channelbox_core::StoreErrorKind::Unanswered);
         assert!(w.settle(vec![]).is_err());
         assert!(ReplicaWait::new(0, Duration::from_millis(5), None).is_none());
     }

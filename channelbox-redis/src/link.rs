@@ -42,6 +42,12 @@ pub(crate) fn unavailable(what: impl std::fmt::Display) -> StoreError {
     StoreError::new(StoreErrorKind::Io, format!("redis: {what}"))
 }
 
+/// An error for a request sent to Redis whose answer never came (a timeout,
+/// a connection broken with it in flight): it may have run.
+pub(crate) fn unanswered(what: impl std::fmt::Display) -> StoreError {
+    StoreError::new(StoreErrorKind::Unanswered, format!("redis: {what}"))
+}
+
 /// An error for a request that a Cluster node refused because it does not
 /// serve the slot: the request did not run.
 pub(crate) fn redirected(code: &str, details: Option<&str>) -> StoreError {
@@ -234,13 +240,18 @@ impl Link {
                         return Err(redirected(code, Some(&text)).with_source(err));
                     }
                     self.note_error_code(code);
+                    // An error reply: the command ran and failed, or was
+                    // refused; either way it had no effect.
+                    return Err(unavailable(&err).with_source(err));
                 }
-                Err(unavailable(&err).with_source(err))
+                // The connection failed with the command handed to it:
+                // whether Redis ran it is unknown.
+                Err(unanswered(&err).with_source(err))
             }
             Err(_) => {
                 self.up.store(false, Ordering::Release);
                 *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                Err(unavailable("no answer in time"))
+                Err(unanswered("no answer in time"))
             }
         }
     }

@@ -283,8 +283,7 @@ impl HistoryStore for RedisStore {
             let mut values = match self.inner.link.pipeline(&pipe).await {
                 Ok(values) => values.into_iter(),
                 Err(err) => {
-                    let text = err.to_string();
-                    heads.extend(chunk.iter().map(|_| Err(unavailable(&text))));
+                    heads.extend(chunk.iter().map(|_| Err(err.clone())));
                     continue;
                 }
             };

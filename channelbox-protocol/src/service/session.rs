@@ -11,7 +11,7 @@ use std::pin::Pin;
 
 use channelbox_core::SubscribeFraming;
 use channelbox_core::{
-    BoxError, Channel, CloseReason, Frame, Incoming, PublishReport, Recovery, Replay, StreamPosition,
+    BoxError, Channel, CloseReason, Frame, Incoming, PublishReport, Recovery, Replay, StoreErrorKind, StreamPosition,
 };
 use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
 use serde_json::{json, Value};
@@ -424,11 +424,23 @@ pub(super) enum Handled {
     Queued,
 }
 
+/// The message of `unavailable` when the store never answered: the request
+/// may still take effect (a publish may still appear, once, under one
+/// offset). Clients tell it from a plain refusal by these words.
+pub(crate) const UNANSWERED: &str =
+    "the history store did not answer in time; the request may still take effect (its outcome is unknown)";
+
 /// The error a client sees when a box operation failed. A store failure is
 /// `unavailable`, with the store's own words (paths, OS errors) only in the
-/// log; the box's other errors name the group or channel, nothing else.
+/// log; its message says when the outcome is unknown (the store never
+/// answered: the request may still take effect, docs/protocol.md). The box's
+/// other errors name the group or channel, nothing else.
 pub(super) fn store_error(err: &BoxError) -> ProtocolError {
     match err {
+        BoxError::Store(e) if e.kind() == StoreErrorKind::Unanswered => {
+            tracing::error!(error = %e, "history store did not answer");
+            ProtocolError::new(ErrorCode::Unavailable, UNANSWERED)
+        }
         BoxError::Store(e) => {
             tracing::error!(error = %e, "history store failed");
             ProtocolError::new(
@@ -437,5 +449,33 @@ pub(super) fn store_error(err: &BoxError) -> ProtocolError {
             )
         }
         other => ProtocolError::new(ErrorCode::BadRequest, other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use channelbox_core::StoreError;
+
+    use super::*;
+
+    #[test]
+    fn an_unanswered_store_error_says_its_outcome_is_unknown_and_others_do_not() {
+        let unanswered = store_error(&BoxError::Store(StoreError::new(
+            StoreErrorKind::Unanswered,
+            "redis: no answer in time",
+        )));
+        assert_eq!(unanswered.code, ErrorCode::Unavailable);
+        assert!(
+            unanswered.message.contains("outcome is unknown"),
+            "{}",
+            unanswered.message
+        );
+        let refused = store_error(&BoxError::Store(StoreError::new(
+            StoreErrorKind::Io,
+            "redis: not connected",
+        )));
+        assert_eq!(refused.code, ErrorCode::Unavailable);
+        assert!(!refused.message.contains("unknown"), "{}", refused.message);
+        assert!(!refused.message.contains("redis"), "the store's words stay in the log");
     }
 }
