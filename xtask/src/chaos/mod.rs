@@ -17,6 +17,7 @@ mod checker;
 mod cluster;
 mod nemesis;
 mod proxy;
+mod resp;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
