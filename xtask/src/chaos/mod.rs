@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use cluster::Cluster;
-use nemesis::{Step, Store};
+use nemesis::{Fault, Link, Step, Store};
 
 /// Clients and groups of every run: enough for cross traffic, few enough
 /// for two shared cores.
@@ -344,7 +344,31 @@ fn run(o: &Options, schedule: &[Step]) -> Result<Vec<String>, String> {
     drop(cluster);
     let logs = read_logs(&logs)?;
     eprintln!("xtask chaos: checked {}", checker::summary(&logs));
-    Ok(checker::check(&logs, &histories, o.store == Store::Redis))
+    let cuts = (o.store == Store::Redis).then(|| redis_cuts(schedule, o.store.servers()));
+    Ok(checker::check(&logs, &histories, cuts.as_deref()))
+}
+
+/// For each client, when its server's connection to Redis was cut (a
+/// partition of that link, or Redis killed): a publish in flight then may or
+/// may not have been saved. Client `n` uses server `n % servers`
+/// (`chaos_client`).
+fn redis_cuts(schedule: &[Step], servers: usize) -> Vec<Vec<u64>> {
+    (0..CLIENTS)
+        .map(|n| {
+            schedule
+                .iter()
+                .filter(|step| match step.fault {
+                    Fault::Partition {
+                        link: Link::Redis(server),
+                        ..
+                    } => server == n % servers,
+                    Fault::KillRedis { .. } => true,
+                    _ => false,
+                })
+                .map(|step| step.at_ms)
+                .collect()
+        })
+        .collect()
 }
 
 fn read_logs(dir: &Path) -> Result<Vec<Vec<Value>>, String> {
