@@ -161,7 +161,7 @@ pub(crate) const MUTATIONS: [(&str, Store, u64, u64); 4] = [
     // Server 0 loses every pub/sub message for 2.9 s from 23.9 s on
     // (`DropPubsub`, 157-268 messages), with no fault after it: members
     // that stay in a group to the end miss what followed the gap (caught in
-    // 6 of 6 runs, 1-3 violations each). The mutation shows only when a member
+    // 8 of 8 runs, 1-3 violations each). The mutation shows only when a member
     // holds the stuck group to the end of the run: the clients leave and
     // join groups about once a second, and a group without members here is
     // forgotten, gap and all; a 4002 or a restart heals it too. So the gap
