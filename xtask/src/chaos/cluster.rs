@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::nemesis::{Fault, Link, RedisData, Store};
-use super::proxy::{LinkState, Proxy};
+use super::proxy::{Frames, LinkState, Proxy};
 use crate::bench::{listening, pinned};
 use crate::redis_setups::{node_args, redis_command, spawn_redis};
 
@@ -71,12 +71,14 @@ impl Cluster {
             };
             cluster.redis = Some(redis);
             for _ in 0..store.servers() {
-                cluster.redis_proxies.push(Proxy::start(&format!("127.0.0.1:{port}"))?);
+                cluster
+                    .redis_proxies
+                    .push(Proxy::start(&format!("127.0.0.1:{port}"), Frames::Resp)?);
             }
         }
         for i in 0..store.servers() {
             let server = cluster.start_server(i)?;
-            cluster.client_proxies.push(Proxy::start(&server.addr)?);
+            cluster.client_proxies.push(Proxy::start(&server.addr, Frames::Bytes)?);
             cluster.servers.push(server);
         }
         Ok(cluster)
@@ -158,6 +160,12 @@ impl Cluster {
             Fault::Stall { link, ms } => self.link_fault(link, LinkState::Stall, ms),
             Fault::Partition { link, ms } => self.link_fault(link, LinkState::Partition, ms),
             Fault::Delay { link, delay_ms, ms } => self.link_fault(link, LinkState::Delay(delay_ms), ms),
+            Fault::DropPubsub { server, ms } => {
+                let before = self.redis_proxies[server].dropped();
+                self.link_fault(Link::Redis(server), LinkState::DropPubsub, ms);
+                let dropped = self.redis_proxies[server].dropped() - before;
+                eprintln!("xtask chaos:   dropped {dropped} pub/sub messages on their way to server {server}");
+            }
             Fault::FillDisk { ms } => self.fill_disk(ms)?,
         }
         Ok(())

@@ -66,6 +66,13 @@ pub(crate) enum Fault {
     Partition { link: Link, ms: u64 },
     /// Delay every chunk by `delay_ms` for `ms`.
     Delay { link: Link, delay_ms: u64, ms: u64 },
+    /// Lose every pub/sub message Redis sends to server N for `ms`, while
+    /// its connections stay up: Redis pub/sub is at most once, and on a
+    /// Cluster messages are lost across the cluster bus or while a slot
+    /// moves without the subscriber being told. The server must notice the
+    /// gap (from the next message's offset, or from its head check) and
+    /// fill it from history.
+    DropPubsub { server: usize, ms: u64 },
     /// Fill sled's disk (a small tmpfs) for `ms`, then free it.
     FillDisk { ms: u64 },
 }
@@ -79,6 +86,7 @@ impl Fault {
             | Fault::Stall { ms, .. }
             | Fault::Partition { ms, .. }
             | Fault::Delay { ms, .. }
+            | Fault::DropPubsub { ms, .. }
             | Fault::FillDisk { ms } => ms,
             Fault::SnapshotRedis | Fault::KillPubsub => 0,
         }
@@ -166,9 +174,12 @@ fn draw(rng: &mut Rng, store: Store) -> Fault {
         Link::Clients(server)
     };
     // Kills are drawn twice as often as any other fault: they exercise
-    // recovery, the heart of what is checked.
+    // recovery, the heart of what is checked. So are lost pub/sub messages
+    // on Redis: the only fault after which servers fill gaps in what Redis
+    // delivered while their members stay (the other faults make a server
+    // resubscribe, or restart it).
     let kinds = match store {
-        Store::Redis => 10,
+        Store::Redis => 12,
         Store::Sled => 7,
         Store::Memory => 6,
     };
@@ -199,6 +210,10 @@ fn draw(rng: &mut Rng, store: Store) -> Fault {
             down_ms: rng.range(200, 2000),
         },
         5 => Fault::KillPubsub,
+        10 | 11 => Fault::DropPubsub {
+            server,
+            ms: rng.range(300, 3000),
+        },
         6 if store == Store::Sled => Fault::FillDisk {
             ms: rng.range(500, 3000),
         },
