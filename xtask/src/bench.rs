@@ -24,6 +24,9 @@ pub(crate) struct Plan {
     pub(crate) storm: bool,
     /// Compression on against off instead (`--compression`).
     pub(crate) compression: bool,
+    /// Subscribers of the compression benchmark that decode every message
+    /// (`--sample N`); the others count frames and bytes only.
+    pub(crate) sample: usize,
     /// The light-load benchmark alone (`--light`).
     pub(crate) light: bool,
     /// Seconds each light-load run publishes (`--seconds`).
@@ -44,6 +47,7 @@ impl Plan {
             cluster: false,
             storm: false,
             compression: false,
+            sample: 50,
             light: false,
             seconds: 10,
             write_delays: Vec::new(),
@@ -67,6 +71,7 @@ impl Plan {
                 "--write-delays" => plan.write_delays = numbers(value()?, "write delay")?,
                 "--seconds" => plan.seconds = value()?.parse().map_err(|_| "bad --seconds".to_owned())?,
                 "--messages" => plan.messages = value()?.parse().map_err(|_| "bad --messages".to_owned())?,
+                "--sample" => plan.sample = value()?.parse().map_err(|_| "bad --sample".to_owned())?,
                 "--runs" => plan.runs = value()?.parse().map_err(|_| "bad --runs".to_owned())?,
                 other => return Err(format!("unknown bench argument {other:?}")),
             }

@@ -6,7 +6,8 @@
 //!   (default 10,000), in release mode.
 //! - `cargo xtask bench [--quick]`: the criterion benchmarks, then the loopback
 //!   server benchmark against a baseline server; `--quick` is CI's smoke run.
-//!   `--compression`: permessage-deflate on against off, 1,000 subscribers.
+//!   `--compression`: permessage-deflate on against off, 1,000 subscribers,
+//!   `--sample N` of them (default 50) decoding, the rest counting frames.
 //!   `--light`: only the light-load part (200 messages/s to 1,000
 //!   subscribers, CPU per delivery against the baseline; see `light`).
 //! - `cargo xtask fuzz [--cases N]`: the frame decoder and dispatcher fuzzed
@@ -77,7 +78,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] [--cluster | --storm | --compression | --light [--seconds S] [--write-delays a,b]] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S] [-- server flags] | chaos [--seed S] [--minutes N] [--store memory|sled|redis] [--mutation NAME | --mutations] [--shrink] [--no-build]>";
+const USAGE: &str = "usage: cargo xtask <ci | proptest [--cases N] | bench [--quick] [--loopback-only] [--sizes a,b] [--messages N] [--runs R] [--cluster | --storm | --compression [--sample N] | --light [--seconds S] [--write-delays a,b]] | e2e | fuzz [--cases N] | soak [--connections N] [--seconds S] [-- server flags] | chaos [--seed S] [--minutes N] [--store memory|sled|redis] [--mutation NAME | --mutations] [--shrink] [--no-build]>";
 
 /// Runs `cargo` with these arguments and environment, failing on a non-zero exit.
 fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
@@ -199,6 +200,7 @@ fn ci() -> Result<(), String> {
     bench(&["--quick".to_owned()])?;
     bench(&["--cluster".to_owned(), "--quick".to_owned()])?;
     bench(&["--storm".to_owned(), "--quick".to_owned()])?;
+    bench(&["--compression".to_owned(), "--quick".to_owned()])?;
     soak(&[
         "--connections".to_owned(),
         "50".to_owned(),
