@@ -4,7 +4,8 @@
 //! busy group's slot migrated to another master while both servers publish
 //! to it: no gap, no duplicate, no (epoch, offset) pair reused, nothing
 //! acknowledged lost; and a master SIGKILLed, its replica promoted by the
-//! Cluster, both servers following by themselves.
+//! Cluster, both servers following by themselves — also when the replica
+//! lacked the newest writes (the group then moves to a new epoch).
 
 mod support;
 
@@ -444,8 +445,46 @@ async fn publish_until_saved(
     unreachable!("attempts do not end")
 }
 
+/// `master_repl_offset` from `INFO replication`: how much of the
+/// replication stream a node has.
+fn repl_offset(node: &channelbox_redis::testkit_forms::RedisProcess) -> u64 {
+    let info: String = redis::from_redis_value(node.run(&["INFO", "replication"]).expect("info")).expect("text");
+    info.lines()
+        .find_map(|l| l.strip_prefix("master_repl_offset:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("master_repl_offset")
+}
+
+/// Cuts the replica of master `owner` off for good: the master refuses
+/// `PSYNC` and `SYNC` to its default user and drops the replica's
+/// connection, so the replica has nothing written after this.
+fn cut_off_replica(set: &ClusterSet, owner: usize) {
+    let master = &set.nodes[owner];
+    master
+        .run(&["ACL", "SETUSER", "default", "-psync", "-sync"])
+        .expect("ACL SETUSER");
+    master.run(&["CLIENT", "KILL", "TYPE", "replica"]).expect("CLIENT KILL");
+    set.wait_until(Duration::from_secs(10), "the replica cut off", |s| {
+        let info: String =
+            redis::from_redis_value(s.replicas[owner].run(&["INFO", "replication"]).expect("info")).expect("text");
+        info.contains("master_link_status:down")
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_masters_failover_is_followed_by_both_servers() {
+    failover(false).await;
+}
+
+/// The replica lacks the newest writes when it is promoted: both servers
+/// saw offsets it does not have, so the group moves to a new epoch and the
+/// members are closed with 4002; no pair is handed out twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_replica_lacking_writes_moves_the_group_to_a_new_epoch() {
+    failover(true).await;
+}
+
+async fn failover(lagging: bool) {
     let mut set = tokio::task::spawn_blocking(ClusterSet::start_with_replicas)
         .await
         .expect("a cluster with replicas");
@@ -480,6 +519,19 @@ async fn a_masters_failover_is_followed_by_both_servers() {
             let data = |a: u64| json!({"phase": "before", "s": s, "n": round, "try": a});
             publish_until_saved(srv, group, data, &ledger, far).await;
         }
+    }
+
+    if lagging {
+        tokio::task::block_in_place(|| cut_off_replica(&set, owner));
+        for round in 0..5u64 {
+            for (s, srv) in servers.iter().enumerate() {
+                let data = |a: u64| json!({"phase": "lost", "s": s, "n": round, "try": a});
+                publish_until_saved(srv, group, data, &ledger, far).await;
+            }
+        }
+        let (master, replica) =
+            tokio::task::block_in_place(|| (repl_offset(&set.nodes[owner]), repl_offset(&set.replicas[owner])));
+        assert!(replica < master, "the replica lags: {replica} < {master}");
     }
 
     // SIGKILL the group's master; the Cluster promotes its replica.
@@ -555,6 +607,9 @@ async fn a_masters_failover_is_followed_by_both_servers() {
             seen.connections.len(),
             seen.closed_4002
         );
+        if lagging {
+            assert!(seen.closed_4002 > 0, "member {i}: told that its epoch was replaced");
+        }
     }
     // History through either server agrees with everything seen.
     for srv in &servers {
@@ -573,5 +628,9 @@ async fn a_masters_failover_is_followed_by_both_servers() {
     }
     let ledger = ledger.lock().expect("ledger");
     ledger.assert_unique();
-    eprintln!("epochs of the group: {:?}", ledger.epochs(group));
+    let epochs = ledger.epochs(group);
+    eprintln!("epochs of the group: {epochs:?}");
+    if lagging {
+        assert!(epochs.len() >= 2, "the group moved to a new epoch: {epochs:?}");
+    }
 }
