@@ -392,7 +392,7 @@ async fn member(
                     let code = f.map(|f| u16::from(f.code));
                     assert_eq!(code, Some(4002), "{name}: closed only because its epoch was replaced");
                     seen.closed_4002 += 1;
-                    client = Client::join(&format!("{ws_url}?history=1000")).await.0;
+                    client = rejoin(&format!("{ws_url}?history=1000"), name).await;
                     seen.connections.push(Vec::new());
                 }
                 Some(Ok(_)) => {}
@@ -401,6 +401,28 @@ async fn member(
             }
         }
     })
+}
+
+/// Joins again after a 4002 (the server's answer to its epoch being
+/// replaced): while the failover is not over, a join may be refused — closed
+/// with 1011 when Redis cannot take it yet, or 4002 again when the server
+/// learns of the new epoch after welcoming it — so it tries again, for at
+/// most 15 s.
+async fn rejoin(url: &str, name: &str) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut client = Client::connect(url).await;
+        match client.next_event().await {
+            support::Event::Json(v) if v["type"] == "welcome" => return client,
+            support::Event::Json(v) => panic!("{name}: the first frame is welcome: {v}"),
+            support::Event::Closed(code) => {
+                assert!(matches!(code, Some(1011 | 4002)), "{name}: a join closed with {code:?}");
+                assert!(Instant::now() < deadline, "{name}: joins refused for 15 s");
+                eprintln!("{name}: a join again closed with {code:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
 
 /// Publishes `data` over HTTP until it is acknowledged (`unavailable`, 503,
