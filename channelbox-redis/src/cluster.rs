@@ -13,10 +13,24 @@
 //!   `router::REDIRECT_FOR`. While a slot migrates, a group whose keys have
 //!   left the old master is refused there (`ASK`) until the slot is
 //!   assigned to the new one: its requests wait (and retry) meanwhile, so
-//!   the group's script never runs on two masters for one offset. The
-//!   masters are those of the map at start, ordered by address; a slot that
-//!   moves to a master not among them (added later, or a replica promoted
-//!   by a failover) answers `unavailable` until a restart.
+//!   the group's script never runs on two masters for one offset.
+//! - **Failovers are followed.** The engines are those of the masters at
+//!   start, ordered by address, and the map is also read every
+//!   [`POLL_EVERY`]. When it names a master no engine is on, and an
+//!   engine's master is no longer named (it failed, and the Cluster
+//!   promoted a replica of it), that engine moves to the new master: the
+//!   one serving most of the slots it served ([`follow_failovers`]). Its
+//!   [`Target`] generation moves on, so its command link and its
+//!   subscription connection reconnect there, as after a Sentinel
+//!   failover: the same floors, the reconnect check of every group it has a
+//!   floor for, the hold of appends after a changed `run_id`, and `Back`
+//!   once its subscriptions are restored, after which the box checks every
+//!   group's head and fills what it missed. A promoted replica that lacked
+//!   writes is thus found by the rollback check (the group moves to a new
+//!   epoch, its members are closed with 4002). Until the new master answers,
+//!   that engine's groups answer `unavailable`. A master that is not a
+//!   promoted replica of one at start (added later, its slots resharded to
+//!   it) is not followed: its slots answer `unavailable` until a restart.
 //! - **Pub/sub** is sharded (Redis 7): the scripts and the broker
 //!   `SPUBLISH` on the group's channel (in the group's slot), which reaches
 //!   only the subscribers of the node serving that slot; each engine's broker
@@ -35,7 +49,9 @@
 //! Epochs and floors are per engine, as per shard: the rollback rules of a
 //! single Redis hold for each master.
 
-use std::sync::{Arc, RwLock};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use channelbox_core::{StoreError, StoreErrorKind};
@@ -53,6 +69,10 @@ const NOBODY: u16 = u16::MAX;
 const REFRESH_GAP: Duration = Duration::from_millis(100);
 /// How long one node may take to answer `CLUSTER SLOTS`.
 const ASK_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How often the slot map is read besides after a redirect: a failover
+/// refuses nothing with `MOVED` (the failed master just does not answer),
+/// so it is found this way.
+const POLL_EVERY: Duration = Duration::from_secs(1);
 
 /// CRC16 (XMODEM: polynomial 0x1021, initial 0), as Redis Cluster hashes keys.
 pub fn crc16(bytes: &[u8]) -> u16 {
@@ -91,17 +111,33 @@ struct Range {
 /// The masters of a Cluster and which serves each slot.
 #[derive(Debug)]
 pub(crate) struct Slots {
-    /// The masters at start, ordered by address (every server alike).
-    masters: Vec<(String, u16)>,
+    /// Per engine, the master it is on now: at start the masters ordered
+    /// by address (every server alike); an engine whose master failed moves
+    /// to the replica promoted in its place (see [`follow_failovers`]).
+    masters: RwLock<Vec<(String, u16)>>,
+    /// Per engine, moves on each time it moves to another master.
+    generations: Vec<AtomicU64>,
     /// Per slot, the index in `masters` of the one serving it now.
     owners: RwLock<Vec<u16>>,
-    /// When the map was last read; held while reading it.
-    refreshed: tokio::sync::Mutex<tokio::time::Instant>,
-    /// Where `CLUSTER SLOTS` is asked: the masters, then the seeds.
-    ask: Vec<(String, u16)>,
+    /// When the map was last read, and the node that answered then (asked
+    /// first next time: a failed master may take a timeout to refuse);
+    /// held while reading it.
+    refreshed: tokio::sync::Mutex<(tokio::time::Instant, Option<(String, u16)>)>,
+    /// Where `CLUSTER SLOTS` is asked after the masters: the seeds.
+    seeds: Vec<(String, u16)>,
 }
 
 impl Slots {
+    fn new(masters: Vec<(String, u16)>, owners: Vec<u16>, seeds: Vec<(String, u16)>) -> Slots {
+        Slots {
+            generations: masters.iter().map(|_| AtomicU64::new(0)).collect(),
+            masters: RwLock::new(masters),
+            owners: RwLock::new(owners),
+            refreshed: tokio::sync::Mutex::new((tokio::time::Instant::now(), None)),
+            seeds,
+        }
+    }
+
     /// The master serving `group`'s slot now.
     pub(crate) fn master_of(&self, group: &str) -> Option<usize> {
         let owners = self.owners.read().unwrap_or_else(|p| p.into_inner());
@@ -111,23 +147,110 @@ impl Slots {
         }
     }
 
-    /// Reads the slot map anew from the first node that answers (at most
-    /// once per [`REFRESH_GAP`]; callers that arrive meanwhile wait for the
-    /// reading under way).
+    /// The master engine `index` is on now.
+    pub(crate) fn address(&self, index: usize) -> (String, u16) {
+        self.masters.read().unwrap_or_else(|p| p.into_inner())[index].clone()
+    }
+
+    /// Moves on each time engine `index` moves to another master (see
+    /// [`Target::generation`]).
+    pub(crate) fn generation(&self, index: usize) -> u64 {
+        self.generations[index].load(Ordering::Acquire)
+    }
+
+    /// The masters the engines are on now (`host:port`), in engine order.
+    fn addresses(&self) -> Vec<String> {
+        let masters = self.masters.read().unwrap_or_else(|p| p.into_inner());
+        masters.iter().map(|(h, p)| format!("{h}:{p}")).collect()
+    }
+
+    /// Reads the slot map anew from the first node that answers with one —
+    /// the one that answered last time, the masters, then the seeds (at
+    /// most once per [`REFRESH_GAP`]; callers that arrive meanwhile wait for
+    /// the reading under way) — and follows failovers it shows.
     pub(crate) async fn refresh(&self) {
         let mut last = self.refreshed.lock().await;
-        if last.elapsed() < REFRESH_GAP {
+        if last.0.elapsed() < REFRESH_GAP {
             return;
         }
-        for node in &self.ask {
-            if let Ok(ranges) = ask_slots(node).await {
-                let owners = owners_of(&self.masters, &ranges);
-                *self.owners.write().unwrap_or_else(|p| p.into_inner()) = owners;
-                break;
+        let mut asked: Vec<(String, u16)> = last.1.iter().cloned().collect();
+        let masters = self.masters.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for node in masters.into_iter().chain(self.seeds.iter().cloned()) {
+            if !asked.contains(&node) {
+                asked.push(node);
             }
         }
-        *last = tokio::time::Instant::now();
+        last.1 = None;
+        for node in asked {
+            match ask_slots(&node).await {
+                Ok(ranges) if !ranges.is_empty() => {
+                    self.apply(&ranges);
+                    last.1 = Some(node);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        last.0 = tokio::time::Instant::now();
     }
+
+    /// Takes a slot map read: engines whose master failed over move to the
+    /// promoted replica, then every slot gets its engine.
+    fn apply(&self, ranges: &[Range]) {
+        let mut masters = self.masters.write().unwrap_or_else(|p| p.into_inner());
+        let before = self.owners.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for i in follow_failovers(&mut masters, &before, ranges) {
+            let (host, port) = &masters[i];
+            tracing::warn!(engine = i, %host, port = *port, "a redis cluster master failed over: following it");
+            self.generations[i].fetch_add(1, Ordering::AcqRel);
+        }
+        let owners = owners_of(&masters, ranges);
+        *self.owners.write().unwrap_or_else(|p| p.into_inner()) = owners;
+    }
+}
+
+/// Reads the slot map every [`POLL_EVERY`] until the engine is gone.
+async fn poll(slots: Weak<Slots>) {
+    loop {
+        tokio::time::sleep(POLL_EVERY).await;
+        let Some(slots) = slots.upgrade() else { return };
+        slots.refresh().await;
+    }
+}
+
+/// A failover in `ranges`: each master it names that no engine is on (in
+/// address order) takes the place of the engine that served most of its
+/// slots in `owners` (the map before), if that engine's master is no
+/// longer named — it failed, and this is the replica promoted in its
+/// place. A master that served none of an engine's slots (added later) is
+/// not followed. Returns the engines moved.
+fn follow_failovers(masters: &mut [(String, u16)], owners: &[u16], ranges: &[Range]) -> Vec<usize> {
+    let named: BTreeSet<&(String, u16)> = ranges.iter().map(|r| &r.master).collect();
+    let newcomers: Vec<(String, u16)> = named
+        .iter()
+        .filter(|m| !masters.contains(m))
+        .map(|m| (*m).clone())
+        .collect();
+    let mut moved = Vec::new();
+    for node in newcomers {
+        let mut served = vec![0usize; masters.len()];
+        for r in ranges.iter().filter(|r| r.master == node) {
+            let end = (r.end as usize).min(SLOTS - 1);
+            for owner in &owners[r.start as usize..=end] {
+                if let Some(n) = served.get_mut(*owner as usize) {
+                    *n += 1;
+                }
+            }
+        }
+        let gone = (0..masters.len())
+            .filter(|i| served[*i] > 0 && !named.contains(&masters[*i]))
+            .max_by_key(|i| (served[*i], std::cmp::Reverse(*i)));
+        if let Some(i) = gone {
+            masters[i] = node;
+            moved.push(i);
+        }
+    }
+    moved
 }
 
 /// Per slot, the index in `masters` of its master ([`NOBODY`] if none).
@@ -239,10 +362,12 @@ async fn read_slot_map(seeds: &[(String, u16)], deadline: tokio::time::Instant) 
 }
 
 /// Starts an engine per master (in `masters`' order) with `config`'s
-/// settings, each under its home prefix (see [`home_of`]).
+/// settings, each under its home prefix (see [`home_of`]), each connecting
+/// to the master `slots` says it is on now.
 fn start_engines(
     masters: &[(String, u16)],
     owners: &[u16],
+    slots: &Arc<Slots>,
     config: &RedisConfig,
 ) -> Result<Vec<RedisEngine>, StoreError> {
     let mut engines = Vec::with_capacity(masters.len());
@@ -253,14 +378,15 @@ fn start_engines(
                 format!("the master {host}:{port} serves no slot"),
             )
         })?;
-        let client = Client::open((host.as_str(), *port)).map_err(|e| {
+        // Refused here rather than at each connection attempt.
+        Client::open((host.as_str(), *port)).map_err(|e| {
             StoreError::new(
                 StoreErrorKind::InvalidInput,
                 format!("redis cluster master {host}:{port}: {e}"),
             )
         })?;
         engines.push(RedisEngine::start_on(
-            Arc::new(Target::Single(client)),
+            Arc::new(Target::Cluster(slots.clone(), i)),
             config,
             &home,
             true,
@@ -299,7 +425,7 @@ async fn wait_engines(
 /// routed by hash slot.
 #[derive(Debug)]
 pub struct ClusterEngine {
-    masters: Vec<String>,
+    slots: Arc<Slots>,
     store: Arc<ShardedStore>,
     broker: Arc<ShardedBroker>,
     directory: Arc<ShardedDirectory>,
@@ -334,19 +460,13 @@ impl ClusterEngine {
                 ),
             ));
         }
-        let engines = start_engines(&masters, &owners, &config)?;
+        let slots = Arc::new(Slots::new(masters.clone(), owners.clone(), seeds));
+        let engines = start_engines(&masters, &owners, &slots, &config)?;
         wait_engines(&engines, &masters, &config, deadline).await?;
-        let mut ask = masters.clone();
-        ask.extend(seeds.iter().filter(|s| !masters.contains(s)).cloned());
-        let slots = Arc::new(Slots {
-            masters: masters.clone(),
-            owners: RwLock::new(owners),
-            refreshed: tokio::sync::Mutex::new(tokio::time::Instant::now()),
-            ask,
-        });
-        let placement = Placement::Slots(slots);
+        tokio::spawn(poll(Arc::downgrade(&slots)));
+        let placement = Placement::Slots(slots.clone());
         Ok(ClusterEngine {
-            masters: masters.iter().map(|(h, p)| format!("{h}:{p}")).collect(),
+            slots,
             store: Arc::new(ShardedStore::new(
                 engines.iter().map(RedisEngine::store).collect(),
                 placement.clone(),
@@ -362,9 +482,11 @@ impl ClusterEngine {
         })
     }
 
-    /// The masters (`host:port`), in the order their engines are numbered.
-    pub fn masters(&self) -> &[String] {
-        &self.masters
+    /// The masters the engines are on now (`host:port`), in the order the
+    /// engines are numbered: at start the masters ordered by address; an
+    /// engine whose master failed over is on the promoted replica.
+    pub fn masters(&self) -> Vec<String> {
+        self.slots.addresses()
     }
 
     /// The history store.
@@ -427,5 +549,53 @@ mod tests {
             assert_eq!(owners[tag_slot(tag) as usize] as usize, i, "{home}");
         }
         assert_eq!(parse_slots(&Value::Int(1), "h"), None);
+    }
+
+    #[test]
+    fn an_engine_follows_the_replica_promoted_in_its_masters_place() {
+        let node = |p: u16| ("127.0.0.1".to_owned(), p);
+        let range = |start, end, p| Range {
+            start,
+            end,
+            master: node(p),
+        };
+        let mut masters = vec![node(7000), node(7001), node(7002)];
+        let before = vec![
+            range(0, 5460, 7000),
+            range(5461, 10922, 7001),
+            range(10923, 16383, 7002),
+        ];
+        let owners = owners_of(&masters, &before);
+        // Nothing new: nothing moves.
+        assert!(follow_failovers(&mut masters, &owners, &before).is_empty());
+        // 7001 failed; its replica 7004 serves its slots now.
+        let after = vec![
+            range(0, 5460, 7000),
+            range(5461, 10922, 7004),
+            range(10923, 16383, 7002),
+        ];
+        assert_eq!(follow_failovers(&mut masters, &owners, &after), vec![1]);
+        assert_eq!(masters, vec![node(7000), node(7004), node(7002)]);
+        let owners = owners_of(&masters, &after);
+        assert_eq!((owners[0], owners[5461], owners[16383]), (0, 1, 2));
+        // Read again: followed once.
+        assert!(follow_failovers(&mut masters, &owners, &after).is_empty());
+        // A master added later (a slot resharded to it) takes no engine's
+        // place while the engine's master is still named: its slot has none.
+        let added = vec![
+            range(0, 99, 7009),
+            range(100, 5460, 7000),
+            range(5461, 10922, 7004),
+            range(10923, 16383, 7002),
+        ];
+        assert!(follow_failovers(&mut masters, &owners, &added).is_empty());
+        assert_eq!(owners_of(&masters, &added)[0], NOBODY);
+        // Nor does a new master serving none of the slots of the one gone:
+        // 7001 is gone (its slots went to 7000), 7005 serves some of 7000's.
+        let mut masters = vec![node(7000), node(7001)];
+        let owners = owners_of(&masters, &[range(0, 99, 7000), range(100, 16383, 7001)]);
+        let unrelated = vec![range(0, 99, 7005), range(100, 16383, 7000)];
+        assert!(follow_failovers(&mut masters, &owners, &unrelated).is_empty());
+        assert_eq!(masters, vec![node(7000), node(7001)]);
     }
 }

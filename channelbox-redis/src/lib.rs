@@ -21,7 +21,8 @@
 //! Keys of one group share one hash tag (`{<group>}`, see `keys`), so a
 //! group's script runs on one node of a Redis Cluster: [`ClusterEngine`]
 //! runs an engine per master and routes each group to the master serving
-//! its slot, following `MOVED`/`ASK` and migrations (see `cluster`).
+//! its slot, following `MOVED`/`ASK`, migrations and failovers (see
+//! `cluster`).
 //! [`ShardedEngine`] routes groups over independent shards the same way. The client is redis-rs (`redis`, multiplexed tokio
 //! connections): a connection pipelines commands in the order they are sent,
 //! which keeps one caller's appends in order; reconnecting and resubscribing

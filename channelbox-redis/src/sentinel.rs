@@ -1,5 +1,6 @@
 //! Where the command and subscription connections connect: one fixed Redis,
-//! or the master that Sentinel names now. A [`Target`] hands out a client
+//! the master that Sentinel names now, or the Redis Cluster master an
+//! engine is on now (see `cluster`: it follows a failover). A [`Target`] hands out a client
 //! for each (re)connect; a Sentinel target asks the sentinels every time and
 //! checks with `ROLE` that the node it names is a master, so a connection is
 //! never made to a replica that cannot take writes.
@@ -20,6 +21,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, RedisResult, Value};
 
+use crate::cluster::Slots;
+
 /// How long one sentinel, or the master it names, may take to answer.
 const ASK_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often the sentinels are asked for the master, besides `+switch-master`.
@@ -34,6 +37,8 @@ pub(crate) enum Target {
     Single(Client),
     /// The master the sentinels name.
     Sentinel(Arc<Sentinels>),
+    /// The Cluster master engine `.1` is on now.
+    Cluster(Arc<Slots>, usize),
 }
 
 impl Target {
@@ -42,6 +47,10 @@ impl Target {
         match self {
             Target::Single(client) => Ok(client.clone()),
             Target::Sentinel(s) => s.master_client().await,
+            Target::Cluster(slots, index) => {
+                let (host, port) = slots.address(*index);
+                Client::open((host.as_str(), port))
+            }
         }
     }
 
@@ -51,6 +60,7 @@ impl Target {
         match self {
             Target::Single(_) => 0,
             Target::Sentinel(s) => s.generation.load(Ordering::Acquire),
+            Target::Cluster(slots, index) => slots.generation(*index),
         }
     }
 }

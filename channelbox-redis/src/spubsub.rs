@@ -236,6 +236,7 @@ pub(crate) async fn run(
 ) {
     let mut wanted: HashSet<String> = [keys::node_channel(routes.node), keys::ALL_CHANNEL.to_owned()].into();
     loop {
+        let generation = target.generation();
         let Some(mut conn) = Connection::open(&target).await else {
             if !wait_to_reconnect(&mut commands, &mut wanted).await {
                 return;
@@ -251,7 +252,11 @@ pub(crate) async fn run(
         if routes.events.send(BrokerEvent::Back).await.is_err() {
             return;
         }
-        if !serve(&routes, &moved, &mut conn, &mut wanted, &mut commands).await {
+        let watch = Watch {
+            target: &target,
+            generation,
+        };
+        if !serve(&routes, &moved, &mut conn, &mut wanted, &mut commands, watch).await {
             return;
         }
         // Callers waiting for a confirmation learn it did not come.
@@ -311,15 +316,23 @@ async fn subscribe_wanted(routes: &Routes, moved: &Moved, conn: &mut Connection,
     .unwrap_or(false)
 }
 
+/// What a connection was made to: the target, and its generation then.
+struct Watch<'a> {
+    target: &'a Target,
+    generation: u64,
+}
+
 /// Serves a connected connection: the broker's commands, the frames read,
 /// and a ping every [`PING_EVERY`]. Returns when the connection must be
-/// dropped (`true`) or the broker is gone (`false`).
+/// dropped (`true`: it failed, or the engine moved to another master since
+/// it was made) or the broker is gone (`false`).
 async fn serve(
     routes: &Routes,
     moved: &Moved,
     conn: &mut Connection,
     wanted: &mut HashSet<String>,
     commands: &mut mpsc::UnboundedReceiver<Command>,
+    watch: Watch<'_>,
 ) -> bool {
     let mut ping = tokio::time::interval(PING_EVERY);
     loop {
@@ -358,7 +371,7 @@ async fn serve(
                 None => return true,
             },
             _ = ping.tick() => {
-                if !conn.ping().await {
+                if watch.target.generation() != watch.generation || !conn.ping().await {
                     return true;
                 }
             }

@@ -1,6 +1,7 @@
 //! Redis as it is deployed, for tests: a master with a replica watched by
-//! three sentinels ([`SentinelSet`]), every process a `redis-server` of the
-//! test's own on a free port, killed by its PID.
+//! three sentinels ([`SentinelSet`]), a Redis Cluster of three masters, with
+//! or without a replica each ([`ClusterSet`]), every process a
+//! `redis-server` of the test's own on a free port, killed by its PID.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Child;
@@ -192,22 +193,95 @@ impl SentinelSet {
     }
 }
 
-/// A Redis Cluster of three masters (no replicas), every node a process of
-/// the test's own, created with `redis-cli --cluster create`.
+/// A Redis Cluster of three masters (with a replica each, or none), every
+/// node a process of the test's own, created with `redis-cli --cluster
+/// create`.
 #[derive(Debug)]
 pub struct ClusterSet {
-    /// The masters; `redis-cli` gives them slots 0-5460, 5461-10922 and
-    /// 10923-16383 in this order.
+    /// The masters at start; `redis-cli` gives them slots 0-5460,
+    /// 5461-10922 and 10923-16383 in this order.
     pub nodes: Vec<RedisProcess>,
+    /// With [`ClusterSet::start_with_replicas`], `replicas[i]` replicates
+    /// `nodes[i]`; empty otherwise.
+    pub replicas: Vec<RedisProcess>,
+}
+
+/// The arguments of a cluster node whose peers count as failed after
+/// `node_timeout_ms` without an answer.
+fn cluster_node(node_timeout_ms: &str) -> RedisProcess {
+    RedisProcess::start(&[
+        "--cluster-enabled",
+        "yes",
+        "--cluster-node-timeout",
+        node_timeout_ms,
+        // A replica takes over however long ago it heard from its master.
+        "--cluster-replica-validity-factor",
+        "0",
+    ])
 }
 
 impl ClusterSet {
     /// Starts three cluster-enabled nodes, makes them one cluster, and waits
     /// until every node serves the whole map.
     pub fn start() -> ClusterSet {
-        let nodes: Vec<RedisProcess> = (0..3)
-            .map(|_| RedisProcess::start(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]))
-            .collect();
+        ClusterSet::create("2000")
+    }
+
+    /// Three masters with a replica each, which the Cluster promotes about
+    /// 2 s after its master stops answering (node timeout 1 s); waits until
+    /// every replica is in sync with its master.
+    pub fn start_with_replicas() -> ClusterSet {
+        let mut set = ClusterSet::create("1000");
+        let replicas: Vec<RedisProcess> = (0..set.nodes.len()).map(|_| cluster_node("1000")).collect();
+        for (replica, master) in replicas.iter().zip(&set.nodes) {
+            let port = master.port().to_string();
+            replica
+                .run(&["CLUSTER", "MEET", "127.0.0.1", &port])
+                .expect("CLUSTER MEET");
+        }
+        for (replica, master) in replicas.iter().zip(&set.nodes) {
+            let id: String = redis::from_redis_value(master.run(&["CLUSTER", "MYID"]).expect("MYID")).expect("an id");
+            // Refused until the replica has heard of the master by gossip.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while replica.run(&["CLUSTER", "REPLICATE", &id]).is_err() {
+                assert!(Instant::now() < deadline, "CLUSTER REPLICATE {id}: not within 20 s");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        set.replicas = replicas;
+        set.wait_until(Duration::from_secs(20), "every replica in sync", |s| {
+            s.settled()
+                && s.replicas.iter().all(|r| {
+                    r.slot_map() == s.nodes[0].slot_map()
+                        && r.run(&["INFO", "replication"])
+                            .ok()
+                            .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                            .is_some_and(|i| i.contains("master_link_status:up"))
+                })
+        });
+        set
+    }
+
+    /// The port of the master serving `slot` now, as the first node that
+    /// answers (masters at start, then replicas) sees it.
+    pub fn master_port(&self, slot: u16) -> Option<u16> {
+        let map = self
+            .nodes
+            .iter()
+            .chain(&self.replicas)
+            .find_map(RedisProcess::slot_map)?;
+        map.iter()
+            .find(|(s, e, _)| *s <= i64::from(slot) && i64::from(slot) <= *e)
+            .and_then(|(_, _, p)| u16::try_from(*p).ok())
+    }
+
+    /// The node (master or replica) listening on `port`.
+    pub fn node_on(&self, port: u16) -> Option<&RedisProcess> {
+        self.nodes.iter().chain(&self.replicas).find(|n| n.port() == port)
+    }
+
+    fn create(node_timeout_ms: &str) -> ClusterSet {
+        let nodes: Vec<RedisProcess> = (0..3).map(|_| cluster_node(node_timeout_ms)).collect();
         let cli = std::env::var("CHANNELBOX_REDIS_CLI").unwrap_or_else(|_| "redis-cli".to_owned());
         let mut cmd = std::process::Command::new(&cli);
         cmd.args(["--cluster", "create"]);
@@ -226,7 +300,10 @@ impl ClusterSet {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let set = ClusterSet { nodes };
+        let set = ClusterSet {
+            nodes,
+            replicas: Vec::new(),
+        };
         set.wait_until(Duration::from_secs(20), "every node sees the cluster ok", |s| {
             s.settled()
         });

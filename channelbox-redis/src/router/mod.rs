@@ -20,7 +20,9 @@
 //! `CLUSTERDOWN`) did not run, so it is sent again once the slot map is
 //! read anew, for at most [`REDIRECT_FOR`]. A subscription follows its
 //! group's slot (see `follow_moved_slots`), and so do the group's directory
-//! records (see `follow_moved_records`).
+//! records (see `follow_moved_records`). A failover needs nothing here: the
+//! engine of a failed master moves to the promoted replica by itself (see
+//! `cluster`), keeping its index, so every group keeps its engine.
 
 mod broker;
 mod directory;
