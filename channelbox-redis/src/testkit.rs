@@ -154,9 +154,20 @@ pub(crate) fn run_on(port: u16, args: &[&str]) -> redis::RedisResult<redis::Valu
     cmd.query(&mut conn)
 }
 
+/// A free port whose cluster bus port (the port + 10000) exists too: a
+/// cluster-enabled redis-server on a port above 55535 refuses to start, and
+/// the kernel hands out ports up to 60999.
 pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if port <= MAX_NODE_PORT {
+            return port;
+        }
+    }
 }
+
+/// The highest port a cluster node may have: its bus port is 10000 higher.
+const MAX_NODE_PORT: u16 = 65535 - 10000;

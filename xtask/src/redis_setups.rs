@@ -34,11 +34,19 @@ pub(crate) struct Node {
 }
 
 /// A port nobody listens on now, on 127.0.0.1.
+/// A free port whose cluster bus port (the port + 10000) exists too: a
+/// cluster-enabled redis-server on a port above 55535 refuses to start, and
+/// the kernel hands out ports up to 60999.
 pub(crate) fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| format!("no free port: {e}"))?;
+        if port <= 65535 - 10000 {
+            return Ok(port);
+        }
+    }
 }
 
 /// The arguments every data node starts with: `port`, on 127.0.0.1 only,
