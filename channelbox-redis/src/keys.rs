@@ -102,6 +102,35 @@ pub(crate) fn probe(home: &str) -> String {
     format!("{home}:probe")
 }
 
+/// Hash slots in a Redis Cluster.
+pub const SLOTS: usize = 16_384;
+
+/// CRC16 (XMODEM: polynomial 0x1021, initial 0), as Redis Cluster hashes keys.
+pub fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for b in bytes {
+        crc ^= u16::from(*b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The hash slot of every key of `group`.
+pub fn group_slot(group: &str) -> u16 {
+    crc16(hash_tag(group).as_bytes()) % SLOTS as u16
+}
+
+/// The slot of a hash tag's text.
+pub(crate) fn tag_slot(tag: &str) -> u16 {
+    crc16(tag.as_bytes()) % SLOTS as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

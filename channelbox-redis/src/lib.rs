@@ -74,9 +74,10 @@ use uuid::Uuid;
 use sentinel::Target;
 
 pub use broker::RedisBroker;
-pub use cluster::{crc16, group_slot, ClusterEngine, SLOTS};
+pub use cluster::ClusterEngine;
 pub use directory::{RedisDirectory, FLUSH_EVERY, RECORD_TTL};
 pub use durability::MAX_WAIT;
+pub use keys::{crc16, group_slot, SLOTS};
 pub use router::{ShardedBroker, ShardedDirectory, ShardedStore};
 pub use shards::{fnv1a64, jump, shard_of, ShardedEngine, SHARDS_KEY};
 pub use store::{RedisStore, MAX_READ, MESSAGE_OVERHEAD};

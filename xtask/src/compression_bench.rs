@@ -102,12 +102,12 @@ fn spread(runs: &[Value], path: &[&str]) -> Value {
     json!({"median": median(values), "min": min, "max": max})
 }
 
-pub(crate) fn run(plan: &Plan) -> Result<(), String> {
-    let messages = if plan.quick { 100 } else { plan.messages.min(5000) };
-    let sample = plan.sample.min(SUBSCRIBERS - 1);
-    let modes = ["off", "on"];
+/// `runs` rounds, each measuring every mode once; the reports per mode.
+/// A lost, duplicated or unreadable delivery fails the bench.
+fn measure_rounds(runs: usize, messages: u64, sample: usize) -> Result<Vec<Vec<Value>>, String> {
+    let modes = MODES;
     let mut results: Vec<Vec<Value>> = vec![Vec::new(); modes.len()];
-    for run in 0..plan.runs {
+    for run in 0..runs {
         for (i, mode) in modes.iter().enumerate() {
             let report = measure(mode, messages, sample)?;
             eprintln!(
@@ -132,6 +132,17 @@ pub(crate) fn run(plan: &Plan) -> Result<(), String> {
             results[i].push(report);
         }
     }
+    Ok(results)
+}
+
+/// The two modes, in the order each round runs them.
+const MODES: [&str; 2] = ["off", "on"];
+
+pub(crate) fn run(plan: &Plan) -> Result<(), String> {
+    let messages = if plan.quick { 100 } else { plan.messages.min(5000) };
+    let sample = plan.sample.min(SUBSCRIBERS - 1);
+    let results = measure_rounds(plan.runs, messages, sample)?;
+    let modes = MODES;
     let rows: Vec<Value> = modes
         .iter()
         .zip(&results)

@@ -1,0 +1,86 @@
+//! Tests of the slot map and of following a failover.
+
+use super::*;
+use crate::keys::crc16;
+
+#[test]
+fn slots_are_redis_cluster_slots() {
+    // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+    assert_eq!(crc16(b"123456789"), 0x31c3);
+    assert_eq!(tag_slot("foo"), 12182);
+    assert_eq!(tag_slot("bar"), 5061);
+    assert_eq!(tag_slot(""), 0);
+    // A group's keys hash on its tag.
+    assert_eq!(group_slot("foo"), 12182);
+    assert_eq!(group_slot("}foo"), tag_slot("~"));
+}
+
+#[test]
+fn the_slot_map_is_read_and_homes_are_found() {
+    let host = |h: &[u8], p: i64| Value::Array(vec![Value::BulkString(h.to_vec()), Value::Int(p)]);
+    let line = |s: i64, e: i64, m: Value| Value::Array(vec![Value::Int(s), Value::Int(e), m]);
+    let value = Value::Array(vec![
+        line(0, 5460, host(b"127.0.0.1", 7000)),
+        line(5461, 10922, host(b"", 7001)),
+        line(10923, 16383, host(b"127.0.0.1", 7002)),
+    ]);
+    let ranges = parse_slots(&value, "10.0.0.1").expect("parsed");
+    assert_eq!(ranges[1].master, ("10.0.0.1".to_owned(), 7001));
+    let masters: Vec<(String, u16)> = ranges.iter().map(|r| r.master.clone()).collect();
+    let owners = owners_of(&masters, &ranges);
+    assert_eq!((owners[0], owners[5461], owners[16383]), (0, 1, 2));
+    for i in 0..3 {
+        let home = home_of(&owners, i).expect("a home");
+        let tag = home.trim_start_matches("cb:{").trim_end_matches('}');
+        assert_eq!(owners[tag_slot(tag) as usize] as usize, i, "{home}");
+    }
+    assert_eq!(parse_slots(&Value::Int(1), "h"), None);
+}
+
+#[test]
+fn an_engine_follows_the_replica_promoted_in_its_masters_place() {
+    let node = |p: u16| ("127.0.0.1".to_owned(), p);
+    let range = |start, end, p| Range {
+        start,
+        end,
+        master: node(p),
+    };
+    let mut masters = vec![node(7000), node(7001), node(7002)];
+    let before = vec![
+        range(0, 5460, 7000),
+        range(5461, 10922, 7001),
+        range(10923, 16383, 7002),
+    ];
+    let owners = owners_of(&masters, &before);
+    // Nothing new: nothing moves.
+    assert!(follow_failovers(&mut masters, &owners, &before).is_empty());
+    // 7001 failed; its replica 7004 serves its slots now.
+    let after = vec![
+        range(0, 5460, 7000),
+        range(5461, 10922, 7004),
+        range(10923, 16383, 7002),
+    ];
+    assert_eq!(follow_failovers(&mut masters, &owners, &after), vec![1]);
+    assert_eq!(masters, vec![node(7000), node(7004), node(7002)]);
+    let owners = owners_of(&masters, &after);
+    assert_eq!((owners[0], owners[5461], owners[16383]), (0, 1, 2));
+    // Read again: followed once.
+    assert!(follow_failovers(&mut masters, &owners, &after).is_empty());
+    // A master added later (a slot resharded to it) takes no engine's
+    // place while the engine's master is still named: its slot has none.
+    let added = vec![
+        range(0, 99, 7009),
+        range(100, 5460, 7000),
+        range(5461, 10922, 7004),
+        range(10923, 16383, 7002),
+    ];
+    assert!(follow_failovers(&mut masters, &owners, &added).is_empty());
+    assert_eq!(owners_of(&masters, &added)[0], NOBODY);
+    // Nor does a new master serving none of the slots of the one gone:
+    // 7001 is gone (its slots went to 7000), 7005 serves some of 7000's.
+    let mut masters = vec![node(7000), node(7001)];
+    let owners = owners_of(&masters, &[range(0, 99, 7000), range(100, 16383, 7001)]);
+    let unrelated = vec![range(0, 99, 7005), range(100, 16383, 7000)];
+    assert!(follow_failovers(&mut masters, &owners, &unrelated).is_empty());
+    assert_eq!(masters, vec![node(7000), node(7001)]);
+}
