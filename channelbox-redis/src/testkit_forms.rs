@@ -94,6 +94,16 @@ impl RedisProcess {
     pub fn run(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
         run_on(self.port, args)
     }
+
+    /// `master_repl_offset` from `INFO replication`: how much of the
+    /// replication stream the node has.
+    pub fn repl_offset(&self) -> u64 {
+        let info: String = redis::from_redis_value(self.run(&["INFO", "replication"]).expect("info")).expect("text");
+        info.lines()
+            .find_map(|l| l.strip_prefix("master_repl_offset:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("master_repl_offset")
+    }
 }
 
 impl Drop for RedisProcess {

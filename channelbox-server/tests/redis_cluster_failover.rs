@@ -149,16 +149,6 @@ async fn publish_until_saved(
     unreachable!("attempts do not end")
 }
 
-/// `master_repl_offset` from `INFO replication`: how much of the
-/// replication stream a node has.
-fn repl_offset(node: &channelbox_redis::testkit_forms::RedisProcess) -> u64 {
-    let info: String = redis::from_redis_value(node.run(&["INFO", "replication"]).expect("info")).expect("text");
-    info.lines()
-        .find_map(|l| l.strip_prefix("master_repl_offset:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("master_repl_offset")
-}
-
 /// Cuts the replica of master `owner` off for good: the master refuses
 /// `PSYNC` and `SYNC` to its default user and drops the replica's
 /// connection, so the replica has nothing written after this.
@@ -234,7 +224,7 @@ async fn failover(lagging: bool) {
             }
         }
         let (master, replica) =
-            tokio::task::block_in_place(|| (repl_offset(&set.nodes[owner]), repl_offset(&set.replicas[owner])));
+            tokio::task::block_in_place(|| (set.nodes[owner].repl_offset(), set.replicas[owner].repl_offset()));
         assert!(replica < master, "the replica lags: {replica} < {master}");
     }
 

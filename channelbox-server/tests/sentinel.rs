@@ -191,21 +191,11 @@ async fn lag(set: &Arc<Mutex<SentinelSet>>, proxy: &Proxy) {
     let s = set.clone();
     let (master, replica) = tokio::task::spawn_blocking(move || {
         let set = s.lock().expect("set");
-        (repl_offset(&set.nodes[0]), repl_offset(&set.nodes[1]))
+        (set.nodes[0].repl_offset(), set.nodes[1].repl_offset())
     })
     .await
     .expect("offsets");
     assert!(replica < master, "the replica lags: {replica} < {master}");
-}
-
-/// `master_repl_offset` from `INFO replication`: how much of the
-/// replication stream a node has.
-fn repl_offset(node: &channelbox_redis::testkit_forms::RedisProcess) -> u64 {
-    let info: String = redis::from_redis_value(node.run(&["INFO", "replication"]).expect("info")).expect("text");
-    info.lines()
-        .find_map(|l| l.strip_prefix("master_repl_offset:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("master_repl_offset")
 }
 
 async fn failover(lagging: bool) {

@@ -224,6 +224,7 @@ fn finish(from: &TcpStream, to: &TcpStream, id: u64, shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chaos::resp::tests::{message, SUBSCRIBED};
 
     fn echo_server() -> String {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -259,18 +260,6 @@ mod tests {
             "a partition closes the link"
         );
     }
-
-    /// A pub/sub message as Redis 7 sends it to a RESP2 subscriber.
-    fn message(channel: &str, payload: &str) -> Vec<u8> {
-        format!(
-            "*3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n{payload}\r\n",
-            channel.len(),
-            payload.len()
-        )
-        .into_bytes()
-    }
-
-    const SUBSCRIBED: &[u8] = b"*3\r\n$9\r\nsubscribe\r\n$4\r\ncb:g\r\n:1\r\n";
 
     /// A fake Redis: confirms a subscription at once, then answers every
     /// byte it reads with a message carrying that byte.

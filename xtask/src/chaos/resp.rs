@@ -135,11 +135,11 @@ fn frame_len(buf: &[u8]) -> Result<Option<usize>, ()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A pub/sub message as Redis 7 sends it to a RESP2 subscriber.
-    fn message(channel: &str, payload: &str) -> Vec<u8> {
+    pub(crate) fn message(channel: &str, payload: &str) -> Vec<u8> {
         format!(
             "*3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n{payload}\r\n",
             channel.len(),
@@ -148,7 +148,7 @@ mod tests {
         .into_bytes()
     }
 
-    const SUBSCRIBED: &[u8] = b"*3\r\n$9\r\nsubscribe\r\n$4\r\ncb:g\r\n:1\r\n";
+    pub(crate) const SUBSCRIBED: &[u8] = b"*3\r\n$9\r\nsubscribe\r\n$4\r\ncb:g\r\n:1\r\n";
     const PONG: &[u8] = b"*2\r\n$4\r\npong\r\n$0\r\n\r\n";
 
     /// Feeds `stream` cut at `cuts` (offsets into it) and returns what
