@@ -347,6 +347,15 @@ pub trait HistoryStore: Send + Sync + std::fmt::Debug + 'static {
         true
     }
 
+    /// Whether the store takes `group`'s requests now. The same as
+    /// [`HistoryStore::healthy`] unless the store spreads groups over parts
+    /// that fail apart (shards, the masters of a Redis Cluster): then a
+    /// group whose part is down is not, while the others are.
+    fn healthy_for(&self, group: &str) -> bool {
+        let _ = group;
+        self.healthy()
+    }
+
     /// Makes everything appended so far durable. Called on shutdown.
     async fn sync(&self) -> Result<(), StoreError> {
         Ok(())

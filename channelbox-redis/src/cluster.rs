@@ -8,7 +8,7 @@
 //!   slot is CRC16 (XMODEM) of the tag, modulo 16384, as Redis computes it.
 //! - **The slot map** is read with `CLUSTER SLOTS` at start and again after
 //!   any `MOVED`, `ASK`, `TRYAGAIN` or `CLUSTERDOWN` (at most once per
-//!   [`REFRESH_GAP`]); a request refused that way did not run, and the
+//!   100 ms); a request refused that way did not run, and the
 //!   router sends it again to the master the new map names, for up to
 //!   `router::REDIRECT_FOR`. While a slot migrates, a group whose keys have
 //!   left the old master is refused there (`ASK`) until the slot is
@@ -19,7 +19,7 @@
 //!   [`POLL_EVERY`]. When it names a master no engine is on, and an
 //!   engine's master is no longer named (it failed, and the Cluster
 //!   promoted a replica of it), that engine moves to the new master: the
-//!   one serving most of the slots it served ([`follow_failovers`]). Its
+//!   one serving most of the slots it served (`slot_map::follow_failovers`). Its
 //!   [`Target`] generation moves on, so its command link and its
 //!   subscription connection reconnect there, as after a Sentinel
 //!   failover: the same floors, the reconnect check of every group it has a
@@ -28,9 +28,15 @@
 //!   group's head and fills what it missed. A promoted replica that lacked
 //!   writes is thus found by the rollback check (the group moves to a new
 //!   epoch, its members are closed with 4002). Until the new master answers,
-//!   that engine's groups answer `unavailable`. A master that is not a
-//!   promoted replica of one at start (added later, its slots resharded to
-//!   it) is not followed: its slots answer `unavailable` until a restart.
+//!   that engine's groups answer `unavailable`.
+//! - **Masters added later are served.** A master the map names that is
+//!   not a promoted replica (added to the Cluster, slots resharded to it)
+//!   gets an engine of its own, numbered after the others, made by the
+//!   polling task as soon as a reading shows it ([`grow`]); until that
+//!   engine answers (2 s at most) the slots it serves refuse requests as a
+//!   redirect does, so they wait and are sent again, and a subscription
+//!   whose slot moved there follows it. Its home prefix is the smallest
+//!   `cb:{cb-N}` whose slot it serves when its engine is made.
 //! - **Pub/sub** is sharded (Redis 7): the scripts and the broker
 //!   `SPUBLISH` on the group's channel (in the group's slot), which reaches
 //!   only the subscribers of the node serving that slot; each engine's broker
@@ -49,288 +55,88 @@
 //! Epochs and floors are per engine, as per shard: the rollback rules of a
 //! single Redis hold for each master.
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use channelbox_core::{StoreError, StoreErrorKind};
-use redis::{AsyncConnectionConfig, Client, Value};
+use redis::Client;
 
-use crate::keys::{self, group_slot, tag_slot, SLOTS};
 use crate::router::{Placement, ShardedBroker, ShardedDirectory, ShardedStore};
 use crate::sentinel::Target;
+pub(crate) use crate::slot_map::Slots;
+use crate::slot_map::{address_list, home_of, owners_of, read_slot_map, NOBODY};
 use crate::{RedisConfig, RedisEngine};
 
-/// A slot no known master serves.
-const NOBODY: u16 = u16::MAX;
-/// The slot map is read at most this often.
-const REFRESH_GAP: Duration = Duration::from_millis(100);
-/// How long one node may take to answer `CLUSTER SLOTS`.
-const ASK_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How long a master added later may take to answer before its slots are
+/// placed on its engine anyway (its requests then fail as `unavailable`
+/// until it does).
+const READY_WAIT: Duration = Duration::from_secs(2);
 /// How often the slot map is read besides after a redirect: a failover
 /// refuses nothing with `MOVED` (the failed master just does not answer),
 /// so it is found this way.
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
-/// One line of `CLUSTER SLOTS`: slots `start..=end` served by `master`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Range {
-    start: u16,
-    end: u16,
-    master: (String, u16),
-}
-
-/// The masters of a Cluster and which serves each slot.
+/// What the polling task adds engines to.
 #[derive(Debug)]
-pub(crate) struct Slots {
-    /// Per engine, the master it is on now: at start the masters ordered
-    /// by address (every server alike); an engine whose master failed moves
-    /// to the replica promoted in its place (see [`follow_failovers`]).
-    masters: RwLock<Vec<(String, u16)>>,
-    /// Per engine, moves on each time it moves to another master.
-    generations: Vec<AtomicU64>,
-    /// Per slot, the index in `masters` of the one serving it now.
-    owners: RwLock<Vec<u16>>,
-    /// When the map was last read, and the node that answered then (asked
-    /// first next time: a failed master may take a timeout to refuse);
-    /// held while reading it.
-    refreshed: tokio::sync::Mutex<(tokio::time::Instant, Option<(String, u16)>)>,
-    /// Where `CLUSTER SLOTS` is asked after the masters: the seeds.
-    seeds: Vec<(String, u16)>,
+struct Routers {
+    store: Weak<ShardedStore>,
+    broker: Weak<ShardedBroker>,
+    directory: Weak<ShardedDirectory>,
+    config: RedisConfig,
 }
 
-impl Slots {
-    fn new(masters: Vec<(String, u16)>, owners: Vec<u16>, seeds: Vec<(String, u16)>) -> Slots {
-        Slots {
-            generations: masters.iter().map(|_| AtomicU64::new(0)).collect(),
-            masters: RwLock::new(masters),
-            owners: RwLock::new(owners),
-            refreshed: tokio::sync::Mutex::new((tokio::time::Instant::now(), None)),
-            seeds,
-        }
-    }
-
-    /// The master serving `group`'s slot now.
-    pub(crate) fn master_of(&self, group: &str) -> Option<usize> {
-        let owners = self.owners.read().unwrap_or_else(|p| p.into_inner());
-        match owners[group_slot(group) as usize] {
-            NOBODY => None,
-            i => Some(i as usize),
-        }
-    }
-
-    /// The master engine `index` is on now.
-    pub(crate) fn address(&self, index: usize) -> (String, u16) {
-        self.masters.read().unwrap_or_else(|p| p.into_inner())[index].clone()
-    }
-
-    /// Moves on each time engine `index` moves to another master (see
-    /// [`Target::generation`]).
-    pub(crate) fn generation(&self, index: usize) -> u64 {
-        self.generations[index].load(Ordering::Acquire)
-    }
-
-    /// The masters the engines are on now (`host:port`), in engine order.
-    fn addresses(&self) -> Vec<String> {
-        let masters = self.masters.read().unwrap_or_else(|p| p.into_inner());
-        masters.iter().map(|(h, p)| format!("{h}:{p}")).collect()
-    }
-
-    /// Reads the slot map anew from the first node that answers with one —
-    /// the one that answered last time, the masters, then the seeds (at
-    /// most once per [`REFRESH_GAP`]; callers that arrive meanwhile wait for
-    /// the reading under way) — and follows failovers it shows.
-    pub(crate) async fn refresh(&self) {
-        let mut last = self.refreshed.lock().await;
-        if last.0.elapsed() < REFRESH_GAP {
-            return;
-        }
-        let mut asked: Vec<(String, u16)> = last.1.iter().cloned().collect();
-        let masters = self.masters.read().unwrap_or_else(|p| p.into_inner()).clone();
-        for node in masters.into_iter().chain(self.seeds.iter().cloned()) {
-            if !asked.contains(&node) {
-                asked.push(node);
-            }
-        }
-        last.1 = None;
-        for node in asked {
-            match ask_slots(&node).await {
-                Ok(ranges) if !ranges.is_empty() => {
-                    self.apply(&ranges);
-                    last.1 = Some(node);
-                    break;
-                }
-                _ => {}
-            }
-        }
-        last.0 = tokio::time::Instant::now();
-    }
-
-    /// Takes a slot map read: engines whose master failed over move to the
-    /// promoted replica, then every slot gets its engine.
-    fn apply(&self, ranges: &[Range]) {
-        let mut masters = self.masters.write().unwrap_or_else(|p| p.into_inner());
-        let before = self.owners.read().unwrap_or_else(|p| p.into_inner()).clone();
-        for i in follow_failovers(&mut masters, &before, ranges) {
-            let (host, port) = &masters[i];
-            tracing::warn!(engine = i, %host, port = *port, "a redis cluster master failed over: following it");
-            self.generations[i].fetch_add(1, Ordering::AcqRel);
-        }
-        let owners = owners_of(&masters, ranges);
-        *self.owners.write().unwrap_or_else(|p| p.into_inner()) = owners;
-    }
-}
-
-/// Reads the slot map every [`POLL_EVERY`] until the engine is gone.
-async fn poll(slots: Weak<Slots>) {
+/// Reads the slot map every [`POLL_EVERY`] until the engine is gone, and
+/// makes the engines of masters added meanwhile ([`grow`]) as soon as a
+/// reading shows them.
+async fn poll(slots: Weak<Slots>, routers: Routers) {
     loop {
-        tokio::time::sleep(POLL_EVERY).await;
+        {
+            let Some(slots) = slots.upgrade() else { return };
+            let added = slots.added.notified();
+            tokio::pin!(added);
+            added.as_mut().enable();
+            grow(&slots, &routers).await;
+            let _ = tokio::time::timeout(POLL_EVERY, added).await;
+        }
         let Some(slots) = slots.upgrade() else { return };
         slots.refresh().await;
     }
 }
 
-/// A failover in `ranges`: each master it names that no engine is on (in
-/// address order) takes the place of the engine that served most of its
-/// slots in `owners` (the map before), if that engine's master is no
-/// longer named — it failed, and this is the replica promoted in its
-/// place. A master that served none of an engine's slots (added later) is
-/// not followed. Returns the engines moved.
-fn follow_failovers(masters: &mut [(String, u16)], owners: &[u16], ranges: &[Range]) -> Vec<usize> {
-    let named: BTreeSet<&(String, u16)> = ranges.iter().map(|r| &r.master).collect();
-    let newcomers: Vec<(String, u16)> = named
-        .iter()
-        .filter(|m| !masters.contains(m))
-        .map(|m| (*m).clone())
-        .collect();
-    let mut moved = Vec::new();
-    for node in newcomers {
-        let mut served = vec![0usize; masters.len()];
-        for r in ranges.iter().filter(|r| r.master == node) {
-            let end = (r.end as usize).min(SLOTS - 1);
-            for owner in &owners[r.start as usize..=end] {
-                if let Some(n) = served.get_mut(*owner as usize) {
-                    *n += 1;
-                }
-            }
-        }
-        let gone = (0..masters.len())
-            .filter(|i| served[*i] > 0 && !named.contains(&masters[*i]))
-            .max_by_key(|i| (served[*i], std::cmp::Reverse(*i)));
-        if let Some(i) = gone {
-            masters[i] = node;
-            moved.push(i);
-        }
-    }
-    moved
-}
-
-/// Per slot, the index in `masters` of its master ([`NOBODY`] if none).
-fn owners_of(masters: &[(String, u16)], ranges: &[Range]) -> Vec<u16> {
-    let mut owners = vec![NOBODY; SLOTS];
-    for r in ranges {
-        if let Some(i) = masters.iter().position(|m| *m == r.master) {
-            let end = (r.end as usize).min(SLOTS - 1);
-            for owner in &mut owners[r.start as usize..=end] {
-                *owner = i as u16;
-            }
-        }
-    }
-    owners
-}
-
-/// `CLUSTER SLOTS` of one node.
-async fn ask_slots(node: &(String, u16)) -> Result<Vec<Range>, StoreError> {
-    let unusable = |what: String| {
-        StoreError::new(
-            StoreErrorKind::Io,
-            format!("redis cluster {}:{}: {what}", node.0, node.1),
-        )
-    };
-    let client = Client::open((node.0.as_str(), node.1)).map_err(|e| unusable(e.to_string()))?;
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(ASK_TIMEOUT))
-        .set_response_timeout(Some(ASK_TIMEOUT));
-    let answer = async {
-        let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
-        redis::cmd("CLUSTER").arg("SLOTS").query_async::<Value>(&mut conn).await
-    };
-    let value = tokio::time::timeout(ASK_TIMEOUT * 2, answer)
-        .await
-        .map_err(|_| unusable("no answer in time".to_owned()))?
-        .map_err(|e| unusable(format!("CLUSTER SLOTS failed ({e})")))?;
-    parse_slots(&value, &node.0).ok_or_else(|| unusable("unexpected answer to CLUSTER SLOTS".to_owned()))
-}
-
-/// `CLUSTER SLOTS`: `[[start, end, [host, port, id, …], replicas…], …]`. A
-/// master shown without a host (`""`, or `?` while unknown) is at the host
-/// asked.
-fn parse_slots(value: &Value, asked_host: &str) -> Option<Vec<Range>> {
-    let Value::Array(lines) = value else { return None };
-    let int = |v: &Value| match v {
-        Value::Int(i) => u16::try_from(*i).ok(),
-        _ => None,
-    };
-    let mut ranges = Vec::with_capacity(lines.len());
-    for line in lines {
-        let Value::Array(parts) = line else { return None };
-        let (start, end) = (int(parts.first()?)?, int(parts.get(1)?)?);
-        let Value::Array(master) = parts.get(2)? else {
-            return None;
+/// Makes an engine for each master added to the Cluster since start, in
+/// order, adds it to the routers, waits until it answers ([`READY_WAIT`]
+/// at most), then places its slots on it. A master that serves no slot
+/// any more (or whose engine cannot be made) is tried again at the next
+/// reading.
+async fn grow(slots: &Arc<Slots>, routers: &Routers) {
+    for (index, (host, port), home) in slots.unserved() {
+        let (Some(store), Some(broker), Some(directory)) = (
+            routers.store.upgrade(),
+            routers.broker.upgrade(),
+            routers.directory.upgrade(),
+        ) else {
+            return;
         };
-        let host = match master.first()? {
-            Value::BulkString(h) => String::from_utf8(h.clone()).ok()?,
-            Value::SimpleString(h) => h.clone(),
-            _ => return None,
-        };
-        let host = if host.is_empty() || host == "?" {
-            asked_host.to_owned()
-        } else {
-            host
-        };
-        ranges.push(Range {
-            start,
-            end,
-            master: (host, int(master.get(1)?)?),
-        });
-    }
-    Some(ranges)
-}
-
-/// The home prefix of master `index`: `cb:{cb-N}` for the smallest `N`
-/// whose tag's slot that master serves (`None` when it serves none).
-fn home_of(owners: &[u16], index: usize) -> Option<String> {
-    (0..100_000u32)
-        .find(|n| owners[tag_slot(&format!("cb-{n}")) as usize] as usize == index)
-        .map(|n| format!("{}:{{cb-{n}}}", keys::PREFIX))
-}
-
-/// Reads the slot map from the first of `seeds` that answers with a slot
-/// assigned, trying them all again every 100 ms until `deadline`.
-async fn read_slot_map(seeds: &[(String, u16)], deadline: tokio::time::Instant) -> Result<Vec<Range>, StoreError> {
-    loop {
-        let mut last = None;
-        for seed in seeds {
-            match ask_slots(seed).await {
-                Ok(ranges) if !ranges.is_empty() => {
-                    last = Some(Ok(ranges));
-                    break;
-                }
-                Ok(_) => last = Some(Err(StoreError::new(StoreErrorKind::Unusable, "no slot is assigned"))),
-                Err(err) => last = Some(Err(err)),
+        let Some(home) = home else { return };
+        let target = Arc::new(Target::Cluster(slots.clone(), index));
+        let engine = match RedisEngine::start_on(target, &routers.config, &home, true) {
+            Ok(engine) => engine,
+            Err(err) => {
+                tracing::error!(%err, %host, port, "the engine of an added redis cluster master could not be made");
+                return;
             }
+        };
+        let numbers = [
+            store.add(engine.store()),
+            broker.add(engine.broker()),
+            directory.add(engine.directory()),
+        ];
+        debug_assert!(numbers.iter().all(|n| *n == index), "engines are added in order");
+        if !engine.wait_ready(READY_WAIT).await {
+            tracing::warn!(%host, port, "an added redis cluster master does not answer yet");
         }
-        match last {
-            Some(Ok(ranges)) => return Ok(ranges),
-            Some(Err(err)) if tokio::time::Instant::now() >= deadline => {
-                return Err(StoreError::new(
-                    StoreErrorKind::Unusable,
-                    format!("redis cluster at {}: {err}", address_list(seeds)),
-                ))
-            }
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
+        slots.serve(index);
+        tracing::info!(engine = index, %host, port, %home, "an added redis cluster master is served");
     }
 }
 
@@ -423,7 +229,7 @@ impl ClusterEngine {
         let mut masters: Vec<(String, u16)> = ranges.iter().map(|r| r.master.clone()).collect();
         masters.sort();
         masters.dedup();
-        let owners = owners_of(&masters, &ranges);
+        let owners = owners_of(&masters, &ranges, masters.len());
         if let Some(slot) = owners.iter().position(|o| *o == NOBODY) {
             return Err(StoreError::new(
                 StoreErrorKind::Unusable,
@@ -433,12 +239,11 @@ impl ClusterEngine {
                 ),
             ));
         }
-        let slots = Arc::new(Slots::new(masters.clone(), owners.clone(), seeds));
+        let slots = Arc::new(Slots::new(masters.clone(), ranges, seeds));
         let engines = start_engines(&masters, &owners, &slots, &config)?;
         wait_engines(&engines, &masters, &config, deadline).await?;
-        tokio::spawn(poll(Arc::downgrade(&slots)));
         let placement = Placement::Slots(slots.clone());
-        Ok(ClusterEngine {
+        let cluster = ClusterEngine {
             slots,
             store: Arc::new(ShardedStore::new(
                 engines.iter().map(RedisEngine::store).collect(),
@@ -452,7 +257,15 @@ impl ClusterEngine {
                 engines.iter().map(RedisEngine::directory).collect(),
                 placement,
             )),
-        })
+        };
+        let routers = Routers {
+            store: Arc::downgrade(&cluster.store),
+            broker: Arc::downgrade(&cluster.broker),
+            directory: Arc::downgrade(&cluster.directory),
+            config,
+        };
+        tokio::spawn(poll(Arc::downgrade(&cluster.slots), routers));
+        Ok(cluster)
     }
 
     /// The masters the engines are on now (`host:port`), in the order the
@@ -477,15 +290,3 @@ impl ClusterEngine {
         self.directory.clone()
     }
 }
-
-fn address_list(nodes: &[(String, u16)]) -> String {
-    nodes
-        .iter()
-        .map(|(h, p)| format!("{h}:{p}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-#[cfg(test)]
-#[path = "cluster_tests.rs"]
-mod tests;

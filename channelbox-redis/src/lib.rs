@@ -56,6 +56,7 @@ mod router;
 mod scripts;
 mod sentinel;
 mod shards;
+mod slot_map;
 mod spubsub;
 mod store;
 #[cfg(feature = "testkit")]

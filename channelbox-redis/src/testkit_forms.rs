@@ -219,7 +219,12 @@ pub struct ClusterSet {
 /// The arguments of a cluster node whose peers count as failed after
 /// `node_timeout_ms` without an answer.
 fn cluster_node(node_timeout_ms: &str) -> RedisProcess {
-    RedisProcess::start(&[
+    cluster_node_with(node_timeout_ms, &[])
+}
+
+/// [`cluster_node`] with more arguments.
+fn cluster_node_with(node_timeout_ms: &str, extra: &[&str]) -> RedisProcess {
+    let mut args = vec![
         "--cluster-enabled",
         "yes",
         "--cluster-node-timeout",
@@ -227,21 +232,29 @@ fn cluster_node(node_timeout_ms: &str) -> RedisProcess {
         // A replica takes over however long ago it heard from its master.
         "--cluster-replica-validity-factor",
         "0",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    RedisProcess::start(&args)
 }
 
 impl ClusterSet {
     /// Starts three cluster-enabled nodes, makes them one cluster, and waits
     /// until every node serves the whole map.
     pub fn start() -> ClusterSet {
-        ClusterSet::create("2000")
+        ClusterSet::create("2000", &[])
+    }
+
+    /// Three masters that go on serving their slots while another is down
+    /// (`cluster-require-full-coverage no`): a Cluster partly available.
+    pub fn start_partial() -> ClusterSet {
+        ClusterSet::create("1000", &["--cluster-require-full-coverage", "no"])
     }
 
     /// Three masters with a replica each, which the Cluster promotes about
     /// 2 s after its master stops answering (node timeout 1 s); waits until
     /// every replica is in sync with its master.
     pub fn start_with_replicas() -> ClusterSet {
-        let mut set = ClusterSet::create("1000");
+        let mut set = ClusterSet::create("1000", &[]);
         let replicas: Vec<RedisProcess> = (0..set.nodes.len()).map(|_| cluster_node("1000")).collect();
         for (replica, master) in replicas.iter().zip(&set.nodes) {
             let port = master.port().to_string();
@@ -272,6 +285,29 @@ impl ClusterSet {
         set
     }
 
+    /// Adds a master serving no slot yet (as `redis-cli --cluster
+    /// add-node` does: `CLUSTER MEET`), waits until every node knows it,
+    /// and returns its index in `nodes`; [`ClusterSet::migrate_slot`] then
+    /// moves slots to it.
+    pub fn add_master(&mut self) -> usize {
+        let node = cluster_node("2000");
+        let port = self.nodes[0].port().to_string();
+        node.run(&["CLUSTER", "MEET", "127.0.0.1", &port])
+            .expect("CLUSTER MEET");
+        let new_port = node.port().to_string();
+        self.nodes.push(node);
+        self.wait_until(Duration::from_secs(20), "every node knows the added master", |s| {
+            s.settled()
+                && s.nodes.iter().all(|n| {
+                    n.run(&["CLUSTER", "NODES"])
+                        .ok()
+                        .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                        .is_some_and(|nodes| nodes.contains(&format!(":{new_port}@")))
+                })
+        });
+        self.nodes.len() - 1
+    }
+
     /// The port of the master serving `slot` now, as the first node that
     /// answers (masters at start, then replicas) sees it.
     pub fn master_port(&self, slot: u16) -> Option<u16> {
@@ -290,8 +326,8 @@ impl ClusterSet {
         self.nodes.iter().chain(&self.replicas).find(|n| n.port() == port)
     }
 
-    fn create(node_timeout_ms: &str) -> ClusterSet {
-        let nodes: Vec<RedisProcess> = (0..3).map(|_| cluster_node(node_timeout_ms)).collect();
+    fn create(node_timeout_ms: &str, extra: &[&str]) -> ClusterSet {
+        let nodes: Vec<RedisProcess> = (0..3).map(|_| cluster_node_with(node_timeout_ms, extra)).collect();
         let cli = std::env::var("CHANNELBOX_REDIS_CLI").unwrap_or_else(|_| "redis-cli".to_owned());
         let mut cmd = std::process::Command::new(&cli);
         cmd.args(["--cluster", "create"]);

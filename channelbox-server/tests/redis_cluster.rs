@@ -3,7 +3,9 @@
 //! slots of every master, publishers on two servers, exact delivery; a
 //! busy group's slot migrated to another master while both servers publish
 //! to it: no gap, no duplicate, no (epoch, offset) pair reused, nothing
-//! acknowledged lost. Failovers are in `redis_cluster_failover.rs`.
+//! acknowledged lost; the same with a master added after the servers
+//! started, served without a restart. Failovers are in
+//! `redis_cluster_failover.rs`.
 
 mod support;
 
@@ -205,12 +207,38 @@ async fn twenty_groups_over_three_masters_are_exact_across_two_servers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_groups_slot_migrates_while_two_servers_publish() {
-    let set = std::sync::Arc::new(tokio::task::spawn_blocking(start_cluster).await.expect("a cluster"));
+    slot_migrates_while_two_servers_publish(false).await;
+}
+
+/// A master added to the Cluster after the servers started, and the busy
+/// group's slot resharded to it while they publish: they serve it without a
+/// restart, as exactly as a migration between the masters they started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_groups_slot_moves_to_a_master_added_after_start() {
+    slot_migrates_while_two_servers_publish(true).await;
+}
+
+/// The busy group's slot migrated to the next master (or, with `added`, to a
+/// master added after the servers started) while two servers publish to it.
+async fn slot_migrates_while_two_servers_publish(added: bool) {
+    let set = tokio::task::spawn_blocking(start_cluster).await.expect("a cluster");
     let servers = [server(&set), server(&set)];
     let group = "busy";
     let slot = group_slot(group);
     let from = set.owner_of(slot);
-    let to = (from + 1) % set.nodes.len();
+    let (set, to) = if added {
+        let mut set = set;
+        tokio::task::spawn_blocking(move || {
+            let to = set.add_master();
+            (set, to)
+        })
+        .await
+        .expect("a master added")
+    } else {
+        let to = (from + 1) % set.nodes.len();
+        (set, to)
+    };
+    let set = std::sync::Arc::new(set);
     const PER: u64 = 300;
     let mut a = Client::join(&servers[0].ws_url(&format!("/ws/{group}"))).await.0;
     let mut b = Client::join(&servers[1].ws_url(&format!("/ws/{group}"))).await.0;

@@ -2,7 +2,10 @@
 //! this test's own, node timeout 1 s): a master SIGKILLed, its replica
 //! promoted by the Cluster, both servers following by themselves — also when
 //! the replica lacked the newest writes (the group then moves to a new
-//! epoch, members closed with 4002, no (epoch, offset) pair reused).
+//! epoch, members closed with 4002, no (epoch, offset) pair reused). And a
+//! Cluster partly available (a master down, no replica to promote, the
+//! others serving on): new connections to its groups are refused with 503
+//! before the upgrade, the other groups' are served.
 
 mod support;
 
@@ -327,4 +330,52 @@ async fn failover(lagging: bool) {
     if lagging {
         assert!(epochs.len() >= 2, "the group moved to a new epoch: {epochs:?}");
     }
+}
+
+/// A master down for good (no replica) in a Cluster that serves the other
+/// slots on: an upgrade to one of its groups answers 503 before the upgrade
+/// (not 101 then a close), while groups on the other masters take new
+/// connections and publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_to_a_downed_masters_groups_get_503_the_others_open() {
+    let mut set = tokio::task::spawn_blocking(ClusterSet::start_partial)
+        .await
+        .expect("a cluster");
+    let srv = server(&set);
+    // The first engine is on the master with the lowest port (it keeps the
+    // channel records every connection writes); another is stopped.
+    let ports: Vec<u16> = set.nodes.iter().map(|n| n.port()).collect();
+    let lowest = (0..ports.len()).min_by_key(|i| ports[*i]).expect("a master");
+    let downed = (lowest + 1) % ports.len();
+    let on = |node: usize| {
+        (0..)
+            .map(|i| format!("room-{i}"))
+            .find(|g| set.owner_of(group_slot(g)) == node)
+            .expect("a group")
+    };
+    let (lost, kept) = (on(downed), on(lowest));
+    let status = |group: String| {
+        let url = srv.ws_url(&format!("/ws/{group}"));
+        async move {
+            match tokio_tungstenite::connect_async(url).await {
+                Ok(_) => 101,
+                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+                Err(err) => panic!("upgrade: {err}"),
+            }
+        }
+    };
+    assert_eq!(status(lost.clone()).await, 101, "served before the loss");
+    set.nodes[downed].kill();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(lost.clone()).await != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "503 for {lost} within 5 s of its master's loss"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut member, _) = Client::join(&srv.ws_url(&format!("/ws/{kept}"))).await;
+    let ack = member.request(json!({"type": "publish", "data": "on"}), "on").await;
+    assert_eq!(ack["type"], "published", "a group on a live master is served: {ack}");
+    assert_eq!(status(lost).await, 503, "still refused");
 }

@@ -167,11 +167,13 @@ impl ChatService {
         Ok(service)
     }
 
-    /// Whether the shared engine of a cluster is unreachable now (never on
-    /// a single server).
-    fn cluster_down(&self) -> bool {
+    /// Whether the shared engine of a cluster cannot serve `group` now
+    /// (never on a single server): it is unreachable, or — sharded, or a
+    /// Redis Cluster — the part that keeps `group` is.
+    fn cluster_down_for(&self, group: &str) -> bool {
         self.inner.directory.get().is_some()
-            && (self.inner.channels.broker().is_some_and(|b| !b.connected()) || !self.inner.channels.store().healthy())
+            && (self.inner.channels.broker().is_some_and(|b| !b.connected())
+                || !self.inner.channels.store().healthy_for(group))
     }
 
     /// The box behind the service.
@@ -253,7 +255,7 @@ impl ChatService {
                 &Self::namespace_forbids(group.as_str(), "events"),
             ));
         }
-        if self.cluster_down() {
+        if self.cluster_down_for(group.as_str()) {
             return Err(HttpAnswer::error(
                 503,
                 "unavailable",

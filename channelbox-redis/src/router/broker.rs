@@ -9,43 +9,55 @@ use channelbox_core::{Broker, BrokerEvent, BrokerFuture, NewMessage, StoreError}
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::{connection_of_all, merge, merge_with, Placement, REDIRECT_FOR};
+use super::{connection_of_all, merge, Engines, Merger, Placement, REDIRECT_FOR};
 use crate::link::is_redirect;
 use crate::RedisBroker;
 
 /// Pub/sub on several shards (or the masters of a Redis Cluster).
 #[derive(Debug)]
 pub struct ShardedBroker {
-    shards: Vec<Arc<RedisBroker>>,
+    shards: Arc<Engines<RedisBroker>>,
     placement: Placement,
     /// The engine each subscribed group is subscribed on: its unsubscribe
     /// goes there too. On a Cluster, a group whose slot moved is subscribed
     /// again on the new master (see `follow_moved_slots`).
     subscribed: Arc<Mutex<HashMap<String, usize>>>,
     events: Mutex<Option<mpsc::Receiver<BrokerEvent>>>,
+    /// Forwards each engine's events into `events`.
+    merged: Merger<BrokerEvent>,
+    /// Forwards each engine's groups whose slot moved to `follow_moved_slots`.
+    moved: Merger<String>,
 }
+
+/// The merged events' shard number of the `Back` of `follow_moved_slots`.
+const FOLLOWER: usize = usize::MAX;
+/// The engine recorded for a group subscribed while its Cluster master's
+/// engine was being made, until it is placed there.
+const NOT_PLACED: usize = usize::MAX;
 
 impl ShardedBroker {
     pub(crate) fn new(shards: Vec<Arc<RedisBroker>>, placement: Placement) -> Self {
-        let mut receivers: Vec<_> = shards.iter().filter_map(|b| b.take_events()).collect();
-        let count = receivers.len();
+        let receivers: Vec<_> = shards.iter().filter_map(|b| b.take_events()).collect();
+        let mut connections = connection_of_all(receivers.len());
+        let pass = move |shard: usize, event: &BrokerEvent| shard == FOLLOWER || connections(shard, event);
+        let (merged, events) = Merger::new(receivers, pass);
         // `Back` after a group whose Cluster slot moved is subscribed where
         // the slot is now: the box then checks every group's head, which
         // finds what was published while the group was not subscribed.
         let (back_tx, back_rx) = mpsc::channel(1);
-        receivers.push(back_rx);
-        let mut connections = connection_of_all(count);
-        let pass = move |shard: usize, event: &BrokerEvent| shard == count || connections(shard, event);
+        merged.add(FOLLOWER, back_rx);
+        let (moved, moved_rx) = merge(shards.iter().filter_map(|b| b.take_moved()).collect());
         let broker = ShardedBroker {
-            events: Mutex::new(Some(merge_with(receivers, pass))),
-            shards,
+            events: Mutex::new(Some(events)),
+            shards: Engines::new(shards),
             placement,
             subscribed: Arc::new(Mutex::new(HashMap::new())),
+            merged,
+            moved,
         };
-        let moved: Vec<_> = broker.shards.iter().filter_map(|b| b.take_moved()).collect();
         if matches!(broker.placement, Placement::Slots(_)) {
             tokio::spawn(follow_moved_slots(
-                merge(moved),
+                moved_rx,
                 broker.shards.clone(),
                 broker.placement.clone(),
                 broker.subscribed.clone(),
@@ -53,6 +65,20 @@ impl ShardedBroker {
             ));
         }
         broker
+    }
+
+    /// Adds the broker of a Cluster master added after start (see
+    /// `cluster`): its events join the others.
+    pub(crate) fn add(&self, broker: Arc<RedisBroker>) -> usize {
+        let (events, moved) = (broker.take_events(), broker.take_moved());
+        let shard = self.shards.push(broker);
+        if let Some(events) = events {
+            self.merged.add(shard, events);
+        }
+        if let Some(moved) = moved {
+            self.moved.add(shard, moved);
+        }
+        shard
     }
 }
 
@@ -65,7 +91,7 @@ fn failed(err: StoreError) -> BrokerFuture {
 /// slot is now — under the lock, so that an unsubscribe made meanwhile comes
 /// after it on the same engine — and records where.
 async fn subscribe_placed(
-    shards: &[Arc<RedisBroker>],
+    shards: &Engines<RedisBroker>,
     placement: &Placement,
     subscribed: &Mutex<HashMap<String, usize>>,
     group: &str,
@@ -75,12 +101,20 @@ async fn subscribe_placed(
     loop {
         match placed.await {
             Err(err) if is_redirect(&err) && placement.follow(deadline).await => {
-                let shard = placement.of(group)?;
+                let shard = match placement.of(group) {
+                    Ok(shard) => shard,
+                    // Its new master's engine is being made: waits on.
+                    Err(err) if is_redirect(&err) => {
+                        placed = failed(err);
+                        continue;
+                    }
+                    Err(err) => return Err(err),
+                };
                 let mut subscribed = subscribed.lock().unwrap_or_else(|p| p.into_inner());
                 match subscribed.get_mut(group) {
                     Some(at) => {
                         *at = shard;
-                        placed = shards[shard].subscribe(group);
+                        placed = shards.get(shard)?.subscribe(group);
                     }
                     // Unsubscribed meanwhile.
                     None => return Ok(()),
@@ -96,7 +130,7 @@ async fn subscribe_placed(
 /// now, then `Back` tells the box to check every group's head.
 async fn follow_moved_slots(
     mut moved: mpsc::Receiver<String>,
-    shards: Vec<Arc<RedisBroker>>,
+    shards: Arc<Engines<RedisBroker>>,
     placement: Placement,
     subscribed: Arc<Mutex<HashMap<String, usize>>>,
     back: mpsc::Sender<BrokerEvent>,
@@ -117,8 +151,10 @@ async fn follow_moved_slots(
                 match (subscribed.get_mut(&group), placement.of(&group)) {
                     (Some(at), Ok(now)) => {
                         *at = now;
-                        Some(shards[now].subscribe(&group))
+                        Some(shards.get(now).map_or_else(failed, |b| b.subscribe(&group)))
                     }
+                    // Its new master's engine is being made: placed once it is.
+                    (Some(_), Err(err)) if is_redirect(&err) => Some(failed(err)),
                     _ => None,
                 }
             };
@@ -137,20 +173,27 @@ impl Broker for ShardedBroker {
     fn subscribe(&self, group: &str) -> BrokerFuture {
         let mut subscribed = self.subscribed.lock().unwrap_or_else(|p| p.into_inner());
         let shard = match subscribed.get(group) {
-            Some(shard) => *shard,
-            None => match self.placement.of(group) {
-                Ok(shard) => shard,
-                Err(err) => return failed(err),
-            },
+            Some(shard) => Ok(*shard),
+            None => self.placement.of(group),
         };
-        subscribed.insert(group.to_owned(), shard);
+        let first = match shard.and_then(|s| Ok((s, self.shards.get(s)?))) {
+            Ok((shard, broker)) => {
+                subscribed.insert(group.to_owned(), shard);
+                broker.subscribe(group)
+            }
+            // Its master's engine is being made: placed once it is.
+            Err(err) if is_redirect(&err) => {
+                subscribed.insert(group.to_owned(), NOT_PLACED);
+                failed(err)
+            }
+            Err(err) => return failed(err),
+        };
         drop(subscribed);
         if matches!(self.placement, Placement::Jump(_)) {
-            return self.shards[shard].subscribe(group);
+            return first;
         }
         // The subscription command is placed now, in call order; only a
         // refusal (the slot moved) is followed afterwards.
-        let first = self.shards[shard].subscribe(group);
         let (shards, placement, subscribed, group) = (
             self.shards.clone(),
             self.placement.clone(),
@@ -162,16 +205,23 @@ impl Broker for ShardedBroker {
 
     fn unsubscribe(&self, group: &str) -> BrokerFuture {
         let shard = self.subscribed.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
-        match shard.map_or_else(|| self.placement.of(group), Ok) {
-            Ok(shard) => self.shards[shard].unsubscribe(group),
+        if shard == Some(NOT_PLACED) {
+            return Box::pin(async { Ok(()) });
+        }
+        match shard
+            .map_or_else(|| self.placement.of(group), Ok)
+            .and_then(|s| self.shards.get(s))
+        {
+            Ok(broker) => broker.unsubscribe(group),
             Err(err) => failed(err),
         }
     }
 
     fn publish_unsaved(&self, group: &str, message: &NewMessage, except: Option<Uuid>) -> BrokerFuture {
-        let first = match self.placement.of(group) {
-            Ok(shard) => self.shards[shard].publish_unsaved(group, message, except),
-            Err(err) => return failed(err),
+        let first = match self.placement.of(group).and_then(|s| self.shards.get(s)) {
+            Ok(broker) => broker.publish_unsaved(group, message, except),
+            // A Cluster's redirect is followed below.
+            Err(err) => failed(err),
         };
         if matches!(self.placement, Placement::Jump(_)) {
             return first;
@@ -187,7 +237,8 @@ impl Broker for ShardedBroker {
             let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
             let mut result = first.await;
             while matches!(&result, Err(err) if is_redirect(err)) && placement.follow(deadline).await {
-                result = shards[placement.of(&group)?]
+                result = shards
+                    .get(placement.settled(&group, deadline).await?)?
                     .publish_unsaved(&group, &message, except)
                     .await;
             }
@@ -200,6 +251,6 @@ impl Broker for ShardedBroker {
     }
 
     fn connected(&self) -> bool {
-        self.shards.iter().any(|b| b.connected())
+        self.shards.read().iter().any(|b| b.connected())
     }
 }

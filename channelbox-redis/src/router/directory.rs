@@ -10,7 +10,7 @@ use channelbox_core::{Change, ClusterEvent, Directory, Member, StoreError};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::{merge, Placement};
+use super::{merge, Engines, Merger, Placement};
 use crate::RedisDirectory;
 
 /// The chat service's directory on several shards (or the masters of a
@@ -19,11 +19,13 @@ use crate::RedisDirectory;
 pub struct ShardedDirectory {
     inner: Arc<DirectoryInner>,
     events: Mutex<Option<mpsc::Receiver<ClusterEvent>>>,
+    /// Forwards each engine's events into `events`.
+    merged: Merger<ClusterEvent>,
 }
 
 #[derive(Debug)]
 struct DirectoryInner {
-    shards: Vec<Arc<RedisDirectory>>,
+    shards: Arc<Engines<RedisDirectory>>,
     placement: Placement,
     /// Groups with members here: the engine whose directory keeps their
     /// records, and the members. On a Cluster, a group whose slot moved is
@@ -39,8 +41,8 @@ impl DirectoryInner {
         let now = self.placement.of(group);
         match (kept.get_mut(group), now) {
             (Some((at, _)), Ok(now)) if *at != now => {
-                let members = self.shards[*at].hand_over(group);
-                self.shards[now].take_over(group, members);
+                let (from, to) = (self.shards.get(*at)?, self.shards.get(now)?);
+                to.take_over(group, from.hand_over(group));
                 *at = now;
                 Ok(now)
             }
@@ -66,10 +68,10 @@ async fn follow_moved_records(inner: std::sync::Weak<DirectoryInner>) {
 
 impl ShardedDirectory {
     pub(crate) fn new(shards: Vec<Arc<RedisDirectory>>, placement: Placement) -> Self {
-        let receivers = shards.iter().filter_map(|d| d.take_events()).collect();
+        let (merged, events) = merge(shards.iter().filter_map(|d| d.take_events()).collect());
         let slots = matches!(placement, Placement::Slots(_));
         let inner = Arc::new(DirectoryInner {
-            shards,
+            shards: Engines::new(shards),
             placement,
             kept: Mutex::new(HashMap::new()),
         });
@@ -77,13 +79,30 @@ impl ShardedDirectory {
             tokio::spawn(follow_moved_records(Arc::downgrade(&inner)));
         }
         ShardedDirectory {
-            events: Mutex::new(Some(merge(receivers))),
+            events: Mutex::new(Some(events)),
             inner,
+            merged,
         }
     }
 
-    fn of(&self, group: &str) -> Result<&RedisDirectory, StoreError> {
-        Ok(&self.inner.shards[self.inner.placement.of(group)?])
+    /// Adds the directory of a Cluster master added after start (see
+    /// `cluster`): its events join the others.
+    pub(crate) fn add(&self, directory: Arc<RedisDirectory>) -> usize {
+        let events = directory.take_events();
+        let shard = self.inner.shards.push(directory);
+        if let Some(events) = events {
+            self.merged.add(shard, events);
+        }
+        shard
+    }
+
+    fn of(&self, group: &str) -> Result<Arc<RedisDirectory>, StoreError> {
+        self.inner.shards.get(self.inner.placement.of(group)?)
+    }
+
+    /// The first engine's: it keeps what is about a channel or a server.
+    fn first(&self) -> Arc<RedisDirectory> {
+        self.inner.shards.read()[0].clone()
     }
 }
 
@@ -114,20 +133,23 @@ impl Directory for ShardedDirectory {
             kept.remove(group);
         }
         // Under the lock: a hand-over cannot come between.
-        self.inner.shards[shard].changed(group, change, member);
+        match self.inner.shards.get(shard) {
+            Ok(directory) => directory.changed(group, change, member),
+            Err(err) => tracing::warn!(%err, group, "member change not recorded"),
+        }
     }
 
     async fn connected(&self, channel: Uuid) -> Result<(), StoreError> {
-        self.inner.shards[0].connected(channel).await
+        self.first().connected(channel).await
     }
 
     fn disconnected(&self, channel: Uuid) {
-        self.inner.shards[0].disconnected(channel);
+        self.first().disconnected(channel);
     }
 
     async fn groups(&self) -> Result<BTreeMap<String, usize>, StoreError> {
         let mut all = BTreeMap::new();
-        for d in &self.inner.shards {
+        for d in self.inner.shards.all() {
             for (group, n) in d.groups().await? {
                 *all.entry(group).or_insert(0) += n;
             }
@@ -140,11 +162,11 @@ impl Directory for ShardedDirectory {
     }
 
     async fn direct(&self, to: Uuid, frame: String) -> Result<bool, StoreError> {
-        self.inner.shards[0].direct(to, frame).await
+        self.first().direct(to, frame).await
     }
 
     async fn close_all(&self) -> Result<(), StoreError> {
-        self.inner.shards[0].close_all().await
+        self.first().close_all().await
     }
 
     fn take_events(&self) -> Option<mpsc::Receiver<ClusterEvent>> {

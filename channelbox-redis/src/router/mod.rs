@@ -29,7 +29,7 @@ mod directory;
 mod retry;
 mod store;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use channelbox_core::{BrokerEvent, StoreError};
@@ -39,7 +39,7 @@ pub use self::broker::ShardedBroker;
 pub use self::directory::ShardedDirectory;
 pub use self::store::ShardedStore;
 use crate::cluster::Slots;
-use crate::link::unavailable;
+use crate::link::{is_redirect, unavailable};
 use crate::shards::shard_of;
 
 /// How long a request refused for its Cluster slot is sent again (the slot
@@ -63,9 +63,19 @@ impl Placement {
     pub(crate) fn of(&self, group: &str) -> Result<usize, StoreError> {
         match self {
             Placement::Jump(n) => Ok(shard_of(group, *n)),
-            Placement::Slots(slots) => slots
-                .master_of(group)
-                .ok_or_else(|| unavailable(format!("no known master serves the slot of group {group:?}"))),
+            Placement::Slots(slots) => slots.master_of(group),
+        }
+    }
+
+    /// The engine of `group`, waiting (the slot map read anew) while its
+    /// slot refuses requests as a redirect does — its master's engine is
+    /// being made — until `deadline`.
+    async fn settled(&self, group: &str, deadline: tokio::time::Instant) -> Result<usize, StoreError> {
+        loop {
+            match self.of(group) {
+                Err(err) if is_redirect(&err) && self.follow(deadline).await => {}
+                placed => return placed,
+            }
         }
     }
 
@@ -91,25 +101,83 @@ impl Placement {
 /// forwarding task waits.
 const MERGED_QUEUE: usize = 65_536;
 
-/// Forwards every receiver into one bounded queue.
-fn merge<T: Send + 'static>(receivers: Vec<mpsc::Receiver<T>>) -> mpsc::Receiver<T> {
-    merge_with(receivers, |_, _: &T| true)
+/// The engines behind a router, in engine order: fixed for shards; on a
+/// Redis Cluster a master added after start joins at the end (see
+/// `cluster`), before any group is placed on it.
+#[derive(Debug)]
+pub(crate) struct Engines<T>(RwLock<Vec<Arc<T>>>);
+
+impl<T> Engines<T> {
+    fn new(engines: Vec<Arc<T>>) -> Arc<Self> {
+        Arc::new(Engines(RwLock::new(engines)))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<T>>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Engine `index`: one the placement named, so always there.
+    fn get(&self, index: usize) -> Result<Arc<T>, StoreError> {
+        self.read()
+            .get(index)
+            .cloned()
+            .ok_or_else(|| unavailable(format!("no engine {index} (yet)")))
+    }
+
+    /// Every engine, as now.
+    fn all(&self) -> Vec<Arc<T>> {
+        self.read().clone()
+    }
+
+    /// Adds one at the end; returns its index.
+    fn push(&self, engine: Arc<T>) -> usize {
+        let mut engines = self.0.write().unwrap_or_else(|p| p.into_inner());
+        engines.push(engine);
+        engines.len() - 1
+    }
 }
 
-/// Forwards every receiver into one bounded queue, each item only when
-/// `pass(shard, item)` says so; `pass` is called under one lock, in the
-/// order the items enter the queue.
-fn merge_with<T: Send + 'static>(
-    receivers: Vec<mpsc::Receiver<T>>,
-    pass: impl FnMut(usize, &T) -> bool + Send + 'static,
-) -> mpsc::Receiver<T> {
-    let (tx, rx) = mpsc::channel(MERGED_QUEUE);
-    let pass = Arc::new(Mutex::new(pass));
-    for (shard, mut r) in receivers.into_iter().enumerate() {
-        let tx = tx.clone();
-        let pass = pass.clone();
+/// A filter of merged items: `(shard, item)`, whether it passes.
+type Pass<T> = Box<dyn FnMut(usize, &T) -> bool + Send>;
+
+/// Forwards the events of every shard into one bounded queue; a shard
+/// added later is forwarded too ([`Merger::add`]).
+struct Merger<T> {
+    tx: mpsc::Sender<T>,
+    pass: Arc<Mutex<Pass<T>>>,
+}
+
+impl<T> std::fmt::Debug for Merger<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Merger").finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + 'static> Merger<T> {
+    /// Forwards every receiver (shard `i` the `i`-th) into one bounded
+    /// queue, each item only when `pass(shard, item)` says so; `pass` is
+    /// called under one lock, in the order the items enter the queue.
+    fn new(
+        receivers: Vec<mpsc::Receiver<T>>,
+        pass: impl FnMut(usize, &T) -> bool + Send + 'static,
+    ) -> (Merger<T>, mpsc::Receiver<T>) {
+        let (tx, rx) = mpsc::channel(MERGED_QUEUE);
+        let merger = Merger {
+            tx,
+            pass: Arc::new(Mutex::new(Box::new(pass))),
+        };
+        for (shard, r) in receivers.into_iter().enumerate() {
+            merger.add(shard, r);
+        }
+        (merger, rx)
+    }
+
+    /// Forwards `receiver`'s items as shard `shard`'s.
+    fn add(&self, shard: usize, mut receiver: mpsc::Receiver<T>) {
+        let tx = self.tx.clone();
+        let pass = self.pass.clone();
         tokio::spawn(async move {
-            while let Some(item) = r.recv().await {
+            while let Some(item) = receiver.recv().await {
                 let Ok(permit) = tx.reserve().await else { return };
                 let mut pass = pass.lock().unwrap_or_else(|p| p.into_inner());
                 if (*pass)(shard, &item) {
@@ -118,27 +186,38 @@ fn merge_with<T: Send + 'static>(
             }
         });
     }
-    rx
+}
+
+/// Forwards every receiver into one bounded queue.
+fn merge<T: Send + 'static>(receivers: Vec<mpsc::Receiver<T>>) -> (Merger<T>, mpsc::Receiver<T>) {
+    Merger::new(receivers, |_, _: &T| true)
 }
 
 /// The shards' connections as one: `Lost` when the first shard is lost
 /// while all were up, `Back` once every shard is back (each has restored
 /// its subscriptions), so that the box's `Back` means what the broker
-/// contract says; the other events pass.
+/// contract says; the other events pass. A shard past the first `shards`
+/// (a Cluster master added later) counts as up until its first `Lost`: it
+/// had no subscriptions to lose.
 fn connection_of_all(shards: usize) -> impl FnMut(usize, &BrokerEvent) -> bool + Send + 'static {
     // A shard's broker reports its first connection as `Back`.
     let mut up = vec![false; shards];
-    move |shard, event| match event {
-        BrokerEvent::Lost => {
-            let all_were_up = up.iter().all(|u| *u);
-            up[shard] = false;
-            all_were_up
+    move |shard, event| {
+        if shard >= up.len() {
+            up.resize(shard + 1, true);
         }
-        BrokerEvent::Back => {
-            up[shard] = true;
-            up.iter().all(|u| *u)
+        match event {
+            BrokerEvent::Lost => {
+                let all_were_up = up.iter().all(|u| *u);
+                up[shard] = false;
+                all_were_up
+            }
+            BrokerEvent::Back => {
+                up[shard] = true;
+                up.iter().all(|u| *u)
+            }
+            _ => true,
         }
-        _ => true,
     }
 }
 
@@ -166,6 +245,12 @@ mod tests {
         assert!(pass(0, &BrokerEvent::Back));
         // One lost and back alone.
         assert!(pass(0, &BrokerEvent::Lost));
+        assert!(pass(0, &BrokerEvent::Back));
+        // A Cluster master added later counts as up until its first loss.
+        assert!(pass(2, &BrokerEvent::Back));
+        assert!(pass(2, &BrokerEvent::Lost));
+        assert!(!pass(0, &BrokerEvent::Lost));
+        assert!(!pass(2, &BrokerEvent::Back));
         assert!(pass(0, &BrokerEvent::Back));
     }
 }

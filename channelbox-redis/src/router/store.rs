@@ -13,14 +13,16 @@ use channelbox_core::{
 use uuid::Uuid;
 
 use super::retry::RetryOrder;
-use super::{Placement, REDIRECT_FOR};
+use super::{Engines, Placement, REDIRECT_FOR};
 use crate::link::is_redirect;
 use crate::RedisStore;
 
 /// History on several shards (or the masters of a Redis Cluster).
 #[derive(Debug)]
 pub struct ShardedStore {
-    shards: Arc<Vec<Arc<RedisStore>>>,
+    shards: Arc<Engines<RedisStore>>,
+    /// The first engine's (every engine has the same settings).
+    limits: HistoryLimits,
     placement: Placement,
     order: Arc<RetryOrder>,
 }
@@ -28,14 +30,20 @@ pub struct ShardedStore {
 impl ShardedStore {
     pub(crate) fn new(shards: Vec<Arc<RedisStore>>, placement: Placement) -> Self {
         ShardedStore {
-            shards: Arc::new(shards),
+            limits: shards[0].limits().clone(),
+            shards: Engines::new(shards),
             placement,
             order: Arc::default(),
         }
     }
 
+    /// Adds the store of a Cluster master added after start (see `cluster`).
+    pub(crate) fn add(&self, store: Arc<RedisStore>) -> usize {
+        self.shards.push(store)
+    }
+
     fn of(&self, group: &str) -> Result<Arc<RedisStore>, StoreError> {
-        Ok(self.shards[self.placement.of(group)?].clone())
+        self.shards.get(self.placement.of(group)?)
     }
 
     /// Runs `request` on the group's engine; a Cluster redirect sends it
@@ -47,7 +55,8 @@ impl ShardedStore {
     {
         let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
         loop {
-            match request(self.of(group)?).await {
+            let store = self.shards.get(self.placement.settled(group, deadline).await?)?;
+            match request(store).await {
                 Err(err) if is_redirect(&err) && self.placement.follow(deadline).await => {}
                 result => return result,
             }
@@ -70,7 +79,15 @@ impl ShardedStore {
         let mut ticket = self.order.take(group);
         let first = match ticket.held {
             true => None,
-            false => Some(self.of(group)?.append_except(group, message.clone(), except)?),
+            false => match self.of(group) {
+                Ok(store) => Some(store.append_except(group, message.clone(), except)?),
+                // Its master's engine is being made: held, as if refused.
+                Err(err) if is_redirect(&err) => {
+                    ticket.hold();
+                    None
+                }
+                Err(err) => return Err(err),
+            },
         };
         let (shards, placement, group) = (self.shards.clone(), self.placement.clone(), group.to_owned());
         Ok(PendingAppend::remote(Box::pin(async move {
@@ -81,7 +98,11 @@ impl ShardedStore {
                 None => {
                     ticket.turn(deadline).await;
                     waited = true;
-                    shards[placement.of(&group)?].append_except(&group, message.clone(), except)?
+                    shards.get(placement.settled(&group, deadline).await?)?.append_except(
+                        &group,
+                        message.clone(),
+                        except,
+                    )?
                 }
             };
             loop {
@@ -98,7 +119,11 @@ impl ShardedStore {
                             ticket.turn(deadline).await;
                             waited = true;
                         }
-                        pending = shards[placement.of(&group)?].append_except(&group, message.clone(), except)?;
+                        pending = shards.get(placement.settled(&group, deadline).await?)?.append_except(
+                            &group,
+                            message.clone(),
+                            except,
+                        )?;
                     }
                     result => {
                         ticket.settle();
@@ -113,15 +138,15 @@ impl ShardedStore {
 #[async_trait]
 impl HistoryStore for ShardedStore {
     fn capabilities(&self) -> Capabilities {
-        self.shards[0].capabilities()
+        self.shards.read()[0].capabilities()
     }
 
     fn limits(&self) -> &HistoryLimits {
-        self.shards[0].limits()
+        &self.limits
     }
 
     fn message_cost(&self, group: &str, payload_bytes: usize) -> u64 {
-        self.shards[0].message_cost(group, payload_bytes)
+        self.shards.read()[0].message_cost(group, payload_bytes)
     }
 
     fn append(&self, group: &str, message: NewMessage) -> Result<PendingAppend, StoreError> {
@@ -172,7 +197,7 @@ impl HistoryStore for ShardedStore {
     }
 
     async fn flush_all(&self) -> Result<(), StoreError> {
-        for s in self.shards.iter() {
+        for s in self.shards.all() {
             s.flush_all().await?;
         }
         Ok(())
@@ -180,7 +205,7 @@ impl HistoryStore for ShardedStore {
 
     async fn stats(&self) -> Result<HistoryStats, StoreError> {
         let mut total = HistoryStats::default();
-        for s in self.shards.iter() {
+        for s in self.shards.all() {
             let one = s.stats().await?;
             total.messages += one.messages;
             total.bytes += one.bytes;
@@ -190,17 +215,34 @@ impl HistoryStore for ShardedStore {
     }
 
     fn healthy(&self) -> bool {
-        self.shards.iter().any(|s| s.healthy())
+        self.shards.read().iter().any(|s| s.healthy())
+    }
+
+    /// The group's engine and the first (which keeps what is about a
+    /// channel or a server: a new connection is recorded there) are
+    /// healthy; a group whose Cluster master's engine is being made counts
+    /// as healthy (its requests wait for it).
+    fn healthy_for(&self, group: &str) -> bool {
+        let shards = self.shards.read();
+        let first = shards[0].healthy();
+        match self.placement.of(group) {
+            Ok(shard) => first && shards.get(shard).is_some_and(|s| s.healthy()),
+            Err(err) => first && is_redirect(&err),
+        }
     }
 }
 
 impl ShardedStore {
     /// One round of head checks, each group on the engine it is placed on now.
     async fn check_heads_once(&self, groups: &[(String, StreamPosition)]) -> Vec<Result<Head, StoreError>> {
-        let mut per_shard: Vec<Vec<(String, StreamPosition)>> = vec![Vec::new(); self.shards.len()];
+        let shards = self.shards.all();
+        let mut per_shard: Vec<Vec<(String, StreamPosition)>> = vec![Vec::new(); shards.len()];
         let mut places = Vec::with_capacity(groups.len());
         for (group, seen) in groups {
             match self.placement.of(group) {
+                // Placed on an engine added since `shards` was read: asked
+                // again, as after a redirect.
+                Ok(shard) if shard >= shards.len() => places.push(Err(crate::link::redirected("ADDED", Some(group)))),
                 Ok(shard) => {
                     places.push(Ok((shard, per_shard[shard].len())));
                     per_shard[shard].push((group.clone(), seen.clone()));
@@ -208,7 +250,7 @@ impl ShardedStore {
                 Err(err) => places.push(Err(err)),
             }
         }
-        let checks = self.shards.iter().zip(&per_shard).map(|(store, asked)| async move {
+        let checks = shards.iter().zip(&per_shard).map(|(store, asked)| async move {
             if asked.is_empty() {
                 Vec::new()
             } else {
