@@ -85,17 +85,27 @@ struct Routers {
     config: RedisConfig,
 }
 
-/// Reads the slot map every [`POLL_EVERY`] until the engine is gone, and
-/// makes the engines of masters added meanwhile ([`grow`]) as soon as a
-/// reading shows them.
+/// Reads the slot map every [`POLL_EVERY`] until the engine is gone, makes
+/// the engines of masters added meanwhile ([`grow`]) as soon as a reading
+/// shows them, and moves each engine's directory records to the home its
+/// master has now (see [`Slots::homes`]).
 async fn poll(slots: Weak<Slots>, routers: Routers) {
+    let mut checking = None;
     loop {
         {
             let Some(slots) = slots.upgrade() else { return };
             let added = slots.added.notified();
             tokio::pin!(added);
             added.as_mut().enable();
-            grow(&slots, &routers).await;
+            grow(&slots, &routers, &mut checking).await;
+            if let Some(directory) = routers.directory.upgrade() {
+                for (index, home) in slots.homes() {
+                    directory.move_home(index, home);
+                }
+            }
+            if let Some(broker) = routers.broker.upgrade() {
+                broker.place_waiting();
+            }
             let _ = tokio::time::timeout(POLL_EVERY, added).await;
         }
         let Some(slots) = slots.upgrade() else { return };
@@ -104,11 +114,14 @@ async fn poll(slots: Weak<Slots>, routers: Routers) {
 }
 
 /// Makes an engine for each master added to the Cluster since start, in
-/// order, adds it to the routers, waits until it answers ([`READY_WAIT`]
-/// at most), then places its slots on it. A master that serves no slot
-/// any more (or whose engine cannot be made) is tried again at the next
-/// reading.
-async fn grow(slots: &Arc<Slots>, routers: &Routers) {
+/// order: waits until it answers ([`READY_WAIT`] at most), checks
+/// `--history-total-bytes` on it as at start, adds it to the routers, then
+/// places its slots on it and subscribes the groups that waited for it. A
+/// master that fails the check keeps its engine in `checking` and is
+/// checked again at the next reading; one whose engine cannot be made is
+/// tried again then. Meanwhile its slots wait, as do those of masters
+/// added after it.
+async fn grow(slots: &Arc<Slots>, routers: &Routers, checking: &mut Option<RedisEngine>) {
     for (index, (host, port), home) in slots.unserved() {
         let (Some(store), Some(broker), Some(directory)) = (
             routers.store.upgrade(),
@@ -117,26 +130,49 @@ async fn grow(slots: &Arc<Slots>, routers: &Routers) {
         ) else {
             return;
         };
-        let Some(home) = home else { return };
-        let target = Arc::new(Target::Cluster(slots.clone(), index));
-        let engine = match RedisEngine::start_on(target, &routers.config, &home, true) {
-            Ok(engine) => engine,
-            Err(err) => {
-                tracing::error!(%err, %host, port, "the engine of an added redis cluster master could not be made");
+        // Made already when a reading forgot this master before it was
+        // served: the engine follows whichever master has its number now.
+        if store.engines() <= index {
+            let engine = match checking.take() {
+                Some(engine) => engine,
+                None => {
+                    let Some(home) = &home else { return };
+                    let target = Arc::new(Target::Cluster(slots.clone(), index));
+                    match RedisEngine::start_on(target, &routers.config, home, true) {
+                        Ok(engine) => engine,
+                        Err(err) => {
+                            tracing::error!(%err, %host, port, "the engine of an added redis cluster master could not be made");
+                            return;
+                        }
+                    }
+                }
+            };
+            if !engine.wait_ready(READY_WAIT).await {
+                tracing::warn!(%host, port, "an added redis cluster master does not answer yet");
+            }
+            if let Some(total) = routers.config.total_bytes {
+                if let Err(err) = crate::check_total_bytes(&engine.link, total, &format!("{host}:{port}")).await {
+                    tracing::error!(%err, "an added redis cluster master is not served");
+                    *checking = Some(engine);
+                    return;
+                }
+            }
+            let numbers = [
+                store.add(engine.store()),
+                broker.add(engine.broker()),
+                directory.add(engine.directory()),
+            ];
+            if numbers.iter().any(|n| *n != index) {
+                tracing::error!(
+                    ?numbers,
+                    index,
+                    "engines out of order: an added redis cluster master is not served"
+                );
                 return;
             }
-        };
-        let numbers = [
-            store.add(engine.store()),
-            broker.add(engine.broker()),
-            directory.add(engine.directory()),
-        ];
-        debug_assert!(numbers.iter().all(|n| *n == index), "engines are added in order");
-        if !engine.wait_ready(READY_WAIT).await {
-            tracing::warn!(%host, port, "an added redis cluster master does not answer yet");
         }
         slots.serve(index);
-        tracing::info!(engine = index, %host, port, %home, "an added redis cluster master is served");
+        tracing::info!(engine = index, %host, port, "an added redis cluster master is served");
     }
 }
 

@@ -127,8 +127,31 @@ fn a_master_added_later_gets_an_engine_of_its_own() {
     slots.serve(2);
     assert_eq!(slots.master_of(&moved).expect("placed"), 2);
     assert!(slots.unserved().is_empty());
+    // A master named once, then gone before it is served, holds up no
+    // master added after it; a slot with no small `cb-N` tag has a home.
+    slots.apply(&[
+        range(0, 66, 7009),
+        range(67, 67, 7011),
+        range(68, 99, 7009),
+        range(100, 8191, 7000),
+        range(8192, 16383, 7001),
+    ]);
+    slots.apply(&[
+        range(0, 66, 7009),
+        range(67, 67, 7012),
+        range(68, 99, 7009),
+        range(100, 8191, 7000),
+        range(8192, 16383, 7001),
+    ]);
+    let unserved = slots.unserved();
+    assert_eq!(unserved.len(), 1, "{unserved:?}");
+    assert_eq!((unserved[0].0, unserved[0].1.clone()), (3, node(7012)));
+    let home = unserved[0].2.clone().expect("a home for slot 67");
+    assert_eq!(tag_slot(home.trim_start_matches("cb:{").trim_end_matches('}')), 67);
+    slots.serve(3);
+    assert_eq!(slots.homes().len(), 3, "every engine but the first has a home");
     // Read again: added once.
     slots.apply(&[range(0, 99, 7009), range(100, 8191, 7000), range(8192, 16383, 7001)]);
-    assert_eq!(slots.addresses().len(), 3);
+    assert_eq!(slots.addresses().len(), 4);
     assert_eq!(slots.master_of(&moved).expect("placed"), 2);
 }

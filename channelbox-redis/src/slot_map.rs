@@ -148,6 +148,26 @@ impl Slots {
             self.generations[i].fetch_add(1, Ordering::AcqRel);
         }
         let named: BTreeSet<&(String, u16)> = ranges.iter().map(|r| &r.master).collect();
+        // A master added but not served yet that this reading no longer
+        // names (its slots moved on, it left or failed) is forgotten, so that
+        // it holds up no master added after it.
+        let served = self.served.load(Ordering::Acquire);
+        let listed = masters.len();
+        let mut i = served;
+        while i < masters.len() {
+            if named.contains(&masters[i]) {
+                i += 1;
+            } else {
+                masters.remove(i);
+            }
+        }
+        if masters.len() < listed {
+            // An engine being made for one of those numbers reconnects to
+            // the master that has it now.
+            for generation in &self.generations[served..listed] {
+                generation.fetch_add(1, Ordering::AcqRel);
+            }
+        }
         for node in named {
             if !masters.contains(node) {
                 if masters.len() == MAX_MASTERS {
@@ -174,10 +194,24 @@ impl Slots {
             .collect()
     }
 
+    /// The home prefix each engine but the first should have now (see
+    /// [`home_of`]): the homes of the servers agree once they read the same
+    /// map, and a home whose slot moved to another master moves too.
+    pub(crate) fn homes(&self) -> Vec<(usize, String)> {
+        let owners = self.owners.read().unwrap_or_else(|p| p.into_inner());
+        (1..self.served.load(Ordering::Acquire))
+            .filter_map(|i| home_of(&owners, i).map(|home| (i, home)))
+            .collect()
+    }
+
     /// Engine `index`, the next, is in the routers now: its slots are
     /// placed on it.
     pub(crate) fn serve(&self, index: usize) {
         let masters = self.masters.read().unwrap_or_else(|p| p.into_inner());
+        if index >= masters.len() {
+            // Forgotten meanwhile: served when a master takes its number.
+            return;
+        }
         self.served.store(index + 1, Ordering::Release);
         let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
         *self.owners.write().unwrap_or_else(|p| p.into_inner()) = owners_of(&masters, &ranges, index + 1);
@@ -291,25 +325,50 @@ fn parse_slots(value: &Value, asked_host: &str) -> Option<Vec<Range>> {
     Some(ranges)
 }
 
+/// Per slot, the smallest `N` whose tag `cb-N` hashes to it (every slot
+/// has one; a few need `N` past 100,000), computed once.
+fn home_tags() -> &'static [u32] {
+    static TAGS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    TAGS.get_or_init(|| {
+        let mut tags = vec![u32::MAX; SLOTS];
+        let mut missing = SLOTS;
+        let mut n = 0u32;
+        while missing > 0 && n < u32::MAX {
+            let slot = tag_slot(&format!("cb-{n}")) as usize;
+            if tags[slot] == u32::MAX {
+                tags[slot] = n;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    })
+}
+
+/// The home prefix of the smallest tag among `slots`.
+fn home_among(slots: impl Iterator<Item = usize>) -> Option<String> {
+    let tags = home_tags();
+    slots
+        .map(|slot| tags[slot])
+        .min()
+        .map(|n| format!("{}:{{cb-{n}}}", keys::PREFIX))
+}
+
 /// The home prefix of master `index`: `cb:{cb-N}` for the smallest `N`
 /// whose tag's slot that master serves (`None` when it serves none).
 pub(crate) fn home_of(owners: &[u16], index: usize) -> Option<String> {
-    (0..100_000u32)
-        .find(|n| owners[tag_slot(&format!("cb-{n}")) as usize] as usize == index)
-        .map(|n| format!("{}:{{cb-{n}}}", keys::PREFIX))
+    home_among((0..owners.len()).filter(|slot| owners[*slot] as usize == index))
 }
 
 /// The home prefix of `master` in `ranges`: `cb:{cb-N}` for the smallest
 /// `N` whose tag's slot it serves (`None` when it serves none).
 fn home_in(ranges: &[Range], master: &(String, u16)) -> Option<String> {
-    let serves = |slot: u16| {
+    home_among(
         ranges
             .iter()
-            .any(|r| r.master == *master && r.start <= slot && slot <= r.end)
-    };
-    (0..100_000u32)
-        .find(|n| serves(tag_slot(&format!("cb-{n}"))))
-        .map(|n| format!("{}:{{cb-{n}}}", keys::PREFIX))
+            .filter(|r| r.master == *master)
+            .flat_map(|r| r.start as usize..=(r.end as usize).min(SLOTS - 1)),
+    )
 }
 
 /// Reads the slot map from the first of `seeds` that answers with a slot

@@ -68,13 +68,24 @@ pub struct RedisDirectory {
 #[derive(Debug)]
 struct DirectoryInner {
     node: Uuid,
-    /// The prefix of this directory's server and channel records (see `keys`).
-    home: String,
+    /// The prefix of this directory's server and channel records (see
+    /// `keys`); on a Redis Cluster it may move (see
+    /// [`RedisDirectory::move_home`]).
+    home: std::sync::RwLock<String>,
+    /// The home moved: every record is written again at the next flush.
+    moved_home: std::sync::atomic::AtomicBool,
     link: Arc<Link>,
     local: Mutex<Local>,
     events: Mutex<Option<mpsc::Receiver<ClusterEvent>>>,
     /// Wakes the writer when member events wait.
     wake: tokio::sync::Notify,
+}
+
+impl DirectoryInner {
+    /// The home prefix now.
+    fn home(&self) -> String {
+        self.home.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,7 +96,8 @@ impl RedisDirectory {
     pub(crate) fn start(node: Uuid, home: String, link: Arc<Link>, events: mpsc::Receiver<ClusterEvent>) -> Self {
         let inner = Arc::new(DirectoryInner {
             node,
-            home,
+            home: std::sync::RwLock::new(home),
+            moved_home: std::sync::atomic::AtomicBool::new(false),
             link,
             local: Mutex::new(Local::default()),
             events: Mutex::new(Some(events)),
@@ -100,10 +112,26 @@ impl RedisDirectory {
         self.inner.node
     }
 
+    /// Moves this server's records to another home prefix (a Cluster master
+    /// whose home slot moved elsewhere, or whose servers chose homes apart
+    /// while its slots were being resharded to it): written there at the
+    /// next flush, every one; those left at the old home expire within
+    /// [`RECORD_TTL`]. Not for the first engine's directory, whose channel
+    /// records are not written again.
+    pub(crate) fn move_home(&self, home: String) {
+        let mut now = self.inner.home.write().unwrap_or_else(|p| p.into_inner());
+        if *now != home {
+            tracing::info!(from = %*now, to = %home, "cluster records move to another home");
+            *now = home;
+            self.inner.moved_home.store(true, std::sync::atomic::Ordering::Release);
+            self.inner.wake.notify_one();
+        }
+    }
+
     /// The servers whose records are alive, this one excepted.
     async fn other_nodes(&self) -> Result<Vec<Uuid>, StoreError> {
         let mut cmd = redis::cmd("ZRANGEBYSCORE");
-        cmd.arg(keys::nodes(&self.inner.home)).arg(now_ms()).arg("+inf");
+        cmd.arg(keys::nodes(&self.inner.home())).arg(now_ms()).arg("+inf");
         let nodes: Vec<String> = self.inner.link.query(&cmd).await?;
         Ok(nodes
             .iter()
@@ -189,7 +217,7 @@ impl Directory for RedisDirectory {
 
     async fn connected(&self, channel: Uuid) -> Result<(), StoreError> {
         let mut cmd = redis::cmd("SET");
-        cmd.arg(keys::channel_home(&self.inner.home, channel))
+        cmd.arg(keys::channel_home(&self.inner.home(), channel))
             .arg(self.inner.node.to_string())
             .arg("PX")
             .arg(RECORD_TTL.as_millis() as u64);
@@ -209,7 +237,7 @@ impl Directory for RedisDirectory {
         let read = async {
             let nodes = self.other_nodes().await?;
             let hashes = self
-                .hashes(nodes.iter().map(|n| keys::node_groups(&self.inner.home, *n)))
+                .hashes(nodes.iter().map(|n| keys::node_groups(&self.inner.home(), *n)))
                 .await?;
             let mut others = BTreeMap::new();
             for (group, count) in hashes.into_iter().flatten() {
@@ -263,7 +291,7 @@ impl Directory for RedisDirectory {
         let home: Option<String> = self
             .inner
             .link
-            .query(redis::cmd("GET").arg(keys::channel_home(&self.inner.home, to)))
+            .query(redis::cmd("GET").arg(keys::channel_home(&self.inner.home(), to)))
             .await?;
         let Some(node) = home.and_then(|h| Uuid::parse_str(&h).ok()) else {
             return Ok(false);

@@ -45,7 +45,8 @@ pub(super) async fn write_records(weak: Weak<DirectoryInner>) {
             continue;
         }
         flushes = flushes.wrapping_add(1);
-        if let Err(err) = write_changes(&inner, flushes % REFRESH_EVERY == 0).await {
+        let moved = inner.moved_home.swap(false, std::sync::atomic::Ordering::AcqRel);
+        if let Err(err) = write_changes(&inner, moved || flushes % REFRESH_EVERY == 0).await {
             tracing::debug!(%err, "cluster records not written now");
         }
         next_flush = tokio::time::Instant::now() + FLUSH_EVERY;
@@ -112,7 +113,8 @@ fn user_field(user: Option<&str>) -> String {
 async fn write_changes(inner: &DirectoryInner, refresh: bool) -> Result<(), StoreError> {
     let ttl = RECORD_TTL.as_millis() as u64;
     let node = inner.node;
-    let home = inner.home.as_str();
+    let home = inner.home();
+    let home = home.as_str();
     let counts_key = keys::node_groups(home, node);
     let (dirty, gone, batches, refreshed) = {
         let local = lock(&inner.local);

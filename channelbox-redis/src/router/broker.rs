@@ -27,13 +27,19 @@ pub struct ShardedBroker {
     merged: Merger<BrokerEvent>,
     /// Forwards each engine's groups whose slot moved to `follow_moved_slots`.
     moved: Merger<String>,
+    /// Sends [`WAITING`] to `follow_moved_slots`.
+    waiting: mpsc::Sender<String>,
 }
 
 /// The merged events' shard number of the `Back` of `follow_moved_slots`.
 const FOLLOWER: usize = usize::MAX;
 /// The engine recorded for a group subscribed while its Cluster master's
-/// engine was being made, until it is placed there.
+/// engine was being made (or whose subscription could not follow its slot
+/// in time), until it is placed.
 const NOT_PLACED: usize = usize::MAX;
+/// Not a group name (those are never empty): asks `follow_moved_slots` to
+/// place every group recorded [`NOT_PLACED`].
+const WAITING: &str = "";
 
 impl ShardedBroker {
     pub(crate) fn new(shards: Vec<Arc<RedisBroker>>, placement: Placement) -> Self {
@@ -47,6 +53,8 @@ impl ShardedBroker {
         let (back_tx, back_rx) = mpsc::channel(1);
         merged.add(FOLLOWER, back_rx);
         let (moved, moved_rx) = merge(shards.iter().filter_map(|b| b.take_moved()).collect());
+        let (waiting, waiting_rx) = mpsc::channel(1);
+        moved.add(FOLLOWER, waiting_rx);
         let broker = ShardedBroker {
             events: Mutex::new(Some(events)),
             shards: Engines::new(shards),
@@ -54,6 +62,7 @@ impl ShardedBroker {
             subscribed: Arc::new(Mutex::new(HashMap::new())),
             merged,
             moved,
+            waiting,
         };
         if matches!(broker.placement, Placement::Slots(_)) {
             tokio::spawn(follow_moved_slots(
@@ -65,6 +74,13 @@ impl ShardedBroker {
             ));
         }
         broker
+    }
+
+    /// Places the groups that waited for a Cluster master's engine (see
+    /// [`NOT_PLACED`]); nothing when none did.
+    pub(crate) fn place_waiting(&self) {
+        // Full: a request is pending already.
+        let _ = self.waiting.try_send(WAITING.to_owned());
     }
 
     /// Adds the broker of a Cluster master added after start (see
@@ -120,7 +136,16 @@ async fn subscribe_placed(
                     None => return Ok(()),
                 }
             }
-            result => return result,
+            result => {
+                if matches!(&result, Err(err) if is_redirect(err)) {
+                    // Placed nowhere: tried again at the next subscribe, or
+                    // once an added master is served (`place_waiting`).
+                    if let Some(at) = subscribed.lock().unwrap_or_else(|p| p.into_inner()).get_mut(group) {
+                        *at = NOT_PLACED;
+                    }
+                }
+                return result;
+            }
         }
     }
 }
@@ -139,6 +164,15 @@ async fn follow_moved_slots(
         let mut groups = vec![group];
         while let Ok(more) = moved.try_recv() {
             groups.push(more);
+        }
+        if groups.iter().any(|g| g == WAITING) {
+            groups.retain(|g| g != WAITING);
+            let subscribed = subscribed.lock().unwrap_or_else(|p| p.into_inner());
+            let waiting = subscribed.iter().filter(|(_, at)| **at == NOT_PLACED);
+            groups.extend(waiting.map(|(g, _)| g.clone()));
+        }
+        if groups.is_empty() {
+            continue;
         }
         if let Placement::Slots(slots) = &placement {
             slots.refresh().await;
@@ -173,8 +207,8 @@ impl Broker for ShardedBroker {
     fn subscribe(&self, group: &str) -> BrokerFuture {
         let mut subscribed = self.subscribed.lock().unwrap_or_else(|p| p.into_inner());
         let shard = match subscribed.get(group) {
-            Some(shard) => Ok(*shard),
-            None => self.placement.of(group),
+            Some(shard) if *shard != NOT_PLACED => Ok(*shard),
+            _ => self.placement.of(group),
         };
         let first = match shard.and_then(|s| Ok((s, self.shards.get(s)?))) {
             Ok((shard, broker)) => {

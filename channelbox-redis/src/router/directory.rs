@@ -96,6 +96,16 @@ impl ShardedDirectory {
         shard
     }
 
+    /// Moves engine `index`'s records to `home` (see
+    /// [`RedisDirectory::move_home`]); never the first engine's.
+    pub(crate) fn move_home(&self, index: usize, home: String) {
+        if index > 0 {
+            if let Ok(directory) = self.inner.shards.get(index) {
+                directory.move_home(home);
+            }
+        }
+    }
+
     fn of(&self, group: &str) -> Result<Arc<RedisDirectory>, StoreError> {
         self.inner.shards.get(self.inner.placement.of(group)?)
     }

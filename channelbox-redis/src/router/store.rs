@@ -42,6 +42,11 @@ impl ShardedStore {
         self.shards.push(store)
     }
 
+    /// How many engines it has.
+    pub(crate) fn engines(&self) -> usize {
+        self.shards.read().len()
+    }
+
     fn of(&self, group: &str) -> Result<Arc<RedisStore>, StoreError> {
         self.shards.get(self.placement.of(group)?)
     }
