@@ -36,7 +36,10 @@
 //!   engine answers (2 s at most) the slots it serves refuse requests as a
 //!   redirect does, so they wait and are sent again, and a subscription
 //!   whose slot moved there follows it. Its home prefix is the smallest
-//!   `cb:{cb-N}` whose slot it serves when its engine is made.
+//!   `cb:{cb-N}` whose slot it serves; every poll moves each engine's
+//!   records (but the first's) to the home its master has now, so servers
+//!   that added it at different moments of a reshard agree once they read
+//!   the same map.
 //! - **Pub/sub** is sharded (Redis 7): the scripts and the broker
 //!   `SPUBLISH` on the group's channel (in the group's slot), which reaches
 //!   only the subscribers of the node serving that slot; each engine's broker
