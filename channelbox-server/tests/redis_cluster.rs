@@ -340,24 +340,77 @@ async fn slot_migrates_while_two_servers_publish(added: bool) {
     // Presence follows the slot too: a member who joins on one server after
     // the migration is listed by the other (with the two who stayed).
     let _c = Client::join(&servers[1].ws_url(&format!("/ws/{group}"))).await.0;
+    presence_lists(&servers[0], group, 3, "after the migration").await;
+    if added {
+        home_moves_with_its_slot(&set, &servers, to).await;
+        presence_lists(&servers[0], group, 3, "after the added master's home moved").await;
+    }
+}
+
+/// Waits until `server` lists `n` members of `group` (5 s at most).
+async fn presence_lists(server: &Server, group: &str, n: usize, when: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let p = http(
-            &servers[0].addr,
-            "GET",
-            &format!("/api/groups/{group}/presence"),
-            &[],
-            b"",
-        )
-        .await;
-        let listed = p.json()["members"].as_array().map_or(0, Vec::len);
-        if listed == 3 {
-            break;
+        let p = http(&server.addr, "GET", &format!("/api/groups/{group}/presence"), &[], b"").await;
+        if p.json()["members"].as_array().map_or(0, Vec::len) == n {
+            return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "presence across servers after the migration: {}",
+            "presence across servers {when}: {}",
             p.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Moves to the added master `to` the slot of a smaller home tag (`cb-M`,
+/// not the first engine's master's): both servers move that master's
+/// server records there (and the records of the master it came from, if it
+/// was that one's home), so they still agree on where they are.
+async fn home_moves_with_its_slot(set: &std::sync::Arc<ClusterSet>, servers: &[Server], to: usize) {
+    let first = (0..set.nodes.len())
+        .filter(|i| *i != to)
+        .min_by_key(|i| set.nodes[*i].port())
+        .expect("a master");
+    let slot_of = |key: &str| -> u16 {
+        let v = set.nodes[0].run(&["CLUSTER", "KEYSLOT", key]).expect("KEYSLOT");
+        redis::from_redis_value::<i64>(v).expect("a slot") as u16
+    };
+    let m = (0..)
+        .find(|m| ![first, to].contains(&set.owner_of(slot_of(&format!("cb:{{cb-{m}}}:nodes")))))
+        .expect("a tag");
+    let nodes_key = format!("cb:{{cb-{m}}}:nodes");
+    let slot = slot_of(&nodes_key);
+    let migrating = set.clone();
+    tokio::task::spawn_blocking(move || migrating.migrate_slot(slot, to, 10, Duration::from_millis(10)))
+        .await
+        .expect("migrated");
+    // Each server's count of the busy group (on the added master) is at
+    // the new home: written there by the server, not carried over by the
+    // migration (which holds the records of the master the slot left).
+    let counted_there = || -> usize {
+        let ids: Vec<String> = set.nodes[to]
+            .run(&["ZRANGE", &nodes_key, "0", "-1"])
+            .ok()
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .unwrap_or_default();
+        ids.iter()
+            .filter(|id| {
+                set.nodes[to]
+                    .run(&["HGET", &format!("cb:{{cb-{m}}}:node:{id}:groups"), "busy"])
+                    .ok()
+                    .and_then(|v| redis::from_redis_value::<Option<i64>>(v).ok())
+                    .flatten()
+                    .is_some_and(|n| n > 0)
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while counted_there() < servers.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both servers record their members at the added master's new home cb-{m}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
