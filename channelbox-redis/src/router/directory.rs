@@ -11,7 +11,37 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::{merge, Engines, Merger, Placement};
+use crate::link::is_redirect;
 use crate::RedisDirectory;
+
+/// Member changes held for groups whose Cluster master's engine is being
+/// made, at most; past it a change is not recorded (and logged).
+const WAITING_CHANGES: usize = 65_536;
+
+/// The groups with members here and where their records are.
+#[derive(Debug, Default)]
+struct Kept {
+    /// Per group, the engine whose directory keeps its records, and the
+    /// members.
+    groups: HashMap<String, (usize, HashSet<Uuid>)>,
+    /// The changes, in order, of groups whose Cluster master's engine is
+    /// being made: recorded once it is placed (see `follow_moved_records`).
+    waiting: HashMap<String, Vec<(Change, Member)>>,
+    /// How many changes `waiting` holds.
+    waiting_changes: usize,
+}
+
+impl Kept {
+    /// Holds a change of a group that waits for its master's engine.
+    fn hold(&mut self, group: &str, change: Change, member: Member) {
+        if self.waiting_changes >= WAITING_CHANGES {
+            tracing::warn!(group, "member change not recorded: too many wait for a cluster master");
+            return;
+        }
+        self.waiting_changes += 1;
+        self.waiting.entry(group.to_owned()).or_default().push((change, member));
+    }
+}
 
 /// The chat service's directory on several shards (or the masters of a
 /// Redis Cluster).
@@ -27,11 +57,10 @@ pub struct ShardedDirectory {
 struct DirectoryInner {
     shards: Arc<Engines<RedisDirectory>>,
     placement: Placement,
-    /// Groups with members here: the engine whose directory keeps their
-    /// records, and the members. On a Cluster, a group whose slot moved is
+    /// Groups with members here. On a Cluster, a group whose slot moved is
     /// handed over to the new master's directory (at its next change, and
     /// every [`crate::FLUSH_EVERY`]).
-    kept: Mutex<HashMap<String, (usize, HashSet<Uuid>)>>,
+    kept: Mutex<Kept>,
 }
 
 impl DirectoryInner {
@@ -50,6 +79,47 @@ impl DirectoryInner {
             (None, now) => now,
         }
     }
+
+    /// Records one member change with the engine that keeps the group now;
+    /// a group whose Cluster master's engine is being made has it held.
+    fn record(&self, kept: &mut Kept, group: &str, change: Change, member: Member) {
+        if kept.waiting.contains_key(group) {
+            kept.hold(group, change, member);
+            return;
+        }
+        let shard = match self.keeper(&mut kept.groups, group) {
+            Ok(shard) => shard,
+            Err(err) if is_redirect(&err) => {
+                kept.hold(group, change, member);
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(%err, group, "member change not recorded");
+                return;
+            }
+        };
+        let members = &mut kept
+            .groups
+            .entry(group.to_owned())
+            .or_insert_with(|| (shard, HashSet::new()))
+            .1;
+        match change {
+            Change::Joined => {
+                members.insert(member.channel_id);
+            }
+            Change::Left => {
+                members.remove(&member.channel_id);
+            }
+        }
+        if members.is_empty() {
+            kept.groups.remove(group);
+        }
+        // Under the lock: a hand-over cannot come between.
+        match self.shards.get(shard) {
+            Ok(directory) => directory.changed(group, change, member),
+            Err(err) => tracing::warn!(%err, group, "member change not recorded"),
+        }
+    }
 }
 
 /// Every [`crate::FLUSH_EVERY`], hands the records of groups whose Cluster
@@ -59,9 +129,22 @@ async fn follow_moved_records(inner: std::sync::Weak<DirectoryInner>) {
         tokio::time::sleep(crate::FLUSH_EVERY).await;
         let Some(inner) = inner.upgrade() else { return };
         let mut kept = inner.kept.lock().unwrap_or_else(|p| p.into_inner());
-        let groups: Vec<String> = kept.keys().cloned().collect();
+        let groups: Vec<String> = kept.groups.keys().cloned().collect();
         for group in groups {
-            let _ = inner.keeper(&mut kept, &group);
+            let _ = inner.keeper(&mut kept.groups, &group);
+        }
+        let placed: Vec<String> = kept
+            .waiting
+            .keys()
+            .filter(|g| !matches!(inner.placement.of(g), Err(err) if is_redirect(&err)))
+            .cloned()
+            .collect();
+        for group in placed {
+            let changes = kept.waiting.remove(&group).unwrap_or_default();
+            kept.waiting_changes -= changes.len();
+            for (change, member) in changes {
+                inner.record(&mut kept, &group, change, member);
+            }
         }
     }
 }
@@ -73,7 +156,7 @@ impl ShardedDirectory {
         let inner = Arc::new(DirectoryInner {
             shards: Engines::new(shards),
             placement,
-            kept: Mutex::new(HashMap::new()),
+            kept: Mutex::new(Kept::default()),
         });
         if slots {
             tokio::spawn(follow_moved_records(Arc::downgrade(&inner)));
@@ -120,33 +203,7 @@ impl ShardedDirectory {
 impl Directory for ShardedDirectory {
     fn changed(&self, group: &str, change: Change, member: Member) {
         let mut kept = self.inner.kept.lock().unwrap_or_else(|p| p.into_inner());
-        let shard = match self.inner.keeper(&mut kept, group) {
-            Ok(shard) => shard,
-            Err(err) => {
-                tracing::warn!(%err, group, "member change not recorded");
-                return;
-            }
-        };
-        let members = &mut kept
-            .entry(group.to_owned())
-            .or_insert_with(|| (shard, HashSet::new()))
-            .1;
-        match change {
-            Change::Joined => {
-                members.insert(member.channel_id);
-            }
-            Change::Left => {
-                members.remove(&member.channel_id);
-            }
-        }
-        if members.is_empty() {
-            kept.remove(group);
-        }
-        // Under the lock: a hand-over cannot come between.
-        match self.inner.shards.get(shard) {
-            Ok(directory) => directory.changed(group, change, member),
-            Err(err) => tracing::warn!(%err, group, "member change not recorded"),
-        }
+        self.inner.record(&mut kept, group, change, member);
     }
 
     async fn connected(&self, channel: Uuid) -> Result<(), StoreError> {
