@@ -3,6 +3,20 @@
 use super::*;
 use crate::keys::crc16;
 
+/// The master on local port `p`.
+fn node(p: u16) -> (String, u16) {
+    ("127.0.0.1".to_owned(), p)
+}
+
+/// Slots `start..=end` served by the master on port `p`.
+fn range(start: u16, end: u16, p: u16) -> Range {
+    Range {
+        start,
+        end,
+        master: node(p),
+    }
+}
+
 #[test]
 fn slots_are_redis_cluster_slots() {
     // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
@@ -39,12 +53,6 @@ fn the_slot_map_is_read_and_homes_are_found() {
 
 #[test]
 fn an_engine_follows_the_replica_promoted_in_its_masters_place() {
-    let node = |p: u16| ("127.0.0.1".to_owned(), p);
-    let range = |start, end, p| Range {
-        start,
-        end,
-        master: node(p),
-    };
     let mut masters = vec![node(7000), node(7001), node(7002)];
     let before = vec![
         range(0, 5460, 7000),
@@ -87,12 +95,6 @@ fn an_engine_follows_the_replica_promoted_in_its_masters_place() {
 
 #[test]
 fn a_master_added_later_gets_an_engine_of_its_own() {
-    let node = |p: u16| ("127.0.0.1".to_owned(), p);
-    let range = |start, end, p| Range {
-        start,
-        end,
-        master: node(p),
-    };
     let at_start = vec![range(0, 8191, 7000), range(8192, 16383, 7001)];
     let slots = Slots::new(vec![node(7000), node(7001)], at_start.clone(), Vec::new());
     let moved = (0..)

@@ -34,6 +34,9 @@ pub(crate) struct Plan {
     /// Write delays (ms) the light-load benchmark also runs the chat
     /// server at, besides its default and 0 (`--write-delays a,b`).
     pub(crate) write_delays: Vec<u64>,
+    /// The compression benchmark at a fixed publish rate (`--rate`,
+    /// messages per second, for `--seconds`) instead of as fast as it goes.
+    pub(crate) rate: u64,
 }
 
 impl Plan {
@@ -51,6 +54,7 @@ impl Plan {
             light: false,
             seconds: 10,
             write_delays: Vec::new(),
+            rate: 0,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -73,6 +77,7 @@ impl Plan {
                 "--messages" => plan.messages = value()?.parse().map_err(|_| "bad --messages".to_owned())?,
                 "--sample" => plan.sample = value()?.parse().map_err(|_| "bad --sample".to_owned())?,
                 "--runs" => plan.runs = value()?.parse().map_err(|_| "bad --runs".to_owned())?,
+                "--rate" => plan.rate = value()?.parse().map_err(|_| "bad --rate".to_owned())?,
                 other => return Err(format!("unknown bench argument {other:?}")),
             }
         }
@@ -230,6 +235,9 @@ mod tests {
         let plan = Plan::parse(&args(&["--light", "--seconds", "30", "--write-delays", "5,40"])).unwrap();
         assert!(plan.light);
         assert_eq!((plan.seconds, plan.write_delays), (30, vec![5, 40]));
+        let fixed = Plan::parse(&args(&["--compression", "--rate", "200", "--seconds", "20"])).unwrap();
+        assert_eq!((fixed.compression, fixed.rate, fixed.seconds), (true, 200, 20));
+        assert!(Plan::parse(&args(&["--rate", "x"])).is_err());
         let plain = Plan::parse(&[]).unwrap();
         assert_eq!((plain.light, plain.seconds, plain.write_delays.len()), (false, 10, 0));
         for bad in [

@@ -13,6 +13,11 @@
 //! exactly on the sample and by count on the rest; **latency percentiles
 //! are the sample's**. The load generator's own CPU is reported beside the
 //! server's so a reader can see which one set the pace.
+//!
+//! With `--rate R` the publisher sends R messages a second for `--seconds`
+//! instead of as fast as it can: the server is not saturated, so its CPU
+//! per delivery is what a deployment below capacity pays, and does not
+//! follow the race between the server and the load generator.
 
 use std::process::Stdio;
 
@@ -31,8 +36,17 @@ fn load_average() -> String {
         .unwrap_or_default()
 }
 
+/// How much one run publishes: `messages` as fast as it goes, or `rate`
+/// messages a second for `seconds`.
+#[derive(Clone, Copy)]
+struct Load {
+    messages: u64,
+    rate: u64,
+    seconds: u64,
+}
+
 /// One run of one mode: a fresh server, the load generator, the report.
-fn measure(compression: &str, messages: u64, sample: usize) -> Result<Value, String> {
+fn measure(compression: &str, load: Load, sample: usize) -> Result<Value, String> {
     let args: Vec<String> = [
         "--store",
         "memory",
@@ -47,12 +61,21 @@ fn measure(compression: &str, messages: u64, sample: usize) -> Result<Value, Str
         pinned(Some(0), "target/release/examples/chat", &args),
         "target/release/examples/chat",
     )?;
-    let deadline = 60 + SUBSCRIBERS as u64 * messages / 100_000;
+    let (deadline, amount) = match load.rate {
+        0 => (
+            60 + SUBSCRIBERS as u64 * load.messages / 100_000,
+            format!("--messages {}", load.messages),
+        ),
+        rate => (
+            60 + 2 * load.seconds,
+            format!("--rate {rate} --seconds {}", load.seconds),
+        ),
+    };
     let loadgen_args = vec![
         format!("--addr {addr}"),
         format!("--pid {}", child.id()),
         format!("--subscribers {SUBSCRIBERS}"),
-        format!("--messages {messages}"),
+        amount,
         format!("--payload {PAYLOAD}"),
         "--chat".to_owned(),
         "--deflate".to_owned(),
@@ -104,12 +127,12 @@ fn spread(runs: &[Value], path: &[&str]) -> Value {
 
 /// `runs` rounds, each measuring every mode once; the reports per mode.
 /// A lost, duplicated or unreadable delivery fails the bench.
-fn measure_rounds(runs: usize, messages: u64, sample: usize) -> Result<Vec<Vec<Value>>, String> {
+fn measure_rounds(runs: usize, load: Load, sample: usize) -> Result<Vec<Vec<Value>>, String> {
     let modes = MODES;
     let mut results: Vec<Vec<Value>> = vec![Vec::new(); modes.len()];
     for run in 0..runs {
         for (i, mode) in modes.iter().enumerate() {
-            let report = measure(mode, messages, sample)?;
+            let report = measure(mode, load, sample)?;
             eprintln!(
                 "xtask bench --compression: run {} compression {mode:<3}: {:>7.1} B/delivery on the wire, {:>6.3} µs server CPU/delivery, {:>5.2} M deliveries/s, server {:.2} cores, load generator {:.2} s CPU ({:.2} of a core), p99 {:>8.0} µs (sample of {sample}), lost {}, load average {}",
                 run + 1,
@@ -141,7 +164,12 @@ const MODES: [&str; 2] = ["off", "on"];
 pub(crate) fn run(plan: &Plan) -> Result<(), String> {
     let messages = if plan.quick { 100 } else { plan.messages.min(5000) };
     let sample = plan.sample.min(SUBSCRIBERS - 1);
-    let results = measure_rounds(plan.runs, messages, sample)?;
+    let load = Load {
+        messages,
+        rate: plan.rate,
+        seconds: if plan.quick { 2 } else { plan.seconds },
+    };
+    let results = measure_rounds(plan.runs, load, sample)?;
     let modes = MODES;
     let rows: Vec<Value> = modes
         .iter()
@@ -174,6 +202,8 @@ pub(crate) fn run(plan: &Plan) -> Result<(), String> {
     let summary = json!({
         "subscribers": SUBSCRIBERS,
         "messages": messages,
+        "rate": plan.rate,
+        "seconds": load.seconds,
         "payload_bytes": PAYLOAD,
         "sampled_subscribers": sample,
         "latency_from": "the sampled subscribers only",
