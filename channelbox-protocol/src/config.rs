@@ -71,7 +71,7 @@ impl Default for ProtocolConfig {
 pub const DEFAULT_WRITE_DELAY: Duration = Duration::from_millis(DEFAULT_WRITE_DELAY_MS);
 
 /// [`DEFAULT_WRITE_DELAY`] in milliseconds.
-pub const DEFAULT_WRITE_DELAY_MS: u64 = 20;
+pub const DEFAULT_WRITE_DELAY_MS: u64 = 18;
 
 /// The largest `--write-delay-ms`: latency stays bounded by it.
 pub const MAX_WRITE_DELAY_MS: u64 = 100;

@@ -205,12 +205,12 @@ fn redis_urls_split_into_shards_and_each_password_is_masked() {
     assert!(refusal(&["--redis-wait-ms", "1001"]).contains("--redis-wait-ms"));
 }
 
-/// `--write-delay-ms`: 20 by default, read from a flag, the environment or
+/// `--write-delay-ms`: 18 by default, read from a flag, the environment or
 /// the file, 0 to 100 accepted and anything else refused by name.
 #[test]
 fn the_write_delay_is_read_from_every_source_and_refused_out_of_range() {
     let delay = |config: &toml::Table| config["write_delay_ms"].as_integer();
-    assert_eq!(delay(&effective(&[], &[])), Some(20));
+    assert_eq!(delay(&effective(&[], &[])), Some(18));
     assert_eq!(delay(&effective(&["--write-delay-ms", "0"], &[])), Some(0));
     assert_eq!(delay(&effective(&[], &[("CHANNELBOX_WRITE_DELAY_MS", "5")])), Some(5));
     let dir = tempfile::tempdir().expect("tempdir");
