@@ -158,6 +158,29 @@ fn measure_rounds(runs: usize, load: Load, sample: usize) -> Result<Vec<Vec<Valu
     Ok(results)
 }
 
+/// One line per mode: each figure's median and range over the runs.
+fn print_rows(rows: &[Value]) {
+    for row in rows {
+        let show = |path: &str| {
+            let s = &row[path];
+            format!("{:.2} ({:.2}-{:.2})", f(s, &["median"]), f(s, &["min"]), f(s, &["max"]))
+        };
+        eprintln!(
+            "xtask bench --compression: {:<3} wire B/delivery {}  server CPU µs/delivery {}  p99 µs (sample) {}  M deliveries/s {}  server cores {}  load generator CPU s {}",
+            row["compression"].as_str().unwrap_or(""),
+            show("wire_bytes_per_delivery"),
+            show("server_cpu_us_per_delivery"),
+            show("p99_us"),
+            {
+                let s = &row["deliveries_per_sec"];
+                format!("{:.2} ({:.2}-{:.2})", f(s, &["median"]) / 1e6, f(s, &["min"]) / 1e6, f(s, &["max"]) / 1e6)
+            },
+            show("server_cores"),
+            show("loadgen_cpu_sec"),
+        );
+    }
+}
+
 /// The two modes, in the order each round runs them.
 const MODES: [&str; 2] = ["off", "on"];
 
@@ -213,25 +236,7 @@ pub(crate) fn run(plan: &Plan) -> Result<(), String> {
         "server_cpu_ratio": ratio("server_cpu_us_per_delivery"),
         "rows": rows,
     });
-    for row in &rows {
-        let show = |path: &str| {
-            let s = &row[path];
-            format!("{:.2} ({:.2}-{:.2})", f(s, &["median"]), f(s, &["min"]), f(s, &["max"]))
-        };
-        eprintln!(
-            "xtask bench --compression: {:<3} wire B/delivery {}  server CPU µs/delivery {}  p99 µs (sample) {}  M deliveries/s {}  server cores {}  load generator CPU s {}",
-            row["compression"].as_str().unwrap_or(""),
-            show("wire_bytes_per_delivery"),
-            show("server_cpu_us_per_delivery"),
-            show("p99_us"),
-            {
-                let s = &row["deliveries_per_sec"];
-                format!("{:.2} ({:.2}-{:.2})", f(s, &["median"]) / 1e6, f(s, &["min"]) / 1e6, f(s, &["max"]) / 1e6)
-            },
-            show("server_cores"),
-            show("loadgen_cpu_sec"),
-        );
-    }
+    print_rows(&rows);
     eprintln!(
         "xtask bench --compression: on/off: wire bytes {:.2}x, server CPU {:.2}x (medians; per round {:.2}-{:.2}), {} runs, latency from {sample} sampled subscribers of {}",
         summary["wire_bytes_ratio"].as_f64().unwrap_or(0.0),
