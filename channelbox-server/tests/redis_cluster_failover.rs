@@ -89,14 +89,24 @@ async fn member(
 }
 
 /// Joins again after a 4002 (the server's answer to its epoch being
-/// replaced): while the failover is not over, a join may be refused — closed
-/// with 1011 when Redis cannot take it yet, or 4002 again when the server
-/// learns of the new epoch after welcoming it — so it tries again, for at
-/// most 15 s.
+/// replaced): while the failover is not over, a join may be refused — the
+/// upgrade answered 503 while the group's master is down, closed with 1011
+/// when Redis cannot take it yet, or 4002 again when the server learns of
+/// the new epoch after welcoming it — so it tries again, for at most 15 s.
 async fn rejoin(url: &str, name: &str) -> Client {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let mut client = Client::connect(url).await;
+        let ws = match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _)) => ws,
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) if response.status() == 503 => {
+                assert!(Instant::now() < deadline, "{name}: upgrades refused for 15 s");
+                eprintln!("{name}: an upgrade answered 503");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(err) => panic!("{name}: upgrade: {err}"),
+        };
+        let mut client = Client { ws };
         match client.next_event().await {
             support::Event::Json(v) if v["type"] == "welcome" => return client,
             support::Event::Json(v) => panic!("{name}: the first frame is welcome: {v}"),
