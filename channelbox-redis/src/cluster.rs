@@ -39,7 +39,10 @@
 //!   `cb:{cb-N}` whose slot it serves; every poll moves each engine's
 //!   records (but the first's) to the home its master has now, so servers
 //!   that added it at different moments of a reshard agree once they read
-//!   the same map.
+//!   the same map. (So does any reshard that gives an engine a slot with a
+//!   smaller tag: for a second or two after, that engine's presence and
+//!   counts from other servers may be incomplete, as its records are
+//!   written again at the new home.)
 //! - **Pub/sub** is sharded (Redis 7): the scripts and the broker
 //!   `SPUBLISH` on the group's channel (in the group's slot), which reaches
 //!   only the subscribers of the node serving that slot; each engine's broker
@@ -124,8 +127,10 @@ async fn poll(slots: Weak<Slots>, routers: Routers) {
 /// checked again at the next reading; one whose engine cannot be made is
 /// tried again then. Meanwhile its slots wait, as do those of masters
 /// added after it.
-async fn grow(slots: &Arc<Slots>, routers: &Routers, checking: &mut Option<RedisEngine>) {
-    for (index, (host, port), home) in slots.unserved() {
+async fn grow(slots: &Arc<Slots>, routers: &Routers, checking: &mut Option<(usize, RedisEngine)>) {
+    // The first unserved master each time: a reading may forget one (and
+    // renumber those after it) while this waits.
+    while let Some((index, (host, port), home)) = slots.unserved().into_iter().next() {
         let (Some(store), Some(broker), Some(directory)) = (
             routers.store.upgrade(),
             routers.broker.upgrade(),
@@ -136,8 +141,8 @@ async fn grow(slots: &Arc<Slots>, routers: &Routers, checking: &mut Option<Redis
         // Made already when a reading forgot this master before it was
         // served: the engine follows whichever master has its number now.
         if store.engines() <= index {
-            let engine = match checking.take() {
-                Some(engine) => engine,
+            let engine = match checking.take().filter(|(i, _)| *i == index) {
+                Some((_, engine)) => engine,
                 None => {
                     let Some(home) = &home else { return };
                     let target = Arc::new(Target::Cluster(slots.clone(), index));
@@ -156,7 +161,7 @@ async fn grow(slots: &Arc<Slots>, routers: &Routers, checking: &mut Option<Redis
             if let Some(total) = routers.config.total_bytes {
                 if let Err(err) = crate::check_total_bytes(&engine.link, total, &format!("{host}:{port}")).await {
                     tracing::error!(%err, "an added redis cluster master is not served");
-                    *checking = Some(engine);
+                    *checking = Some((index, engine));
                     return;
                 }
             }

@@ -131,20 +131,17 @@ fn a_master_added_later_gets_an_engine_of_its_own() {
     assert!(slots.unserved().is_empty());
     // A master named once, then gone before it is served, holds up no
     // master added after it; a slot with no small `cb-N` tag has a home.
-    slots.apply(&[
-        range(0, 66, 7009),
-        range(67, 67, 7011),
-        range(68, 99, 7009),
-        range(100, 8191, 7000),
-        range(8192, 16383, 7001),
-    ]);
-    slots.apply(&[
-        range(0, 66, 7009),
-        range(67, 67, 7012),
-        range(68, 99, 7009),
-        range(100, 8191, 7000),
-        range(8192, 16383, 7001),
-    ]);
+    let slot_67_on = |p| {
+        vec![
+            range(0, 66, 7009),
+            range(67, 67, p),
+            range(68, 99, 7009),
+            range(100, 8191, 7000),
+            range(8192, 16383, 7001),
+        ]
+    };
+    slots.apply(&slot_67_on(7011));
+    slots.apply(&slot_67_on(7012));
     let unserved = slots.unserved();
     assert_eq!(unserved.len(), 1, "{unserved:?}");
     assert_eq!((unserved[0].0, unserved[0].1.clone()), (3, node(7012)));

@@ -48,7 +48,15 @@ impl Target {
             Target::Single(client) => Ok(client.clone()),
             Target::Sentinel(s) => s.master_client().await,
             Target::Cluster(slots, index) => {
-                let (host, port) = slots.address(*index);
+                // A number forgotten before its engine was served (a master
+                // named once, then gone): nothing to connect to until a
+                // master takes it.
+                let (host, port) = slots.address(*index).ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "no redis cluster master has this engine's number now",
+                    ))
+                })?;
                 Client::open((host.as_str(), port))
             }
         }

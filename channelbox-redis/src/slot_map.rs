@@ -90,8 +90,12 @@ impl Slots {
     }
 
     /// The master engine `index` is on now.
-    pub(crate) fn address(&self, index: usize) -> (String, u16) {
-        self.masters.read().unwrap_or_else(|p| p.into_inner())[index].clone()
+    pub(crate) fn address(&self, index: usize) -> Option<(String, u16)> {
+        self.masters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(index)
+            .cloned()
     }
 
     /// Moves on each time engine `index` moves to another master (see

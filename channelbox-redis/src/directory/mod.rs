@@ -119,6 +119,9 @@ impl RedisDirectory {
     /// [`RECORD_TTL`]. Not for the first engine's directory, whose channel
     /// records are not written again.
     pub(crate) fn move_home(&self, home: String) {
+        if self.inner.home() == home {
+            return;
+        }
         let mut now = self.inner.home.write().unwrap_or_else(|p| p.into_inner());
         if *now != home {
             tracing::info!(from = %*now, to = %home, "cluster records move to another home");
@@ -129,9 +132,9 @@ impl RedisDirectory {
     }
 
     /// The servers whose records are alive, this one excepted.
-    async fn other_nodes(&self) -> Result<Vec<Uuid>, StoreError> {
+    async fn other_nodes(&self, home: &str) -> Result<Vec<Uuid>, StoreError> {
         let mut cmd = redis::cmd("ZRANGEBYSCORE");
-        cmd.arg(keys::nodes(&self.inner.home())).arg(now_ms()).arg("+inf");
+        cmd.arg(keys::nodes(home)).arg(now_ms()).arg("+inf");
         let nodes: Vec<String> = self.inner.link.query(&cmd).await?;
         Ok(nodes
             .iter()
@@ -235,10 +238,11 @@ impl Directory for RedisDirectory {
 
     async fn groups(&self) -> Result<BTreeMap<String, usize>, StoreError> {
         let read = async {
-            let nodes = self.other_nodes().await?;
-            let hashes = self
-                .hashes(nodes.iter().map(|n| keys::node_groups(&self.inner.home(), *n)))
-                .await?;
+            // Read once: a home moved between two reads would pair one
+            // home's servers with the other's counts.
+            let home = self.inner.home();
+            let nodes = self.other_nodes(&home).await?;
+            let hashes = self.hashes(nodes.iter().map(|n| keys::node_groups(&home, *n))).await?;
             let mut others = BTreeMap::new();
             for (group, count) in hashes.into_iter().flatten() {
                 *others.entry(group).or_insert(0) += count.parse::<usize>().unwrap_or(0);
@@ -260,7 +264,7 @@ impl Directory for RedisDirectory {
     }
 
     async fn presence(&self, group: &str, max: usize) -> Result<(Vec<Member>, bool), StoreError> {
-        let nodes = self.other_nodes().await?;
+        let nodes = self.other_nodes(&self.inner.home()).await?;
         let hashes = self.hashes(nodes.iter().map(|n| keys::presence(group, *n))).await?;
         let mut members: Vec<Member> = lock(&self.inner.local)
             .groups

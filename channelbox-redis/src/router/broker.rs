@@ -102,15 +102,20 @@ fn failed(err: StoreError) -> BrokerFuture {
     Box::pin(async move { Err(err) })
 }
 
-/// Waits for a subscription `placed` on a group's engine; when that
-/// engine's node refuses it (the slot moved), places it again where the
-/// slot is now — under the lock, so that an unsubscribe made meanwhile comes
-/// after it on the same engine — and records where.
+/// Waits for a subscription `placed` on a group's engine `tried` (as
+/// recorded in `subscribed`; [`NOT_PLACED`] while its master's engine is
+/// being made); when that engine's node refuses it (the slot moved), places
+/// it again where the slot is now — under the lock, so that an unsubscribe
+/// made meanwhile comes after it on the same engine — and records where. A
+/// subscription that fails is recorded [`NOT_PLACED`], to be placed again
+/// (`place_waiting`, or the group's next subscribe) — unless the group was
+/// unsubscribed or subscribed anew meanwhile, which this leaves alone.
 async fn subscribe_placed(
     shards: &Engines<RedisBroker>,
     placement: &Placement,
     subscribed: &Mutex<HashMap<String, usize>>,
     group: &str,
+    mut tried: usize,
     mut placed: BrokerFuture,
 ) -> Result<(), StoreError> {
     let deadline = tokio::time::Instant::now() + REDIRECT_FOR;
@@ -128,19 +133,19 @@ async fn subscribe_placed(
                 };
                 let mut subscribed = subscribed.lock().unwrap_or_else(|p| p.into_inner());
                 match subscribed.get_mut(group) {
-                    Some(at) => {
+                    Some(at) if *at == tried => {
                         *at = shard;
+                        tried = shard;
                         placed = shards.get(shard)?.subscribe(group);
                     }
-                    // Unsubscribed meanwhile.
-                    None => return Ok(()),
+                    // Unsubscribed, or subscribed anew, meanwhile.
+                    _ => return Ok(()),
                 }
             }
             result => {
-                if matches!(&result, Err(err) if is_redirect(err)) {
-                    // Placed nowhere: tried again at the next subscribe, or
-                    // once an added master is served (`place_waiting`).
-                    if let Some(at) = subscribed.lock().unwrap_or_else(|p| p.into_inner()).get_mut(group) {
+                if result.is_err() {
+                    let mut subscribed = subscribed.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(at) = subscribed.get_mut(group).filter(|at| **at == tried) {
                         *at = NOT_PLACED;
                     }
                 }
@@ -167,8 +172,12 @@ async fn follow_moved_slots(
         }
         if groups.iter().any(|g| g == WAITING) {
             groups.retain(|g| g != WAITING);
+            // Only those that can be placed now: the others would hold up
+            // this task for a redirect's wait each, every poll.
             let subscribed = subscribed.lock().unwrap_or_else(|p| p.into_inner());
-            let waiting = subscribed.iter().filter(|(_, at)| **at == NOT_PLACED);
+            let waiting = subscribed
+                .iter()
+                .filter(|(g, at)| **at == NOT_PLACED && placement.of(g).is_ok());
             groups.extend(waiting.map(|(g, _)| g.clone()));
         }
         if groups.is_empty() {
@@ -177,6 +186,7 @@ async fn follow_moved_slots(
         if let Placement::Slots(slots) = &placement {
             slots.refresh().await;
         }
+        let mut resubscribed = false;
         for group in groups {
             // Placed under the lock, so that an unsubscribe made meanwhile
             // comes after it on the same engine.
@@ -185,17 +195,26 @@ async fn follow_moved_slots(
                 match (subscribed.get_mut(&group), placement.of(&group)) {
                     (Some(at), Ok(now)) => {
                         *at = now;
-                        Some(shards.get(now).map_or_else(failed, |b| b.subscribe(&group)))
+                        Some((now, shards.get(now).map_or_else(failed, |b| b.subscribe(&group))))
                     }
                     // Its new master's engine is being made: placed once it is.
-                    (Some(_), Err(err)) if is_redirect(&err) => Some(failed(err)),
+                    (Some(at), Err(err)) if is_redirect(&err) => {
+                        *at = NOT_PLACED;
+                        Some((NOT_PLACED, failed(err)))
+                    }
                     _ => None,
                 }
             };
-            let Some(placed) = placed else { continue };
-            if let Err(err) = subscribe_placed(&shards, &placement, &subscribed, &group, placed).await {
-                tracing::warn!(%err, group, "a group whose slot moved is not subscribed again yet");
+            let Some((tried, placed)) = placed else { continue };
+            match subscribe_placed(&shards, &placement, &subscribed, &group, tried, placed).await {
+                Ok(()) => resubscribed = true,
+                Err(err) => tracing::warn!(%err, group, "a group whose slot moved is not subscribed again yet"),
             }
+        }
+        // Nothing subscribed again: nothing new to look up (a group that is
+        // subscribed later sends its `Back` then).
+        if !resubscribed {
+            continue;
         }
         if back.send(BrokerEvent::Back).await.is_err() {
             return;
@@ -210,15 +229,15 @@ impl Broker for ShardedBroker {
             Some(shard) if *shard != NOT_PLACED => Ok(*shard),
             _ => self.placement.of(group),
         };
-        let first = match shard.and_then(|s| Ok((s, self.shards.get(s)?))) {
+        let (tried, first) = match shard.and_then(|s| Ok((s, self.shards.get(s)?))) {
             Ok((shard, broker)) => {
                 subscribed.insert(group.to_owned(), shard);
-                broker.subscribe(group)
+                (shard, broker.subscribe(group))
             }
             // Its master's engine is being made: placed once it is.
             Err(err) if is_redirect(&err) => {
                 subscribed.insert(group.to_owned(), NOT_PLACED);
-                failed(err)
+                (NOT_PLACED, failed(err))
             }
             Err(err) => return failed(err),
         };
@@ -234,7 +253,7 @@ impl Broker for ShardedBroker {
             self.subscribed.clone(),
             group.to_owned(),
         );
-        Box::pin(async move { subscribe_placed(&shards, &placement, &subscribed, &group, first).await })
+        Box::pin(async move { subscribe_placed(&shards, &placement, &subscribed, &group, tried, first).await })
     }
 
     fn unsubscribe(&self, group: &str) -> BrokerFuture {

@@ -14,8 +14,9 @@ use super::{merge, Engines, Merger, Placement};
 use crate::link::is_redirect;
 use crate::RedisDirectory;
 
-/// Member changes held for groups whose Cluster master's engine is being
-/// made, at most; past it a change is not recorded (and logged).
+/// Members whose last change is held for groups whose Cluster master's
+/// engine is being made, at most; past it a new member's change is not
+/// recorded (and logged).
 const WAITING_CHANGES: usize = 65_536;
 
 /// The groups with members here and where their records are.
@@ -24,22 +25,29 @@ struct Kept {
     /// Per group, the engine whose directory keeps its records, and the
     /// members.
     groups: HashMap<String, (usize, HashSet<Uuid>)>,
-    /// The changes, in order, of groups whose Cluster master's engine is
-    /// being made: recorded once it is placed (see `follow_moved_records`).
-    waiting: HashMap<String, Vec<(Change, Member)>>,
-    /// How many changes `waiting` holds.
+    /// For groups whose Cluster master's engine is being made, each
+    /// member's last change: recorded once the group is placed (see
+    /// `follow_moved_records`). The last one is all that counts, so a
+    /// member who joined and left meanwhile is not left behind.
+    waiting: HashMap<String, HashMap<Uuid, (Change, Member)>>,
+    /// How many members `waiting` holds a change of.
     waiting_changes: usize,
 }
 
 impl Kept {
     /// Holds a change of a group that waits for its master's engine.
     fn hold(&mut self, group: &str, change: Change, member: Member) {
+        let held = self.waiting.entry(group.to_owned()).or_default();
+        if let Some(last) = held.get_mut(&member.channel_id) {
+            *last = (change, member);
+            return;
+        }
         if self.waiting_changes >= WAITING_CHANGES {
             tracing::warn!(group, "member change not recorded: too many wait for a cluster master");
             return;
         }
         self.waiting_changes += 1;
-        self.waiting.entry(group.to_owned()).or_default().push((change, member));
+        held.insert(member.channel_id, (change, member));
     }
 }
 
@@ -142,7 +150,7 @@ async fn follow_moved_records(inner: std::sync::Weak<DirectoryInner>) {
         for group in placed {
             let changes = kept.waiting.remove(&group).unwrap_or_default();
             kept.waiting_changes -= changes.len();
-            for (change, member) in changes {
+            for (change, member) in changes.into_values() {
                 inner.record(&mut kept, &group, change, member);
             }
         }
@@ -238,5 +246,40 @@ impl Directory for ShardedDirectory {
 
     fn take_events(&self) -> Option<mpsc::Receiver<ClusterEvent>> {
         self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(n: u128) -> Member {
+        Member {
+            channel_id: Uuid::from_u128(n),
+            user: None,
+        }
+    }
+
+    #[test]
+    fn a_held_group_keeps_each_members_last_change_within_its_bound() {
+        let mut kept = Kept::default();
+        kept.hold("g", Change::Joined, member(1));
+        kept.hold("g", Change::Left, member(1));
+        kept.hold("g", Change::Joined, member(2));
+        let held = &kept.waiting["g"];
+        assert_eq!(kept.waiting_changes, 2);
+        assert_eq!(
+            held[&Uuid::from_u128(1)].0,
+            Change::Left,
+            "who joined and left is not left behind"
+        );
+        assert_eq!(held[&Uuid::from_u128(2)].0, Change::Joined);
+        for n in 3..(WAITING_CHANGES as u128 + 10) {
+            kept.hold("h", Change::Joined, member(n));
+        }
+        assert_eq!(kept.waiting_changes, WAITING_CHANGES, "bounded");
+        // A member held already still gets its last change past the bound.
+        kept.hold("g", Change::Left, member(2));
+        assert_eq!(kept.waiting["g"][&Uuid::from_u128(2)].0, Change::Left);
     }
 }
