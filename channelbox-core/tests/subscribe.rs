@@ -313,3 +313,41 @@ async fn clients_recovering_the_same_range_share_one_read_of_history() {
         assert_eq!(got, (11..=300).collect::<Vec<_>>(), "every client gets the whole range");
     }
 }
+
+#[tokio::test]
+async fn replay_pages_go_with_the_groups_last_member() {
+    let store = std::sync::Arc::new(CountingStore {
+        inner: channelbox_store_memory::MemoryStore::default(),
+        reads: Default::default(),
+    });
+    let cb = channelbox_core::ChannelBox::new(store.clone());
+    for n in 1..=100u64 {
+        cb.group_send("g", json!(n), true).await.unwrap();
+    }
+    let epoch = cb.head("g").await.unwrap().epoch;
+    let reads = || store.reads.load(std::sync::atomic::Ordering::Relaxed);
+    let recover = |cb: channelbox_core::ChannelBox, epoch: channelbox_core::Epoch| async move {
+        let (ch, rec) = test_channel(ChannelConfig::default());
+        let seen = Replay::Since(StreamPosition::new(epoch, 50));
+        let sub = cb.subscribe(&ch, "g", seen, &Marks).await.unwrap();
+        assert_eq!(sub.recovery.map(|r| (r.complete, r.to)), Some((true, 100)));
+        (ch, rec)
+    };
+    let (first, _rec) = recover(cb.clone(), epoch.clone()).await;
+    let (second, _rec2) = recover(cb.clone(), epoch.clone()).await;
+    assert_eq!(reads(), 1, "a member recovering while another is here shares its page");
+    // Both leave (one by disconnecting, one by leaving the group): the group is
+    // gone here, and so is its page — an idle server holds none of it.
+    cb.remove_channel_from_group(&first, "g").await.unwrap();
+    assert!(cb.forget(second.id()));
+    assert!(cb.groups().is_empty());
+    let (_third, rec3) = recover(cb.clone(), epoch.clone()).await;
+    assert_eq!(
+        reads(),
+        2,
+        "the page was dropped with the group, so history is read again"
+    );
+    rec3.wait_for(52, WAIT).await;
+    let got: Vec<u64> = json_of(&rec3).iter().filter_map(Value::as_u64).collect();
+    assert_eq!(got, (51..=100).collect::<Vec<_>>());
+}

@@ -41,6 +41,11 @@ impl ChannelBox {
                 }
             }
         }
+        // Pages of the flushed epochs can never be replayed again.
+        match group {
+            Some(name) => lock(&self.inner.replays).purge(name, None),
+            None => lock(&self.inner.replays).clear(),
+        }
         Ok(())
     }
 

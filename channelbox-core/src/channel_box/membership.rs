@@ -96,6 +96,7 @@ impl ChannelBox {
 
     /// Tells the observer, if any, of leaves that happened (outside the locks).
     pub(super) fn notify_left(&self, left: &[(Arc<str>, Uuid)]) {
+        self.drop_pages_of_gone(left.iter().map(|(group, _)| &**group));
         if let Some(o) = self.inner.observer.get() {
             for (group, id) in left {
                 o.left(group, *id);
@@ -272,6 +273,25 @@ impl ChannelBox {
         let unused = g.is_unused(&lock(&g.members));
         if unused && state.groups.get(&g.name).is_some_and(|cur| Arc::ptr_eq(cur, g)) {
             state.groups.remove(&g.name);
+            drop(state);
+            self.drop_pages_of_gone([&*g.name]);
+        }
+    }
+
+    /// Drops the shared replay pages of those of `groups` that no longer
+    /// exist here. Pages serve members coming back together (a reconnect
+    /// storm); once a group's last member has left they are only memory, and
+    /// an idle server would otherwise hold up to the cache's bound for good.
+    fn drop_pages_of_gone<'a>(&self, groups: impl IntoIterator<Item = &'a str>) {
+        let gone: Vec<&str> = {
+            let state = lock(&self.inner.state);
+            groups.into_iter().filter(|g| !state.groups.contains_key(*g)).collect()
+        };
+        if !gone.is_empty() {
+            let mut replays = lock(&self.inner.replays);
+            for group in gone {
+                replays.purge(group, None);
+            }
         }
     }
 

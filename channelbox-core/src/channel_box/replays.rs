@@ -97,6 +97,12 @@ impl ReplayCache {
         self.bytes -= freed;
     }
 
+    /// Drops every page (every group's history was flushed).
+    pub(super) fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
     /// Keeps a complete page (every offset after `after`, consecutively).
     pub(super) fn put(&mut self, group: &str, epoch: &Epoch, after: u64, page: Arc<ReplayPage>) {
         if page.bytes > MAX_BYTES / 4 {
