@@ -17,7 +17,7 @@ use channelbox_store_sled::{SledConfig, SledStore};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Limits that keep everything: the measurement is of what is kept.
 fn keep_all() -> HistoryLimits {
@@ -82,9 +82,9 @@ fn fill(rt: &tokio::runtime::Runtime, store: &dyn HistoryStore, n: usize, payloa
         }
     });
     // Buffers the queues outgrew are freed; the allocator returns them to
-    // the system after a short delay (mimalloc's purge), then what is
+    // the system after a short delay (jemalloc's decay), then what is
     // resident is what the messages keep.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1500));
     drop(vec![0u8; 1 << 20]);
     rss().saturating_sub(before) as f64 / n as f64
 }

@@ -7,10 +7,10 @@
 //! cargo run --release -p channelbox-warp --example chat -- --addr 127.0.0.1:8080
 //! ```
 
-/// mimalloc gives freed memory back to the system, as in the `channelbox`
+/// jemalloc gives freed memory back to the system, as in the `channelbox`
 /// binary.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> std::process::ExitCode {
     channelbox_server::main()

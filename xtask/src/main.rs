@@ -98,8 +98,10 @@ fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
 /// Debian packages the tests need, by the program each provides: the browser
 /// test's Chromium and Node.js, `redis-server` for the cluster tests (each
 /// starts its own on a free port), `redis-cli` to create their Redis
-/// Clusters, and `prlimit`/`mount` for the hostile suite.
-const SYSTEM_PACKAGES: [(&str, &str); 7] = [
+/// Clusters, `prlimit`/`mount` for the hostile suite, and `make` for
+/// jemalloc's build (the servers' allocator).
+const SYSTEM_PACKAGES: [(&str, &str); 8] = [
+    ("make", "make"),
     ("chromium", "chromium"),
     ("redis-server", "redis-server"),
     ("redis-cli", "redis-tools"),

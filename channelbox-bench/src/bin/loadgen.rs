@@ -143,9 +143,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Idle memory: the lowest of five readings over 2.5 s, each after a request
-    // (mimalloc returns freed pages only when the server's thread runs again;
-    // read 300 ms after the last join, handshake leftovers counted as idle
-    // memory: 8.2-8.4 KB against 7.8 KB settled, 10,000 subscribers).
+    // (the allocator returns freed pages after a delay — jemalloc's decay is
+    // a second; read 300 ms after the last join, handshake leftovers counted
+    // as idle memory: 8.2-8.4 KB against 7.8 KB settled, 10,000 subscribers).
     let rss_connected = {
         let mut lowest = u64::MAX;
         for _ in 0..5 {

@@ -14,9 +14,8 @@
 //! memory once every connection has closed and history is flushed, after a
 //! short settle, against what it was before the first client; with
 //! `--max-end-ratio R` the run fails above R times the start. (Not enforced
-//! by default: the target of 1.2 is not met yet — the allocator keeps most
-//! freed pages, and returning them needs a call the workspace's
-//! `forbid(unsafe_code)` rules out.)
+//! by default: the target of 1.2 is not met yet — the live heap is back
+//! under 1 MiB, but the allocator keeps freed memory in partly used slabs.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -277,8 +276,8 @@ async fn main() -> anyhow::Result<()> {
         // Everyone has left: the server must have let go of every group and channel.
         left.push(wait_until_empty(&addr).await?);
         // Closing connections finish their close handshakes and the allocator
-        // returns freed pages over a few seconds, and only when its threads run
-        // (mimalloc purges on its next call): idle is the lowest reading of the
+        // returns freed pages over a few seconds (jemalloc's decay is a
+        // second): idle is the lowest reading of the
         // next ten, each after a metrics scrape as a monitor would make.
         let mut lowest = u64::MAX;
         for _ in 0..10 {
