@@ -283,10 +283,13 @@ impl ChannelBox {
     /// storm); once a group's last member has left they are only memory, and
     /// an idle server would otherwise hold up to the cache's bound for good.
     fn drop_pages_of_gone<'a>(&self, groups: impl IntoIterator<Item = &'a str>) {
-        let gone: Vec<&str> = {
+        let mut gone: Vec<&str> = {
             let state = lock(&self.inner.state);
             groups.into_iter().filter(|g| !state.groups.contains_key(*g)).collect()
         };
+        // `flush_groups` names a group once per member.
+        gone.sort_unstable();
+        gone.dedup();
         if !gone.is_empty() {
             let mut replays = lock(&self.inner.replays);
             for group in gone {
