@@ -283,14 +283,15 @@ impl ChannelBox {
     /// storm); once a group's last member has left they are only memory, and
     /// an idle server would otherwise hold up to the cache's bound for good.
     fn drop_pages_of_gone<'a>(&self, groups: impl IntoIterator<Item = &'a str>) {
-        let mut gone: Vec<&str> = {
-            let state = lock(&self.inner.state);
-            groups.into_iter().filter(|g| !state.groups.contains_key(*g)).collect()
-        };
         // `flush_groups` names a group once per member.
-        gone.sort_unstable();
-        gone.dedup();
-        if !gone.is_empty() {
+        let mut names: Vec<&str> = groups.into_iter().collect();
+        names.sort_unstable();
+        names.dedup();
+        // Under `state` (then `replays`, the order `read_page` keeps too), so
+        // that a group made again meanwhile keeps its new pages.
+        let state = lock(&self.inner.state);
+        let mut gone = names.into_iter().filter(|g| !state.groups.contains_key(*g)).peekable();
+        if gone.peek().is_some() {
             let mut replays = lock(&self.inner.replays);
             for group in gone {
                 replays.purge(group, None);

@@ -165,7 +165,13 @@ impl ChannelBox {
         let len = messages.len();
         let page = Arc::new(ReplayPage::new(messages));
         if complete {
-            lock(&self.inner.replays).put(group, epoch, cursor, page.clone());
+            // Only for a group that is here: pages go with their group
+            // (`drop_pages_of_gone`), and one put back after its last member
+            // left during the read would stay until evicted.
+            let state = lock(&self.inner.state);
+            if state.groups.contains_key(group) {
+                lock(&self.inner.replays).put(group, epoch, cursor, page.clone());
+            }
         }
         Ok(Page::Replay { page, len })
     }
