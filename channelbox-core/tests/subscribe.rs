@@ -283,17 +283,29 @@ impl channelbox_core::HistoryStore for CountingStore {
     }
 }
 
-#[tokio::test]
-async fn clients_recovering_the_same_range_share_one_read_of_history() {
+/// A box over a read-counting store whose group `g` holds 1..=`n`.
+async fn counted_group(
+    n: u64,
+) -> (
+    std::sync::Arc<CountingStore>,
+    channelbox_core::ChannelBox,
+    channelbox_core::Epoch,
+) {
     let store = std::sync::Arc::new(CountingStore {
         inner: channelbox_store_memory::MemoryStore::default(),
         reads: Default::default(),
     });
     let cb = channelbox_core::ChannelBox::new(store.clone());
-    for n in 1..=300u64 {
-        cb.group_send("g", json!(n), true).await.unwrap();
+    for i in 1..=n {
+        cb.group_send("g", json!(i), true).await.unwrap();
     }
     let epoch = cb.head("g").await.unwrap().epoch;
+    (store, cb, epoch)
+}
+
+#[tokio::test]
+async fn clients_recovering_the_same_range_share_one_read_of_history() {
+    let (store, cb, epoch) = counted_group(300).await;
     let mut inboxes = Vec::new();
     for _ in 0..20 {
         let (ch, rec) = test_channel(ChannelConfig {
@@ -316,15 +328,7 @@ async fn clients_recovering_the_same_range_share_one_read_of_history() {
 
 #[tokio::test]
 async fn replay_pages_go_with_the_groups_last_member() {
-    let store = std::sync::Arc::new(CountingStore {
-        inner: channelbox_store_memory::MemoryStore::default(),
-        reads: Default::default(),
-    });
-    let cb = channelbox_core::ChannelBox::new(store.clone());
-    for n in 1..=100u64 {
-        cb.group_send("g", json!(n), true).await.unwrap();
-    }
-    let epoch = cb.head("g").await.unwrap().epoch;
+    let (store, cb, epoch) = counted_group(100).await;
     let reads = || store.reads.load(std::sync::atomic::Ordering::Relaxed);
     let recover = |cb: channelbox_core::ChannelBox, epoch: channelbox_core::Epoch| async move {
         let (ch, rec) = test_channel(ChannelConfig::default());
