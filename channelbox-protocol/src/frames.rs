@@ -17,15 +17,56 @@ pub struct Sender {
     pub user: Option<String>,
 }
 
+/// The first byte of binary metadata: which parts follow. Never `{`, which
+/// begins the JSON metadata written before round three (still read).
+const META_FROM: u8 = 0x01;
+const META_USER: u8 = 0x02;
+
 impl Sender {
-    /// The metadata bytes stored with a message.
+    /// The metadata bytes stored with a message, binary because every saved
+    /// message carries them: nothing for an anonymous sender, else a byte
+    /// saying which parts follow, the channel's 16-byte id, then the user as
+    /// UTF-8 (17 bytes for a channel without a user, against 47 as JSON).
     pub fn to_meta(&self) -> Bytes {
-        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+        if self.from.is_none() && self.user.is_none() {
+            return Bytes::new();
+        }
+        let user = self.user.as_deref().unwrap_or("");
+        let mut out = Vec::with_capacity(1 + 16 + user.len());
+        out.push(if self.from.is_some() { META_FROM } else { 0 } | if self.user.is_some() { META_USER } else { 0 });
+        if let Some(id) = self.from {
+            out.extend_from_slice(id.as_bytes());
+        }
+        out.extend_from_slice(user.as_bytes());
+        Bytes::from(out)
     }
 
-    /// Reads metadata back; unreadable metadata counts as an anonymous sender.
+    /// Reads metadata back, binary or the JSON of earlier versions;
+    /// unreadable metadata counts as an anonymous sender.
     pub fn from_meta(meta: &[u8]) -> Sender {
-        serde_json::from_slice(meta).unwrap_or_default()
+        match meta.split_first() {
+            Some((&flags, rest)) if flags & !(META_FROM | META_USER) == 0 => Sender::from_binary(flags, rest),
+            Some((b'{', _)) => serde_json::from_slice(meta).unwrap_or_default(),
+            _ => Sender::default(),
+        }
+    }
+
+    fn from_binary(flags: u8, rest: &[u8]) -> Sender {
+        let (from, rest) = match flags & META_FROM {
+            0 => (None, rest),
+            _ => match rest.split_first_chunk::<16>() {
+                Some((id, rest)) => (Some(Uuid::from_bytes(*id)), rest),
+                None => return Sender::default(),
+            },
+        };
+        let user = match flags & META_USER {
+            0 => None,
+            _ => match std::str::from_utf8(rest) {
+                Ok(user) => Some(user.to_owned()),
+                Err(_) => return Sender::default(),
+            },
+        };
+        Sender { from, user }
     }
 }
 
@@ -222,5 +263,52 @@ impl ProtocolError {
             json!({"type": "error", "code": self.code.as_str(), "message": self.message}),
             reference,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sender(from: bool, user: Option<&str>) -> Sender {
+        Sender {
+            from: from.then(Uuid::new_v4),
+            user: user.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn metadata_reads_back_as_written() {
+        for s in [
+            sender(false, None),
+            sender(true, None),
+            sender(false, Some("ada")),
+            sender(true, Some("ada")),
+            sender(true, Some("")),
+            sender(false, Some("")),
+        ] {
+            assert_eq!(Sender::from_meta(&s.to_meta()), s);
+        }
+        assert_eq!(sender(true, None).to_meta().len(), 17);
+        assert!(sender(false, None).to_meta().is_empty());
+    }
+
+    #[test]
+    fn json_metadata_of_earlier_versions_is_still_read() {
+        for s in [sender(true, None), sender(true, Some("ada")), sender(false, None)] {
+            let json = serde_json::to_vec(&s).expect("json");
+            assert_eq!(Sender::from_meta(&json), s);
+        }
+    }
+
+    #[test]
+    fn unreadable_metadata_is_an_anonymous_sender() {
+        let id = Uuid::new_v4();
+        let mut bad_user = vec![META_FROM | META_USER];
+        bad_user.extend_from_slice(id.as_bytes());
+        bad_user.push(0xff);
+        for meta in [&[META_FROM, 1, 2][..], &[0x80], b"{not json", &bad_user, &[0x7a, 1]] {
+            assert_eq!(Sender::from_meta(meta), Sender::default(), "{meta:?}");
+        }
     }
 }
