@@ -16,21 +16,39 @@ use crate::error::MemoryError;
 
 /// What a retained message costs this store besides its payload and
 /// metadata: its 32-byte slot in the group's queue (more while the queue has
-/// grown and not yet filled) and the rounding of its one allocation. Counted, with the payload and metadata, against
-/// [`HistoryLimits::max_total_bytes`]; `cargo bench -p channelbox-store-memory`
-/// measures it.
+/// grown and not yet filled) and, when they do not fit in the slot, the
+/// rounding of the one allocation of its metadata and payload. Counted, with
+/// the payload and metadata, against [`HistoryLimits::max_total_bytes`];
+/// `cargo bench -p channelbox-store-sled --bench stores` measures it.
 pub const MESSAGE_OVERHEAD: u64 = 64;
 
+/// Metadata and payload of at most this many bytes together are kept in the
+/// message's slot, without an allocation: a chat message of a few
+/// characters from a channel (whose metadata, its id, is 17 bytes).
+const INLINE: usize = 20;
+
 /// One retained message, packed in a 32-byte slot: its offset is its place
-/// in the group's queue (offsets are consecutive), and its metadata and
-/// payload share one allocation.
+/// in the group's queue (offsets are consecutive).
 #[derive(Debug)]
 struct Packed {
-    /// The metadata, then the payload.
-    bytes: Box<[u8]>,
+    data: Data,
     timestamp_ms: u64,
-    meta_len: u32,
-    kind: PayloadKind,
+}
+
+/// The metadata, then the payload: in the slot, or in one allocation.
+#[derive(Debug)]
+enum Data {
+    Inline {
+        len: u8,
+        meta_len: u8,
+        kind: PayloadKind,
+        bytes: [u8; INLINE],
+    },
+    Heap {
+        bytes: Box<[u8]>,
+        meta_len: u32,
+        kind: PayloadKind,
+    },
 }
 
 // The slot size the overhead is counted from.
@@ -38,31 +56,63 @@ const _: () = assert!(std::mem::size_of::<Packed>() == 32);
 
 impl Packed {
     fn new(m: NewMessage) -> Packed {
-        let mut bytes = Vec::with_capacity(m.meta.len() + m.payload.len());
-        bytes.extend_from_slice(&m.meta);
-        bytes.extend_from_slice(&m.payload);
+        let len = m.meta.len() + m.payload.len();
+        let data = if len <= INLINE {
+            let mut bytes = [0; INLINE];
+            bytes[..m.meta.len()].copy_from_slice(&m.meta);
+            bytes[m.meta.len()..len].copy_from_slice(&m.payload);
+            Data::Inline {
+                len: len as u8,
+                meta_len: m.meta.len() as u8,
+                kind: m.kind,
+                bytes,
+            }
+        } else {
+            let mut bytes = Vec::with_capacity(len);
+            bytes.extend_from_slice(&m.meta);
+            bytes.extend_from_slice(&m.payload);
+            Data::Heap {
+                bytes: bytes.into_boxed_slice(),
+                meta_len: m.meta.len() as u32,
+                kind: m.kind,
+            }
+        };
         Packed {
-            bytes: bytes.into_boxed_slice(),
+            data,
             timestamp_ms: m.timestamp_ms,
-            meta_len: m.meta.len() as u32,
-            kind: m.kind,
         }
     }
 
+    /// The payload's kind, its metadata and its payload.
+    fn parts(&self) -> (PayloadKind, &[u8], &[u8]) {
+        let (kind, bytes, meta_len) = match &self.data {
+            Data::Inline {
+                len,
+                meta_len,
+                kind,
+                bytes,
+            } => (*kind, &bytes[..usize::from(*len)], usize::from(*meta_len)),
+            Data::Heap { bytes, meta_len, kind } => (*kind, &bytes[..], *meta_len as usize),
+        };
+        let (meta, payload) = bytes.split_at(meta_len);
+        (kind, meta, payload)
+    }
+
     fn payload_len(&self) -> u64 {
-        (self.bytes.len() - self.meta_len as usize) as u64
+        self.parts().2.len() as u64
     }
 
     /// What it costs against the total budget.
     fn cost(&self) -> u64 {
-        self.bytes.len() as u64 + MESSAGE_OVERHEAD
+        let (_, meta, payload) = self.parts();
+        (meta.len() + payload.len()) as u64 + MESSAGE_OVERHEAD
     }
 
     fn unpack(&self, offset: u64) -> StoredMessage {
-        let (meta, payload) = self.bytes.split_at(self.meta_len as usize);
+        let (kind, meta, payload) = self.parts();
         StoredMessage {
             offset,
-            kind: self.kind,
+            kind,
             payload: Bytes::copy_from_slice(payload),
             meta: Bytes::copy_from_slice(meta),
             timestamp_ms: self.timestamp_ms,
