@@ -224,12 +224,14 @@ pub(crate) fn loopback(plan: &Plan) -> Result<(), String> {
         }
     }
     let light = crate::light::run(plan)?;
+    let saved = crate::saved_bench::run(plan).unwrap_or_else(|e| json!({ "error": e }));
     let targets = crate::targets::summary(&rows);
     let results = json!({
         "plan": {"sizes": plan.sizes, "messages": plan.messages, "runs": plan.runs, "light_seconds": plan.seconds},
         "targets": targets,
         "throughput": rows,
         "light": light,
+        "saved_messages": saved,
     });
     std::fs::create_dir_all("target/bench").map_err(|e| e.to_string())?;
     let path = "target/bench/results.json";
@@ -242,6 +244,9 @@ pub(crate) fn loopback(plan: &Plan) -> Result<(), String> {
         .map(|r| format!("{} at {}", r["server"], r["subscribers"]))
         .collect();
     failed.extend(crate::light::failures(&results["light"]));
+    if let Some(e) = results["saved_messages"].get("error") {
+        failed.push(format!("the saved-message measurement ({e})"));
+    }
     if failed.is_empty() {
         Ok(())
     } else {

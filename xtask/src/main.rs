@@ -34,6 +34,7 @@ mod compression_bench;
 mod light;
 mod loopback;
 mod redis_setups;
+mod saved_bench;
 mod storm_bench;
 mod targets;
 mod tidy;

@@ -27,7 +27,7 @@ fn find<'a>(rows: &'a [Value], server: &str, n: u64) -> Option<&'a Value> {
         .find(|r| r["server"] == server && r["subscribers"] == n && r.get("error").is_none())
 }
 
-fn verdict(met: bool) -> &'static str {
+pub(crate) fn verdict(met: bool) -> &'static str {
     if met {
         "met"
     } else {
