@@ -51,7 +51,7 @@ impl ChatService {
     fn group_or_url(s: &Session, group: Option<String>) -> Result<GroupName, ProtocolError> {
         match group {
             Some(g) => GroupName::parse(&g),
-            None => GroupName::parse(&s.url_group),
+            None => Ok(s.url_group.clone()),
         }
     }
 

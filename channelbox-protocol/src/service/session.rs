@@ -19,8 +19,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::pacing::{MembershipPacer, RateLimiter};
-use super::{Admission, ChatService};
+use super::{Admission, Admitted, ChatService, Slot};
 use crate::auth::User;
+use crate::fields::GroupName;
 use crate::frames::{reply, ErrorCode, ProtocolError};
 use crate::request::{self, Ref};
 
@@ -30,10 +31,12 @@ pub(super) type PublishDone = Pin<Box<dyn Future<Output = (Ref, String, Result<P
 /// What a session knows about its connection.
 pub(super) struct Session {
     pub(super) channel: Channel,
-    pub(super) url_group: String,
+    pub(super) url_group: GroupName,
     pub(super) user: Option<User>,
     /// Paces the connection's joins and leaves.
     pub(super) membership: MembershipPacer,
+    /// The connection's place among those open, given back when it ends.
+    pub(super) _slot: Slot,
 }
 
 /// The frames around a subscription: `welcome` (URL group) or `joined`
@@ -109,7 +112,11 @@ impl ChatService {
     where
         S: Stream<Item = Incoming> + Unpin + Send,
     {
-        let span = tracing::info_span!(
+        // At debug level, like the connection's own events: the default
+        // (info) creates no span, which the fmt layer would keep with its
+        // fields formatted for every connection's life (about 480 bytes of
+        // an idle connection's 5.3 KB). Warnings name the channel instead.
+        let span = tracing::debug_span!(
             "connection",
             channel = %channel.id(),
             group = %admission.0.group,
@@ -146,7 +153,9 @@ impl ChatService {
         // The URL group's replay may take long for a slow reader: pongs are
         // read meanwhile, so that heartbeats do not close it.
         let mut stash = None;
-        let joined = if self.join_hook_groups(&admitted.hook_groups, &channel).await {
+        let joined = if admitted.hook_groups.is_empty()
+            || Box::pin(self.join_hook_groups(&admitted.hook_groups, &channel)).await
+        {
             let join = Box::pin(self.join_url_group(group, admitted.replay.clone(), &channel, hook_data));
             listening(join, &channel, &mut incoming, &mut stash).await
         } else {
@@ -156,17 +165,20 @@ impl ChatService {
             self.inner.peers.unlisten(group, channel.id());
         }
         if joined {
+            // What the session needs moves out of the admission, which goes:
+            // an idle connection keeps its slot, not its request.
+            let Admitted { group, user, _slot, .. } = *admitted;
             let session = Session {
                 channel: channel.clone(),
-                url_group: group.to_owned(),
-                user: admitted.user.clone(),
+                url_group: group,
+                user,
                 membership: MembershipPacer::default(),
+                _slot,
             };
             self.session(&session, incoming, stash).await;
         }
         tracing::debug!(reason = ?channel.close_reason(), "disconnected");
         metrics.connections.dec();
-        drop(admitted);
     }
 
     /// Joins the URL group (welcome, replay, recovery); `false` (and the
@@ -188,7 +200,7 @@ impl ChatService {
             Err(err) => Err(err),
         };
         if let Err(err) = joined {
-            tracing::warn!(error = %err, "could not join the URL group");
+            tracing::warn!(error = %err, channel = %channel.id(), group, "could not join the URL group");
             channel.close(CloseReason::new(1011, "server error"));
             return false;
         }
@@ -206,7 +218,12 @@ impl ChatService {
                 .subscribe(channel, group.as_str(), Replay::None, &channelbox_core::NoFraming)
                 .await;
             if let Err(err) = joined {
-                tracing::warn!(error = %err, group = group.as_str(), "could not join a group the connect hook gave");
+                tracing::warn!(
+                    error = %err,
+                    channel = %channel.id(),
+                    group = group.as_str(),
+                    "could not join a group the connect hook gave"
+                );
                 channel.close(CloseReason::new(1011, "server error"));
                 return false;
             }
@@ -225,8 +242,10 @@ impl ChatService {
         let mut limiter = RateLimiter::new(self.inner.config.rate_limit);
         let end = loop {
             // A frame read while a request was being handled comes first.
+            // Boxed like the read below: unboxed, its state would be laid
+            // out in every connection's future.
             if let Some(frame) = stash.take() {
-                match self.on_frame(s, frame, &mut limiter, &mut incoming, &mut stash).await {
+                match Box::pin(self.on_frame(s, frame, &mut limiter, &mut incoming, &mut stash)).await {
                     Read::Continue => {}
                     Read::Publish(done) => pending.get_or_insert_with(FuturesUnordered::new).push(done),
                     Read::End(reason) => break Some(reason),
