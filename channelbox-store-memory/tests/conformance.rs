@@ -22,14 +22,29 @@ async fn messages_in_their_slot_and_beside_it_read_back_whole() {
 
     let store = MemoryStore::default();
     let mut sent = Vec::new();
-    for (meta, payload) in [(0, 0), (0, 20), (20, 0), (17, 3), (17, 4), (0, 21), (21, 0), (19, 1), (255, 300)] {
+    for (meta, payload) in [
+        (0, 0),
+        (0, 20),
+        (20, 0),
+        (17, 3),
+        (17, 4),
+        (0, 21),
+        (21, 0),
+        (19, 1),
+        (255, 300),
+    ] {
         let message = NewMessage {
             kind: [PayloadKind::Json, PayloadKind::Text, PayloadKind::Binary][sent.len() % 3],
             payload: Bytes::from(vec![b'p'; payload]),
             meta: Bytes::from(vec![b'm'; meta]),
             timestamp_ms: 1_700_000_000_000 + sent.len() as u64,
         };
-        store.append("g", message.clone()).expect("append").wait().await.expect("saved");
+        store
+            .append("g", message.clone())
+            .expect("append")
+            .wait()
+            .await
+            .expect("saved");
         sent.push(message);
     }
     let page = store.read("g", ReadQuery::Last(100)).await.expect("read");
