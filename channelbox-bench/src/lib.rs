@@ -82,6 +82,18 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// A process's resident memory split as `/proc/PID/status` splits it:
+/// anonymous (heap, stacks) and file-backed (the program's own code and
+/// libraries, paged in as they are first used), in bytes.
+pub fn rss_split(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    };
+    Some((field("RssAnon:")?, field("RssFile:")?))
+}
+
 /// A log-linear histogram of microsecond latencies: 16 sub-buckets per power
 /// of two, so quantiles are within about 6 %.
 #[derive(Clone, Debug)]

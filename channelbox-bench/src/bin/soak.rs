@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use channelbox_bench::{http_get, http_request, metric, rss_bytes, Target};
+use channelbox_bench::{http_get, http_request, metric, rss_bytes, rss_split, Target};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -260,6 +260,7 @@ async fn main() -> anyhow::Result<()> {
     let counts = Arc::new(Counts::default());
     let addr = args.server.addr.clone();
     let rss_start = rss_bytes(args.server.pid).unwrap_or(0);
+    let split_start = rss_split(args.server.pid);
     let mut curve = vec![rss_start];
     // Rounds of churn, everyone leaving after each. The server's idle memory
     // after the second round, holding the history the rounds left, is the
@@ -321,7 +322,19 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let end_ratio = rss_flushed.map(|end| end as f64 / rss_start.max(1) as f64);
+    // Most of the RSS at start is the program's code, file-backed; the load
+    // pages in more of it (code first run then), which the kernel can drop.
+    let split_end = rss_flushed.and_then(|_| rss_split(args.server.pid));
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    if let (Some((anon0, file0)), Some((anon1, file1))) = (split_start, split_end) {
+        eprintln!(
+            "soak: of which anonymous (heap, stacks) {:.1} MiB at start, {:.1} MiB at the end; file-backed (code) {:.1} MiB, then {:.1} MiB",
+            mib(anon0),
+            mib(anon1),
+            mib(file0),
+            mib(file1)
+        );
+    }
     eprintln!(
         "soak: server RSS {:.1} MiB at start, {:.1} MiB after the load, {:.1} MiB at peak, {} after the connections closed and history was flushed",
         mib(rss_start),
@@ -359,6 +372,8 @@ async fn main() -> anyhow::Result<()> {
         "history_bytes_at_end": history_bytes,
         "rss_after_history_flush": rss_flushed,
         "rss_end_ratio": end_ratio,
+        "rss_anon_file_start": split_start,
+        "rss_anon_file_end": split_end,
         "max_end_ratio": args.max_end_ratio,
         "rss_curve": curve,
         "leaked": leaked,
