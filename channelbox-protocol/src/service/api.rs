@@ -50,7 +50,7 @@ fn forbidden(group: &str) -> HttpAnswer {
 /// A failed box operation: 503 `unavailable` for the store (its own words
 /// only in the log), 400 for the box's other errors.
 fn failed(err: &channelbox_core::BoxError) -> HttpAnswer {
-    let e = super::session::store_error(err);
+    let e = super::session::store_error(None, err);
     let status = if e.code == crate::frames::ErrorCode::Unavailable {
         503
     } else {

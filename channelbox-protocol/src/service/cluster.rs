@@ -89,7 +89,7 @@ impl ChatService {
                 let (members, truncated) = directory
                     .presence(group.as_str(), MAX_PRESENCE)
                     .await
-                    .map_err(|e| store_error(&e.into()))?;
+                    .map_err(|e| store_error(None, &e.into()))?;
                 (members.iter().map(describe).collect(), truncated)
             }
             None => {
@@ -108,7 +108,7 @@ impl ChatService {
     /// cluster to close theirs; how many closed here.
     pub(super) async fn close_everywhere(&self) -> Result<usize, ProtocolError> {
         if let Some(directory) = self.inner.directory.get() {
-            directory.close_all().await.map_err(|e| store_error(&e.into()))?;
+            directory.close_all().await.map_err(|e| store_error(None, &e.into()))?;
         }
         Ok(self.inner.channels.close_all(CloseReason::GOING_AWAY))
     }

@@ -110,7 +110,7 @@ impl ChatService {
         };
         let pending = channels
             .start_publish_with(group.as_str(), message, options)
-            .map_err(|e| store_error(&e))?;
+            .map_err(|e| store_error(Some(s.channel.id()), &e))?;
         let (reference, service) = (reference.cloned(), self.clone());
         Ok(Handled::Publish(Box::pin(async move {
             let started = Instant::now();
@@ -163,7 +163,7 @@ impl ChatService {
         if added && (joined.is_err() || !channels.is_member(id, group.as_str())) {
             self.inner.peers.unlisten(group.as_str(), id);
         }
-        joined.map_err(|e| store_error(&e))?;
+        joined.map_err(|e| store_error(Some(s.channel.id()), &e))?;
         Ok(Handled::Queued)
     }
 
@@ -190,7 +190,7 @@ impl ChatService {
                 self.reply_budget(s),
             )
             .await
-            .map_err(|e| store_error(&e))?;
+            .map_err(|e| store_error(Some(s.channel.id()), &e))?;
         Ok(Frame::text(body))
     }
 
@@ -225,7 +225,7 @@ impl ChatService {
             (None, Some(directory)) => directory
                 .direct(to, frame.to_string())
                 .await
-                .map_err(|e| store_error(&e.into()))?,
+                .map_err(|e| store_error(Some(s.channel.id()), &e.into()))?,
             (None, None) => false,
         };
         if !sent {

@@ -144,7 +144,8 @@ impl ChatService {
             Ok(Verdict::Allow(answer)) => Ok(Some(answer)),
             Ok(Verdict::Refuse(err)) => Err(err),
             Err(why) => {
-                tracing::warn!(hook = hook.as_str(), url, error = %why, "backend hook failed: refused");
+                let channel = body["channel_id"].as_str();
+                tracing::warn!(hook = hook.as_str(), url, channel, error = %why, "backend hook failed: refused");
                 Err(ProtocolError::new(
                     ErrorCode::Unavailable,
                     format!("the {} hook did not answer; try again later", hook.as_str()),

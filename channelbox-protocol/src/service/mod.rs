@@ -70,6 +70,15 @@ struct Admitted {
     _slot: Slot,
 }
 
+impl Admitted {
+    /// What a joined session keeps: the URL group, the user, the slot. The
+    /// rest (and the box) goes when this returns, not when the connection ends.
+    fn into_session_parts(self: Box<Self>) -> (GroupName, Option<User>, Slot) {
+        let Admitted { group, user, _slot, .. } = *self;
+        (group, user, _slot)
+    }
+}
+
 impl Admission {
     /// The URL group.
     pub fn group(&self) -> &str {

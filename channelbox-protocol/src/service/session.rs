@@ -2,9 +2,11 @@
 //! then read the client's frames — rate limit, size, parsing — and hand each
 //! request to its handler, until either side closes.
 //!
-//! Every log line of a connection carries the `connection` span (channel id,
-//! URL group, peer address); every line a request causes carries its
-//! `request` span (type, ref) as well.
+//! At `debug`, every log line of a connection carries the `connection` span
+//! (channel id, URL group, peer address) and every line a request causes its
+//! `request` span (type, ref) as well. At the default level there are no
+//! spans (one would live as long as its connection): the warnings and errors
+//! of a connection name its channel themselves.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,7 +21,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::pacing::{MembershipPacer, RateLimiter};
-use super::{Admission, Admitted, ChatService, Slot};
+use super::{Admission, ChatService, Slot};
 use crate::auth::User;
 use crate::fields::GroupName;
 use crate::frames::{reply, ErrorCode, ProtocolError};
@@ -167,7 +169,7 @@ impl ChatService {
         if joined {
             // What the session needs moves out of the admission, which goes:
             // an idle connection keeps its slot, not its request.
-            let Admitted { group, user, _slot, .. } = *admitted;
+            let (group, user, _slot) = admitted.into_session_parts();
             let session = Session {
                 channel: channel.clone(),
                 url_group: group,
@@ -264,7 +266,7 @@ impl ChatService {
                             json!({"type": "published", "group": group, "offset": report.offset, "epoch": report.epoch}),
                             reference.as_ref(),
                         ),
-                        Err(err) => store_error(&err).frame(reference.as_ref()),
+                        Err(err) => store_error(Some(s.channel.id()), &err).frame(reference.as_ref()),
                     };
                     self.send(s, frame);
                 }
@@ -454,14 +456,17 @@ pub(crate) const UNANSWERED: &str =
 /// log; its message says when the outcome is unknown (the store never
 /// answered: the request may still take effect, docs/protocol.md). The box's
 /// other errors name the group or channel, nothing else.
-pub(super) fn store_error(err: &BoxError) -> ProtocolError {
+/// `channel`: the connection whose request failed, named in the log (its
+/// span is only there at `debug`).
+pub(super) fn store_error(channel: Option<Uuid>, err: &BoxError) -> ProtocolError {
+    let channel = channel.map(tracing::field::display);
     match err {
         BoxError::Store(e) if e.kind() == StoreErrorKind::Unanswered => {
-            tracing::error!(error = %e, "history store did not answer");
+            tracing::error!(error = %e, channel, "history store did not answer");
             ProtocolError::new(ErrorCode::Unavailable, UNANSWERED)
         }
         BoxError::Store(e) => {
-            tracing::error!(error = %e, "history store failed");
+            tracing::error!(error = %e, channel, "history store failed");
             ProtocolError::new(
                 ErrorCode::Unavailable,
                 "the history store cannot take the request now; try again later",
@@ -479,20 +484,20 @@ mod tests {
 
     #[test]
     fn an_unanswered_store_error_says_its_outcome_is_unknown_and_others_do_not() {
-        let unanswered = store_error(&BoxError::Store(StoreError::new(
-            StoreErrorKind::Unanswered,
-            "redis: no answer in time",
-        )));
+        let unanswered = store_error(
+            None,
+            &BoxError::Store(StoreError::new(StoreErrorKind::Unanswered, "redis: no answer in time")),
+        );
         assert_eq!(unanswered.code, ErrorCode::Unavailable);
         assert!(
             unanswered.message.contains("outcome is unknown"),
             "{}",
             unanswered.message
         );
-        let refused = store_error(&BoxError::Store(StoreError::new(
-            StoreErrorKind::Io,
-            "redis: not connected",
-        )));
+        let refused = store_error(
+            None,
+            &BoxError::Store(StoreError::new(StoreErrorKind::Io, "redis: not connected")),
+        );
         assert_eq!(refused.code, ErrorCode::Unavailable);
         assert!(!refused.message.contains("unknown"), "{}", refused.message);
         assert!(!refused.message.contains("redis"), "the store's words stay in the log");
