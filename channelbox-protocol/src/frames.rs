@@ -46,8 +46,8 @@ impl Sender {
     pub fn from_meta(meta: &[u8]) -> Sender {
         match meta.split_first() {
             Some((&flags, rest)) if flags & !(META_FROM | META_USER) == 0 => Sender::from_binary(flags, rest),
-            Some((b'{', _)) => serde_json::from_slice(meta).unwrap_or_default(),
-            _ => Sender::default(),
+            // JSON never begins with a byte below 4 (whitespace is 9 or more).
+            _ => serde_json::from_slice(meta).unwrap_or_default(),
         }
     }
 
@@ -298,6 +298,8 @@ mod tests {
         for s in [sender(true, None), sender(true, Some("ada")), sender(false, None)] {
             let json = serde_json::to_vec(&s).expect("json");
             assert_eq!(Sender::from_meta(&json), s);
+            let spaced = [b" \n".as_slice(), &json].concat();
+            assert_eq!(Sender::from_meta(&spaced), s);
         }
     }
 
