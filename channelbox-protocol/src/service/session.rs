@@ -2,11 +2,9 @@
 //! then read the client's frames — rate limit, size, parsing — and hand each
 //! request to its handler, until either side closes.
 //!
-//! At `debug`, every log line of a connection carries the `connection` span
-//! (channel id, URL group, peer address) and every line a request causes its
-//! `request` span (type, ref) as well. At the default level there are no
-//! spans (one would live as long as its connection): the warnings and errors
-//! of a connection name its channel themselves.
+//! At `debug`, a connection's log lines carry its `connection` span (channel
+//! id, URL group, peer) and a request's its `request` span (type, ref); at
+//! `info` warnings and errors name the channel themselves.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -114,10 +112,8 @@ impl ChatService {
     where
         S: Stream<Item = Incoming> + Unpin + Send,
     {
-        // At debug level, like the connection's own events: the default
-        // (info) creates no span, which the fmt layer would keep with its
-        // fields formatted for every connection's life (about 480 bytes of
-        // an idle connection's 5.3 KB). Warnings name the channel instead.
+        // At debug: at info the fmt layer would keep its fields formatted for
+        // the connection's life (480 of an idle connection's 5.3 KB).
         let span = tracing::debug_span!(
             "connection",
             channel = %channel.id(),
@@ -455,9 +451,8 @@ pub(crate) const UNANSWERED: &str =
 /// `unavailable`, with the store's own words (paths, OS errors) only in the
 /// log; its message says when the outcome is unknown (the store never
 /// answered: the request may still take effect, docs/protocol.md). The box's
-/// other errors name the group or channel, nothing else.
-/// `channel`: the connection whose request failed, named in the log (its
-/// span is only there at `debug`).
+/// other errors name the group or channel, nothing else. The log names
+/// `channel`, the connection whose request failed.
 pub(super) fn store_error(channel: Option<Uuid>, err: &BoxError) -> ProtocolError {
     let channel = channel.map(tracing::field::display);
     match err {
