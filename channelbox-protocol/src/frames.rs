@@ -17,8 +17,9 @@ pub struct Sender {
     pub user: Option<String>,
 }
 
-/// The first byte of binary metadata: which parts follow. Never `{`, which
-/// begins the JSON metadata written before round three (still read).
+/// The first byte of binary metadata: which parts follow. Always below 4,
+/// where no JSON begins (the metadata written before round three, still
+/// read).
 const META_FROM: u8 = 0x01;
 const META_USER: u8 = 0x02;
 
